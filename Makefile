@@ -1,0 +1,44 @@
+# hada-book: `make book` builds the executed book, `make test` runs the whole test suite.
+# Both create .venv from environment.yml's exact pins when it is missing or out of date.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.hada-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: help install data book test bench clean-book
+
+help:
+	@echo "make book   build the executed book in book/_build/html (prepares the embedded data first)"
+	@echo "make test   run the whole test suite (installs first if needed)"
+	@echo "make data   prepare the embedded default only: synthetic data, backbones, features under data/"
+	@echo "make bench  print the benchmark tables"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml environment.yml
+	sed -n 's/^ *- *\([A-Za-z0-9_.-]*==[^ ]*\) *$$/\1/p' environment.yml > $(VENV)/pins.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r $(VENV)/pins.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+data: install
+	$(BIN)/hada data synth
+	$(BIN)/hada backbones pretrain
+	$(BIN)/hada features extract --all
+
+book: data
+	$(BIN)/jupyter-book build book/
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+
+clean-book:
+	rm -rf book/_build

@@ -1,0 +1,5 @@
+import sys
+
+from hada.cli import main
+
+sys.exit(main())
