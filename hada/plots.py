@@ -1,0 +1,121 @@
+"""Figures for the book: one function per picture, so chapters stay one call + one figure.
+
+Functions take plain data (dicts, arrays, networkx graphs) and return the matplotlib Figure, which
+Jupyter displays; nothing here trains or reads the feature store.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+BACKBONE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+#: Edge colour per edge type name of ``hada.graph.EDGE_TYPES``.
+EDGE_COLOURS = {"fc": "#555555", "fcx": "#d62728", "cc": "#17becf", "ffx": "#bcbd22", "self": "#bbbbbb"}
+RECALL_KEYS = (
+    "text_retrieval_recall@1",
+    "text_retrieval_recall@5",
+    "text_retrieval_recall@10",
+    "image_retrieval_recall@1",
+    "image_retrieval_recall@5",
+    "image_retrieval_recall@10",
+)
+
+
+def plot_history(history: Sequence[Mapping], title: str = "") -> plt.Figure:
+    """Training curves: loss, validation Rsum, and the learned temperature and mix weight per epoch."""
+    epochs = [h["epoch"] for h in history]
+    panels = [("train loss", "loss"), ("val Rsum", "val_rsum"), ("temperature $\\tau$", "tau"),
+              ("mix weight $w$", "mix_weight")]
+    panels = [(label, key) for label, key in panels if any(key in h for h in history)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.8), squeeze=False)
+    for ax, (label, key) in zip(axes[0], panels):
+        ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", ms=3)
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_rsum_bars(rows: Sequence[Mapping], title: str = "", highlight: str = "HADA") -> plt.Figure:
+    """A horizontal bar per method (rows with `name` and `rsum`), HADA rows highlighted."""
+    names = [r["name"] for r in rows]
+    values = [r["rsum"] for r in rows]
+    colours = ["#d62728" if highlight in n else "#7f7f7f" for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(rows) + 1.0))
+    ax.barh(range(len(rows)), values, color=colours)
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("Rsum on the test split (max 600)")
+    ax.set_xlim(0, max(values) * 1.12)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _node_positions(graph) -> dict:
+    """Each backbone's feature tokens on an arc around its CLS node; the CLS nodes in the middle."""
+    backbones = sorted({d["backbone"] for _, d in graph.nodes(data=True)})
+    positions = {}
+    for k in backbones:
+        angle = 2 * np.pi * k / len(backbones) + np.pi / 2
+        centre = np.array([np.cos(angle), np.sin(angle)])
+        cls = [n for n, d in graph.nodes(data=True) if d["backbone"] == k and d["is_cls"]]
+        feats = [n for n, d in graph.nodes(data=True) if d["backbone"] == k and not d["is_cls"]]
+        for n in cls:
+            positions[n] = 0.45 * centre
+        spread = np.linspace(-0.9, 0.9, max(len(feats), 1)) * (np.pi / max(len(backbones), 2))
+        for n, a in zip(feats, spread):
+            positions[n] = 1.6 * np.array([np.cos(angle + a), np.sin(angle + a)])
+    return positions
+
+
+def draw_node_graph(graph, title: str = "", backbone_names: Sequence[str] | None = None, ax=None):
+    """Draw one sample's HADA graph: nodes coloured by backbone (CLS nodes large), edges by type."""
+    import networkx as nx
+    from matplotlib.lines import Line2D
+
+    from hada.graph import EDGE_TYPE_LABELS, EDGE_TYPES
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    else:
+        fig = ax.figure
+    pos = _node_positions(graph)
+    nodes = list(graph.nodes(data=True))
+    nx.draw_networkx_nodes(
+        graph, pos, ax=ax, nodelist=[n for n, _ in nodes],
+        node_color=[BACKBONE_COLOURS[d["backbone"] % len(BACKBONE_COLOURS)] for _, d in nodes],
+        node_size=[260 if d["is_cls"] else 40 for _, d in nodes], edgecolors="black", linewidths=0.4,
+    )
+    present = []
+    for name in EDGE_TYPES:
+        edges = [(u, v) for u, v, d in graph.edges(data=True) if d["type"] == name and u != v]
+        if edges:
+            present.append(name)
+            nx.draw_networkx_edges(graph, pos, ax=ax, edgelist=edges, edge_color=EDGE_COLOURS[name],
+                                   width=1.4 if name == "cc" else 0.5, alpha=0.8, arrowsize=6,
+                                   connectionstyle="arc3,rad=0.08", node_size=40)
+    has_self = any(u == v for u, v in graph.edges())
+    ax.set_axis_off()
+    names = backbone_names or [f"backbone {k}" for k in sorted({d["backbone"] for _, d in nodes})]
+    handles = [Line2D([], [], marker="o", ls="", color=BACKBONE_COLOURS[k % len(BACKBONE_COLOURS)],
+                      label=f"{n} (CLS large)") for k, n in enumerate(names)]
+    labels = dict(zip(EDGE_TYPES, EDGE_TYPE_LABELS))
+    handles += [Line2D([], [], color=EDGE_COLOURS[t], label=labels[t]) for t in present]
+    if has_self:
+        handles.append(Line2D([], [], ls="", marker="$\\circlearrowleft$", color=EDGE_COLOURS["self"],
+                              label=labels["self"] + " (every node, not drawn)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

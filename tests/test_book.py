@@ -1,0 +1,134 @@
+"""The book: it builds, every chapter page has its figures and no error, failures fail the build,
+and chapters rerun through papermill with parameters (the three ways users run it)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.book
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+BIN = Path(sys.executable).parent
+CHAPTERS = sorted(p.stem for p in BOOK.glob("0[1-9]_*.md"))
+
+
+def _toc_files() -> list[str]:
+    toc = yaml.safe_load((BOOK / "_toc.yml").read_text())
+    return [toc["root"]] + [c["file"] for c in toc["chapters"]]
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def _notebook_errors(nb_path: Path) -> list[str]:
+    nb = json.loads(nb_path.read_text())
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for cell in nb["cells"] if cell["cell_type"] == "code"
+        for o in cell.get("outputs", []) if o.get("output_type") == "error"
+    ]
+
+
+def _to_ipynb(chapter: str, out: Path) -> Path:
+    target = out / f"{chapter}.ipynb"
+    res = _run([str(BIN / "jupytext"), "--to", "ipynb", str(BOOK / f"{chapter}.md"), "-o", str(target)])
+    assert res.returncode == 0, res.stderr
+    return target
+
+
+class _PageScan(HTMLParser):
+    """Collects image sources and error outputs of one built page."""
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.errors = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img" and attrs.get("src"):
+            self.images.append(attrs["src"])
+        classes = (attrs.get("class") or "").split()
+        if "traceback" in classes or "error" in classes and "output" in classes:
+            self.errors += 1
+
+
+def test_chapters_are_myst_text_with_one_parameters_cell():
+    assert CHAPTERS, "no chapters found"
+    assert not list(BOOK.rglob("*.ipynb")) or all("_build" in p.parts for p in BOOK.rglob("*.ipynb"))
+    for chapter in CHAPTERS:
+        text = (BOOK / f"{chapter}.md").read_text()
+        assert "format_name: myst" in text and "name: python3" in text, chapter
+        assert len(re.findall(r":tags: \[parameters\]", text)) == 1, f"{chapter}: needs exactly one parameters cell"
+        assert chapter in _toc_files(), f"{chapter} is not in book/_toc.yml"
+
+
+@pytest.fixture(scope="session")
+def built_html() -> Path:
+    """Builds the whole book exactly as `make book` does (cached execution, raise_on_error)."""
+    res = _run([str(BIN / "jupyter-book"), "build", str(BOOK)], cwd=ROOT)
+    assert res.returncode == 0, f"book build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    return BOOK / "_build" / "html"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_page_has_its_figures_and_no_error(built_html, chapter):
+    page = built_html / f"{chapter}.html"
+    assert page.exists(), f"{page} was not built"
+    scan = _PageScan()
+    scan.feed(page.read_text())
+    assert scan.errors == 0, f"{chapter} shows error output"
+    figures = [src for src in scan.images if "_images/" in src]
+    assert figures, f"{chapter} has no figure"
+    for src in figures:
+        assert (page.parent / src).exists(), f"{chapter}: image {src} is missing"
+    assert "Traceback (most recent call last)" not in page.read_text()
+
+
+def test_a_failing_cell_fails_the_build(tmp_path):
+    """A copy of the book's own configuration with one broken chapter must not build."""
+    shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
+    book = tmp_path / "book"
+    book.mkdir()
+    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: broken\n")
+    (book / "intro.md").write_text("# Intro\n")
+    (book / "references.bib").write_text("")
+    header = (BOOK / f"{CHAPTERS[0]}.md").read_text().split("---")[1]
+    (book / "broken.md").write_text(f"---{header}---\n# Broken\n\n```{{code-cell}} ipython3\n1 / 0\n```\n")
+    res = _run([str(BIN / "jupyter-book"), "build", str(book)], cwd=tmp_path)
+    assert res.returncode != 0
+    assert "ZeroDivisionError" in res.stdout + res.stderr
+
+
+def test_papermill_rerun_with_small_parameters(tmp_path):
+    """CI's own rerun: the training chapter with one epoch, executed by papermill, holds no error."""
+    nb = _to_ipynb("04_training", tmp_path)
+    out = tmp_path / "out.ipynb"
+    res = _run([str(BIN / "papermill"), str(nb), str(out), "-p", "epochs", "1", "--cwd", str(BOOK)])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert _notebook_errors(out) == []
+
+
+def test_real_data_path_without_data_stops_with_one_clear_message(tmp_path):
+    nb = _to_ipynb("02_data_backbones", tmp_path)
+    out = tmp_path / "out.ipynb"
+    missing = tmp_path / "no-flickr30k-here"
+    res = _run([str(BIN / "papermill"), str(nb), str(out), "-p", "dataset", "flickr30k",
+                "-p", "data_root", str(missing), "--cwd", str(BOOK)])
+    assert res.returncode != 0
+    errors = _notebook_errors(out)
+    assert len(errors) == 1 and errors[0].startswith("HadaError") and str(missing) in errors[0], errors
+    executed = [c for c in json.loads(out.read_text())["cells"]
+                if c["cell_type"] == "code" and c.get("execution_count")]
+    assert len(executed) <= 3, "the chapter should stop at its first cell after the parameters"
