@@ -1,0 +1,437 @@
+"""HADA encoders: K frozen backbones' tokens -> one graph per sample -> GNN -> fused, L2-normalised embedding.
+
+DESIGN section 1: each backbone's tokens get their own linear map to a common ``width``; a GNN (GATv2 in the
+paper: one layer, 4 heads, concat, ``edge_dim=1``, then a linear back to ``width``; skip connections, GELU and
+LayerNorm when there are more layers) runs on the graph of :mod:`hada.graph`; the readout concatenates the K
+updated CLS nodes with each backbone's own (L2-normalised) projected embedding, applies dropout and one linear
+layer to ``out_dim``, and L2-normalises.
+
+Two backends compute the same numbers with the same parameter tensors:
+
+* ``"pyg"`` builds the batched graph and runs torch_geometric's convolutions on every node and edge. It
+  supports every edge option (undirected, feature-feature edges).
+* ``"dense"`` works on padded ``[batch, nodes, width]`` tensors. In the published graph (directed, no
+  feature-feature edges) a feature node receives only its self loop, so its update is a per-node transform
+  that nothing reads after the last layer (DESIGN 2b): attention is computed for the K CLS nodes only, and
+  GCN/Transformer aggregate in input space before their (linear) value maps. It reads the convolutions'
+  own weights (``lin_l``, ``lin_r``, ``att``, ``lin_edge``, ``bias``, ...), so a model can switch backend.
+
+``"auto"`` picks dense whenever the edge options allow it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hada.errors import HadaError
+from hada.graph import EdgeWeights, GraphBatch, batch_graphs
+
+GNN_TYPES = ("gatv2", "gcn", "transformer")
+BACKENDS = ("auto", "dense", "pyg")
+MODALITIES = ("image", "text")
+
+
+@dataclass
+class ModalityBatch:
+    """One modality (image or text) of one batch, K backbones (see notes/INTERFACES.md)."""
+
+    tokens: list[Tensor]  # per backbone k: [B, N_k, D_k] float32, CLS/pooled token first, zero-padded
+    lengths: list[Tensor]  # per backbone k: [B] long, valid tokens incl. the CLS one (images: all N_k)
+    embeds: list[Tensor]  # per backbone k: [B, E_k] float32, the backbone's own projected embedding
+
+    @property
+    def num_backbones(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens[0].shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ModalityBatch":
+        move = lambda xs: [x.to(device, non_blocking=non_blocking) for x in xs]  # noqa: E731
+        return ModalityBatch(move(self.tokens), move(self.lengths), move(self.embeds))
+
+
+def _dims(value) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(v) for v in value)
+
+
+@dataclass
+class HadaConfig:
+    """Shape and options of a :class:`HadaPair`; defaults are the paper's (DESIGN section 1).
+
+    ``token_dims`` / ``embed_dims`` give both modalities the same per-backbone widths; the ``image_*`` and
+    ``text_*`` fields override them per modality (a CLIP's text tower is usually narrower than its ViT).
+    """
+
+    token_dims: tuple[int, ...] | None = None
+    embed_dims: tuple[int, ...] | None = None
+    image_token_dims: tuple[int, ...] | None = None
+    text_token_dims: tuple[int, ...] | None = None
+    image_embed_dims: tuple[int, ...] | None = None
+    text_embed_dims: tuple[int, ...] | None = None
+    width: int = 512
+    out_dim: int = 512
+    gnn: str = "gatv2"
+    heads: int = 4
+    layers: int = 1
+    dropout: float = 0.3
+    w_fc: float = 0.9
+    w_fcx: float = 0.7
+    w_cc: float = 1.1
+    w_ffx: float | None = None
+    w_self: float = 1.0
+    directed: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name.endswith("_dims"):
+                setattr(self, f.name, _dims(getattr(self, f.name)))
+        self.image_token_dims = self.image_token_dims or self.token_dims
+        self.text_token_dims = self.text_token_dims or self.token_dims
+        self.image_embed_dims = self.image_embed_dims or self.embed_dims
+        self.text_embed_dims = self.text_embed_dims or self.embed_dims
+        self._validate()
+
+    def _validate(self) -> None:
+        per_modality = {"image_token_dims": self.image_token_dims, "text_token_dims": self.text_token_dims,
+                        "image_embed_dims": self.image_embed_dims, "text_embed_dims": self.text_embed_dims}
+        missing = [name for name, v in per_modality.items() if v is None]
+        if missing:
+            raise HadaError(f"HadaConfig needs token_dims and embed_dims (or per modality); missing {missing}")
+        if len({len(v) for v in per_modality.values()}) != 1:
+            raise HadaError(f"HadaConfig: every *_dims needs one entry per backbone, got {per_modality}")
+        if self.num_backbones < 2:
+            raise HadaError(f"HADA fuses at least 2 backbones, got {self.num_backbones}")
+        if self.gnn not in GNN_TYPES:
+            raise HadaError(f"HadaConfig.gnn must be one of {GNN_TYPES}, got {self.gnn!r}")
+        if self.backend not in BACKENDS:
+            raise HadaError(f"HadaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if min(self.width, self.out_dim, self.heads, self.layers) < 1:
+            raise HadaError("HadaConfig: width, out_dim, heads and layers must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise HadaError(f"HadaConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.backend == "dense" and not self.edge_weights().published_topology:
+            raise HadaError("the dense backend needs the published graph (directed=True, w_ffx=None); "
+                            "use backend='pyg' or 'auto'")
+
+    @classmethod
+    def paper(cls, **overrides) -> "HadaConfig":
+        """The paper's widths: ALBEF (768-d tokens, 256-d ITC embedding) + LightningDOT (768-d, 768-d)."""
+        return cls(**{"token_dims": (768, 768), "embed_dims": (256, 768), **overrides})
+
+    @property
+    def num_backbones(self) -> int:
+        return len(self.image_token_dims)
+
+    def dims(self, modality: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(token_dims, embed_dims) of one modality."""
+        if modality not in MODALITIES:
+            raise HadaError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        return getattr(self, f"{modality}_token_dims"), getattr(self, f"{modality}_embed_dims")
+
+    def edge_weights(self) -> EdgeWeights:
+        return EdgeWeights(self.w_fc, self.w_fcx, self.w_cc, self.w_ffx, self.w_self, self.directed)
+
+    def resolve_backend(self, backend: str | None = None) -> str:
+        """"dense" or "pyg": ``backend`` (or the config's), with "auto" -> dense when the graph allows it."""
+        backend = backend or self.backend
+        published = self.edge_weights().published_topology
+        if backend == "auto":
+            return "dense" if published else "pyg"
+        if backend == "dense" and not published:
+            raise HadaError("the dense backend needs the published graph (directed=True, w_ffx=None)")
+        if backend not in BACKENDS:
+            raise HadaError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        return backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Convolutions (torch_geometric modules; their parameters are also what the dense backend reads)
+
+
+def make_conv(gnn: str, width: int, heads: int) -> tuple[nn.Module, int]:
+    """One GNN layer and its output width. Self loops are explicit edges (hada.graph), never added here."""
+    from torch_geometric.nn import GATv2Conv, GCNConv, TransformerConv
+
+    if gnn == "gatv2":
+        return GATv2Conv(width, width, heads=heads, concat=True, edge_dim=1, add_self_loops=False), heads * width
+    if gnn == "gcn":  # GCN has no heads: one "head" of ``width`` channels
+        return GCNConv(width, width, add_self_loops=False, normalize=True), width
+    if gnn == "transformer":
+        conv = TransformerConv(width, width, heads=heads, concat=True, beta=False, edge_dim=1, root_weight=True)
+        return conv, heads * width
+    raise HadaError(f"unknown gnn {gnn!r}; choose from {GNN_TYPES}")
+
+
+@dataclass
+class DenseLayout:
+    """Static facts of the padded node axis: backbone k's tokens occupy ``[start_k, start_k + N_k)``."""
+
+    cls_pos: Tensor  # [K] long, position of each backbone's CLS token
+    node_backbone: Tensor  # [N] long
+    node_token: Tensor  # [N] long, token index inside its backbone
+    edge_weight: Tensor  # [K, N] float, weight of the edge node n -> CLS k (published graph)
+    w_self: float  # weight of every self loop (a feature node's only incoming edge)
+
+    @classmethod
+    def build(cls, sizes: list[int], weights: EdgeWeights, device) -> "DenseLayout":
+        K = len(sizes)
+        node_backbone = torch.repeat_interleave(torch.arange(K), torch.tensor(sizes)).to(device)
+        starts = torch.tensor([sum(sizes[:k]) for k in range(K)], device=device)
+        node_token = torch.arange(sum(sizes), device=device) - starts[node_backbone]
+        own = node_backbone[None, :] == torch.arange(K, device=device)[:, None]
+        is_cls = (node_token == 0)[None, :]
+        w = torch.where(own, weights.w_fc, weights.w_fcx)
+        w = torch.where(is_cls, torch.where(own, weights.w_self, weights.w_cc), w)
+        return cls(starts, node_backbone, node_token, w.float(), float(weights.w_self))
+
+
+@dataclass
+class DenseOut:
+    cls: Tensor  # [B, K, C_out] conv output at the CLS nodes
+    all: Tensor | None  # [B, N, C_out] conv output at every node (only when a later layer reads it)
+    attention: Tensor  # [B, K, H, N] weight of every node in each CLS node's aggregation (0 at padding)
+
+
+def _masked_softmax(score: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the node axis (dim 2) of [B, K, N, H] scores; padding gets exactly 0."""
+    return torch.softmax(score.masked_fill(~mask[:, None, :, None], float("-inf")), dim=2)
+
+
+def _with_cls(all_nodes: Tensor, cls_out: Tensor, cls_pos: Tensor) -> Tensor:
+    """Replace the CLS rows of a per-node update by the CLS nodes' aggregated outputs."""
+    return all_nodes.index_copy(1, cls_pos, cls_out)
+
+
+def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
+    """GATv2Conv (edge_dim=1, no added self loops) on the published graph, attention at the CLS nodes only.
+
+    Same algebra as torch_geometric: score = att . leaky_relu(x_i W_r + x_j W_l + w_ji W_e), softmax over the
+    sources of each CLS node i, out_i = sum_j alpha_ij x_j W_l + bias; a feature node's only source is
+    itself, so its output is x W_l + bias.
+    """
+    B, N, _ = x.shape
+    H, C = conv.heads, conv.out_channels
+    K = layout.cls_pos.numel()
+    xl = conv.lin_l(x).view(B, N, H, C)
+    xr = conv.lin_r(x[:, layout.cls_pos]).view(B, K, H, C)
+    edge = conv.lin_edge(layout.edge_weight.unsqueeze(-1)).view(K, N, H, C)
+    z = F.leaky_relu(xr.unsqueeze(2) + xl.unsqueeze(1) + edge, conv.negative_slope)  # [B, K, N, H, C]
+    alpha = _masked_softmax(torch.einsum("bknhc,hc->bknh", z, conv.att[0]), mask)
+    out_cls = torch.einsum("bknh,bnhc->bkhc", alpha, xl).reshape(B, K, H * C) + conv.bias
+    out_all = None
+    if need_all:
+        out_all = _with_cls(xl.reshape(B, N, H * C) + conv.bias, out_cls, layout.cls_pos)
+    return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
+
+
+def dense_gcn(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
+    """GCNConv (symmetric normalisation, edge weights, no added self loops) at the CLS nodes.
+
+    deg_i sums the weights of i's incoming edges: w_self for a feature node, every valid node's edge weight
+    for a CLS node. coef_ji = deg_j^-1/2 w_ji deg_i^-1/2; GCN's linear map has no bias, so the sum is taken
+    in input space before it (K rows instead of N).
+    """
+    deg_cls = (layout.edge_weight.unsqueeze(0) * mask.unsqueeze(1)).sum(-1)  # [B, K]
+    w_self = layout.w_self
+    deg = torch.full(mask.shape, w_self, device=x.device, dtype=x.dtype)
+    deg = deg.index_copy(1, layout.cls_pos, deg_cls)
+    dis = deg.pow(-0.5)
+    coef = dis.unsqueeze(1) * layout.edge_weight.unsqueeze(0) * dis[:, layout.cls_pos].unsqueeze(-1)
+    coef = coef * mask.unsqueeze(1)  # [B, K, N]
+    out_cls = conv.lin(torch.einsum("bkn,bnw->bkw", coef, x)) + conv.bias
+    out_all = None
+    if need_all:
+        self_coef = (dis * w_self * dis).unsqueeze(-1)
+        out_all = _with_cls(self_coef * conv.lin(x) + conv.bias, out_cls, layout.cls_pos)
+    return DenseOut(out_cls, out_all, coef.unsqueeze(2))
+
+
+def dense_transformer(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
+    """TransformerConv (edge_dim=1, root weight, no beta) at the CLS nodes, keys and values in input space.
+
+    score_ij = q_i . (x_j W_k + b_k + w_ji e) / sqrt(C) = (q_i W_k^T) . x_j + q_i . b_k + w_ji q_i . e, and
+    out_i = sum_j alpha_ij (x_j W_v + b_v + w_ji e) + x_i W_skip: both are linear in x_j, so only the K CLS
+    rows pass through W_k / W_v. A feature node (self loop only): x W_v + b_v + w_self e + x W_skip.
+    """
+    B, N, W = x.shape
+    H, C = conv.heads, conv.out_channels
+    K = layout.cls_pos.numel()
+    x_cls = x[:, layout.cls_pos]
+    q = conv.lin_query(x_cls).view(B, K, H, C)
+    e = conv.lin_edge.weight.view(H, C)
+    w_key, b_key = conv.lin_key.weight.view(H, C, W), conv.lin_key.bias.view(H, C)
+    score = torch.einsum("bkhw,bnw->bknh", torch.einsum("bkhc,hcw->bkhw", q, w_key), x)
+    score = score + torch.einsum("bkhc,hc->bkh", q, b_key).unsqueeze(2)
+    score = score + layout.edge_weight[None, :, :, None] * torch.einsum("bkhc,hc->bkh", q, e).unsqueeze(2)
+    alpha = _masked_softmax(score / math.sqrt(C), mask)  # [B, K, N, H]
+    pooled = torch.einsum("bknh,bnw->bkhw", alpha, x)
+    value = torch.einsum("bkhw,hcw->bkhc", pooled, conv.lin_value.weight.view(H, C, W))
+    value = value + alpha.sum(2).unsqueeze(-1) * conv.lin_value.bias.view(H, C)
+    value = value + torch.einsum("bknh,kn->bkh", alpha, layout.edge_weight).unsqueeze(-1) * e
+    out_cls = value.reshape(B, K, H * C) + conv.lin_skip(x_cls)
+    out_all = None
+    if need_all:
+        per_node = conv.lin_value(x) + layout.w_self * e.reshape(H * C) + conv.lin_skip(x)
+        out_all = _with_cls(per_node, out_cls, layout.cls_pos)
+    return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
+
+
+DENSE_CONVS: dict[str, Callable[..., DenseOut]] = {
+    "gatv2": dense_gatv2, "gcn": dense_gcn, "transformer": dense_transformer}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoders
+
+
+class HadaEncoder(nn.Module):
+    """The HADA encoder of one modality: ``forward(batch) -> [B, out_dim]`` L2-normalised embeddings."""
+
+    def __init__(self, config: HadaConfig, modality: str = "image"):
+        super().__init__()
+        self.config = config
+        self.modality = modality
+        token_dims, embed_dims = config.dims(modality)
+        self.token_dims, self.embed_dims = token_dims, embed_dims
+        W, K = config.width, config.num_backbones
+        self.proj = nn.ModuleList(nn.Linear(d, W) for d in token_dims)
+        convs, posts = [], []
+        for _ in range(config.layers):
+            conv, conv_out = make_conv(config.gnn, W, config.heads)
+            convs.append(conv)
+            posts.append(nn.Linear(conv_out, W))
+        self.convs, self.post = nn.ModuleList(convs), nn.ModuleList(posts)
+        self.residual = config.layers > 1
+        self.norms = nn.ModuleList(nn.LayerNorm(W) for _ in range(config.layers)) if self.residual else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.readout = nn.Linear(K * W + sum(embed_dims), config.out_dim)
+        self.edge_weights = config.edge_weights()
+
+    # -- shared pieces -------------------------------------------------------------------------------------
+
+    def _check(self, batch: ModalityBatch) -> None:
+        K = len(self.token_dims)
+        if not (len(batch.tokens) == len(batch.lengths) == len(batch.embeds) == K):
+            raise HadaError(f"{self.modality} batch has {len(batch.tokens)} token / {len(batch.lengths)} length /"
+                            f" {len(batch.embeds)} embed entries; the model expects {K} backbones")
+        for k, (t, e) in enumerate(zip(batch.tokens, batch.embeds)):
+            if t.dim() != 3 or t.shape[-1] != self.token_dims[k]:
+                raise HadaError(f"{self.modality} tokens of backbone {k}: expected [B, N, {self.token_dims[k]}],"
+                                f" got {list(t.shape)}")
+            if e.dim() != 2 or e.shape[-1] != self.embed_dims[k]:
+                raise HadaError(f"{self.modality} embeds of backbone {k}: expected [B, {self.embed_dims[k]}],"
+                                f" got {list(e.shape)}")
+
+    def _project(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
+        """Per-backbone linear maps, concatenated on the node axis: x [B, N, W] and validity mask [B, N]."""
+        x = torch.cat([proj(t) for proj, t in zip(self.proj, batch.tokens)], dim=1)
+        mask = torch.cat([torch.arange(t.shape[1], device=t.device) < n.to(t.device).view(-1, 1)
+                          for t, n in zip(batch.tokens, batch.lengths)], dim=1)
+        return x, mask
+
+    def _block(self, layer: int, conv_out: Tensor, x_in: Tensor) -> Tensor:
+        """Heads -> width linear; with several layers also GELU, skip connection and LayerNorm."""
+        h = self.post[layer](conv_out)
+        if self.residual:
+            h = self.norms[layer](x_in + F.gelu(h))
+        return h
+
+    def _readout(self, cls: Tensor, embeds: list[Tensor]) -> Tensor:
+        """[g_1..g_K, e_1..e_K] -> dropout -> linear -> L2 norm (DESIGN section 1, readout)."""
+        own = [F.normalize(e.to(cls.dtype), dim=-1) for e in embeds]
+        h = torch.cat([cls.flatten(1), *own], dim=-1)
+        return F.normalize(self.readout(self.dropout(h)), dim=-1)
+
+    # -- backends ------------------------------------------------------------------------------------------
+
+    def _dense(self, x: Tensor, mask: Tensor, layout: DenseLayout) -> tuple[Tensor, list[Tensor]]:
+        conv_fn = DENSE_CONVS[self.config.gnn]
+        attention = []
+        for layer, conv in enumerate(self.convs):
+            last = layer == len(self.convs) - 1
+            out = conv_fn(conv, x, mask, layout, need_all=not last)
+            attention.append(out.attention)
+            if last:
+                return self._block(layer, out.cls, x[:, layout.cls_pos]), attention
+            x = self._block(layer, out.all, x)
+        raise AssertionError("unreachable")
+
+    def _pyg_conv(self, conv, x: Tensor, graph: GraphBatch) -> tuple[Tensor, Tensor]:
+        """One torch_geometric conv on the full graph; returns (out, per-edge weights [E, H])."""
+        if self.config.gnn == "gcn":
+            from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+            out = conv(x, graph.edge_index, graph.edge_weight)
+            _, coef = gcn_norm(graph.edge_index, graph.edge_weight, x.size(0), add_self_loops=False)
+            return out, coef.unsqueeze(-1)
+        out, (_, alpha) = conv(x, graph.edge_index, graph.edge_weight.unsqueeze(-1),
+                               return_attention_weights=True)
+        return out, alpha
+
+    def _pyg(self, x: Tensor, mask: Tensor, lengths: list[Tensor], layout: DenseLayout):
+        graph = batch_graphs(lengths, self.edge_weights, device=x.device)
+        h = x[mask]  # node order: sample, backbone, token == hada.graph's order
+        B, N = mask.shape
+        H = self.convs[0].heads if self.config.gnn != "gcn" else 1
+        src, dst = graph.edge_index
+        to_cls = graph.node_token[dst] == 0
+        src_pos = layout.cls_pos[graph.node_backbone[src[to_cls]]] + graph.node_token[src[to_cls]]
+        where = (graph.batch[dst[to_cls]], graph.node_backbone[dst[to_cls]], src_pos)
+        attention = []
+        for layer, conv in enumerate(self.convs):
+            out, alpha = self._pyg_conv(conv, h, graph)
+            att = torch.zeros(B, len(self.token_dims), N, H, device=x.device, dtype=alpha.dtype)
+            att = att.index_put(where, alpha[to_cls])
+            attention.append(att.permute(0, 1, 3, 2))
+            h = self._block(layer, out, h)
+        return h[graph.cls_index], attention
+
+    # -- public --------------------------------------------------------------------------------------------
+
+    def forward(self, batch: ModalityBatch, return_attention: bool = False, backend: str | None = None):
+        """Fused embeddings [B, out_dim]; with ``return_attention`` also a dict for the attention chapter:
+
+        ``attention``: per layer a [B, K, H, N] tensor, the weight of padded node n in CLS node k's aggregation
+        (0 for padding and non-neighbours; GCN: its normalised edge coefficient, H = 1); ``node_backbone`` /
+        ``node_token`` [N]: which backbone's token (index into ``batch.tokens[k]``, 0 = CLS) node n is;
+        ``node_mask`` [B, N]: valid nodes.
+        """
+        self._check(batch)
+        x, mask = self._project(batch)
+        sizes = [t.shape[1] for t in batch.tokens]
+        layout = DenseLayout.build(sizes, self.edge_weights, x.device)
+        if self.config.resolve_backend(backend) == "dense":
+            cls, attention = self._dense(x, mask, layout)
+        else:
+            cls, attention = self._pyg(x, mask, batch.lengths, layout)
+        out = self._readout(cls, batch.embeds)
+        if not return_attention:
+            return out
+        return out, {"attention": attention, "node_backbone": layout.node_backbone,
+                     "node_token": layout.node_token, "node_mask": mask}
+
+
+class HadaPair(nn.Module):
+    """Image and text HADA encoders of the same shape (separate weights, DESIGN section 1)."""
+
+    def __init__(self, config: HadaConfig):
+        super().__init__()
+        self.config = config
+        self.image = HadaEncoder(config, "image")
+        self.text = HadaEncoder(config, "text")
+
+    def forward(self, images: ModalityBatch, texts: ModalityBatch, backend: str | None = None):
+        return self.image(images, backend=backend), self.text(texts, backend=backend)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

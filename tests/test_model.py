@@ -1,0 +1,152 @@
+"""hada.model: the dense backend equals torch_geometric's convolutions on the full graph (DESIGN 2b), the
+parameter count matches the paper's formula, and the interface behaves as notes/INTERFACES.md says."""
+
+import itertools
+
+import pytest
+import torch
+
+from hada.errors import HadaError
+from hada.model import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
+
+TOKEN_DIMS = (12, 10, 8)
+EMBED_DIMS = (6, 5, 7)
+SIZES = (6, 4, 3)  # padded node counts per backbone
+
+
+def rand_batch(k: int, batch: int = 5, seed: int = 0, ragged: bool = True) -> ModalityBatch:
+    """Random ragged batch, zero-padded like the feature store; sample 0 keeps every token, sample 1 only CLS."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, lengths, embeds = [], [], []
+    for n, d, e in zip(SIZES[:k], TOKEN_DIMS[:k], EMBED_DIMS[:k]):
+        length = torch.randint(1, n + 1, (batch,), generator=g) if ragged else torch.full((batch,), n)
+        length[0], length[1] = n, (1 if ragged else n)
+        valid = torch.arange(n)[None, :, None] < length[:, None, None]
+        tokens.append(torch.randn(batch, n, d, generator=g) * valid)
+        lengths.append(length)
+        embeds.append(torch.randn(batch, e, generator=g))
+    return ModalityBatch(tokens, lengths, embeds)
+
+
+def small_config(k: int, **kw) -> HadaConfig:
+    base = dict(token_dims=TOKEN_DIMS[:k], embed_dims=EMBED_DIMS[:k], width=16, out_dim=8, dropout=0.0)
+    return HadaConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("gnn,k,layers,heads",
+                         list(itertools.product(["gatv2", "gcn", "transformer"], [2, 3], [1, 2], [1, 4])))
+def test_dense_equals_pyg(gnn, k, layers, heads):
+    torch.manual_seed(0)
+    model = HadaEncoder(small_config(k, gnn=gnn, layers=layers, heads=heads)).eval()
+    batch = rand_batch(k)
+    dense, att_dense = model(batch, return_attention=True, backend="dense")
+    pyg, att_pyg = model(batch, return_attention=True, backend="pyg")
+    assert dense.shape == (5, 8)
+    torch.testing.assert_close(dense, pyg, atol=1e-5, rtol=1e-5)
+    assert len(att_dense["attention"]) == layers
+    for a, b in zip(att_dense["attention"], att_pyg["attention"]):
+        assert a.shape == (5, k, 1 if gnn == "gcn" else heads, sum(SIZES[:k]))
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gnn", ["gatv2", "gcn", "transformer"])
+def test_dense_gradients_equal_pyg(gnn):
+    torch.manual_seed(1)
+    model = HadaEncoder(small_config(3, gnn=gnn, layers=2, heads=2))
+    batch = rand_batch(3, seed=1)
+    grads = {}
+    for backend in ("dense", "pyg"):
+        model.zero_grad()
+        model(batch, backend=backend).pow(3).sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(g, grads["pyg"][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attention_is_a_distribution_over_valid_nodes():
+    torch.manual_seed(0)
+    model = HadaEncoder(small_config(2)).eval()
+    batch = rand_batch(2)
+    _, info = model(batch, return_attention=True)
+    att, mask = info["attention"][0], info["node_mask"]
+    torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[:3]))
+    assert (att.permute(0, 1, 3, 2)[~mask[:, None].expand(-1, 2, -1)] == 0).all()
+    assert info["node_backbone"].tolist() == [0] * 6 + [1] * 4
+    assert info["node_token"].tolist() == list(range(6)) + list(range(4))
+    assert mask[1].tolist() == [True] + [False] * 5 + [True] + [False] * 3  # sample 1: CLS tokens only
+
+
+def test_pyg_backend_uses_hand_set_self_loop_weight():
+    """The public code's GATv2 replaced self-loop weights with its fill value; ours must not."""
+    torch.manual_seed(0)
+    batch = rand_batch(2)
+    outs = []
+    for w_self in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = HadaEncoder(small_config(2, w_self=w_self, backend="pyg")).eval()
+        assert all(not conv.add_self_loops for conv in model.convs)
+        outs.append(model(batch))
+    assert not torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("options", [dict(directed=False), dict(w_ffx=0.5)])
+def test_general_edge_options_run_on_pyg(options):
+    torch.manual_seed(0)
+    cfg = small_config(2, **options)
+    assert cfg.resolve_backend() == "pyg"
+    model = HadaEncoder(cfg).eval()
+    out = model(rand_batch(2))
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+    with pytest.raises(HadaError):
+        model(rand_batch(2), backend="dense")
+    with pytest.raises(HadaError):
+        small_config(2, backend="dense", **options)
+
+
+def test_auto_picks_dense_for_published_graph():
+    assert small_config(2).resolve_backend() == "dense"
+
+
+def paper_count(cfg: HadaConfig) -> int:
+    """The paper's trainable parameters from the formula (DESIGN section 1), for gatv2."""
+    W, H, O = cfg.width, cfg.heads, cfg.out_dim
+    total = 0
+    for modality in ("image", "text"):
+        token_dims, embed_dims = cfg.dims(modality)
+        total += sum(d * W + W for d in token_dims)  # per-backbone linear maps
+        total += 2 * (W * H * W + H * W)  # GATv2 lin_l, lin_r (with bias)
+        total += H * W  # att
+        total += 1 * H * W  # lin_edge (edge_dim 1, no bias)
+        total += H * W  # conv bias
+        total += H * W * W + W  # heads -> width linear
+        total += (len(token_dims) * W + sum(embed_dims)) * O + O  # readout linear
+    return total
+
+
+def test_paper_parameter_count():
+    cfg = HadaConfig.paper()
+    pair = HadaPair(cfg)
+    assert count_parameters(pair) == sum(p.numel() for p in pair.parameters()) == paper_count(cfg)
+    assert paper_count(cfg) == 9_986_048  # "about 10.0M"
+
+
+def test_per_modality_dims_and_pair():
+    torch.manual_seed(0)
+    cfg = HadaConfig(image_token_dims=(12, 10), text_token_dims=(8, 6), embed_dims=(6, 5), width=16,
+                     out_dim=8, dropout=0.0)
+    pair = HadaPair(cfg).eval()
+    images = rand_batch(2, ragged=False)
+    texts = rand_batch(2, seed=3)
+    texts.tokens = [texts.tokens[0][..., :8], texts.tokens[1][..., :6]]
+    img, txt = pair(images, texts)
+    assert img.shape == txt.shape == (5, 8)
+    with pytest.raises(HadaError, match="tokens of backbone 0"):
+        pair.text(images)
+
+
+@pytest.mark.parametrize("kwargs", [dict(token_dims=(4,), embed_dims=(4,)), dict(token_dims=(4, 4)),
+                                    dict(token_dims=(4, 4), embed_dims=(4, 4), gnn="gin"),
+                                    dict(token_dims=(4, 4), embed_dims=(4, 4, 4))])
+def test_bad_configs(kwargs):
+    with pytest.raises(HadaError):
+        HadaConfig(**kwargs)
