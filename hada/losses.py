@@ -1,0 +1,267 @@
+"""HADA's training objective: ITC over batch + queue mixed with the main backbone, plus ITM.
+
+What the paper (and its public code, built on ALBEF) trains, in one module:
+
+* **ITC** with multi-positive targets by image id (a caption's image may appear several times in the
+  batch and in the queue; all of them are positives, the target row sums to one). The logits mix the
+  HADA similarity with the main backbone's own cosine, ``s = ((1 - w) s_HADA + w s_main) / tau``, with a
+  learned temperature ``tau`` (init 0.07, clamped to [0.001, 0.5]) and a learned mix weight ``w``
+  (init 0.5, clamped to [0.1, 0.9]); ``mix=False`` fixes ``w = 0``. The loss is
+  ``i2t_weight * L_i2t + t2i_weight * L_t2i`` (paper: 0.3 / 0.7).
+* **Momentum encoders** (EMA 0.995 of the trained encoders) fill a **queue** of negatives; their
+  similarities can also soften the targets (**momentum distillation**, alpha 0.4).
+* **ITM**: a small discriminator on ``[a, b, |a-b|, a*b]`` of the two L2-normalised embeddings, one
+  hard negative each way sampled from the in-batch similarity, binary cross-entropy, weight 1.
+  Training only: inference is the mixed cosine (:meth:`HadaObjective.inference_weights`).
+
+The objective wraps any *pair* module with ``.image`` and ``.text`` encoders mapping a
+``ModalityBatch`` to L2-normalised embeddings, so the no-graph concatenation baseline
+(:mod:`hada.baselines`) trains with exactly the same loss as HADA.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LossConfig:
+    """Every knob of the objective; defaults are the paper's except the queue (sized for a miniature)."""
+
+    tau_init: float = 0.07
+    tau_min: float = 0.001
+    tau_max: float = 0.5
+    mix: bool = True  # mix the main backbone's similarity in with a learned w; False: w fixed at 0
+    w_init: float = 0.5
+    w_min: float = 0.1
+    w_max: float = 0.9
+    i2t_weight: float = 0.3
+    t2i_weight: float = 0.7
+    queue_size: int = 1024  # 0: in-batch negatives only
+    momentum: float = 0.995
+    use_momentum: bool = True  # False: the queue holds the trained encoders' own (detached) features
+    distill: bool = False
+    alpha: float = 0.4
+    itm: bool = True
+    itm_weight: float = 1.0
+    itm_hidden: int = 0  # width of the discriminator's hidden layer; 0: the embedding width
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- pieces
+def multi_positive_targets(ids: Tensor, ids_all: Tensor) -> Tensor:
+    """Soft targets [B, M]: uniform over every column with the same image id (each row sums to one)."""
+    pos = (ids.view(-1, 1) == ids_all.view(1, -1)).float()
+    return pos / pos.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of ``-sum_j targets_ij log softmax(logits)_ij``."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def sample_hard_negatives(sim: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """One negative column per row, drawn with probability softmax(sim) over the non-positive columns.
+
+    Returns ``(index[B], valid[B])``; a row whose columns are all positives (e.g. every caption of the
+    batch describes the same image) has no negative and ``valid`` False. Uses the global torch RNG, whose
+    state the trainer checkpoints, so resumed runs draw the same negatives.
+    """
+    with torch.no_grad():
+        weights = F.softmax(sim.float(), dim=1) + 1e-5
+        weights = weights.masked_fill(positive, 0.0)
+        valid = ~positive.all(dim=1)
+        weights[~valid] = 1.0  # any draw; the row is masked out by ``valid``
+        index = torch.multinomial(weights, 1).squeeze(1)
+    return index, valid
+
+
+class ItmHead(nn.Module):
+    """Binary image-text matching discriminator on ``[a, b, |a-b|, a*b]``."""
+
+    def __init__(self, dim: int, hidden: int = 0):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Linear(4 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.net(torch.cat([a, b, (a - b).abs(), a * b], dim=-1)).squeeze(-1)
+
+
+class FeatureQueue(nn.Module):
+    """Ring buffer of momentum features (HADA and main backbone, both modalities) and their image ids.
+
+    Kept as buffers, so the queue is part of the state dict and of every checkpoint. Only filled slots
+    are used: an empty queue adds no random negatives (ALBEF starts from random vectors instead).
+    """
+
+    def __init__(self, size: int, dim: int, main_dim: int):
+        super().__init__()
+        self.size = int(size)
+        self.register_buffer("image", torch.zeros(self.size, dim))
+        self.register_buffer("text", torch.zeros(self.size, dim))
+        self.register_buffer("image_main", torch.zeros(self.size, main_dim))
+        self.register_buffer("text_main", torch.zeros(self.size, main_dim))
+        self.register_buffer("ids", torch.full((self.size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def filled(self) -> dict[str, Tensor]:
+        n = int(self.count)
+        return {name: getattr(self, name)[:n] for name in ("image", "text", "image_main", "text_main", "ids")}
+
+    @torch.no_grad()
+    def push(self, image: Tensor, text: Tensor, image_main: Tensor, text_main: Tensor, ids: Tensor) -> None:
+        if self.size == 0:
+            return
+        items = {"image": image, "text": text, "image_main": image_main, "text_main": text_main, "ids": ids}
+        n = ids.shape[0]
+        if n > self.size:  # only the newest ``size`` entries survive anyway
+            items = {k: v[n - self.size:] for k, v in items.items()}
+            n = self.size
+        slots = (int(self.ptr) + torch.arange(n)) % self.size
+        for name, value in items.items():
+            getattr(self, name)[slots] = value.detach().to(getattr(self, name).dtype)
+        self.ptr.fill_((int(self.ptr) + n) % self.size)
+        self.count.fill_(min(self.size, int(self.count) + n))
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # what the optimiser minimises
+    itc: Tensor
+    itm: Tensor
+    itm_accuracy: float  # fraction of ITM pairs classified right (positives and hard negatives)
+
+
+# -------------------------------------------------------------------------------------- objective
+class HadaObjective(nn.Module):
+    """The trained pair + its momentum copy, tau, w, the ITM head and the queue: everything a checkpoint holds.
+
+    ``pair`` must have ``.image`` and ``.text`` modules mapping a ModalityBatch to L2-normalised
+    embeddings ``[B, dim]``. The main backbone is backbone 0 of the batch: its own cosine is
+    ``normalize(batch.embeds[0])`` (batching keeps embeddings cosine-preserving for that reason).
+    """
+
+    def __init__(self, pair: nn.Module, config: LossConfig, dim: int, main_dim: int):
+        super().__init__()
+        self.config = config
+        self.pair = pair
+        self.temp = nn.Parameter(torch.tensor(float(config.tau_init)))
+        if config.mix:
+            self.mix_weight = nn.Parameter(torch.tensor(float(config.w_init)))
+        else:
+            self.register_buffer("mix_weight", torch.zeros(()))
+        self.pair_m = None
+        if config.use_momentum and (config.queue_size > 0 or config.distill):
+            self.pair_m = copy.deepcopy(pair)
+            for p in self.pair_m.parameters():
+                p.requires_grad_(False)
+        self.itm_head = ItmHead(dim, config.itm_hidden) if config.itm else None
+        self.queue = FeatureQueue(config.queue_size, dim, main_dim)
+
+    # -- learned scalars ---------------------------------------------------------------------------
+    def tau(self) -> Tensor:
+        return self.temp.clamp(self.config.tau_min, self.config.tau_max)
+
+    def w(self) -> Tensor:
+        if not self.config.mix:
+            return self.mix_weight
+        return self.mix_weight.clamp(self.config.w_min, self.config.w_max)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep tau and w inside their ranges (called before each forward and after each step)."""
+        self.temp.clamp_(self.config.tau_min, self.config.tau_max)
+        if self.config.mix:
+            self.mix_weight.clamp_(self.config.w_min, self.config.w_max)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        if self.pair_m is None:
+            return
+        m = self.config.momentum
+        for p, p_m in zip(self.pair.parameters(), self.pair_m.parameters()):
+            p_m.mul_(m).add_(p.detach(), alpha=1.0 - m)
+
+    def inference_weights(self) -> tuple[float, float]:
+        """(weight of the HADA cosine, weight of the main backbone's cosine) for retrieval scoring."""
+        w = float(self.w().detach())
+        return 1.0 - w, w
+
+    # -- encoders ----------------------------------------------------------------------------------
+    @staticmethod
+    def main_embedding(batch) -> Tensor:
+        return F.normalize(batch.embeds[0].float(), dim=-1)
+
+    def _mixed(self, hada: Tensor, main: Tensor, w: Tensor) -> Tensor:
+        if not self.config.mix:
+            return hada
+        return (1.0 - w) * hada + w * main
+
+    # -- the loss ----------------------------------------------------------------------------------
+    def forward(self, image, text, image_ids: Tensor) -> LossOutput:
+        """Loss of one batch of caption-image pairs; ``image_ids`` [B] identifies each caption's image."""
+        cfg = self.config
+        self.clamp_()
+        tau, w = self.tau(), self.w()
+        image_ids = image_ids.long().view(-1)
+        img = self.pair.image(image)
+        txt = self.pair.text(text)
+        img_main = self.main_embedding(image)
+        txt_main = self.main_embedding(text)
+
+        with torch.no_grad():
+            self.momentum_update()
+            if self.pair_m is not None:
+                img_m, txt_m = self.pair_m.image(image), self.pair_m.text(text)
+            else:
+                img_m, txt_m = img.detach(), txt.detach()
+            q = self.queue.filled()
+            img_all = torch.cat([img_m, q["image"]])
+            txt_all = torch.cat([txt_m, q["text"]])
+            img_main_all = torch.cat([img_main, q["image_main"]])
+            txt_main_all = torch.cat([txt_main, q["text_main"]])
+            ids_all = torch.cat([image_ids, q["ids"]])
+            targets = multi_positive_targets(image_ids, ids_all)
+            targets_i2t = targets_t2i = targets
+            if cfg.distill:
+                sim_i2t_m = self._mixed(img_m @ txt_all.T, img_main @ txt_main_all.T, w) / tau
+                sim_t2i_m = self._mixed(txt_m @ img_all.T, txt_main @ img_main_all.T, w) / tau
+                targets_i2t = cfg.alpha * F.softmax(sim_i2t_m, dim=1) + (1 - cfg.alpha) * targets
+                targets_t2i = cfg.alpha * F.softmax(sim_t2i_m, dim=1) + (1 - cfg.alpha) * targets
+
+        sim_i2t = self._mixed(img @ txt_all.T, img_main @ txt_main_all.T, w) / tau
+        sim_t2i = self._mixed(txt @ img_all.T, txt_main @ img_main_all.T, w) / tau
+        itc = cfg.i2t_weight * soft_cross_entropy(sim_i2t, targets_i2t) + cfg.t2i_weight * soft_cross_entropy(
+            sim_t2i, targets_t2i
+        )
+
+        itm = torch.zeros((), device=itc.device)
+        itm_acc = float("nan")
+        if self.itm_head is not None:
+            itm, itm_acc = self._itm(img, txt, sim_i2t, sim_t2i, image_ids)
+        loss = itc + cfg.itm_weight * itm if self.itm_head is not None else itc
+
+        self.queue.push(img_m, txt_m, img_main, txt_main, image_ids)
+        return LossOutput(loss=loss, itc=itc.detach(), itm=itm.detach(), itm_accuracy=itm_acc)
+
+    def _itm(self, img: Tensor, txt: Tensor, sim_i2t: Tensor, sim_t2i: Tensor, ids: Tensor):
+        b = img.shape[0]
+        positive = ids.view(-1, 1) == ids.view(1, -1)
+        neg_img, valid_t = sample_hard_negatives(sim_t2i[:, :b].detach(), positive)  # per text, an image
+        neg_txt, valid_i = sample_hard_negatives(sim_i2t[:, :b].detach(), positive)  # per image, a text
+        a = torch.cat([img, img[neg_img[valid_t]], img[valid_i]])
+        t = torch.cat([txt, txt[valid_t], txt[neg_txt[valid_i]]])
+        labels = torch.cat([torch.ones(b), torch.zeros(int(valid_t.sum()) + int(valid_i.sum()))]).to(img.device)
+        logits = self.itm_head(a, t)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        acc = float(((logits.detach() > 0).float() == labels).float().mean())
+        return loss, acc
