@@ -683,7 +683,7 @@ def _write_images(items: list[Item], folder: Path, image_size: int, workers: int
 
     tasks = [(str(folder / filename_for(i)), item.scene, image_size) for i, item in enumerate(items)]
     bar = tqdm(total=len(tasks), desc="rendering", unit="img", disable=not progress or _no_progress())
-    if workers <= 1 or len(tasks) < 400:
+    if workers <= 1:
         for task in tasks:
             _render_task(task)
             bar.update()
@@ -738,7 +738,8 @@ def generate(root: Path | str | None = None, size: str = "default", seed: int = 
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run
     (tmp / IMAGE_DIR).mkdir(parents=True)
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:  # a pool only pays off beyond a few hundred images
+        workers = min(2, os.cpu_count() or 1) if len(items) >= 400 else 1
     _write_images(items, tmp / IMAGE_DIR, image_size, workers, progress)
     (tmp / JSON_NAME).write_bytes(payload)
     stamp = _stamp(size, seed, image_size, sizes, hashlib.sha256(payload).hexdigest())
