@@ -1,0 +1,287 @@
+"""Stored token features -> normalised :class:`~hada.model.ModalityBatch` tensors, without per-sample Python.
+
+DESIGN section 1: tokens are L2-normalised per token, then standardised with one global mean and std per
+backbone and modality. The statistics come from the *train* split (:func:`compute_stats`) and travel
+with the run and its checkpoint, so val and test are normalised with the train statistics.
+
+The backbones' own projected embeddings pass through unchanged (fp32): the model and the loss
+L2-normalise them, and any shift would change the main backbone's cosine that HADA mixes in.
+
+Data path: each split's arrays are read from the memory-mapped store once, in contiguous chunks, into
+resident fp16 tensors (unless larger than ``HADA_RESIDENT_MB``, default 4096, in which case batches are
+gathered from the memmaps with sorted indices). A batch is one ``index_select`` per array, trimmed to
+the batch's longest caption, converted to fp32 and normalised with tensor ops.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hada.errors import HadaError
+from hada.model import ModalityBatch
+
+CHUNK_ROWS = 1024  # rows per contiguous read from a memmap
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@dataclass
+class TokenStats:
+    """Global mean and std of one backbone's per-token L2-normalised features in one modality."""
+
+    mean: float
+    std: float
+
+
+@dataclass
+class FeatureStats:
+    """Train-split statistics for K backbones: ``image[k]``, ``text[k]``."""
+
+    image: list[TokenStats]
+    text: list[TokenStats]
+
+    def to_dict(self) -> dict:
+        return {"image": [asdict(s) for s in self.image], "text": [asdict(s) for s in self.text]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureStats":
+        return cls([TokenStats(**s) for s in d["image"]], [TokenStats(**s) for s in d["text"]])
+
+
+def _token_moments(tokens, lengths: np.ndarray | None) -> tuple[float, float, int]:
+    """(sum, sum of squares, element count) of per-token L2-normalised valid tokens, read in chunks."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for s in range(0, tokens.shape[0], CHUNK_ROWS):
+        e = min(tokens.shape[0], s + CHUNK_ROWS)
+        if lengths is None:
+            x = torch.from_numpy(np.ascontiguousarray(tokens[s:e])).float()
+            x = F.normalize(x, dim=-1).flatten(0, 1)
+        else:
+            n = torch.from_numpy(np.asarray(lengths[s:e], dtype=np.int64))
+            lmax = int(n.max()) if len(n) else 0
+            x = torch.from_numpy(np.ascontiguousarray(tokens[s:e, :lmax])).float()
+            x = F.normalize(x, dim=-1)[torch.arange(lmax) < n[:, None]]
+        total += float(x.double().sum())
+        total_sq += float(x.double().square().sum())
+        count += x.numel()
+    return total, total_sq, count
+
+
+def compute_stats(splits: Sequence) -> FeatureStats:
+    """Mean/std per backbone and modality of per-token L2-normalised features (valid tokens only)."""
+    image, text = [], []
+    for fs in splits:
+        for out, (tokens, lengths) in ((image, (fs.image_tokens, None)), (text, (fs.text_tokens, fs.text_lengths))):
+            s, sq, n = _token_moments(tokens, lengths)
+            if n == 0:
+                raise HadaError("cannot compute feature statistics of an empty split")
+            mean = s / n
+            std = math.sqrt(max(sq / n - mean * mean, 0.0))
+            out.append(TokenStats(mean, std if std > 1e-12 else 1.0))
+    return FeatureStats(image, text)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _resident_budget() -> int:
+    return int(float(os.environ.get("HADA_RESIDENT_MB", "4096")) * 2**20)
+
+
+def _load(array) -> Tensor:
+    """A memmap as a resident tensor, copied in contiguous row chunks (fp16 stays fp16)."""
+    out = torch.empty(tuple(array.shape), dtype=torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype)
+    for s in range(0, array.shape[0], CHUNK_ROWS):
+        e = min(array.shape[0], s + CHUNK_ROWS)
+        out[s:e] = torch.from_numpy(np.ascontiguousarray(array[s:e]))
+    return out
+
+
+class _Rows:
+    """Row access to one stored array: resident tensor or memmap, same results."""
+
+    def __init__(self, array, resident: bool):
+        self.array = _load(array) if resident else array
+        self.resident = resident
+        self.shape = tuple(array.shape)
+
+    def take(self, index: np.ndarray, width: int | None = None) -> Tensor:
+        """Rows ``index`` (any order, repeats allowed), second axis cut to ``width``, as a tensor."""
+        if len(index) and index[-1] - index[0] == len(index) - 1 and np.all(np.diff(index) == 1):
+            rows = slice(int(index[0]), int(index[-1]) + 1)  # a contiguous range: a plain slice
+            part = self.array[rows] if width is None else self.array[rows, :width]
+            return part if self.resident else torch.from_numpy(np.ascontiguousarray(part))
+        if self.resident:
+            src = self.array if width is None else self.array[:, :width]
+            return src.index_select(0, torch.from_numpy(index))
+        order = np.argsort(index, kind="stable")  # read the memmap front to back
+        part = self.array[index[order]] if width is None else self.array[index[order], :width]
+        out = torch.empty((len(index),) + part.shape[1:], dtype=torch.from_numpy(part[:0]).dtype)
+        out[torch.from_numpy(order)] = torch.from_numpy(np.ascontiguousarray(part))
+        return out
+
+
+class FeatureData:
+    """K backbones' stored features of one split, ready to batch.
+
+    ``splits``: one FeatureSplit per backbone (same dataset and split; backbone 0 is the main one).
+    ``with_tokens=False`` never reads the token arrays: batches carry only the embeddings (for the
+    concatenation baseline), with empty ``tokens``/``lengths`` lists.
+    """
+
+    def __init__(self, splits: Sequence, stats: FeatureStats, resident: bool | None = None,
+                 with_tokens: bool = True):
+        if len(splits) < 1:
+            raise HadaError("FeatureData needs at least one backbone's features")
+        if len(stats.image) != len(splits) or len(stats.text) != len(splits):
+            raise HadaError(f"feature statistics cover {len(stats.image)} backbones, features {len(splits)}")
+        first = splits[0]
+        self.caption_image_index = np.asarray(first.caption_image_index, dtype=np.int64)
+        self.n_images = int(first.image_tokens.shape[0])
+        self.n_captions = int(first.text_tokens.shape[0])
+        for k, fs in enumerate(splits):
+            if fs.image_tokens.shape[0] != self.n_images or fs.text_tokens.shape[0] != self.n_captions:
+                raise HadaError(f"backbone {k} has {fs.image_tokens.shape[0]} images / {fs.text_tokens.shape[0]}"
+                                f" captions, backbone 0 {self.n_images} / {self.n_captions}: not the same split")
+            if not np.array_equal(np.asarray(fs.caption_image_index), self.caption_image_index):
+                raise HadaError(f"backbone {k}'s caption order differs from backbone 0's")
+        if resident is None:
+            size = sum(a.nbytes for fs in splits for a in (fs.image_tokens, fs.text_tokens))
+            resident = size <= _resident_budget()
+        self.stats = stats
+        self.splits = list(splits)
+        self.with_tokens = with_tokens
+        self.image_tokens = [_Rows(fs.image_tokens, resident) for fs in splits] if with_tokens else []
+        self.text_tokens = [_Rows(fs.text_tokens, resident) for fs in splits] if with_tokens else []
+        self.text_lengths = [torch.from_numpy(np.asarray(fs.text_lengths, dtype=np.int64)) for fs in splits]
+        self.image_embeds = [torch.from_numpy(np.asarray(fs.image_embeds, dtype=np.float32)) for fs in splits]
+        self.text_embeds = [torch.from_numpy(np.asarray(fs.text_embeds, dtype=np.float32)) for fs in splits]
+
+    @property
+    def num_backbones(self) -> int:
+        return len(self.splits)
+
+    # -- batches -----------------------------------------------------------------------------------
+    @staticmethod
+    def _normalise(x: Tensor, st: TokenStats, mask: Tensor | None) -> Tensor:
+        x = (F.normalize(x.float(), dim=-1) - st.mean) / st.std
+        if mask is not None:
+            x = x * mask.unsqueeze(-1)  # padding stays exactly zero
+        return x
+
+    def image_batch(self, rows: np.ndarray) -> ModalityBatch:
+        rows = np.asarray(rows, dtype=np.int64)
+        idx = torch.from_numpy(rows)
+        tokens, lengths = [], []
+        for k, store in enumerate(self.image_tokens):
+            t = self._normalise(store.take(rows), self.stats.image[k], None)
+            tokens.append(t)
+            lengths.append(torch.full((len(rows),), t.shape[1], dtype=torch.long))
+        embeds = [e.index_select(0, idx) for e in self.image_embeds]
+        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+
+    def text_batch(self, caps: np.ndarray) -> ModalityBatch:
+        caps = np.asarray(caps, dtype=np.int64)
+        idx = torch.from_numpy(caps)
+        tokens, lengths = [], []
+        for k, store in enumerate(self.text_tokens):
+            n = self.text_lengths[k].index_select(0, idx)
+            width = max(1, int(n.max()))
+            mask = torch.arange(width) < n[:, None]
+            tokens.append(self._normalise(store.take(caps, width), self.stats.text[k], mask))
+            lengths.append(n)
+        embeds = [e.index_select(0, idx) for e in self.text_embeds]
+        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+
+    def iter_images(self, batch_size: int) -> Iterator[ModalityBatch]:
+        """All images in split order (contiguous reads)."""
+        for s in range(0, self.n_images, batch_size):
+            yield self.image_batch(np.arange(s, min(self.n_images, s + batch_size)))
+
+    def iter_texts(self, batch_size: int) -> Iterator[ModalityBatch]:
+        """All captions in split order (contiguous reads)."""
+        for s in range(0, self.n_captions, batch_size):
+            yield self.text_batch(np.arange(s, min(self.n_captions, s + batch_size)))
+
+    def main_embeddings(self, k: int = 0) -> tuple[Tensor, Tensor]:
+        """Backbone k's own L2-normalised (image [n_img, E], text [n_cap, E]) embeddings."""
+        return F.normalize(self.image_embeds[k], dim=-1), F.normalize(self.text_embeds[k], dim=-1)
+
+
+class PairLoader:
+    """Caption-image pairs, one item per caption (the paper's unit), in batches.
+
+    Yields ``(image ModalityBatch, text ModalityBatch, image_index [B] long)``; ``image_index`` is the
+    caption's image row in the split, the id the multi-positive targets compare. With ``shuffle`` the
+    order is ``rng.permutation`` once per pass, so a checkpoint of ``rng`` reproduces the order.
+    """
+
+    def __init__(self, data: FeatureData, batch_size: int, shuffle: bool = True,
+                 rng: np.random.Generator | None = None, drop_last: bool = False, limit: int | None = None):
+        if batch_size < 1:
+            raise HadaError(f"batch size must be >= 1, got {batch_size}")
+        self.data, self.batch_size, self.shuffle, self.drop_last = data, int(batch_size), shuffle, drop_last
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.n = data.n_captions if limit is None else min(int(limit), data.n_captions)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def __iter__(self) -> Iterator[tuple[ModalityBatch, ModalityBatch, Tensor]]:
+        order = self.rng.permutation(self.data.n_captions) if self.shuffle else np.arange(self.data.n_captions)
+        order = order[: self.n]
+        for b in range(len(self)):
+            caps = order[b * self.batch_size:(b + 1) * self.batch_size]
+            rows = self.data.caption_image_index[caps]
+            yield self.data.image_batch(rows), self.data.text_batch(caps), torch.from_numpy(rows)
+
+
+# ------------------------------------------------------------------------------------- in-memory stand-in
+@dataclass
+class ArraySplit:
+    """An in-memory object with a FeatureSplit's attributes: for tests and examples without a store."""
+
+    image_tokens: np.ndarray  # fp16 [N_img, T, D]
+    image_embeds: np.ndarray  # fp16 [N_img, E]
+    text_tokens: np.ndarray  # fp16 [N_cap, L, D], pooled token first, zero padded
+    text_lengths: np.ndarray  # int [N_cap]
+    text_embeds: np.ndarray  # fp16 [N_cap, E]
+    image_ids: np.ndarray
+    caption_ids: np.ndarray
+    caption_image_index: np.ndarray
+    manifest: dict
+
+
+def toy_splits(n_images: int = 32, captions_per_image: Sequence[int] = (2, 3), dims: Sequence[int] = (12, 8),
+               image_tokens: Sequence[int] = (5, 4), max_text: int = 6, latent: int = 6, noise: float = 0.8,
+               seed: int = 0) -> list[ArraySplit]:
+    """One split of K toy backbones that see the same latent scene through different noisy linear maps.
+
+    Captions of an image share its latent (plus caption noise), so retrieval is learnable and every
+    backbone is far from perfect. Caption counts cycle through ``captions_per_image``.
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_images, latent))
+    counts = np.resize(np.asarray(captions_per_image), n_images)
+    ci = np.repeat(np.arange(n_images), counts)
+    zc = z[ci] + 0.5 * rng.standard_normal((len(ci), latent))
+    lengths = rng.integers(2, max_text + 1, size=len(ci))
+    out = []
+    for k, (d, t) in enumerate(zip(dims, image_tokens)):
+        a, b = rng.standard_normal((latent, d)), rng.standard_normal((latent, d))
+        img = z[:, None, :] @ a + noise * rng.standard_normal((n_images, t, d))
+        img[:, 0] = img[:, 1:].mean(1) if t > 1 else img[:, 0]
+        txt = zc[:, None, :] @ b + noise * rng.standard_normal((len(ci), max_text, d))
+        txt[np.arange(max_text)[None, :] >= lengths[:, None]] = 0.0
+        e_img = z @ a + noise * rng.standard_normal((n_images, d))
+        e_txt = zc @ a + noise * rng.standard_normal((len(ci), d))
+        out.append(ArraySplit(img.astype(np.float16), e_img.astype(np.float16), txt.astype(np.float16),
+                              lengths.astype(np.int64), e_txt.astype(np.float16), np.arange(n_images),
+                              np.arange(len(ci)), ci.astype(np.int64), {"backbone": f"toy{k}", "seed": seed}))
+    return out
