@@ -520,7 +520,8 @@ def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, inset: float, 
         draw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=fill)
     elif shape == "cross":
         a, e = _CROSS_ARM * r - inset, r - inset
-        pts = [(a, -e), (a, -a), (e, -a), (e, a), (a, a), (a, e), (-a, e), (-a, a), (-e, a), (-e, -a), (-a, -a), (-a, -e)]
+        pts = [(a, -e), (a, -a), (e, -a), (e, a), (a, a), (a, e),
+               (-a, e), (-a, a), (-e, a), (-e, -a), (-a, -a), (-a, -e)]
         draw.polygon([(cx + x, cy + y) for x, y in pts], fill=fill)
     else:
         h = _EDGE_DISTANCE[shape] * r
@@ -628,10 +629,15 @@ def _stamp(size: str, seed: int, image_size: int, sizes: SplitSizes, json_sha256
 
 
 def _read_stamp(root: Path) -> dict | None:
-    try:
-        return json.loads((root / STAMP_NAME).read_text())
-    except (OSError, ValueError):
+    """The stamp, ``{}`` when it exists but cannot be read (still ours to replace), None when absent."""
+    path = root / STAMP_NAME
+    if not path.exists():
         return None
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
 def _is_complete(root: Path, stamp: dict) -> bool:
@@ -651,9 +657,7 @@ def _wants(stamp: dict | None, size: str, seed: int, image_size: int) -> bool:
         GENERATOR_VERSION, size, seed, image_size)
 
 
-def _describe(stamp: dict | None) -> str:
-    if not stamp:
-        return "an unfinished synthetic dataset"
+def _describe(stamp: dict) -> str:
     return (f"a synthetic dataset made with size={stamp.get('size')}, seed={stamp.get('seed')}, "
             f"image size {stamp.get('image_size')}, generator version {stamp.get('version')}")
 
@@ -673,7 +677,7 @@ def _check_target(root: Path, size: str, seed: int, image_size: int, force: bool
     if complete and _wants(stamp, size, seed, image_size):
         return not force
     if stamp is not None and not force:
-        state = _describe(stamp) if complete else f"an incomplete copy of {_describe(stamp)}"
+        state = _describe(stamp) if complete else "an incomplete or damaged synthetic dataset"
         raise HadaError(f"{root} holds {state}; pass --force to replace it")
     return False
 
@@ -807,7 +811,8 @@ def _cosine(a, b):
     return a @ b.T
 
 
-def trivial_baseline_recalls(root: Path | str | None = None, split: str = "test", seed: int = 0) -> dict[str, dict]:
+def trivial_baseline_recalls(root: Path | str | None = None, split: str = "test",
+                             seed: int = 0) -> dict[str, dict]:
     """Recalls of three matchers that need no learning, to show where the floor and the coarse ceiling are.
 
     - ``random``: the expected recalls of a random ranking.

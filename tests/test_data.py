@@ -128,7 +128,8 @@ BAD_DOCS = {
     "missing imgid": (lambda d: d["images"][1].pop("imgid"), "image 1 (1001.jpg) lacks key 'imgid'"),
     "missing filename": (lambda d: d["images"][2].pop("filename"), "image 2 lacks key 'filename'"),
     "missing sentences": (lambda d: d["images"][0].pop("sentences"), "image 0 (1000.jpg) lacks key 'sentences'"),
-    "missing raw": (lambda d: d["images"][3]["sentences"][2].pop("raw"), "image 3 (1003.jpg), sentence 2 lacks key 'raw'"),
+    "missing raw": (lambda d: d["images"][3]["sentences"][2].pop("raw"),
+                    "image 3 (1003.jpg), sentence 2 lacks key 'raw'"),
     "missing sentid": (lambda d: d["images"][3]["sentences"][0].pop("sentid"), "sentence 0 lacks key 'sentid'"),
     "imgid not int": (lambda d: d["images"][1].update(imgid="1"), "'imgid' should be an integer"),
     "no captions": (lambda d: d["images"][4].update(sentences=[]), "image 4 (1004.jpg) has no captions"),
@@ -199,4 +200,5 @@ def test_coco_needs_filepath(tmp_path, capsys):
     root = tmp_path / "coco"
     root.mkdir()
     (root / "dataset_coco.json").write_text(json.dumps(doc))
-    _one_line_error(capsys, ["--dataset", "coco", "--root", root, "--no-images"], "image 2 (1002.jpg) lacks key 'filepath'")
+    _one_line_error(capsys, ["--dataset", "coco", "--root", root, "--no-images"],
+                    "image 2 (1002.jpg) lacks key 'filepath'")

@@ -27,7 +27,8 @@ WORD_PATTERN = {w: p for p, ws in {**synth.PATTERN_ADJECTIVES, **synth.PATTERN_S
 WORD_SHAPE = {w: s for s, ws in synth.SHAPE_WORDS.items() for w in ws}
 WORD_RELATION = {w: r for r, ws in synth.RELATION_WORDS.items() for w in ws}
 NP = re.compile(
-    rf"(?:\b(?P<size>{_alt(WORD_SIZE)}) )?(?:(?P<padj>{_alt(synth.PATTERN_ADJECTIVES['solid'] + ('striped', 'outlined'))}) )?"
+    rf"(?:\b(?P<size>{_alt(WORD_SIZE)}) )?"
+    rf"(?:(?P<padj>{_alt(w for ws in synth.PATTERN_ADJECTIVES.values() for w in ws)}) )?"
     rf"\b(?P<color>{_alt(synth.COLORS)}) (?P<shape>{_alt(WORD_SHAPE)})\b"
     rf"(?: (?P<suffix>{_alt(w for ws in synth.PATTERN_SUFFIXES.values() for w in ws)}))?"
 )
@@ -363,12 +364,17 @@ def test_an_interrupted_run_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
 
 
-def test_incomplete_dataset_is_not_reused(tmp_path):
+def test_incomplete_or_damaged_dataset_is_not_reused(tmp_path):
     root = tmp_path / "synthetic"
     synth.generate(root, size="tiny", progress=False)
     next((root / synth.IMAGE_DIR).iterdir()).unlink()
     with pytest.raises(HadaError, match="incomplete"):
         synth.generate(root, size="tiny", progress=False)
+    (root / synth.STAMP_NAME).write_text("{not json")
+    with pytest.raises(HadaError, match="damaged"):
+        synth.generate(root, size="tiny", progress=False)
+    assert synth.generate(root, size="tiny", progress=False, force=True).created
+    assert not synth.generate(root, size="tiny", progress=False).created
 
 
 def test_bad_options_are_user_errors(tmp_path):
