@@ -652,9 +652,9 @@ def _is_complete(root: Path, stamp: dict) -> bool:
     return digest == stamp.get("json_sha256") and n_images == sum(stamp.get("counts", {}).values())
 
 
-def _wants(stamp: dict | None, size: str, seed: int, image_size: int) -> bool:
-    return bool(stamp) and (stamp.get("version"), stamp.get("size"), stamp.get("seed"), stamp.get("image_size")) == (
-        GENERATOR_VERSION, size, seed, image_size)
+def _wants(stamp: dict, size: str, seed: int, image_size: int) -> bool:
+    made = (stamp.get("version"), stamp.get("size"), stamp.get("seed"), stamp.get("image_size"))
+    return made == (GENERATOR_VERSION, size, seed, image_size)
 
 
 def _describe(stamp: dict) -> str:
