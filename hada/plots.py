@@ -119,3 +119,23 @@ def draw_node_graph(graph, title: str = "", backbone_names: Sequence[str] | None
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def show_samples(records, n: int = 8, captions_per_image: int = 1, cols: int = 4) -> plt.Figure:
+    """A grid of images, each with its first captions (wrapped) underneath."""
+    import textwrap
+
+    from PIL import Image
+
+    records = list(records)[:n]
+    rows = (len(records) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, rec in zip(axes.flat, records):
+        with Image.open(rec.path) as im:
+            ax.imshow(im.convert("RGB"), interpolation="nearest")
+        text = "\n".join(textwrap.fill(c, 36) for c in rec.captions[:captions_per_image])
+        ax.text(0.0, -0.04, text, transform=ax.transAxes, fontsize=7, va="top", ha="left")
+    fig.subplots_adjust(hspace=0.75, wspace=0.08, left=0.02, right=0.98, top=0.98, bottom=0.12)
+    return fig
