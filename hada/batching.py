@@ -61,16 +61,16 @@ def _token_moments(tokens, lengths: np.ndarray | None) -> tuple[float, float, in
     for s in range(0, tokens.shape[0], CHUNK_ROWS):
         e = min(tokens.shape[0], s + CHUNK_ROWS)
         if lengths is None:
-            x = torch.from_numpy(np.ascontiguousarray(tokens[s:e])).float()
-            x = F.normalize(x, dim=-1).flatten(0, 1)
+            x = F.normalize(torch.from_numpy(np.ascontiguousarray(tokens[s:e])).float(), dim=-1)
+            count += x.numel()
         else:
             n = torch.from_numpy(np.asarray(lengths[s:e], dtype=np.int64))
             lmax = int(n.max()) if len(n) else 0
-            x = torch.from_numpy(np.ascontiguousarray(tokens[s:e, :lmax])).float()
-            x = F.normalize(x, dim=-1)[torch.arange(lmax) < n[:, None]]
-        total += float(x.double().sum())
-        total_sq += float(x.double().square().sum())
-        count += x.numel()
+            x = F.normalize(torch.from_numpy(np.ascontiguousarray(tokens[s:e, :lmax])).float(), dim=-1)
+            x.mul_((torch.arange(lmax) < n[:, None]).unsqueeze(-1))  # padding contributes nothing
+            count += int(n.clamp(max=lmax).sum()) * x.shape[-1]
+        total += float(x.sum(dtype=torch.float64))
+        total_sq += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
     return total, total_sq, count
 
 
@@ -169,9 +169,12 @@ class FeatureData:
     # -- batches -----------------------------------------------------------------------------------
     @staticmethod
     def _normalise(x: Tensor, st: TokenStats, mask: Tensor | None) -> Tensor:
-        x = (F.normalize(x.float(), dim=-1) - st.mean) / st.std
+        """fp32 ``(x / |x| - mean) / std`` per token, in place on a fresh copy; padding set to exactly zero."""
+        x = x.to(torch.float32, copy=True)
+        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12).mul_(st.std).reciprocal_()
+        x.mul_(scale).sub_(st.mean / st.std)
         if mask is not None:
-            x = x * mask.unsqueeze(-1)  # padding stays exactly zero
+            x.mul_(mask.unsqueeze(-1))
         return x
 
     def image_batch(self, rows: np.ndarray) -> ModalityBatch:
