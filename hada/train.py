@@ -23,10 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from hada.errors import HadaError
+
+# torch and numpy are imported inside functions: the CLI reads TrainConfig for its help without them.
 
 ARCHS = ("hada", "concat")
 MODEL_FIELDS = ("width", "out_dim", "gnn", "heads", "layers", "dropout", "w_fc", "w_fcx", "w_cc", "w_ffx",
@@ -138,6 +137,8 @@ def progress_enabled(progress: bool | None = None) -> bool:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -150,17 +151,26 @@ def atomic_json(obj, path: Path) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
-def rng_state(order_rng: np.random.Generator) -> dict:
+def rng_state(order_rng) -> dict:
+    import numpy as np
+    import torch
+
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "order": order_rng.bit_generator.state}
 
 
-def set_rng_state(state: dict, order_rng: np.random.Generator) -> None:
+def set_rng_state(state: dict, order_rng) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -242,6 +252,8 @@ class TrainedModel:
 
 def load_trained(run_dir: str | os.PathLike, which: str = "best") -> TrainedModel:
     """Rebuild a trained model from ``best.pt`` (or ``checkpoint.pt`` with ``which="last"``); no features needed."""
+    import torch
+
     from hada.batching import FeatureStats
 
     path = Path(run_dir) / ("best.pt" if which == "best" else "checkpoint.pt")
@@ -278,6 +290,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, 
     stops after that many epochs *without* finishing (returns None): an interruption, for tests.
     ``data``: optional ``{split: FeatureData}`` already built with this config's train statistics.
     """
+    import numpy as np
+    import torch
     from tqdm.auto import tqdm
 
     from hada.batching import FeatureData, FeatureStats, PairLoader, compute_stats

@@ -1,0 +1,96 @@
+"""``hada evaluate``: score backbones, fusion baselines and trained runs on one split, the same way."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = """\
+Score image-text retrieval on one split with one function for every row: R@1/5/10 image->text
+(a hit if any of the image's captions is in the top k), R@1/5/10 text->image, and Rsum, in percent.
+
+Rows: each backbone alone (cosine of its own projected embeddings), the average of the backbones'
+similarities, optionally the concatenation + linear baseline (--concat; trained with HADA's loss and
+cached like any run, so the first call trains it), and every trained run given with --run (HADA's
+inference score: (1 - w) * its cosine + w * the main backbone's cosine). Runs are scored with their own
+train feature statistics and backbones. Ties count for the positive (rank = number of strictly higher
+scores). Needs the features of the split (`hada features extract`).
+
+Output: a table on stdout and a json list of CLIP_benchmark-style records ({"dataset", "model",
+"task": "zeroshot_retrieval", "metrics": {...}}), by default data/runs/eval/<dataset>-<split>.json."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="score backbones, baselines and trained runs on a split",
+                                   description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("synthetic", "flickr30k", "coco"), default="synthetic",
+                        help="dataset of the feature stores (default: %(default)s)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset folder the features were extracted from (default: the embedded data)")
+    parser.add_argument("--backbones", default="", metavar="A,B,...",
+                        help="backbones to score alone and averaged, the first is the main one "
+                             "(default: the first two embedded backbones)")
+    parser.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+    parser.add_argument("--run", action="append", default=[], metavar="RUN",
+                        help="a trained run to score: its folder, or its folder name or name prefix under "
+                             "data/runs/ (repeatable)")
+    parser.add_argument("--concat", action="store_true",
+                        help="add the concatenation + linear baseline (trains it once if not cached)")
+    parser.add_argument("--no-baselines", action="store_true", help="score only the --run models")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="json output (default: data/runs/eval/<dataset>-<split>.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(handler=_evaluate)
+
+
+def resolve_run(spec: str) -> Path:
+    from hada.errors import HadaError
+    from hada.paths import runs_dir
+
+    path = Path(spec).expanduser()
+    if (path / "config.json").exists():
+        return path
+    if (runs_dir() / spec / "config.json").exists():
+        return runs_dir() / spec
+    matches = sorted(p for p in runs_dir().glob(f"{spec}-*") if (p / "config.json").exists())
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise HadaError(f"no run {spec!r}: neither a run folder nor a run name under {runs_dir()}")
+    raise HadaError(f"{spec!r} matches {len(matches)} runs ({', '.join(p.name for p in matches)}); "
+                    "give the full folder name")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from hada.errors import HadaError
+    from hada.evaluate import clip_benchmark_record, format_table, retrieval_metrics, write_json
+    from hada.experiments import baseline_table
+    from hada.paths import runs_dir
+    from hada.report import METRIC_COLUMNS
+    from hada.train import TrainConfig, load_trained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[tuple[str, dict]] = []
+    if not args.no_baselines:
+        cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones).resolved()
+        for row in baseline_table(args.dataset, cfg.backbones, split=args.split, data_root=args.data_root,
+                                  concat=args.concat):
+            rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}))
+    for spec in args.run:
+        run_dir = resolve_run(spec)
+        model = load_trained(run_dir)
+        if model.config.dataset != args.dataset:
+            raise HadaError(f"run {run_dir.name} was trained on {model.config.dataset}, not {args.dataset}")
+        data = model.load_data(args.split)
+        rows.append((run_dir.name, retrieval_metrics(model.similarity(data), data.caption_image_index)))
+    if not rows:
+        raise HadaError("nothing to score: give --run or drop --no-baselines")
+    print(format_table(rows))
+    out = args.out or runs_dir() / "eval" / f"{args.dataset}-{args.split}.json"
+    records = [clip_benchmark_record(m, dataset=f"{args.dataset}/{args.split}", model=name) for name, m in rows]
+    write_json(out, records)
+    print(f"wrote {out}")
+    return 0
