@@ -143,3 +143,222 @@ def edge_weight_table(setting: Setting | None = None):
     rows = [{"name": label, "weight": "no edges" if values[t] is None else values[t]}
             for t, label in zip(EDGE_TYPES, EDGE_TYPE_LABELS)]
     return Table(rows, columns=(("name", "edge type"), ("weight", "weight (paper default)")))
+
+
+# ------------------------------------------------------------------------------------ training runs
+def base_config(setting: Setting, k: int = 2, **overrides):
+    """The book's default HADA configuration for the first ``k`` backbones (chapter parameters applied)."""
+    from hada.train import TrainConfig
+
+    values = dict(dataset=setting.dataset, data_root=_root_arg(setting), backbones=list(setting.backbones_for(k)),
+                  epochs=setting.epochs, seed=setting.seed)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _root_arg(setting: Setting):
+    from hada.data import default_root
+
+    return None if setting.data_root == default_root(setting.dataset) else str(setting.data_root)
+
+
+def train_hada(setting: Setting, k: int = 2, **overrides):
+    """Train (or load the cached) default HADA run for K backbones; returns a ``RunResult``."""
+    from hada.experiments import run_experiment
+
+    return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
+
+
+def results(setting: Setting, k: int = 2):
+    """Every backbone alone, similarity averaging, concat + linear and HADA, on the test split."""
+    from hada.experiments import baseline_table
+    from hada.report import ResultsTable, metric_row
+
+    config = base_config(setting, k)
+    rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=_root_arg(setting),
+                          config=config)
+    run = train_hada(setting, k)
+    rows.append(metric_row(f"HADA (K={k})", run.test_metrics, kind="hada"))
+    return ResultsTable(rows, caption=f"Test split of {setting.dataset}, K={k} backbones (Rsum max 600)")
+
+
+@dataclass
+class ClaimTable:
+    """The paper's claim beside this build's measurement, clearly labelled as different experiments."""
+
+    measured_gain: float
+    measured_best: str
+    measured_hada: float
+    measured_best_rsum: float
+    dataset: str
+
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        return [
+            ("paper (Nguyen et al., 2023)", "Flickr30k", "ALBEF + LightningDOT", "+3.6% (reported)"),
+            ("this build", self.dataset, f"best single: {self.measured_best}",
+             f"{self.measured_gain:+.1f}% (Rsum {self.measured_best_rsum:.1f} → {self.measured_hada:.1f})"),
+        ]
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in ("source", "data", "backbones", "HADA vs best backbone, Rsum"))
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self._rows())
+        return f'<table class="hada-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    def __repr__(self) -> str:
+        return "\n".join(" | ".join(r) for r in self._rows())
+
+
+def claim_table(table) -> ClaimTable:
+    best = table.best_backbone
+    return ClaimTable(table.gain_over_best_backbone, best["name"], table.hada["rsum"], best["rsum"],
+                      table.caption.split(" of ")[1].split(",")[0] if " of " in table.caption else "")
+
+
+def backbone_table(setting: Setting):
+    """Each backbone alone (its own embeddings' cosine) on the test split."""
+    from hada.experiments import baseline_table
+    from hada.report import ResultsTable
+
+    rows = baseline_table(setting.dataset, list(setting.backbones), "test", data_root=_root_arg(setting),
+                          concat=False, config=base_config(setting, len(setting.backbones)))
+    return ResultsTable([r for r in rows if r["kind"] == "backbone"],
+                        caption=f"Each backbone alone, test split of {setting.dataset}")
+
+
+# ------------------------------------------------------------------------------------------ ablations
+#: One change each against the default K=2 model, same budget and seed (DESIGN section 3, chapter 6).
+ABLATIONS: tuple[tuple[str, int, dict], ...] = (
+    ("default (GATv2, paper weights)", 2, {}),
+    ("GNN: GCN", 2, {"gnn": "gcn"}),
+    ("GNN: TransformerConv", 2, {"gnn": "transformer"}),
+    ("all edge weights = 1", 2, {"w_fc": 1.0, "w_fcx": 1.0, "w_cc": 1.0, "w_self": 1.0}),
+    ("without ITM", 2, {"itm": False}),
+    ("without mix weight (w = 0)", 2, {"mix": False}),
+    ("without momentum encoders and queue", 2, {"use_momentum": False, "queue_size": 0}),
+    ("two GNN layers", 2, {"layers": 2}),
+    ("K = 3 backbones", 3, {}),
+)
+
+
+@dataclass
+class AblationTable:
+    rows: list[dict]
+
+    @property
+    def default(self) -> dict:
+        return self.rows[0]
+
+    @property
+    def variants(self) -> list[dict]:
+        return self.rows[1:]
+
+    @property
+    def worst(self) -> dict:
+        return min(self.variants, key=lambda r: r["delta"])
+
+    @property
+    def best_variant(self) -> dict:
+        return max(self.variants, key=lambda r: r["delta"])
+
+    def _table(self):
+        from hada.report import METRIC_COLUMNS, Table
+
+        return Table(self.rows, columns=(("name", "variant"),) + METRIC_COLUMNS + (("delta", "Δ Rsum"),
+                                                                                 ("epochs", "epochs run")))
+
+    def _repr_html_(self) -> str:
+        return self._table()._repr_html_()
+
+    def __repr__(self) -> str:
+        return str(self._table())
+
+
+def ablations(setting: Setting, variants=ABLATIONS) -> AblationTable:
+    """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
+    from hada.experiments import run_experiment
+    from hada.report import metric_row
+
+    rows = []
+    for label, k, overrides in variants:
+        if k > len(setting.backbones):
+            continue
+        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
+        run = run_experiment(base_config(setting, k, **overrides), name)
+        rows.append(metric_row(label, run.test_metrics, epochs=len(run.history)))
+    for row in rows:
+        row["delta"] = row["rsum"] - rows[0]["rsum"]
+    return AblationTable(rows)
+
+
+# --------------------------------------------------------------------------------------- node graphs
+@dataclass
+class GraphSample:
+    """One image and one caption of a split as HADA graphs, with the backbones' token counts."""
+
+    backbones: tuple[str, ...]
+    image_counts: tuple[int, ...]
+    text_counts: tuple[int, ...]
+    caption: str
+    image_graph: object
+    text_graph: object
+
+    def figure(self):
+        import matplotlib.pyplot as plt
+
+        from hada import plots
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
+        plots.draw_node_graph(self.image_graph, "image: CLS + patch tokens", self.backbones, ax=axes[0])
+        plots.draw_node_graph(self.text_graph, f"caption: “{self.caption[:60]}”", self.backbones, ax=axes[1])
+        axes[0].get_legend().remove()
+        fig.tight_layout()
+        return fig
+
+    def count_table(self):
+        from collections import Counter
+
+        from hada.graph import EDGE_TYPE_LABELS, EDGE_TYPES
+        from hada.report import Table
+
+        rows = []
+        for label, graph, counts in (("image", self.image_graph, self.image_counts),
+                                     ("caption", self.text_graph, self.text_counts)):
+            types = Counter(d["type"] for _, _, d in graph.edges(data=True))
+            row = {"name": label, "nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
+                   "tokens": " + ".join(str(c) for c in counts)}
+            row.update({t: types.get(t, 0) for t in EDGE_TYPES})
+            rows.append(row)
+        columns = (("name", "graph"), ("tokens", "tokens per backbone"), ("nodes", "nodes"), ("edges", "edges"))
+        columns += tuple((t, label.split(" (")[0]) for t, label in zip(EDGE_TYPES, EDGE_TYPE_LABELS))
+        return Table(rows, columns=columns)
+
+
+def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int = 0) -> GraphSample:
+    """The graphs of image ``index`` of ``split`` and of its first caption, from the stored token counts."""
+    import numpy as np
+
+    from hada.data import load_dataset
+    from hada.features import open_features
+    from hada.graph import EdgeWeights, to_networkx
+
+    names = setting.backbones_for(k)
+    stores = [open_features(setting.dataset, b, split, root=setting.data_root) for b in names]
+    image_counts = tuple(int(s.image_tokens.shape[1]) for s in stores)
+    caption_row = int(np.flatnonzero(np.asarray(stores[0].caption_image_index) == index)[0])
+    text_counts = tuple(int(s.text_lengths[caption_row]) for s in stores)
+    record = load_dataset(setting.dataset, setting.data_root, check_images=False).split(split)[index]
+    weights = EdgeWeights()
+    return GraphSample(names, image_counts, text_counts, record.captions[0],
+                       to_networkx(image_counts, weights), to_networkx(text_counts, weights))
+
+
+# ----------------------------------------------------------------------------------------- attention
+def attention_examples(setting: Setting, k: int = 2, n_correct: int = 2, n_failures: int = 1):
+    """Attention of the trained default model's CLS nodes for a few test images (hits and a failure)."""
+    from hada.attention import attention_examples as examples
+    from hada.data import load_dataset
+
+    run = train_hada(setting, k)
+    dataset = load_dataset(setting.dataset, setting.data_root, check_images=False)
+    return examples(run.load_model(), dataset, split="test", n_correct=n_correct, n_failures=n_failures,
+                    seed=setting.seed)
