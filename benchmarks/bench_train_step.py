@@ -179,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gnn", nargs="+", default=["gatv2"], choices=["gatv2", "gcn", "transformer"])
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the machine is shared, and one thread gives stable timings)")
     p.add_argument("--devices", nargs="+", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow per-sample reference path")

@@ -181,7 +181,8 @@ class DenseLayout:
     edge_weight: Tensor  # [K, N] float, weight of the edge node n -> CLS k (published graph)
     w_self: float  # weight of every self loop (a feature node's only incoming edge)
     blocks: list[tuple[int, int]]  # [start, end) of each backbone's tokens on the node axis
-    block_weight: Tensor  # [K, K] weight of a feature edge from backbone m to CLS k (w_fc on the diagonal)
+    block_weight: Tensor  # [K, M=K] weight of a feature edge from backbone m to CLS k (w_fc on the diagonal)
+    cls_weight: Tensor  # [K, M=K] weight of the edge CLS m -> CLS k (w_self on the diagonal, else w_cc)
 
     @classmethod
     def build(cls, sizes: list[int], weights: EdgeWeights, device) -> "DenseLayout":
@@ -196,7 +197,9 @@ class DenseLayout:
         blocks = [(sum(sizes[:k]), sum(sizes[: k + 1])) for k in range(K)]
         eye = torch.eye(K, dtype=torch.bool, device=device)
         block_weight = torch.where(eye, weights.w_fc, weights.w_fcx).float()
-        return cls(starts, node_backbone, node_token, w.float(), float(weights.w_self), blocks, block_weight)
+        cls_weight = torch.where(eye, weights.w_self, weights.w_cc).float()
+        return cls(starts, node_backbone, node_token, w.float(), float(weights.w_self), blocks, block_weight,
+                   cls_weight)
 
 
 @dataclass
@@ -231,12 +234,12 @@ class GatV2ClsScores(torch.autograd.Function):
     """GATv2 scores of the K CLS targets over every node, without materialising [B, K, N, H*C] tensors.
 
     ``score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h, c] + xl[b, n, h, c])`` where ``m(n)``
-    is the backbone (block) of node n and ``q`` already holds ``x_k W_r + w(k, m) W_e`` (for feature nodes
-    the edge weight depends only on the pair of backbones; the caller recomputes the CLS columns). Eager
-    PyTorch makes about ten passes over a freshly allocated B*K*N*H*C tensor (hundreds of MB at the paper's
-    shapes); here the work is cut into (samples x nodes) tiles that live in one reused, cache-sized buffer,
-    and the backward splits leaky_relu(z) = s*z + (1-s)*relu(z): the linear part needs only per-block and
-    per-node sums of the incoming gradient.
+    is the backbone (block) of node n and ``q = x_k W_r + w(k, m) W_e`` already holds the edge term: in the
+    published graph the weight of an edge into CLS k depends only on the source's backbone m and on whether
+    the source is m's CLS (then ``q_cls`` is used). Eager PyTorch makes about ten passes over a freshly
+    allocated B*K*N*H*C tensor (hundreds of MB at the paper's shapes); here the work is cut into
+    (samples x nodes) tiles that live in one reused, cache-sized buffer, and the backward splits
+    leaky_relu(z) = s*z + (1-s)*relu(z): the linear part needs only per-block and per-node sums of the grad.
     """
 
     @staticmethod
@@ -251,58 +254,69 @@ class GatV2ClsScores(torch.autograd.Function):
             largest = max(largest, nb * nn)
             for b in range(0, B, nb):
                 for n in range(lo, hi, nn):
-                    tiles.append((slice(b, min(B, b + nb)), m, slice(n, min(hi, n + nn))))
+                    tiles.append((slice(b, min(B, b + nb)), m, slice(n, min(hi, n + nn)), n == lo))
         return tiles, largest
 
     @staticmethod
-    def _z(buf: Tensor, q: Tensor, xl: Tensor, bs: slice, m: int, ns: slice) -> Tensor:
+    def _z(buf: Tensor, q: Tensor, q_cls: Tensor, xl: Tensor, bs: slice, m: int, ns: slice, has_cls: bool):
         """Pre-activation tile [nb, K, nn, H*C] = q[b, k, m] + xl[b, n], written into the shared buffer."""
         nb, K, nn, HC = bs.stop - bs.start, q.shape[1], ns.stop - ns.start, q.shape[3]
         z = buf[: nb * K * nn * HC].view(nb, K, nn, HC)
-        return torch.add(q[bs, :, m].unsqueeze(2), xl[bs, ns].unsqueeze(1), out=z)
+        torch.add(q[bs, :, m].unsqueeze(2), xl[bs, ns].unsqueeze(1), out=z)
+        if has_cls:  # the block's first node is backbone m's CLS: self loop or CLS <-> CLS weight
+            torch.add(q_cls[bs, :, m], xl[bs, ns.start].unsqueeze(1), out=z[:, :, 0])
+        return z
 
     @staticmethod
-    def forward(ctx, q: Tensor, xl: Tensor, att: Tensor, blocks: list[tuple[int, int]], slope: float):
+    def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks: list[tuple[int, int]],
+                slope: float):
         B, K, _, HC = q.shape
         N, (H, C) = xl.shape[1], att.shape
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks)
         buf = xl.new_empty(largest * K * HC)
         out = xl.new_empty(B, K, N, H)
-        for bs, m, ns in tiles:
-            z = F.leaky_relu_(GatV2ClsScores._z(buf, q, xl, bs, m, ns), slope)
+        for bs, m, ns, has_cls in tiles:
+            z = F.leaky_relu_(GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls), slope)
             out[bs, :, ns] = (z.view(*z.shape[:3], H, C) * att).sum(-1)
-        ctx.save_for_backward(q, xl, att)
+        ctx.save_for_backward(q, q_cls, xl, att)
         ctx.blocks, ctx.slope = blocks, slope
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, xl, att = ctx.saved_tensors
+        q, q_cls, xl, att = ctx.saved_tensors
         blocks, s = ctx.blocks, ctx.slope
         B, K, M, HC = q.shape
         H, C = att.shape
         grad = grad.contiguous()
-        g_block = torch.stack([grad[:, :, lo:hi].sum(2) for lo, hi in blocks], 2)  # [B, K, M, H]
+        g_cls = torch.stack([grad[:, :, lo] for lo, _ in blocks], 2)  # [B, K, M, H]
+        g_block = torch.stack([grad[:, :, lo + 1:hi].sum(2) for lo, hi in blocks], 2)  # [B, K, M, H]
         g_node = grad.sum(1)  # [B, N, H]
-        tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks)
-        buf, gbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * HC)
         # linear part s*z first; the relu part (1-s)*relu(z) is added tile by tile
         dq = (g_block.unsqueeze(-1) * (s * att)).view(B, K, M, HC)
+        dq_cls = (g_cls.unsqueeze(-1) * (s * att)).view(B, K, M, HC)
         dxl = (g_node.unsqueeze(-1) * (s * att)).view(xl.shape)
-        d_att = torch.addmm(g_block.reshape(-1, H).t() @ q.reshape(-1, HC), g_node.reshape(-1, H).t(),
-                            xl.reshape(-1, HC)).mul_(s)
+        d_att = g_block.reshape(-1, H).t() @ q.reshape(-1, HC)
+        d_att.addmm_(g_cls.reshape(-1, H).t(), q_cls.reshape(-1, HC))
+        d_att.addmm_(g_node.reshape(-1, H).t(), xl.reshape(-1, HC)).mul_(s)
+        tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks)
+        buf, gbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * HC)
         att_relu = (1 - s) * att
-        for bs, m, ns in tiles:
+        for bs, m, ns, has_cls in tiles:
             g = grad[bs, :, ns]  # [nb, K, nn, H]
-            z = GatV2ClsScores._z(buf, q, xl, bs, m, ns).relu_()
+            z = GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls).relu_()
             d_att.addmm_(g.reshape(-1, H).t(), z.reshape(-1, HC), alpha=1 - s)
             ga = torch.mul(g.unsqueeze(-1), att_relu, out=gbuf[: z.numel()].view(*g.shape, C)).view(z.shape)
             torch.ops.aten.threshold_backward.grad_input(ga, z, 0.0, grad_input=ga)  # (1-s) g att [z > 0]
-            dq[bs, :, m] += ga.sum(2)
+            if has_cls:
+                dq_cls[bs, :, m] += ga[:, :, 0]
+                dq[bs, :, m] += ga[:, :, 1:].sum(2)
+            else:
+                dq[bs, :, m] += ga.sum(2)
             dxl_tile = dxl[bs, ns]
             for k in range(K):
                 dxl_tile.add_(ga[:, k])
-        return dq, dxl, _head_diagonal(d_att), None, None
+        return dq, dq_cls, dxl, _head_diagonal(d_att), None, None
 
 
 def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
@@ -315,25 +329,19 @@ def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bo
     B, N, W = x.shape
     H, C = conv.heads, conv.out_channels
     K = layout.cls_pos.numel()
-    cls = layout.cls_pos
     xl = conv.lin_l(x)  # [B, N, H*C]
-    xr = conv.lin_r(x[:, cls])  # [B, K, H*C]
+    xr = conv.lin_r(x[:, layout.cls_pos])  # [B, K, H*C]
     w_edge = conv.lin_edge.weight.view(H * C)
-    # feature columns: the edge weight depends only on (target backbone k, source backbone m)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
-    score = GatV2ClsScores.apply(q.contiguous(), xl.contiguous(), conv.att[0], layout.blocks,
-                                 conv.negative_slope)
-    # CLS columns (self loop and CLS <-> CLS edges), exactly
-    z_cls = xr.unsqueeze(2) + xl[:, cls].unsqueeze(1) + layout.edge_weight[:, cls].unsqueeze(-1) * w_edge
-    z_cls = F.leaky_relu(z_cls, conv.negative_slope).view(B, K, K, H, C)
-    score = score.index_copy(2, cls, (z_cls * conv.att[0]).sum(-1))
+    q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
+    score = GatV2ClsScores.apply(q, q_cls, xl, conv.att[0], layout.blocks, conv.negative_slope)
     alpha = _masked_softmax(score, mask)  # [B, K, N, H]
     pooled = torch.einsum("bknh,bnw->bkhw", alpha, x)
     out_cls = torch.einsum("bkhw,hcw->bkhc", pooled, conv.lin_l.weight.view(H, C, W))
     out_cls = (out_cls + conv.lin_l.bias.view(H, C)).reshape(B, K, H * C) + conv.bias
     out_all = None
     if need_all:
-        out_all = _with_cls(xl + conv.bias, out_cls, cls)
+        out_all = _with_cls(xl + conv.bias, out_cls, layout.cls_pos)
     return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
 
 
