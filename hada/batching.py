@@ -61,12 +61,12 @@ def _token_moments(tokens, lengths: np.ndarray | None) -> tuple[float, float, in
     for s in range(0, tokens.shape[0], CHUNK_ROWS):
         e = min(tokens.shape[0], s + CHUNK_ROWS)
         if lengths is None:
-            x = F.normalize(torch.from_numpy(np.ascontiguousarray(tokens[s:e])).float(), dim=-1)
+            x = F.normalize(torch.from_numpy(np.array(tokens[s:e], dtype=np.float32)), dim=-1)
             count += x.numel()
         else:
-            n = torch.from_numpy(np.asarray(lengths[s:e], dtype=np.int64))
+            n = torch.from_numpy(np.array(lengths[s:e], dtype=np.int64))
             lmax = int(n.max()) if len(n) else 0
-            x = F.normalize(torch.from_numpy(np.ascontiguousarray(tokens[s:e, :lmax])).float(), dim=-1)
+            x = F.normalize(torch.from_numpy(np.array(tokens[s:e, :lmax], dtype=np.float32)), dim=-1)
             x.mul_((torch.arange(lmax) < n[:, None]).unsqueeze(-1))  # padding contributes nothing
             count += int(n.clamp(max=lmax).sum()) * x.shape[-1]
         total += float(x.sum(dtype=torch.float64))
@@ -98,7 +98,7 @@ def _load(array) -> Tensor:
     out = torch.empty(tuple(array.shape), dtype=torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype)
     for s in range(0, array.shape[0], CHUNK_ROWS):
         e = min(array.shape[0], s + CHUNK_ROWS)
-        out[s:e] = torch.from_numpy(np.ascontiguousarray(array[s:e]))
+        out[s:e].numpy()[...] = array[s:e]  # straight from the memmap into the tensor, one copy
     return out
 
 
@@ -115,7 +115,7 @@ class _Rows:
         if len(index) and index[-1] - index[0] == len(index) - 1 and np.all(np.diff(index) == 1):
             rows = slice(int(index[0]), int(index[-1]) + 1)  # a contiguous range: a plain slice
             part = self.array[rows] if width is None else self.array[rows, :width]
-            return part if self.resident else torch.from_numpy(np.ascontiguousarray(part))
+            return part if self.resident else torch.from_numpy(np.array(part))
         if self.resident:
             src = self.array if width is None else self.array[:, :width]
             return src.index_select(0, torch.from_numpy(index))
@@ -141,7 +141,7 @@ class FeatureData:
         if len(stats.image) != len(splits) or len(stats.text) != len(splits):
             raise HadaError(f"feature statistics cover {len(stats.image)} backbones, features {len(splits)}")
         first = splits[0]
-        self.caption_image_index = np.asarray(first.caption_image_index, dtype=np.int64)
+        self.caption_image_index = np.array(first.caption_image_index, dtype=np.int64)
         self.n_images = int(first.image_tokens.shape[0])
         self.n_captions = int(first.text_tokens.shape[0])
         for k, fs in enumerate(splits):
@@ -158,9 +158,9 @@ class FeatureData:
         self.with_tokens = with_tokens
         self.image_tokens = [_Rows(fs.image_tokens, resident) for fs in splits] if with_tokens else []
         self.text_tokens = [_Rows(fs.text_tokens, resident) for fs in splits] if with_tokens else []
-        self.text_lengths = [torch.from_numpy(np.asarray(fs.text_lengths, dtype=np.int64)) for fs in splits]
-        self.image_embeds = [torch.from_numpy(np.asarray(fs.image_embeds, dtype=np.float32)) for fs in splits]
-        self.text_embeds = [torch.from_numpy(np.asarray(fs.text_embeds, dtype=np.float32)) for fs in splits]
+        self.text_lengths = [torch.from_numpy(np.array(fs.text_lengths, dtype=np.int64)) for fs in splits]
+        self.image_embeds = [torch.from_numpy(np.array(fs.image_embeds, dtype=np.float32)) for fs in splits]
+        self.text_embeds = [torch.from_numpy(np.array(fs.text_embeds, dtype=np.float32)) for fs in splits]
 
     @property
     def num_backbones(self) -> int:

@@ -181,7 +181,7 @@ def open_splits(config: TrainConfig, split: str) -> list:
     """The FeatureSplit of every backbone of the run for one split (memory-mapped)."""
     from hada.features import open_features
 
-    return [open_features(config.dataset, b, split, root=config.data_root) for b in config.backbones]
+    return [open_features(config.dataset, b, split) for b in config.backbones]
 
 
 def build_objective(config: TrainConfig, dims: dict):
