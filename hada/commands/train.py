@@ -28,8 +28,8 @@ OPTIONS = (
     ("backbones", "comma-separated backbone specs, the first is the main one (default: the first two "
                   "embedded backbones)"),
     ("arch", "hada (graph fusion) or concat (baseline: linear map of the concatenated embeddings)"),
-    ("width", "node width after each backbone's linear map"),
-    ("out_dim", "width of the final (L2-normalised) embedding"),
+    ("width", "node width after each backbone's linear map (paper: 512)"),
+    ("out_dim", "width of the final (L2-normalised) embedding (paper: 512)"),
     ("gnn", "graph convolution: gatv2, gcn or transformer"),
     ("heads", "attention heads"),
     ("layers", "graph layers"),
