@@ -156,7 +156,14 @@ def _train(args: argparse.Namespace) -> int:
                             "continue it with --resume or start over with --restart")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_json(fingerprint, run_dir / "features.json")
-        train(config, run_dir, resume=args.resume)
+        try:
+            train(config, run_dir, resume=args.resume)
+        except KeyboardInterrupt:
+            import sys
+
+            print(f"hada: interrupted; the last finished epoch is saved in {run_dir}; rerun the same command "
+                  "with --resume to continue", file=sys.stderr)
+            return 130
     import json
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
