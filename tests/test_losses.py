@@ -55,12 +55,12 @@ def test_clamps_hold_and_mix_off():
         obj.mix_weight.fill_(2.0)
     assert float(obj.tau().detach()) == pytest.approx(0.5) and float(obj.w().detach()) == pytest.approx(0.9)
     obj(img, txt, ids)
-    assert float(obj.temp) == pytest.approx(0.5) and float(obj.mix_weight) == pytest.approx(0.9)
+    assert obj.temp.item() == pytest.approx(0.5) and obj.mix_weight.item() == pytest.approx(0.9)
     with torch.no_grad():
         obj.temp.fill_(-1.0)
         obj.mix_weight.fill_(-1.0)
     obj.clamp_()
-    assert float(obj.temp) == pytest.approx(0.001) and float(obj.mix_weight) == pytest.approx(0.1)
+    assert obj.temp.item() == pytest.approx(0.001) and obj.mix_weight.item() == pytest.approx(0.1)
 
     off = objective(mix=False)
     assert "mix_weight" not in dict(off.named_parameters()) and float(off.w()) == 0.0
@@ -95,9 +95,9 @@ def test_hard_negatives_are_negatives():
 def test_loss_prefers_aligned_and_learns():
     img, txt, ids = toy_pairs(aligned=True)
     obj = objective(itm=False, queue_size=0)
-    aligned = float(obj(img, txt, ids).loss)
+    aligned = obj(img, txt, ids).loss.item()
     _, txt_random, _ = toy_pairs(aligned=False)
-    assert aligned < float(objective(itm=False, queue_size=0)(img, txt_random, ids).loss)
+    assert aligned < objective(itm=False, queue_size=0)(img, txt_random, ids).loss.item()
 
     # a growing queue adds negatives and raises the loss, so learning is measured without one
     for factor, kw in ((1.0, {"queue_size": 0, "distill": True}), (0.5, {"queue_size": 0, "itm": False})):
@@ -109,7 +109,7 @@ def test_loss_prefers_aligned_and_learns():
             opt.zero_grad()
             out.loss.backward()
             opt.step()
-            losses.append(float(out.loss))
+            losses.append(out.loss.item())
         floor = np.log(2) if kw.get("itm") is False else 0.0  # two positives per row: entropy ln 2
         assert np.mean(losses[-5:]) - floor < factor * (np.mean(losses[:5]) - floor), kw
 
