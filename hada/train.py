@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 0.02
-    t0: int = 10  # CosineAnnealingWarmRestarts period in epochs (paper: 30 to 50 for long runs)
+    t0: int | None = None  # CosineAnnealingWarmRestarts period in epochs; None: one cycle over ``epochs``
     eta_min: float = 0.0
     patience: int = 5  # early stop after this many epochs without a better val Rsum
     seed: int = 0
@@ -91,7 +91,7 @@ class TrainConfig:
         if self.arch not in ARCHS:
             raise HadaError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "t0"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise HadaError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queue_size < 0 or self.patience < 1:
             raise HadaError("queue_size must be >= 0 and patience >= 1")
@@ -346,7 +346,7 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
     objective = build_objective(config, dims)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=config.t0,
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=config.t0 or config.epochs,
                                                                      eta_min=config.eta_min)
     order_rng = np.random.default_rng(config.seed)
     loader = PairLoader(data[config.train_split], config.batch_size, shuffle=True, rng=order_rng,

@@ -45,7 +45,8 @@ OPTIONS = (
     ("batch_size", "caption-image pairs per batch"),
     ("lr", "AdamW learning rate"),
     ("weight_decay", "AdamW weight decay"),
-    ("t0", "epochs in the first cosine cycle (CosineAnnealingWarmRestarts T_0)"),
+    ("t0", "epochs per cosine cycle (CosineAnnealingWarmRestarts T_0; paper: 30 to 50; 'none': one cycle "
+           "over --epochs)"),
     ("eta_min", "lowest learning rate of the cosine schedule"),
     ("patience", "stop after this many epochs without a better validation Rsum"),
     ("seed", "random seed (model init, data order, dropout, hard negatives)"),
