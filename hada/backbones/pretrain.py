@@ -1,0 +1,334 @@
+"""Contrastive pretraining of the embedded backbones on the synthetic ``pretrain`` split only.
+
+This plays the role web-pretrained CLIP plays for Flickr30k: the backbones learn from coarse alt-text-like
+captions (colour + shape) and never see the train/val/test splits or their detailed captions. Each backbone is
+then frozen and saved as an open_clip ``local-dir`` folder under ``backbones_dir()/<name>/``:
+
+* ``open_clip_config.json``: ``model_cfg`` + ``preprocess_cfg`` (+ a ``hada`` block: grayscale input, recipe)
+* ``open_clip_model.safetensors``: the frozen weights
+* ``hada_backbone.json``: recipe, seed, dataset hash, fingerprint, loss curve, wall time
+
+A rerun with the same fingerprint (model config + recipe + seed + dataset json sha256) is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from hada.backbones.spec import (
+    CONFIG_FILE,
+    MODEL_CONFIG_DIR,
+    RECORD_FILE,
+    WEIGHTS_FILE,
+    load_recipes,
+    register_model_configs,
+)
+from hada.errors import HadaError
+from hada.paths import backbones_dir
+
+PRETRAIN_SPLIT = "pretrain"
+
+
+@dataclass
+class Recipe:
+    """How one embedded backbone is pretrained (values come from ``embedded.json``)."""
+
+    model: str
+    grayscale: bool = False
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    hflip: bool = False  # coarse captions carry no position, so a flip keeps the pair true
+    seed: int = 0
+    threads: int = 2  # torch threads; part of the recipe because it can change float summation order
+
+    @classmethod
+    def for_backbone(cls, name: str, **overrides) -> "Recipe":
+        recipes = load_recipes()
+        if name not in recipes:
+            raise HadaError(f"unknown embedded backbone '{name}' (known: {', '.join(recipes)})")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in recipes[name].items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def model_config(model: str) -> dict:
+    path = MODEL_CONFIG_DIR / f"{model}.json"
+    return json.loads(path.read_text())
+
+
+def fingerprint(name: str, recipe: Recipe, dataset_sha256: str, max_steps: int | None = None) -> str:
+    """What decides the weights: if this is unchanged, a rerun would reproduce the same backbone."""
+    blob = json.dumps(
+        {"name": name, "model_cfg": model_config(recipe.model), "recipe": asdict(recipe), "dataset": dataset_sha256,
+         "max_steps": max_steps},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def existing_record(name: str) -> dict | None:
+    path = backbones_dir() / name / RECORD_FILE
+    if not path.is_file() or not (backbones_dir() / name / WEIGHTS_FILE).is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- data
+def _pil_steps(transform):
+    """The PIL part of open_clip's eval transform (resize, crop, RGB), without ToTensor/Normalize."""
+    from torchvision import transforms as T
+
+    steps = [t for t in transform.transforms if not isinstance(t, (T.ToTensor, T.Normalize))]
+    return T.Compose(steps)
+
+
+def load_pretrain_arrays(records, transform, grayscale: bool, tokenizer):
+    """All pretrain images as uint8 [N, H, W, 3] at the model's input size and all captions tokenised.
+
+    Uses the model's own eval resize/crop so pretraining and feature extraction see the same pixels; the
+    /255 and normalisation happen per batch (same as ToTensor + Normalize).
+    """
+    from PIL import Image
+
+    pil = _pil_steps(transform)
+    images, caps, owner = [], [], []
+    for i, rec in enumerate(records):
+        with Image.open(rec.path) as im:
+            im = im.convert("RGB")
+            if grayscale:
+                im = im.convert("L").convert("RGB")
+            images.append(np.asarray(pil(im), dtype=np.uint8))
+        for c in rec.captions:
+            caps.append(c)
+            owner.append(i)
+    ids = tokenizer(caps)
+    return np.stack(images), ids, np.asarray(owner)
+
+
+# --------------------------------------------------------------------------------------- training
+def _lr_at(step: int, total: int, recipe: Recipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    t = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
+    return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None = None, progress: bool = True,
+                   position: int = 0):
+    """Pretrain one model from scratch; returns (model, preprocess_cfg, record dict). Deterministic for a seed."""
+    import torch
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from tqdm.auto import tqdm
+
+    register_model_configs()
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        torch.manual_seed(recipe.seed)
+        model = open_clip.create_model(recipe.model, pretrained=None)
+        preprocess_cfg = dict(model.visual.preprocess_cfg)
+        transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+        tokenizer = open_clip.get_tokenizer(recipe.model)
+        images, ids, owner = load_pretrain_arrays(records, transform, recipe.grayscale, tokenizer)
+        n_img = len(images)
+        caps_of = [np.flatnonzero(owner == i) for i in range(n_img)]
+        mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW
+        steps_per_epoch = n_img // recipe.batch_size
+        if steps_per_epoch == 0:
+            raise HadaError(f"the pretrain split has {n_img} images, fewer than one batch of {recipe.batch_size}")
+        total = steps_per_epoch * recipe.epochs
+        if max_steps is not None:
+            total = min(total, max_steps)
+
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6, fused=True,
+        )
+        loss_fn = ClipLoss()
+        gen = torch.Generator().manual_seed(recipe.seed)
+        rng = np.random.default_rng(recipe.seed)
+        model.train()
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=f"pretrain {name}", unit="step", disable=not progress or _no_progress(),
+                   dynamic_ncols=True, position=position, leave=True)
+        step = 0
+        while step < total:
+            perm = torch.randperm(n_img, generator=gen)
+            for b in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+                x = pixels[idx].float().div_(255)
+                if recipe.hflip:
+                    flip = torch.rand(len(idx), generator=gen) < 0.5
+                    x[flip] = x[flip].flip(-1)
+                x = (x - mean) / std
+                cap = torch.from_numpy(np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in idx.tolist()]))
+                text = ids[cap]
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(step, total, recipe)
+                img_f = model.encode_image(x, normalize=True)
+                txt_f = model.encode_text(text, normalize=True)
+                loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                losses.append(round(loss.item(), 5))
+                step += 1
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{step * recipe.batch_size / elapsed:.0f}",
+                                epoch=step // steps_per_epoch)
+                bar.update(1)
+        bar.close()
+        model.eval()
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev_threads)
+    record = {
+        "name": name,
+        "model": recipe.model,
+        "recipe": asdict(recipe),
+        "steps": total,
+        "steps_per_epoch": steps_per_epoch,
+        "pretrain_images": n_img,
+        "pretrain_captions": int(len(owner)),
+        "loss_curve": losses,
+        "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
+        "train_seconds": round(seconds, 2),
+        "logit_scale": model.logit_scale.exp().item(),
+        "torch_version": torch.__version__,
+        "open_clip_version": open_clip.__version__,
+    }
+    return model, preprocess_cfg, record
+
+
+def _no_progress() -> bool:
+    return os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
+
+
+def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record: dict) -> Path:
+    """Write the folder atomically: build it under a temporary name, then swap it into place."""
+    from safetensors.torch import save_file
+
+    root = backbones_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    cfg = {
+        "model_cfg": model_config(recipe.model),
+        "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()},
+        "hada": {"model": recipe.model, "grayscale": recipe.grayscale, "name": name},
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    old = root / f".{name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def _train_and_save(name: str, recipe: dict, root: str, fp: str, dataset_sha: str, max_steps, progress: bool,
+                    position: int) -> dict:
+    """One backbone end to end; runs in a worker process when several train at once."""
+    from hada.data import load_dataset
+
+    records = load_dataset("synthetic", Path(root)).split(PRETRAIN_SPLIT)
+    rec = Recipe(**recipe)
+    model, pcfg, record = train_backbone(name, rec, records, max_steps=max_steps, progress=progress,
+                                         position=position)
+    record.update({"fingerprint": fp, "dataset_json_sha256": dataset_sha, "dataset_root": str(root),
+                   "max_steps": max_steps})
+    save_backbone(name, model, pcfg, rec, record)
+    return record
+
+
+def pretrain(
+    names,
+    data_root: Path | None = None,
+    *,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    force: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    log=print,
+) -> dict[str, dict]:
+    """Pretrain (or skip if up to date) each named embedded backbone; returns their records.
+
+    ``workers`` > 1 trains that many backbones at once in separate processes, each single-threaded (the
+    recipe's ``threads``): on 2 shared cores this beats one process with 2 threads by 2-3x, and the weights
+    do not depend on it.
+    """
+    from hada.data import load_dataset
+    from hada.paths import synthetic_root
+
+    root = Path(data_root) if data_root is not None else synthetic_root()
+    dataset = load_dataset("synthetic", root)
+    if not dataset.split(PRETRAIN_SPLIT):
+        raise HadaError(f"{root}: the dataset has no '{PRETRAIN_SPLIT}' split; run `hada data synth` first")
+    out: dict[str, dict] = {}
+    jobs = []
+    for name in names:
+        recipe = Recipe.for_backbone(name, epochs=epochs, batch_size=batch_size)
+        fp = fingerprint(name, recipe, dataset.json_sha256, max_steps)
+        have = existing_record(name)
+        if have is not None and have.get("fingerprint") == fp and not force:
+            log(f"{name}: up to date ({backbones_dir() / name}), skipped")
+            out[name] = have
+            continue
+        if have is not None and not force:
+            log(f"{name}: model config, recipe, seed or dataset changed since the stored one; pretraining again")
+        jobs.append((name, asdict(recipe), str(root), fp, dataset.json_sha256, max_steps, progress))
+    t0 = time.perf_counter()
+    if len(jobs) > 1 and workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {job[0]: pool.submit(_train_and_save, *job, i) for i, job in enumerate(jobs)}
+            for name, fut in futures.items():
+                out[name] = fut.result()
+    else:
+        for i, job in enumerate(jobs):
+            out[job[0]] = _train_and_save(*job, 0)
+    for job in jobs:
+        r = out[job[0]]
+        log(f"{job[0]}: pretrained in {r['train_seconds']:.1f}s ({r['steps']} steps), "
+            f"final loss {r['final_loss']:.3f} -> {backbones_dir() / job[0]}")
+    if jobs:
+        log(f"pretraining took {time.perf_counter() - t0:.1f}s wall for {len(jobs)} backbone(s)")
+    return out

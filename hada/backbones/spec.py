@@ -1,0 +1,233 @@
+"""Backbone spec strings -> an open_clip model name plus a weights file that is already on disk.
+
+Nothing here downloads. A spec is one of
+
+* an embedded name (``tiny-vit``): weights in ``backbones_dir()/<name>/`` (written by ``hada backbones pretrain``);
+* ``MODEL:TAG``: an open_clip pretrained tag, looked up only in local caches;
+* ``MODEL:/path/to/weights.bin`` (or ``.pt``/``.pth``/``.safetensors``): a local weights file;
+* ``local-dir:/path``: an open_clip folder with ``open_clip_config.json`` and a weights file.
+
+Resolving a spec to a file first (instead of letting open_clip "download or find" it) is what makes a missing
+file a one-line :class:`HadaError` that says which file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hada.errors import HadaError
+from hada.paths import backbones_dir, data_dir
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CONFIG_DIR = PACKAGE_DIR / "model_configs"
+RECIPES_FILE = PACKAGE_DIR / "embedded.json"
+
+WEIGHTS_FILE = "open_clip_model.safetensors"  # name open_clip's local-dir loader prefers
+CONFIG_FILE = "open_clip_config.json"
+RECORD_FILE = "hada_backbone.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+
+
+def load_recipes() -> dict:
+    """The embedded backbones: open_clip model name, input mode and pretraining recipe, in a fixed order."""
+    return json.loads(RECIPES_FILE.read_text())["backbones"]
+
+
+EMBEDDED_BACKBONES: tuple[str, ...] = tuple(load_recipes())
+
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the package's model configs known to open_clip (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    _registered = True
+
+
+def openclip_cache_dir() -> Path:
+    """Where pretrained tags are looked up: ``HADA_OPENCLIP_CACHE`` or ``<data>/open_clip_cache``."""
+    return Path(os.environ.get("HADA_OPENCLIP_CACHE", data_dir() / "open_clip_cache"))
+
+
+@dataclass
+class ResolvedSpec:
+    """What to build: open_clip ``model_name`` + an existing ``weights`` file (None = random init, tests only)."""
+
+    spec: str
+    kind: str  # "embedded" | "tag" | "file" | "local-dir" | "random"
+    model_name: str
+    weights: Path | None
+    preprocess_overrides: dict = field(default_factory=dict)  # from a pretrained tag (mean/std/...)
+    quick_gelu: bool = False
+    hada: dict = field(default_factory=dict)  # hada input options, e.g. {"grayscale": true}
+    local_dir: Path | None = None
+
+    @property
+    def source(self) -> str:
+        """One line for manifests: where the weights came from."""
+        if self.kind == "random":
+            return "random-init"
+        return f"{self.kind}:{self.weights}"
+
+
+def file_sha256(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - deliberate per-process memo
+    """sha256 of a file, memoised by (path, size, mtime) so large weights are hashed once per process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def _missing_embedded(name: str, path: Path) -> HadaError:
+    return HadaError(
+        f"backbone '{name}' has no weights: {path} is missing; run `hada backbones pretrain --backbone {name}` "
+        f"(writes {path.parent}/)"
+    )
+
+
+def _resolve_embedded(name: str) -> ResolvedSpec:
+    recipe = load_recipes()[name]
+    folder = backbones_dir() / name
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file() or not (folder / RECORD_FILE).is_file():
+        raise _missing_embedded(name, weights)
+    return ResolvedSpec(
+        spec=name,
+        kind="embedded",
+        model_name=recipe["model"],
+        weights=weights,
+        hada={"grayscale": bool(recipe.get("grayscale", False))},
+        local_dir=folder,
+    )
+
+
+def _resolve_local_dir(spec: str, path: str) -> ResolvedSpec:
+    folder = Path(path).expanduser()
+    cfg_path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise HadaError(f"{spec}: folder {folder} does not exist")
+    if not cfg_path.is_file():
+        raise HadaError(f"{spec}: {cfg_path} is missing (an open_clip local-dir needs {CONFIG_FILE} + weights)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HadaError(f"{spec}: {cfg_path} is not valid json ({exc})") from exc
+    if "model_cfg" not in cfg:
+        raise HadaError(f"{spec}: {cfg_path} has no 'model_cfg' key")
+    found = [p for p in sorted(folder.iterdir()) if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    chosen = _find_checkpoint_in_dir(folder) if found else None
+    if chosen is None:
+        raise HadaError(
+            f"{spec}: no weights file in {folder}; put the model's weights there as {WEIGHTS_FILE} "
+            f"(or open_clip_pytorch_model.bin)"
+        )
+    return ResolvedSpec(
+        spec=spec,
+        kind="local-dir",
+        model_name=f"local-dir:{folder}",
+        weights=Path(chosen),
+        hada=dict(cfg.get("hada", {})),
+        local_dir=folder,
+    )
+
+
+def _find_cached_tag(model: str, tag: str, cfg: dict, cache_dir: Path) -> tuple[Path | None, list[str]]:
+    """Look for a tag's weights in the hub cache layout and open_clip's url cache; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    expected: list[str] = []
+    caches = [cache_dir, None]  # ours first, then the default hub cache (HF_HOME)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for c in caches:
+            for n in names:
+                hit = try_to_load_from_cache(repo_id=repo, filename=n, cache_dir=c)
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return Path(hit), expected
+        expected.append(f"hub repo {repo} file {names[-1]} under {cache_dir} (huggingface cache layout)")
+    url = cfg.get("url", "")
+    if url:
+        name = os.path.basename(url)
+        for folder in (cache_dir, Path.home() / ".cache" / "clip"):
+            if (folder / name).is_file():
+                return folder / name, expected
+        expected.append(f"{cache_dir / name}")
+    return None, expected
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Turn a spec string into a model name and a weights file that exists, or raise one clear HadaError."""
+    spec = spec.strip()
+    if not spec:
+        raise HadaError("empty backbone spec")
+    if spec in EMBEDDED_BACKBONES:
+        return _resolve_embedded(spec)
+    if spec.startswith("local-dir:"):
+        return _resolve_local_dir(spec, spec[len("local-dir:"):])
+    if spec.startswith("hf-hub:"):
+        raise HadaError(f"{spec}: hf-hub specs would download; copy the repo to a folder and use local-dir:/path")
+    if ":" not in spec:
+        raise HadaError(
+            f"unknown backbone '{spec}': use an embedded name ({', '.join(EMBEDDED_BACKBONES)}), "
+            f"MODEL:TAG, MODEL:/path/to/weights or local-dir:/path"
+        )
+    model, pretrained = spec.split(":", 1)
+    register_model_configs()
+    import open_clip
+
+    model_clean = model.replace("/", "-")
+    if model_clean not in open_clip.list_models():
+        raise HadaError(f"unknown open_clip model '{model}' in spec '{spec}' (see open_clip.list_models())")
+    if pretrained in ("", "none", "random"):
+        return ResolvedSpec(spec=spec, kind="random", model_name=model_clean, weights=None)
+    looks_like_path = os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)
+    if looks_like_path:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise HadaError(f"{spec}: weights file {path} does not exist")
+        return ResolvedSpec(spec=spec, kind="file", model_name=model_clean, weights=path)
+    cfg = open_clip.get_pretrained_cfg(model_clean, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_clean)
+        raise HadaError(f"{spec}: '{pretrained}' is not an open_clip tag of {model_clean} (tags: {', '.join(tags)})")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cache = openclip_cache_dir()
+    path, expected = _find_cached_tag(model_clean, pretrained, cfg, cache)
+    if path is None:
+        raise HadaError(
+            f"{spec}: weights are not in the local cache (nothing is downloaded at run time); expected "
+            + " or ".join(expected)
+            + "; fetch them on a machine with internet into that cache (HADA_OPENCLIP_CACHE), or pass "
+            f"{model}:/path/to/weights"
+        )
+    overrides = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    return ResolvedSpec(
+        spec=spec,
+        kind="tag",
+        model_name=model_clean,
+        weights=path,
+        preprocess_overrides=overrides,
+        quick_gelu=bool(cfg.get("quick_gelu", False)),
+    )

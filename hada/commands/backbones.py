@@ -1,0 +1,135 @@
+"""``hada backbones pretrain|list|zeroshot``: the embedded open_clip backbones (pretrain, inspect, score)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PRETRAIN_HELP = """\
+Pretrain the small embedded open_clip backbones contrastively (open_clip's ClipLoss) on the `pretrain`
+split of the synthetic dataset ONLY (coarse alt-text-like captions); train/val/test are never seen.
+Each is then frozen and written atomically as an open_clip local-dir folder under
+data/backbones/<name>/ ($HADA_DATA/backbones): open_clip_config.json, open_clip_model.safetensors and
+hada_backbone.json (recipe, seed, dataset hash, loss curve, time). A backbone whose folder already has the
+same model config + recipe + seed + dataset json sha256 is skipped (--force retrains). Deterministic for a
+seed on one machine. Model configs: hada/backbones/model_configs/*.json; recipes: hada/backbones/embedded.json."""
+
+LIST_HELP = """\
+List the embedded backbones: open_clip model, input, whether weights exist under data/backbones/ and
+their pretraining time and final loss."""
+
+ZEROSHOT_HELP = """\
+Zero-shot retrieval of backbones' own embeddings on a split: R@1/5/10 both ways and Rsum (image->text
+counts a hit if any of the image's captions is in the top k), and on the synthetic data the share of
+near-duplicate pairs (one edit apart: colour, shape, size, ...) each backbone tells apart (chance 50%).
+Backbones are specs: embedded names, MODEL:TAG (local cache only), MODEL:/path/to/weights, local-dir:/path."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("backbones", help="pretrain, list or score the embedded open_clip backbones",
+                                   description="Frozen open_clip backbones: the embedded tiny ones and any other.")
+    sub = parser.add_subparsers(dest="backbones_command", metavar="SUBCOMMAND")
+    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
+
+    p = sub.add_parser("pretrain", help="pretrain the embedded backbones on the synthetic pretrain split",
+                       description=PRETRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", action="append", default=None, metavar="NAME",
+                   help="an embedded backbone to pretrain; repeat for several (default: all of them)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="synthetic dataset folder (default: data/synthetic, or $HADA_DATA/synthetic)")
+    p.add_argument("--size", choices=("default", "tiny"), default="default",
+                   help="tiny: a few steps of small batches, for tests on the tiny dataset (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--force", action="store_true", help="retrain even if an up-to-date copy exists")
+    p.add_argument("--eval", action="store_true",
+                   help="after pretraining, print zero-shot test recalls (needs the test split)")
+    p.set_defaults(handler=_pretrain)
+
+    ls = sub.add_parser("list", help="list the embedded backbones and their state", description=LIST_HELP)
+    ls.set_defaults(handler=_list)
+
+    z = sub.add_parser("zeroshot", help="zero-shot recalls and per-attribute accuracy of backbones",
+                       description=ZEROSHOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    z.add_argument("--backbone", action="append", default=None, metavar="SPEC",
+                   help="backbone spec; repeat for several (default: every embedded backbone)")
+    z.add_argument("--dataset", choices=("flickr30k", "coco", "synthetic"), default="synthetic",
+                   help="dataset layout (default: %(default)s)")
+    z.add_argument("--root", type=Path, default=None, help="dataset folder (default: the dataset's data/ folder)")
+    z.add_argument("--split", default="test", help="split to score (default: %(default)s)")
+    z.add_argument("--json", type=Path, default=None, help="also write the results to this json file")
+    z.set_defaults(handler=_zeroshot)
+
+
+TINY = {"max_steps": 3, "batch_size": 16}
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from hada.backbones.pretrain import pretrain
+    from hada.backbones.spec import EMBEDDED_BACKBONES
+    from hada.errors import HadaError
+
+    names = args.backbone or list(EMBEDDED_BACKBONES)
+    for n in names:
+        if n not in EMBEDDED_BACKBONES:
+            raise HadaError(f"unknown embedded backbone '{n}' (known: {', '.join(EMBEDDED_BACKBONES)})")
+    extra = dict(TINY) if args.size == "tiny" else {}
+    pretrain(names, args.root, epochs=args.epochs, **extra, force=args.force)
+    if args.eval:
+        _print_zeroshot(names, "synthetic", args.root, "test")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from hada.backbones.pretrain import existing_record
+    from hada.backbones.spec import load_recipes
+    from hada.paths import backbones_dir
+
+    print(f"embedded backbones (weights under {backbones_dir()}):")
+    for name, recipe in load_recipes().items():
+        rec = existing_record(name)
+        state = "not pretrained" if rec is None else (
+            f"pretrained: {rec['train_seconds']:.0f}s, {rec['steps']} steps, final loss {rec['final_loss']:.3f}")
+        gray = ", grayscale input" if recipe.get("grayscale") else ""
+        print(f"  {name:<14} open_clip model {recipe['model']}{gray}; {state}")
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from hada.backbones.spec import EMBEDDED_BACKBONES
+
+    results = _print_zeroshot(args.backbone or list(EMBEDDED_BACKBONES), args.dataset, args.root, args.split)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _print_zeroshot(specs, dataset_name, root, split) -> dict:
+    from hada.backbones import load_backbone
+    from hada.backbones.zeroshot import zero_shot
+    from hada.data import load_dataset
+
+    dataset = load_dataset(dataset_name, root)
+    results = {s: zero_shot(load_backbone(s), dataset, split) for s in specs}
+    print(format_zeroshot(results, f"zero-shot {dataset_name} {split}"))
+    return results
+
+
+def format_zeroshot(results: dict, title: str = "") -> str:
+    """A fixed-width table: recalls both ways, Rsum, then per-attribute pair accuracy if present."""
+    cols = [("i2t R@1", "text_retrieval_recall@1"), ("R@5", "text_retrieval_recall@5"),
+            ("R@10", "text_retrieval_recall@10"), ("t2i R@1", "image_retrieval_recall@1"),
+            ("R@5", "image_retrieval_recall@5"), ("R@10", "image_retrieval_recall@10"), ("Rsum", "rsum")]
+    kinds = sorted({k for r in results.values() for k in r.get("attributes", {})})
+    header = ["backbone"] + [c for c, _ in cols] + kinds
+    rows = []
+    for name, r in results.items():
+        rows.append([name] + [f"{r['recalls'][k]:.1f}" for _, k in cols]
+                    + [f"{r['attributes'][k]:.0f}" if k in r.get("attributes", {}) else "" for k in kinds])
+    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
+    lines = [title] if title else []
+    if kinds:
+        lines.append(f"(recalls in %; {', '.join(kinds)}: % of one-edit near-duplicate pairs told apart, chance 50)")
+    for r in [header] + rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
