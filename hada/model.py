@@ -22,7 +22,8 @@ Two backends compute the same numbers with the same parameter tensors:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -202,6 +203,14 @@ class DenseLayout:
                    cls_weight)
 
 
+@lru_cache(maxsize=256)
+def _dense_layout(sizes: tuple[int, ...], weights: EdgeWeights, device: torch.device) -> DenseLayout:
+    """Layouts are constants of the padded sizes: build each once (saves small host->device copies).
+    Built outside inference mode, so a layout cached during evaluation can be saved for backward later."""
+    with torch.inference_mode(False):
+        return DenseLayout.build(list(sizes), weights, device)
+
+
 @dataclass
 class DenseOut:
     cls: Tensor  # [B, K, C_out] conv output at the CLS nodes
@@ -219,15 +228,17 @@ def _with_cls(all_nodes: Tensor, cls_out: Tensor, cls_pos: Tensor) -> Tensor:
     return all_nodes.index_copy(1, cls_pos, cls_out)
 
 
-#: Elements of the [chunk, K, N, H*C] working buffers of :class:`GatV2ClsScores` (about 1 MB of float32):
-#: small enough to stay in cache, large enough to keep the Python loop short.
+#: Elements of the [chunk, K, N, H*C] working buffers of :class:`GatV2ClsScores` on CPU (about 1 MB of
+#: float32): small enough to stay in cache, large enough to keep the Python loop short.
 GATV2_CHUNK_ELEMENTS = 1 << 18
+#: The same on a GPU, where the cost is kernel launches, not cache misses (128 MB of float32).
+GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
 
 
 def _head_diagonal(full: Tensor) -> Tensor:
     """[H, H*C] -> [H, C]: row h's own head block (the gradient of a per-head dot product)."""
     H = full.shape[0]
-    return full.view(H, H, -1)[torch.arange(H), torch.arange(H)]
+    return full.view(H, H, -1).diagonal(dim1=0, dim2=1).t()
 
 
 class GatV2ClsScores(torch.autograd.Function):
@@ -243,9 +254,10 @@ class GatV2ClsScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def _tiles(B: int, K: int, HC: int, blocks: list[tuple[int, int]]):
+    def _tiles(B: int, K: int, HC: int, blocks: list[tuple[int, int]], device: torch.device):
         """(samples, block, node range) tiles of at most ~GATV2_CHUNK_ELEMENTS elements, and the largest."""
-        rows = max(1, GATV2_CHUNK_ELEMENTS // (K * HC))  # (sample, node) pairs per tile
+        budget = GATV2_CHUNK_ELEMENTS if device.type == "cpu" else GATV2_CUDA_CHUNK_ELEMENTS
+        rows = max(1, budget // (K * HC))  # (sample, node) pairs per tile
         tiles, largest = [], 1
         for m, (lo, hi) in enumerate(blocks):
             n_block = hi - lo
@@ -272,7 +284,7 @@ class GatV2ClsScores(torch.autograd.Function):
                 slope: float):
         B, K, _, HC = q.shape
         N, (H, C) = xl.shape[1], att.shape
-        tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks)
+        tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
         buf = xl.new_empty(largest * K * HC)
         out = xl.new_empty(B, K, N, H)
         for bs, m, ns, has_cls in tiles:
@@ -299,7 +311,7 @@ class GatV2ClsScores(torch.autograd.Function):
         d_att = g_block.reshape(-1, H).t() @ q.reshape(-1, HC)
         d_att.addmm_(g_cls.reshape(-1, H).t(), q_cls.reshape(-1, HC))
         d_att.addmm_(g_node.reshape(-1, H).t(), xl.reshape(-1, HC)).mul_(s)
-        tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks)
+        tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
         buf, gbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * HC)
         att_relu = (1 - s) * att
         for bs, m, ns, has_cls in tiles:
@@ -334,7 +346,9 @@ def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bo
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
-    score = GatV2ClsScores.apply(q, q_cls, xl, conv.att[0], layout.blocks, conv.negative_slope)
+    dt = xl.dtype  # one dtype inside the fused function (autocast may leave q in float32)
+    score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt), layout.blocks,
+                                 conv.negative_slope)
     alpha = _masked_softmax(score, mask)  # [B, K, N, H]
     pooled = torch.einsum("bknh,bnw->bkhw", alpha, x)
     out_cls = torch.einsum("bkhw,hcw->bkhc", pooled, conv.lin_l.weight.view(H, C, W))
@@ -519,8 +533,7 @@ class HadaEncoder(nn.Module):
         """
         self._check(batch)
         x, mask = self._project(batch)
-        sizes = [t.shape[1] for t in batch.tokens]
-        layout = DenseLayout.build(sizes, self.edge_weights, x.device)
+        layout = _dense_layout(tuple(t.shape[1] for t in batch.tokens), self.edge_weights, x.device)
         if self.config.resolve_backend(backend) == "dense":
             cls, attention = self._dense(x, mask, layout)
         else:
