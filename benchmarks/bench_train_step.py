@@ -9,7 +9,9 @@ Paths, all on the same model (same parameter tensors) and the same random featur
 * ``pyg``: hada's batched graph (cached templates, vectorised offsets), same torch_geometric convs.
 * ``dense``: hada's dense backend (attention for the K CLS nodes only).
 
-Before timing, the three paths' embeddings are checked to agree. Prints tables; ``--quick`` runs in < 1 min.
+Before timing, the paths' embeddings are checked to agree. Steps of the paths are interleaved and the median
+step time is reported, so that other users of a shared machine slow every path alike. Prints a table;
+``--quick`` runs in < 1 min (the per-sample reference is skipped at the paper's shapes there).
 
     .venv/bin/python benchmarks/bench_train_step.py --quick
 """
@@ -17,6 +19,7 @@ Before timing, the three paths' embeddings are checked to agree. Prints tables; 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -112,22 +115,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def pairs_per_second(pair, opt, images, texts, path: str, steps: int, warmup: int, device: str) -> float:
-    """Median-free simple mean over ``steps`` timed steps after ``warmup`` untimed ones."""
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = contrastive_loss(*encode(pair, images, texts, path))
-        loss.backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
+def train_step(pair: HadaPair, opt, images: ModalityBatch, texts: ModalityBatch, path: str, device: str) -> float:
+    """One timed optimisation step (seconds)."""
     sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    opt.zero_grad(set_to_none=True)
+    loss = contrastive_loss(*encode(pair, images, texts, path))
+    loss.backward()
+    opt.step()
     sync(device)
-    return steps * images.batch_size / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def pairs_per_second(pair, opt, images, texts, paths: list[str], steps: int, warmup: int,
+                     device: str) -> dict[str, float]:
+    """Steps of the paths interleaved (round robin), so that load from other users of a shared machine hits
+    every path alike; pairs/s from the median step time."""
+    for path in paths:
+        for _ in range(warmup):
+            train_step(pair, opt, images, texts, path, device)
+    times = {path: [] for path in paths}
+    for _ in range(steps):
+        for path in paths:
+            times[path].append(train_step(pair, opt, images, texts, path, device))
+    return {path: images.batch_size / statistics.median(t) for path, t in times.items()}
 
 
 def check_paths_agree(pair: HadaPair, images: ModalityBatch, texts: ModalityBatch, paths: list[str]) -> float:
@@ -148,13 +159,7 @@ def run_setting(shape: Shape, batch: int, device: str, paths: list[str], steps: 
     if diff > 1e-4:
         raise AssertionError(f"paths disagree by {diff:.2e}")
     opt = torch.optim.AdamW(pair.parameters(), lr=1e-4, weight_decay=0.02)
-    # every path starts from the same weights: save and restore around each timing
-    state = {k: v.clone() for k, v in pair.state_dict().items()}
-    result = {}
-    for path in paths:
-        pair.load_state_dict(state)
-        opt = torch.optim.AdamW(pair.parameters(), lr=1e-4, weight_decay=0.02)
-        result[path] = pairs_per_second(pair, opt, images, texts, path, steps, warmup, device)
+    result = pairs_per_second(pair, opt, images, texts, paths, steps, warmup, device)
     result["max_abs_diff"] = diff
     return result
 
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
             batches = args.batch_sizes or ([64] if name == "mini" else [20] if quick_paper else [20, 40])
             paths = ["dense"] if quick_paper else (["pyg", "dense"] if args.no_reference else
                                                     ["reference", "pyg", "dense"])
-            steps, warmup = (1, 1) if quick_paper else (args.steps, args.warmup)
+            steps, warmup = (2, 1) if quick_paper else (args.steps, args.warmup)
             for gnn in args.gnn:
                 for batch in batches:
                     res = run_setting(shape, batch, device, paths, steps, warmup, gnn)
@@ -213,6 +218,10 @@ def main(argv=None) -> int:
                     print(f"  done {device} {name} {gnn} batch {batch} (paths agree to {res['max_abs_diff']:.1e})",
                           flush=True)
     print_table("Training pairs/s (forward + backward + AdamW, image + text encoders)", header, rows)
+    print("\nshapes: " + "; ".join(
+        f"{s.name} = K={len(s.token_dims)}, image tokens {s.image_tokens}, text tokens {s.text_tokens[0]}-"
+        f"{s.text_tokens[1]}, token dims {s.token_dims}, embed dims {s.embed_dims}, width {s.width}, "
+        f"{s.heads} heads" for s in SHAPES.values()))
     return 0
 
 

@@ -456,6 +456,11 @@ class HadaEncoder(nn.Module):
             if e.dim() != 2 or e.shape[-1] != self.embed_dims[k]:
                 raise HadaError(f"{self.modality} embeds of backbone {k}: expected [B, {self.embed_dims[k]}],"
                                 f" got {list(e.shape)}")
+        for k, (t, n) in enumerate(zip(batch.tokens, batch.lengths)):
+            lo, hi = int(n.min()), int(n.max())  # every sample needs its CLS node; lengths count it
+            if n.shape != t.shape[:1] or lo < 1 or hi > t.shape[1]:
+                raise HadaError(f"{self.modality} lengths of backbone {k} must be [B] in 1..{t.shape[1]},"
+                                f" got shape {list(n.shape)} with range {lo}..{hi}")
 
     def _project(self, batch: ModalityBatch) -> tuple[Tensor, Tensor]:
         """Per-backbone linear maps, concatenated on the node axis: x [B, N, W] and validity mask [B, N]."""

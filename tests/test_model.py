@@ -182,6 +182,24 @@ def test_per_modality_dims_and_pair():
         pair.text(images)
 
 
+def test_config_json_roundtrip():
+    import dataclasses
+    import json
+
+    cfg = HadaConfig(image_token_dims=(12, 10), text_token_dims=(8, 6), embed_dims=(6, 5), gnn="gcn")
+    again = HadaConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg and again.text_token_dims == (8, 6)
+
+
+def test_bad_lengths():
+    model = HadaEncoder(small_config(2))
+    batch = rand_batch(2)
+    batch.lengths[1] = batch.lengths[1].clone()
+    batch.lengths[1][2] = 0
+    with pytest.raises(HadaError, match="lengths of backbone 1"):
+        model(batch)
+
+
 @pytest.mark.parametrize("kwargs", [dict(token_dims=(4,), embed_dims=(4,)), dict(token_dims=(4, 4)),
                                     dict(token_dims=(4, 4), embed_dims=(4, 4), gnn="gin"),
                                     dict(token_dims=(4, 4), embed_dims=(4, 4, 4))])
