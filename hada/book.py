@@ -342,7 +342,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     from hada.graph import EdgeWeights, to_networkx
 
     names = setting.backbones_for(k)
-    stores = [open_features(setting.dataset, b, split, root=setting.data_root) for b in names]
+    stores = [open_features(setting.dataset, b, split) for b in names]
     image_counts = tuple(int(s.image_tokens.shape[1]) for s in stores)
     caption_row = int(np.flatnonzero(np.asarray(stores[0].caption_image_index) == index)[0])
     text_counts = tuple(int(s.text_lengths[caption_row]) for s in stores)
