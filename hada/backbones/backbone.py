@@ -325,6 +325,19 @@ def load_backbone(spec: str, device: str = "cpu", weights: str | Path | None = N
     return wrap_model(model, resolved, spec)
 
 
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(model_name: str, context_length: int):
+    """open_clip's tokenizer for a model, built once per process (reading the BPE vocabulary takes ~0.5 s)."""
+    import open_clip
+
+    key = (model_name, context_length)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = open_clip.get_tokenizer(model_name, context_length=context_length)
+    return _TOKENIZERS[key]
+
+
 def wrap_model(model, resolved: ResolvedSpec, name: str | None = None) -> Backbone:
     """A :class:`Backbone` around an already built open_clip model (frozen, eval mode)."""
     import open_clip
@@ -335,7 +348,7 @@ def wrap_model(model, resolved: ResolvedSpec, name: str | None = None) -> Backbo
         p.requires_grad_(False)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
-    tokenizer = open_clip.get_tokenizer(resolved.model_name)
+    tokenizer = _tokenizer(resolved.model_name, int(model.context_length))
     image_kind, text_kind = _tower_kinds(model)
     text_owner = model if text_kind == "clip" else model.text
     info = {

@@ -1,0 +1,155 @@
+"""Feature-store benchmarks (printed tables, not timed tests).
+
+1. Extraction images/s of ``hada.features.extract_split`` against a bare open_clip loop (PIL load + the model's
+   own preprocessing + ``encode_image`` under ``no_grad``) on the same model, batch, split and machine, in one
+   run, alternating the two to share any background load; best of ``--rounds``. Goal: ratio >= 0.9.
+2. Bytes on disk per image and per caption of each embedded backbone's store (all arrays counted).
+3. The projected store size of Flickr30k with ViT-B/16 at 224 px.
+
+Run: ``.venv/bin/python benchmarks/bench_features.py [--split test] [--rounds 2] [--vitb32]``.
+Embedded backbones without pretrained weights are measured with random weights of the same architecture
+(speed and size do not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hada.backbones import EMBEDDED_BACKBONES, load_backbone, register_model_configs  # noqa: E402
+from hada.backbones.spec import load_recipes  # noqa: E402
+from hada.data import load_dataset  # noqa: E402
+from hada.errors import HadaError  # noqa: E402
+from hada.features import ARRAY_NAMES, extract_split  # noqa: E402
+
+
+def _spec_for(name: str, tmp: Path) -> tuple[str, str]:
+    """The embedded backbone if pretrained, else random weights of its architecture saved to a temp file."""
+    try:
+        load_backbone(name)
+        return name, "pretrained"
+    except HadaError:
+        import open_clip
+        from safetensors.torch import save_file
+
+        model = load_recipes()[name]["model"]
+        torch.manual_seed(0)
+        m = open_clip.create_model(model)
+        path = tmp / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+        return f"{model}:{path}", "random weights"
+
+
+def bare_loop(backbone, records, batch: int) -> float:
+    """images/s of the loop a user would write with open_clip alone."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(records), batch):
+            xs = []
+            for r in records[s:s + batch]:
+                with Image.open(r.path) as im:
+                    xs.append(backbone.preprocess(im.convert("RGB")))
+            backbone.model.encode_image(torch.stack(xs))
+    return len(records) / (time.perf_counter() - t0)
+
+
+def ours(backbone, dataset, split: str, spec: str, root: Path, batch: int) -> tuple[float, Path]:
+    fs = extract_split(backbone, dataset, split, spec, root, force=True, image_batch=batch, progress=False)
+    t = fs.manifest["timing"]
+    return t["images"] / t["image_seconds"], fs.path
+
+
+def table(header, rows) -> str:
+    widths = [max(len(str(x[i])) for x in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=None, help="synthetic dataset folder (default: data/synthetic)")
+    ap.add_argument("--split", default="test", help="split to extract (default: test)")
+    ap.add_argument("--batch", type=int, default=128, help="images per batch for both loops (default: 128)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds, best kept (default: 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--vitb32", action="store_true", help="also ViT-B-32 at 224 px, random weights, 256 images")
+    args = ap.parse_args()
+    os.environ.setdefault("HADA_NO_PROGRESS", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register_model_configs()
+    dataset = load_dataset("synthetic", args.root)
+    records = dataset.split(args.split)
+    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__} threads {torch.get_num_threads()}; "
+          f"split {args.split}: {len(records)} images, {sum(len(r.captions) for r in records)} captions")
+
+    speed_rows, size_rows = [], []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        targets = [(n, *_spec_for(n, tmp)) for n in EMBEDDED_BACKBONES]
+        if args.vitb32:
+            import open_clip
+
+            torch.manual_seed(0)
+            m = open_clip.create_model("ViT-B-32")
+            torch.save(m.state_dict(), tmp / "vitb32.bin")
+            targets.append(("ViT-B-32 @224", f"ViT-B-32:{tmp / 'vitb32.bin'}", "random weights"))
+        for label, spec, weights in targets:
+            backbone = load_backbone(spec)
+            ds = dataset
+            if label.startswith("ViT-B-32"):
+                from hada.data import Dataset
+
+                ds = Dataset(dataset.name, dataset.root, records[:256], dataset.json_sha256)
+            recs = ds.split(args.split)
+            bare_loop(backbone, recs[: args.batch], args.batch)  # warm-up
+            bare, mine, path = [], [], None
+            for _ in range(args.rounds):
+                bare.append(bare_loop(backbone, recs, args.batch))
+                rate, path = ours(backbone, ds, args.split, spec, tmp / "store", args.batch)
+                mine.append(rate)
+            b, o = max(bare), max(mine)
+            speed_rows.append([label, weights, args.batch, f"{b:.0f}", f"{o:.0f}", f"{o / b:.2f}"])
+            sizes = {n: (path / f"{n}.npy").stat().st_size for n in ARRAY_NAMES}
+            n_img, n_cap = len(recs), sum(len(r.captions) for r in recs)
+            img_b = sizes["image_tokens"] + sizes["image_embeds"] + sizes["image_ids"]
+            cap_b = sum(sizes[n] for n in ARRAY_NAMES if n.startswith(("text_", "caption_")))
+            import numpy as np
+
+            t = np.load(path / "image_tokens.npy", mmap_mode="r").shape
+            L = np.load(path / "text_tokens.npy", mmap_mode="r").shape
+            size_rows.append([label, f"{t[1]} x {t[2]}", f"{L[1]} x {L[2]}", f"{img_b / n_img / 1024:.1f}",
+                              f"{cap_b / n_cap / 1024:.1f}", f"{(img_b + cap_b) / 2**20:.1f}"])
+
+    print("\nExtraction throughput (images/s, image phase; best of rounds; same model, batch, images, machine)")
+    print(table(["backbone", "weights", "batch", "bare open_clip", "hada extract", "ratio"], speed_rows))
+    print(f"\nBytes on disk, {args.split} split (fp16 tokens + embeddings, int64 ids/lengths)")
+    print(table(["backbone", "image tokens", "text tokens (split max)", "KiB/image", "KiB/caption", "MiB total"],
+                size_rows))
+
+    # Flickr30k with ViT-B/16 at 224 px: 1 + 14*14 = 197 image tokens of 768; text width 512, embed 512
+    n_img, n_cap = 31_783, 5 * 31_783
+    img = 197 * 768 * 2 + 512 * 2 + 8
+    rows = []
+    for L, why in ((77, "pad to 77 (a split's longest caption hits the context)"), (20, "pad to 20 (illustration)")):
+        cap = L * 512 * 2 + 512 * 2 + 3 * 8
+        rows.append([why, f"{img / 1024:.1f}", f"{cap / 1024:.1f}", f"{n_img * img / 1e9:.2f}",
+                     f"{n_cap * cap / 1e9:.2f}", f"{(n_img * img + n_cap * cap) / 1e9:.2f}"])
+    print(f"\nProjected: Flickr30k ({n_img:,} images, {n_cap:,} captions) with ViT-B/16 @224 "
+          "(197 x 768 image tokens, 512-d text tokens), fp16")
+    print(table(["text padding", "KiB/image", "KiB/caption", "images GB", "captions GB", "total GB"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""``hada features extract|verify``: the memory-mapped token feature store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXTRACT_HELP = """\
+Store every backbone's token features for a dataset split: image tokens (CLS/pooled first), text tokens
+(pooled EOT token first, padded to the split's longest caption), lengths and the backbone's own projected
+embeddings, as one contiguous fp16 array per (backbone, split, modality), read back memory-mapped. Output:
+data/features/<dataset>/<backbone>/<split>/ ($HADA_DATA/features) with manifest.json (model, weights sha256,
+open_clip version, preprocessing, dataset json sha256, shapes, per-array sha256).
+
+Extraction is resumable: interrupt it and run the same command again to continue (the result is
+byte-identical to an uninterrupted run). An existing store built for a different request (other weights,
+dataset, preprocessing, ...) is an error that names the difference; --force rebuilds it. A complete store
+that matches is reused.
+
+Backbones are specs: an embedded name (tiny-vit, ...), MODEL:TAG (open_clip tag, local cache only),
+MODEL:/path/to/weights, or local-dir:/path. Nothing is downloaded."""
+
+VERIFY_HELP = """\
+Check stores against their manifests: every array's size and sha256 (a full read). Prints one line per
+store; exits 2 at the first damaged or unfinished one."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("features", help="extract and check the token feature store",
+                                   description="The token feature store (fp16, memory-mapped).")
+    sub = parser.add_subparsers(dest="features_command", metavar="SUBCOMMAND")
+    parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
+
+    ex = sub.add_parser("extract", help="extract token features of backbones for dataset splits",
+                        description=EXTRACT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(ex)
+    ex.add_argument("--all", action="store_true",
+                    help="every embedded backbone and every split of the dataset (overrides --backbone/--split)")
+    ex.add_argument("--force", action="store_true", help="rebuild stores even if they exist")
+    ex.add_argument("--image-batch", type=int, default=None,
+                    help="images per forward pass and per resumable chunk (default: 128)")
+    ex.add_argument("--text-batch", type=int, default=None,
+                    help="captions per forward pass and per resumable chunk (default: 512)")
+    ex.set_defaults(handler=_extract)
+
+    ve = sub.add_parser("verify", help="check stores against their manifests (full sha256)",
+                        description=VERIFY_HELP)
+    _common(ve)
+    ve.add_argument("--all", action="store_true", help="every embedded backbone and every split")
+    ve.set_defaults(handler=_verify)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=("flickr30k", "coco", "synthetic"), default="synthetic",
+                   help="dataset layout (default: %(default)s)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="dataset folder (default: data/synthetic, data/flickr30k or data/coco)")
+    p.add_argument("--backbone", action="append", default=None, metavar="SPEC",
+                   help="backbone spec; repeat for several (default: every embedded backbone)")
+    p.add_argument("--split", action="append", default=None,
+                   help="split; repeat for several (default: train, val and test)")
+
+
+def _targets(args, dataset) -> tuple[list[str], list[str]]:
+    from hada.backbones import EMBEDDED_BACKBONES
+
+    if args.all:
+        splits = [s for s in dataset.splits_allowed if s != "pretrain" and dataset.split(s)]
+        return list(EMBEDDED_BACKBONES), splits
+    return (args.backbone or list(EMBEDDED_BACKBONES)), (args.split or ["train", "val", "test"])
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from hada import features
+    from hada.data import load_dataset
+
+    dataset = load_dataset(args.dataset, args.root)
+    backbones, splits = _targets(args, dataset)
+    from hada.backbones import load_backbone
+
+    for spec in backbones:
+        backbone = load_backbone(spec)
+        for split in splits:
+            kwargs = {}
+            if args.image_batch:
+                kwargs["image_batch"] = args.image_batch
+            if args.text_batch:
+                kwargs["text_batch"] = args.text_batch
+            fs = features.extract_split(backbone, dataset, split, spec, force=args.force, **kwargs)
+            size = sum(fs.nbytes().values()) / 2**20
+            print(f"{spec} {split}: {fs.n_images} images x {fs.image_tokens.shape[1]} tokens, "
+                  f"{fs.n_captions} captions x {fs.text_tokens.shape[1]} tokens, {size:.1f} MiB -> {fs.path}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from hada import features
+    from hada.data import load_dataset
+
+    dataset = load_dataset(args.dataset, args.root, check_images=False)
+    backbones, splits = _targets(args, dataset)
+    for spec in backbones:
+        for split in splits:
+            fs = features.open_features(dataset.name, spec, split, verify="full")
+            print(f"ok {fs.path}")
+    return 0

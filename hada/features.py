@@ -1,0 +1,453 @@
+"""The token feature store: one contiguous fp16 array per (backbone, split, modality), memory-mapped.
+
+Layout of ``features_dir()/<dataset>/<backbone>/<split>/`` (every array a ``.npy`` file, read with ``mmap``):
+
+=======================  ==============  ==================================================================
+``image_tokens``         fp16 [N, T, D]  all last-layer image tokens, CLS/pooled first
+``image_embeds``         fp16 [N, E]     the backbone's own projected image embedding (not normalised)
+``text_tokens``          fp16 [M, L, D]  pooled (EOT) token first, then the other valid tokens; zero-padded
+                                         to L = the split's longest caption (not the context length)
+``text_lengths``         int64 [M]       valid tokens per caption, including the pooled one
+``text_embeds``          fp16 [M, E]     projected text embedding
+``image_ids``            int64 [N]       dataset image ids, split order
+``caption_ids``          int64 [M]       dataset caption ids, split order (image by image)
+``caption_image_index``  int64 [M]       row (0..N-1) of each caption's image
+``manifest.json``                        request (model, weights sha256, open_clip version, preprocessing,
+                                         dataset json sha256, shapes, dtypes) + per-array sizes and sha256
+``progress.json``                        chunks done, while an extraction is unfinished
+=======================  ==============  ==================================================================
+
+Why this shape. Extraction writes fixed-size chunks into preallocated memmaps and records progress after each
+chunk is flushed, so a killed run resumes where it stopped and ends byte-identical to an uninterrupted one
+(chunks are the batches, so every number is computed the same way). A request whose manifest differs from the
+stored one is an error naming the difference (``force=True`` rebuilds), never a silent reuse. A store is only
+read once complete; its file sizes are checked on every open, and its sha256 whenever a file's mtime changed
+since completion (or always with ``verify="full"``), so a truncated or corrupted store is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from hada.errors import HadaError
+from hada.paths import features_dir
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+TOKEN_DTYPE = "float16"
+INT_DTYPE = "int64"
+IMAGE_BATCH = 128
+TEXT_BATCH = 512
+ARRAY_NAMES = ("image_tokens", "image_embeds", "text_tokens", "text_lengths", "text_embeds",
+               "image_ids", "caption_ids", "caption_image_index")
+# request keys that must agree for a store to be reused; paths and timings are informational only
+COMPARED = ("format", "dataset", "dataset_json_sha256", "split", "n_images", "n_captions",
+            "backbone.model", "backbone.weights_sha256", "backbone.open_clip_version", "backbone.image_size",
+            "backbone.preprocess", "backbone.context_length", "backbone.quick_gelu", "chunks", "arrays")
+
+
+class _Stop(Exception):
+    """Raised by the test hook that stops an extraction after n chunks (simulates a kill)."""
+
+
+def backbone_slug(spec: str) -> str:
+    """A folder name for a backbone spec: embedded names stay; paths get a readable slug + short hash."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", spec):
+        return spec
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[-48:]
+    return f"{slug}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+def store_dir(dataset: str, backbone: str, split: str, root: Path | None = None) -> Path:
+    return Path(root or features_dir()) / dataset / backbone_slug(backbone) / split
+
+
+# ------------------------------------------------------------------------------------------ reading
+@dataclass
+class FeatureSplit:
+    """One complete store, memory-mapped read-only. Arrays are numpy memmaps (fp16 tokens, int64 indices)."""
+
+    path: Path
+    manifest: dict
+    image_tokens: np.ndarray
+    image_embeds: np.ndarray
+    text_tokens: np.ndarray
+    text_lengths: np.ndarray
+    text_embeds: np.ndarray
+    image_ids: np.ndarray
+    caption_ids: np.ndarray
+    caption_image_index: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_tokens.shape[0])
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.text_tokens.shape[0])
+
+    @property
+    def image_token_dim(self) -> int:
+        return int(self.image_tokens.shape[2])
+
+    @property
+    def text_token_dim(self) -> int:
+        return int(self.text_tokens.shape[2])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.image_embeds.shape[1])
+
+    def nbytes(self) -> dict[str, int]:
+        return {n: int(getattr(self, n).nbytes) for n in ARRAY_NAMES}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_store(path: Path, manifest: dict, full: bool = False) -> None:
+    """Raise HadaError unless every array file has its recorded size (and sha256 if changed or ``full``)."""
+    sums = manifest.get("checksums")
+    if not manifest.get("complete") or not sums:
+        raise HadaError(f"feature store {path} is unfinished; run `hada features extract` to complete it")
+    for name in ARRAY_NAMES:
+        f = path / f"{name}.npy"
+        rec = sums[name]
+        if not f.is_file():
+            raise HadaError(f"feature store {path} is damaged: {f.name} is missing; rebuild with --force")
+        st = f.stat()
+        if st.st_size != rec["bytes"]:
+            raise HadaError(f"feature store {path} is damaged: {f.name} has {st.st_size} bytes, "
+                            f"expected {rec['bytes']}; rebuild with --force")
+        if full or st.st_mtime_ns != rec["mtime_ns"]:
+            if _sha256(f) != rec["sha256"]:
+                raise HadaError(f"feature store {path} is damaged: {f.name} sha256 differs from the manifest; "
+                                "rebuild with --force")
+
+
+def open_features(dataset: str, backbone: str, split: str, root: Path | None = None,
+                  verify: str = "auto") -> FeatureSplit:
+    """Memory-map one complete store read-only; ``verify``: "auto" (sizes, sha256 if touched) or "full"."""
+    path = store_dir(dataset, backbone, split, root)
+    manifest = _read_json(path / MANIFEST)
+    if manifest is None:
+        raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run "
+                        f"`hada features extract --dataset {dataset} --backbone {backbone} --split {split}`")
+    verify_store(path, manifest, full=(verify == "full"))
+    arrays = {}
+    for name in ARRAY_NAMES:
+        arr = np.load(path / f"{name}.npy", mmap_mode="r")
+        want = manifest["arrays"][name]
+        if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
+            raise HadaError(f"feature store {path}: {name} has shape {list(arr.shape)} {arr.dtype}, "
+                            f"manifest says {want['shape']} {want['dtype']}; rebuild with --force")
+        arrays[name] = arr
+    return FeatureSplit(path=path, manifest=manifest, **arrays)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key in ("backbone",):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def manifest_differences(stored: dict, request: dict) -> list[str]:
+    """Human-readable differences between a stored manifest and a request, on the compared keys only."""
+    a, b = _flatten(stored), _flatten(request)
+    diffs = []
+    for key in COMPARED:
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: store has {_short(a.get(key))}, request has {_short(b.get(key))}")
+    return diffs
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def build_request(backbone, dataset, split: str, text_length: int, image_tokens: tuple[int, int],
+                  text_dim: int, embed_dim: int, image_batch: int, text_batch: int) -> dict:
+    """The manifest a store for (backbone, dataset, split) must have; computed before any extraction."""
+    import torch
+
+    records = dataset.split(split)
+    n, m = len(records), sum(len(r.captions) for r in records)
+    t, d = image_tokens
+    arrays = {
+        "image_tokens": {"shape": [n, t, d], "dtype": TOKEN_DTYPE},
+        "image_embeds": {"shape": [n, embed_dim], "dtype": TOKEN_DTYPE},
+        "text_tokens": {"shape": [m, text_length, text_dim], "dtype": TOKEN_DTYPE},
+        "text_lengths": {"shape": [m], "dtype": INT_DTYPE},
+        "text_embeds": {"shape": [m, embed_dim], "dtype": TOKEN_DTYPE},
+        "image_ids": {"shape": [n], "dtype": INT_DTYPE},
+        "caption_ids": {"shape": [m], "dtype": INT_DTYPE},
+        "caption_image_index": {"shape": [m], "dtype": INT_DTYPE},
+    }
+    return {
+        "format": FORMAT_VERSION,
+        "dataset": dataset.name,
+        "dataset_root": str(dataset.root),
+        "dataset_json_sha256": dataset.json_sha256,
+        "split": split,
+        "n_images": n,
+        "n_captions": m,
+        "backbone": backbone.describe(),
+        "chunks": {"images": image_batch, "captions": text_batch},
+        "arrays": arrays,
+        "torch_version": torch.__version__,
+        "complete": False,
+    }
+
+
+def _probe_shapes(backbone, records) -> tuple[tuple[int, int], int, int]:
+    """Token counts/widths from one real image and caption (exact, whatever the tower)."""
+    from PIL import Image
+
+    with Image.open(records[0].path) as im:
+        tb = backbone.encode_image_tokens([im.convert("RGB")])
+    tt = backbone.encode_text_tokens(records[0].captions[:1])
+    return (tb.tokens.shape[1], tb.tokens.shape[2]), tt.tokens.shape[2], tb.embeds.shape[1]
+
+
+def _load_images(backbone, records):
+    import torch
+    from PIL import Image
+
+    out = []
+    for r in records:
+        with Image.open(r.path) as im:
+            out.append(backbone.preprocess(im.convert("RGB")))
+    return torch.stack(out)
+
+
+def extract_split(
+    backbone,
+    dataset,
+    split: str,
+    spec: str | None = None,
+    root: Path | None = None,
+    *,
+    force: bool = False,
+    image_batch: int = IMAGE_BATCH,
+    text_batch: int = TEXT_BATCH,
+    progress: bool = True,
+    _stop_after_chunks: int | None = None,
+    log: Callable[[str], None] = print,
+) -> FeatureSplit:
+    """Extract (or resume, or reuse) one store; returns it opened read-only."""
+    import torch
+    from tqdm.auto import tqdm
+
+    spec = spec or backbone.name
+    records = dataset.split(split)
+    if not records:
+        raise HadaError(f"split '{split}' of {dataset.name} at {dataset.root} has no images")
+    path = store_dir(dataset.name, spec, split, root)
+    captions = [c for r in records for c in r.captions]
+    lengths_all = torch.cat([backbone.text_lengths(captions[s:s + 4096]) for s in range(0, len(captions), 4096)])
+    text_length = int(lengths_all.max())
+    img_shape, text_dim, embed_dim = _probe_shapes(backbone, records)
+    request = build_request(backbone, dataset, split, text_length, img_shape, text_dim, embed_dim,
+                            image_batch, text_batch)
+
+    stored = _read_json(path / MANIFEST)
+    if stored is not None and not force:
+        diffs = manifest_differences(stored, request)
+        if diffs:
+            raise HadaError(f"feature store {path} was built for a different request ({'; '.join(diffs)}); "
+                            "rerun with --force to rebuild it")
+        if stored.get("complete"):
+            return open_features(dataset.name, spec, split, root)
+    if force and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    prog = _read_json(path / PROGRESS) if stored is not None else None
+    arrays = request["arrays"]
+    mms = {}
+    resume = prog is not None and all((path / f"{n}.npy").is_file() for n in ARRAY_NAMES)
+    if not resume:
+        prog = {"image_chunks": 0, "caption_chunks": 0}
+        _write_json(path / MANIFEST, request)
+    for name in ARRAY_NAMES:
+        f = path / f"{name}.npy"
+        if resume:
+            mm = np.lib.format.open_memmap(f, mode="r+")
+            if list(mm.shape) != arrays[name]["shape"] or str(mm.dtype) != arrays[name]["dtype"]:
+                raise HadaError(f"feature store {path}: unfinished {name} has the wrong shape; use --force")
+        else:
+            mm = np.lib.format.open_memmap(f, mode="w+", dtype=arrays[name]["dtype"],
+                                           shape=tuple(arrays[name]["shape"]))
+        mms[name] = mm
+    if not resume:
+        owner = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
+        mms["image_ids"][:] = [r.image_id for r in records]
+        mms["caption_ids"][:] = [c for r in records for c in r.caption_ids]
+        mms["caption_image_index"][:] = owner
+        mms["text_lengths"][:] = lengths_all.numpy()
+        for name in ("image_ids", "caption_ids", "caption_image_index", "text_lengths"):
+            mms[name].flush()
+        _write_json(path / PROGRESS, prog)
+
+    budget = [_stop_after_chunks]
+
+    def tick():
+        _write_json(path / PROGRESS, prog)
+        if budget[0] is not None:
+            budget[0] -= 1
+            if budget[0] <= 0:
+                raise _Stop()
+
+    hide = not progress or os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
+    n_img, n_cap = len(records), len(captions)
+    img_chunks = range(0, n_img, image_batch)
+    with torch.no_grad():
+        bar = tqdm(total=n_img, initial=min(n_img, prog["image_chunks"] * image_batch), unit="img",
+                   desc=f"{spec} {split} images", disable=hide, dynamic_ncols=True)
+        t0, done = time.perf_counter(), 0
+        for k, s in enumerate(img_chunks):
+            if k < prog["image_chunks"]:
+                continue
+            chunk = records[s:s + image_batch]
+            tb = backbone.encode_image_tokens(_load_images(backbone, chunk))
+            mms["image_tokens"][s:s + len(chunk)] = tb.tokens.cpu().numpy().astype(np.float16)
+            mms["image_embeds"][s:s + len(chunk)] = tb.embeds.cpu().numpy().astype(np.float16)
+            mms["image_tokens"].flush()
+            mms["image_embeds"].flush()
+            prog["image_chunks"] = k + 1
+            done += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
+            tick()
+        bar.close()
+        timing = {"image_seconds": round(time.perf_counter() - t0, 3), "images": done}
+        bar = tqdm(total=n_cap, initial=min(n_cap, prog["caption_chunks"] * text_batch), unit="cap",
+                   desc=f"{spec} {split} captions", disable=hide, dynamic_ncols=True)
+        t0, done = time.perf_counter(), 0
+        for k, s in enumerate(range(0, n_cap, text_batch)):
+            if k < prog["caption_chunks"]:
+                continue
+            texts = captions[s:s + text_batch]
+            tt = backbone.encode_text_tokens(texts, max_length=text_length)
+            want = mms["text_lengths"][s:s + len(texts)]
+            if not np.array_equal(tt.lengths.cpu().numpy(), want):
+                raise HadaError(f"{spec}: token lengths changed between sizing and extraction")  # pragma: no cover
+            mms["text_tokens"][s:s + len(texts)] = tt.tokens.cpu().numpy().astype(np.float16)
+            mms["text_embeds"][s:s + len(texts)] = tt.embeds.cpu().numpy().astype(np.float16)
+            mms["text_tokens"].flush()
+            mms["text_embeds"].flush()
+            prog["caption_chunks"] = k + 1
+            done += len(texts)
+            bar.update(len(texts))
+            bar.set_postfix(cap_s=f"{done / (time.perf_counter() - t0):.0f}")
+            tick()
+        bar.close()
+        timing.update({"caption_seconds": round(time.perf_counter() - t0, 3), "captions": done})
+    del mms
+    _finish(path, request, timing)
+    return open_features(dataset.name, spec, split, root)
+
+
+def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
+    """Record sizes, sha256 and mtimes of every array, mark complete, drop the progress file."""
+    sums = {}
+    for name in ARRAY_NAMES:
+        f = path / f"{name}.npy"
+        st = f.stat()
+        sums[name] = {"bytes": st.st_size, "sha256": _sha256(f), "mtime_ns": st.st_mtime_ns}
+    manifest = dict(request, complete=True, checksums=sums)
+    if timing:  # the last (or only) run's share; informational
+        manifest["timing"] = timing
+    _write_json(path / MANIFEST, manifest)
+    (path / PROGRESS).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ many stores
+def ensure_features(
+    dataset,
+    backbones: Iterable[str],
+    splits: Iterable[str],
+    data_root: Path | None = None,
+    *,
+    root: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, FeatureSplit]]:
+    """Extract whatever is missing (resuming unfinished stores) and return ``{backbone: {split: FeatureSplit}}``.
+
+    ``dataset`` is a name ("synthetic", "flickr30k", "coco") or a loaded :class:`hada.data.Dataset`;
+    ``data_root`` its folder (default: the dataset's folder under ``data/``).
+    """
+    from hada.backbones import load_backbone
+    from hada.data import load_dataset
+
+    ds = load_dataset(dataset, data_root) if isinstance(dataset, str) else dataset
+    splits = list(splits)
+    out: dict[str, dict[str, FeatureSplit]] = {}
+    for spec in backbones:
+        backbone = load_backbone(spec)
+        out[spec] = {}
+        for split in splits:
+            if not force:
+                try:
+                    fs = open_features(ds.name, spec, split, root)
+                except HadaError:
+                    fs = None  # missing, unfinished or damaged: extract_split resumes or says why
+                if fs is not None:
+                    _check_matches(backbone, ds, split, fs)
+                    out[spec][split] = fs
+                    continue
+            out[spec][split] = extract_split(backbone, ds, split, spec, root, force=force, progress=progress,
+                                             log=log)
+    return out
+
+
+def _check_matches(backbone, dataset, split: str, fs: FeatureSplit) -> None:
+    """A cheap request check for a complete store (no image forward): backbone + dataset keys only."""
+    request = {"format": FORMAT_VERSION, "dataset": dataset.name, "dataset_json_sha256": dataset.json_sha256,
+               "split": split, "backbone": backbone.describe()}
+    records = dataset.split(split)
+    request["n_images"] = len(records)
+    request["n_captions"] = sum(len(r.captions) for r in records)
+    stored = fs.manifest
+    diffs = [d for d in manifest_differences(stored, {**stored, **request})]
+    if diffs:
+        raise HadaError(f"feature store {fs.path} was built for a different request ({'; '.join(diffs)}); "
+                        "rerun `hada features extract` with --force to rebuild it")
