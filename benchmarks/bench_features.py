@@ -137,17 +137,13 @@ def main() -> int:
     print(table(["backbone", "image tokens", "text tokens (split max)", "KiB/image", "KiB/caption", "MiB total"],
                 size_rows))
 
-    # Flickr30k with ViT-B/16 at 224 px: 1 + 14*14 = 197 image tokens of 768; text width 512, embed 512
-    n_img, n_cap = 31_783, 5 * 31_783
-    img = 197 * 768 * 2 + 512 * 2 + 8
-    rows = []
-    for L, why in ((77, "pad to 77 (a split's longest caption hits the context)"), (20, "pad to 20 (illustration)")):
-        cap = L * 512 * 2 + 512 * 2 + 3 * 8
-        rows.append([why, f"{img / 1024:.1f}", f"{cap / 1024:.1f}", f"{n_img * img / 1e9:.2f}",
-                     f"{n_cap * cap / 1e9:.2f}", f"{(n_img * img + n_cap * cap) / 1e9:.2f}"])
-    print(f"\nProjected: Flickr30k ({n_img:,} images, {n_cap:,} captions) with ViT-B/16 @224 "
-          "(197 x 768 image tokens, 512-d text tokens), fp16")
-    print(table(["text padding", "KiB/image", "KiB/caption", "images GB", "captions GB", "total GB"], rows))
+    # Flickr30k with ViT-B/16 at 224 px: 1 + 14*14 = 197 image tokens of 768; text tokens 512-d, padded to 77
+    from hada.features import projected_store_size
+
+    print("\nProjected store for Flickr30k with ViT-B/16 @224 px (text padded to the split's longest caption,")
+    print("which on Flickr30k reaches the 77-token context; a 20-token padding shown for comparison)")
+    print(projected_store_size("flickr30k", ("ViT-B-16",), n_images=31_783))
+    print(projected_store_size("flickr30k", ("ViT-B-16",), n_images=31_783, text_length=20))
     return 0
 
 

@@ -451,3 +451,72 @@ def _check_matches(backbone, dataset, split: str, fs: FeatureSplit) -> None:
     if diffs:
         raise HadaError(f"feature store {fs.path} was built for a different request ({'; '.join(diffs)}); "
                         "rerun `hada features extract` with --force to rebuild it")
+
+
+# ------------------------------------------------------------------------------------------ size projection
+FULL_SPLIT_IMAGES = {"flickr30k": 31_014, "coco": 123_287}  # Karpathy train + val + test (COCO incl. restval)
+
+
+def store_shapes(spec: str) -> dict:
+    """Image tokens (T, D), text width, context length and embedding width of a backbone, from its config.
+
+    No weights are needed: ViT and ModifiedResNet shapes follow from the open_clip config; other towers are
+    probed with one forward pass of a randomly initialised model.
+    """
+    from hada.backbones.spec import EMBEDDED_BACKBONES, load_recipes, register_model_configs
+    import open_clip
+
+    register_model_configs()
+    model = load_recipes()[spec]["model"] if spec in EMBEDDED_BACKBONES else spec.split(":", 1)[0]
+    cfg = open_clip.get_model_config(model.replace("/", "-"))
+    if cfg is None:
+        raise HadaError(f"unknown open_clip model '{model}'")
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    size = v.get("image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    if "timm_model_name" in v or "hf_model_name" in t:
+        from hada.backbones import load_backbone
+
+        bb = load_backbone(f"{model}:random")
+        from PIL import Image
+
+        tb = bb.encode_image_tokens([Image.new("RGB", bb.image_size)])
+        tt = bb.encode_text_tokens(["a"])
+        return {"image_tokens": tuple(tb.tokens.shape[1:]), "text_dim": tt.tokens.shape[2],
+                "context_length": bb.context_length, "embed_dim": tb.embeds.shape[1]}
+    if isinstance(v["layers"], (list, tuple)):  # ModifiedResNet: stride 32, 32x the stem width
+        tokens = (1 + (size // 32) ** 2, v.get("width", 64) * 32)
+    else:
+        tokens = (1 + (size // v["patch_size"]) ** 2, v["width"])
+    return {"image_tokens": tokens, "text_dim": t.get("width", 512), "context_length": t.get("context_length", 77),
+            "embed_dim": cfg["embed_dim"]}
+
+
+def projected_store_size(dataset: str = "flickr30k", backbones=("ViT-B-16",), n_images: int | None = None,
+                         captions_per_image: int = 5, text_length: int | None = None):
+    """Disk size of the feature store for a dataset (all Karpathy splits) and backbones, in this layout.
+
+    Text is padded to the split's longest caption; on Flickr30k/COCO that reaches the context length, which
+    is the default ``text_length``. Returns a :class:`hada.report.Table` (GB = 1e9 bytes).
+    """
+    from hada.report import Table
+
+    n_img = n_images or FULL_SPLIT_IMAGES.get(dataset)
+    if n_img is None:
+        raise HadaError(f"give n_images for dataset '{dataset}'")
+    n_cap = n_img * captions_per_image
+    rows = []
+    for spec in backbones:
+        s = store_shapes(spec)
+        (t, d), e = s["image_tokens"], s["embed_dim"]
+        L = text_length or s["context_length"]
+        per_img = t * d * 2 + e * 2 + 8
+        per_cap = L * s["text_dim"] * 2 + e * 2 + 3 * 8
+        rows.append({"name": spec, "image_tokens": f"{t} x {d}", "text_tokens": f"{L} x {s['text_dim']}",
+                     "image_gb": n_img * per_img / 1e9, "caption_gb": n_cap * per_cap / 1e9,
+                     "total_gb": (n_img * per_img + n_cap * per_cap) / 1e9})
+    if len(rows) > 1:
+        rows.append({"name": "total", **{k: sum(r[k] for r in rows) for k in ("image_gb", "caption_gb", "total_gb")}})
+    cols = (("name", "backbone"), ("image_tokens", "image tokens"), ("text_tokens", "text tokens (padded)"),
+            ("image_gb", "images GB"), ("caption_gb", "captions GB"), ("total_gb", "total GB"))
+    return Table(rows, columns=cols, caption=f"{dataset}: {n_img:,} images, {n_cap:,} captions, fp16 tokens")

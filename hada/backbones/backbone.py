@@ -36,6 +36,7 @@ class TokenBatch:
     lengths: Tensor  # [B] long, valid tokens incl. the pooled one
     embeds: Tensor  # [B, E] float32, the model's own projected embedding (not normalised)
     pooled_index: Tensor | None = None
+    valid: Tensor | None = None  # [B, L] bool, text only: which sequence positions are real tokens
 
 
 class _Capture:
@@ -206,9 +207,8 @@ class Backbone:
             valid = ids != self.info["pad_id"]
         valid[torch.arange(B, device=ids.device), pooled] = True
         lengths = valid.sum(1)
-        tb = TokenBatch(tokens=tokens.float(), lengths=lengths.long(), embeds=embeds.float(), pooled_index=pooled)
-        tb.valid = valid  # type: ignore[attr-defined]
-        return tb
+        return TokenBatch(tokens=tokens.float(), lengths=lengths.long(), embeds=embeds.float(), pooled_index=pooled,
+                          valid=valid)
 
     @torch.no_grad()
     def encode_text_tokens(self, texts_or_ids, max_length: int | None = None) -> TokenBatch:
@@ -218,7 +218,7 @@ class Backbone:
         batch's longest caption.
         """
         raw = self.encode_text_raw(texts_or_ids)
-        order = text_token_order(raw.valid, raw.pooled_index)  # type: ignore[attr-defined]
+        order = text_token_order(raw.valid, raw.pooled_index)
         tokens = torch.gather(raw.tokens, 1, order[..., None].expand(-1, -1, raw.tokens.shape[-1]))
         width = int(raw.lengths.max()) if max_length is None else int(max_length)
         if width > tokens.shape[1]:
@@ -312,14 +312,18 @@ def load_backbone(spec: str, device: str = "cpu", weights: str | Path | None = N
     if weights is not None:
         resolved.weights = Path(weights)
     try:
-        model = open_clip.create_model(
-            resolved.model_name,
-            pretrained=str(resolved.weights) if resolved.weights is not None and resolved.kind != "local-dir" else None,
-            load_weights=resolved.weights is not None,
-            force_quick_gelu=resolved.quick_gelu,
-            force_preprocess_cfg=resolved.preprocess_overrides or None,
-            device=device,
-        )
+        # random weights ("MODEL:random", for tests and sizes) are seeded so that every load is the same model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(
+                resolved.model_name,
+                pretrained=str(resolved.weights) if resolved.weights is not None and resolved.kind != "local-dir"
+                else None,
+                load_weights=resolved.weights is not None,
+                force_quick_gelu=resolved.quick_gelu,
+                force_preprocess_cfg=resolved.preprocess_overrides or None,
+                device=device,
+            )
     except (RuntimeError, ValueError, KeyError) as exc:
         raise HadaError(f"{spec}: could not build the model from {resolved.source} ({str(exc).splitlines()[0]})")
     return wrap_model(model, resolved, spec)

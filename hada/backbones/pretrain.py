@@ -44,13 +44,12 @@ class Recipe:
 
     model: str
     grayscale: bool = False
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     hflip: bool = False  # coarse captions carry no position, so a flip keeps the pair true
-    group_batches: bool = False  # batch near-duplicate groups together: hard negatives (same page, other image)
     seed: int = 0
     threads: int = 2  # torch threads; part of the recipe because it can change float summation order
 
@@ -130,33 +129,6 @@ def _lr_at(step: int, total: int, recipe: Recipe) -> float:
     return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def image_groups(records) -> np.ndarray | None:
-    """Near-duplicate group id per record (synthetic json key ``group``), or None if the json has none."""
-    if not records:
-        return None
-    path = Path(records[0].path).parent.parent / "dataset_flickr30k.json"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    group = {e["imgid"]: e.get("group") for e in doc.get("images", [])}
-    ids = [group.get(r.image_id) for r in records]
-    return None if any(g is None for g in ids) else np.asarray(ids)
-
-
-def epoch_order(n: int, groups: np.ndarray | None, gen) -> "torch.Tensor":
-    """A permutation of 0..n-1; with groups, whole groups in random order so group-mates share a batch."""
-    import torch
-
-    if groups is None:
-        return torch.randperm(n, generator=gen)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    order = torch.randperm(len(uniq), generator=gen).numpy()
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[order] = np.arange(len(uniq))
-    return torch.from_numpy(np.lexsort((np.arange(n), rank[inverse])))
-
-
 def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None = None, progress: bool = True,
                    position: int = 0):
     """Pretrain one model from scratch; returns (model, preprocess_cfg, record dict). Deterministic for a seed."""
@@ -181,7 +153,6 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
         mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
         std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW
-        groups = image_groups(records) if recipe.group_batches else None
         steps_per_epoch = n_img // recipe.batch_size
         if steps_per_epoch == 0:
             raise HadaError(f"the pretrain split has {n_img} images, fewer than one batch of {recipe.batch_size}")
@@ -205,7 +176,7 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
                    dynamic_ncols=True, position=position, leave=True)
         step = 0
         while step < total:
-            perm = epoch_order(n_img, groups, gen)
+            perm = torch.randperm(n_img, generator=gen)
             for b in range(steps_per_epoch):
                 if step >= total:
                     break

@@ -76,7 +76,7 @@ class ResolvedSpec:
     def source(self) -> str:
         """One line for manifests: where the weights came from."""
         if self.kind == "random":
-            return "random-init"
+            return "random-init:seed0"
         return f"{self.kind}:{self.weights}"
 
 
