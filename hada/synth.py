@@ -683,7 +683,7 @@ def _check_target(root: Path, size: str, seed: int, image_size: int, force: bool
 
 
 def _write_images(items: list[Item], folder: Path, image_size: int, workers: int, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     tasks = [(str(folder / filename_for(i)), item.scene, image_size) for i, item in enumerate(items)]
     bar = tqdm(total=len(tasks), desc="rendering", unit="img", disable=not progress or _no_progress())
