@@ -6,10 +6,14 @@ runs under ``data/``), so chapters can run in any order, alone (papermill), or a
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hada.errors import HadaError
+
+# Libraries import tqdm.auto, which warns in a kernel without ipywidgets; our own bars are plain text.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 FEATURE_SPLITS = ("train", "val", "test")
 
@@ -303,13 +307,16 @@ class GraphSample:
     text_graph: object
 
     def figure(self):
+        import textwrap
+
         import matplotlib.pyplot as plt
 
         from hada import plots
 
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
         plots.draw_node_graph(self.image_graph, "image: CLS + patch tokens", self.backbones, ax=axes[0])
-        plots.draw_node_graph(self.text_graph, f"caption: “{self.caption[:60]}”", self.backbones, ax=axes[1])
+        caption = textwrap.fill(f"caption: “{self.caption}”", 70)
+        plots.draw_node_graph(self.text_graph, caption, self.backbones, ax=axes[1])
         axes[0].get_legend().remove()
         fig.tight_layout()
         return fig

@@ -31,7 +31,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-@dataclass
+@dataclass(repr=False)
 class Table:
     """Rows of dicts with a ``name``; ``columns`` pairs a row key with its header."""
 
@@ -72,7 +72,7 @@ class Table:
         return max(self.rows, key=lambda r: r[key])
 
 
-@dataclass
+@dataclass(repr=False)
 class ResultsTable(Table):
     """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` in {backbone, fusion, hada}."""
 
