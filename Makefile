@@ -29,7 +29,7 @@ install: $(STAMP)
 data: install
 	$(BIN)/hada data synth
 	$(BIN)/hada backbones pretrain
-	$(BIN)/hada features extract --all
+	$(BIN)/hada features extract
 
 book: data
 	$(BIN)/jupyter-book build book/
