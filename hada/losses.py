@@ -188,8 +188,9 @@ class HadaObjective(nn.Module):
         if self.pair_m is None:
             return
         m = self.config.momentum
-        for p, p_m in zip(self.pair.parameters(), self.pair_m.parameters()):
-            p_m.mul_(m).add_(p.detach(), alpha=1.0 - m)
+        online, ema = list(self.pair.parameters()), list(self.pair_m.parameters())
+        torch._foreach_mul_(ema, m)  # the same two element-wise ops as a per-tensor loop, in one call
+        torch._foreach_add_(ema, [p.detach() for p in online], alpha=1.0 - m)
 
     def inference_weights(self) -> tuple[float, float]:
         """(weight of the HADA cosine, weight of the main backbone's cosine) for retrieval scoring."""

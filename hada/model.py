@@ -17,6 +17,11 @@ Two backends compute the same numbers with the same parameter tensors:
   own weights (``lin_l``, ``lin_r``, ``att``, ``lin_edge``, ``bias``, ...), so a model can switch backend.
 
 ``"auto"`` picks dense whenever the edge options allow it.
+
+Two options trade the paper's exact setting for speed on a CPU (both off by default = the paper):
+``head_dim`` (channels per head; the paper concatenates ``heads`` heads of ``width`` channels, so the
+GATv2 attention works on ``heads * width`` channels per node pair) and ``precision="bf16"`` (the encoder's
+matrix products under bfloat16 autocast; softmax, readout and L2 norm stay float32).
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from hada.errors import HadaError
 from hada.graph import EdgeWeights, GraphBatch, batch_graphs
 
 GNN_TYPES = ("gatv2", "gcn", "transformer")
+#: "fp32": everything in float32 (the paper). "bf16": the encoder's linear maps, attention scores and
+#: pooling under ``torch.autocast(dtype=torch.bfloat16)`` (several times faster matrix products on CPUs with
+#: AMX / AVX512-BF16); attention softmax, readout, L2 norm and everything in the loss stay float32.
+PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("auto", "dense", "pyg")
 MODALITIES = ("image", "text")
 
@@ -81,6 +90,7 @@ class HadaConfig:
     out_dim: int = 512
     gnn: str = "gatv2"
     heads: int = 4
+    head_dim: int | None = None  # channels per head; None: ``width`` (the paper: 4 heads x 512 concatenated)
     layers: int = 1
     dropout: float = 0.3
     w_fc: float = 0.9
@@ -90,6 +100,7 @@ class HadaConfig:
     w_self: float = 1.0
     directed: bool = True
     backend: str = "auto"
+    precision: str = "fp32"  # "bf16": the encoders' matrix products under bfloat16 autocast (PRECISIONS)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -117,6 +128,10 @@ class HadaConfig:
             raise HadaError(f"HadaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if min(self.width, self.out_dim, self.heads, self.layers) < 1:
             raise HadaError("HadaConfig: width, out_dim, heads and layers must be >= 1")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise HadaError(f"HadaConfig.head_dim must be >= 1 or None (= width), got {self.head_dim}")
+        if self.precision not in PRECISIONS:
+            raise HadaError(f"HadaConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise HadaError(f"HadaConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.backend == "dense" and not self.edge_weights().published_topology:
@@ -158,17 +173,19 @@ class HadaConfig:
 # Convolutions (torch_geometric modules; their parameters are also what the dense backend reads)
 
 
-def make_conv(gnn: str, width: int, heads: int) -> tuple[nn.Module, int]:
-    """One GNN layer and its output width. Self loops are explicit edges (hada.graph), never added here."""
+def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None) -> tuple[nn.Module, int]:
+    """One GNN layer and its output width (``heads * head_dim``; ``head_dim`` None = ``width``, the paper's).
+    Self loops are explicit edges (hada.graph), never added here."""
     from torch_geometric.nn import GATv2Conv, GCNConv, TransformerConv
 
+    C = head_dim or width
     if gnn == "gatv2":
-        return GATv2Conv(width, width, heads=heads, concat=True, edge_dim=1, add_self_loops=False), heads * width
+        return GATv2Conv(width, C, heads=heads, concat=True, edge_dim=1, add_self_loops=False), heads * C
     if gnn == "gcn":  # GCN has no heads: one "head" of ``width`` channels
         return GCNConv(width, width, add_self_loops=False, normalize=True), width
     if gnn == "transformer":
-        conv = TransformerConv(width, width, heads=heads, concat=True, beta=False, edge_dim=1, root_weight=True)
-        return conv, heads * width
+        conv = TransformerConv(width, C, heads=heads, concat=True, beta=False, edge_dim=1, root_weight=True)
+        return conv, heads * C
     raise HadaError(f"unknown gnn {gnn!r}; choose from {GNN_TYPES}")
 
 
@@ -218,9 +235,14 @@ class DenseOut:
     attention: Tensor  # [B, K, H, N] weight of every node in each CLS node's aggregation (0 at padding)
 
 
+def _full(t: Tensor) -> Tensor:
+    """A half-precision tensor (bfloat16 autocast output) as float32; float32/float64 unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _masked_softmax(score: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over the node axis (dim 2) of [B, K, N, H] scores; padding gets exactly 0."""
-    return torch.softmax(score.masked_fill(~mask[:, None, :, None], float("-inf")), dim=2)
+    """Softmax (at least float32) over the node axis (dim 2) of [B, K, N, H] scores; padding gets exactly 0."""
+    return torch.softmax(_full(score).masked_fill(~mask[:, None, :, None], float("-inf")), dim=2)
 
 
 def _with_cls(all_nodes: Tensor, cls_out: Tensor, cls_pos: Tensor) -> Tensor:
@@ -241,6 +263,14 @@ def _head_diagonal(full: Tensor) -> Tensor:
     return full.view(H, H, -1).diagonal(dim1=0, dim2=1).t()
 
 
+def _block_diagonal(att: Tensor) -> Tensor:
+    """[H, C] -> [H, H*C]: row h holds att[h] in head h's columns. A per-head dot product (or the outer
+    product of a per-head grad with att) becomes one small matrix product instead of a broadcast multiply
+    and a sum (two passes over the tile and a temporary; broadcasting a size-1 last axis is slow on CPU)."""
+    H, C = att.shape
+    return (torch.eye(H, dtype=att.dtype, device=att.device).unsqueeze(-1) * att).reshape(H, H * C)
+
+
 class GatV2ClsScores(torch.autograd.Function):
     """GATv2 scores of the K CLS targets over every node, without materialising [B, K, N, H*C] tensors.
 
@@ -251,6 +281,9 @@ class GatV2ClsScores(torch.autograd.Function):
     allocated B*K*N*H*C tensor (hundreds of MB at the paper's shapes); here the work is cut into
     (samples x nodes) tiles that live in one reused, cache-sized buffer, and the backward splits
     leaky_relu(z) = s*z + (1-s)*relu(z): the linear part needs only per-block and per-node sums of the grad.
+    Per-head products with ``att`` are matrix products with its block-diagonal form. Runs with autocast
+    off, in the inputs' dtype (:func:`dense_gatv2` passes float32 on CPU, where bfloat16 element-wise
+    kernels are slower than float32 ones).
     """
 
     @staticmethod
@@ -285,40 +318,51 @@ class GatV2ClsScores(torch.autograd.Function):
         B, K, _, HC = q.shape
         N, (H, C) = xl.shape[1], att.shape
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
-        buf = xl.new_empty(largest * K * HC)
-        out = xl.new_empty(B, K, N, H)
-        for bs, m, ns, has_cls in tiles:
-            z = F.leaky_relu_(GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls), slope)
-            out[bs, :, ns] = (z.view(*z.shape[:3], H, C) * att).sum(-1)
+        with torch.autocast(xl.device.type, enabled=False):
+            att_t = _block_diagonal(att).t()  # [H*C, H]
+            buf, sbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * H)
+            out = xl.new_empty(B, K, N, H)
+            for bs, m, ns, has_cls in tiles:
+                z = F.leaky_relu_(GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls), slope)
+                rows = z.numel() // HC
+                out[bs, :, ns] = torch.mm(z.view(rows, HC), att_t, out=sbuf[: rows * H].view(rows, H)).view(
+                    *z.shape[:3], H)
         ctx.save_for_backward(q, q_cls, xl, att)
         ctx.blocks, ctx.slope = blocks, slope
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            return GatV2ClsScores._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         q, q_cls, xl, att = ctx.saved_tensors
         blocks, s = ctx.blocks, ctx.slope
         B, K, M, HC = q.shape
         H, C = att.shape
-        grad = grad.contiguous()
+        grad = grad.to(xl.dtype).contiguous()
         g_cls = torch.stack([grad[:, :, lo] for lo, _ in blocks], 2)  # [B, K, M, H]
         g_block = torch.stack([grad[:, :, lo + 1:hi].sum(2) for lo, hi in blocks], 2)  # [B, K, M, H]
         g_node = grad.sum(1)  # [B, N, H]
         # linear part s*z first; the relu part (1-s)*relu(z) is added tile by tile
-        dq = (g_block.unsqueeze(-1) * (s * att)).view(B, K, M, HC)
-        dq_cls = (g_cls.unsqueeze(-1) * (s * att)).view(B, K, M, HC)
-        dxl = (g_node.unsqueeze(-1) * (s * att)).view(xl.shape)
+        att_block = _block_diagonal(att)  # [H, H*C]
+        att_lin = s * att_block
+        dq = (g_block.reshape(-1, H) @ att_lin).view(B, K, M, HC)
+        dq_cls = (g_cls.reshape(-1, H) @ att_lin).view(B, K, M, HC)
+        dxl = (g_node.reshape(-1, H) @ att_lin).view(xl.shape)
         d_att = g_block.reshape(-1, H).t() @ q.reshape(-1, HC)
         d_att.addmm_(g_cls.reshape(-1, H).t(), q_cls.reshape(-1, HC))
         d_att.addmm_(g_node.reshape(-1, H).t(), xl.reshape(-1, HC)).mul_(s)
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
         buf, gbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * HC)
-        att_relu = (1 - s) * att
+        att_relu = (1 - s) * att_block
         for bs, m, ns, has_cls in tiles:
-            g = grad[bs, :, ns]  # [nb, K, nn, H]
+            g = grad[bs, :, ns].reshape(-1, H)  # [nb * K * nn, H]
             z = GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls).relu_()
-            d_att.addmm_(g.reshape(-1, H).t(), z.reshape(-1, HC), alpha=1 - s)
-            ga = torch.mul(g.unsqueeze(-1), att_relu, out=gbuf[: z.numel()].view(*g.shape, C)).view(z.shape)
+            d_att.addmm_(g.t(), z.reshape(-1, HC), alpha=1 - s)
+            ga = torch.mm(g, att_relu, out=gbuf[: z.numel()].view(-1, HC)).view(z.shape)
             torch.ops.aten.threshold_backward.grad_input(ga, z, 0.0, grad_input=ga)  # (1-s) g att [z > 0]
             if has_cls:
                 dq_cls[bs, :, m] += ga[:, :, 0]
@@ -346,8 +390,12 @@ def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bo
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
-    dt = xl.dtype  # one dtype inside the fused function (autocast may leave q in float32)
-    score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt), layout.blocks,
+    # one dtype inside the fused function (autocast may leave q in float32 and xl in bfloat16): xl's, except
+    # float32 for a half type on CPU, whose element-wise kernels are slower than float32's there (measured)
+    dt = xl.dtype
+    if dt in (torch.bfloat16, torch.float16) and xl.device.type == "cpu":
+        dt = torch.float32
+    score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl.to(dt), conv.att[0].to(dt), layout.blocks,
                                  conv.negative_slope)
     alpha = _masked_softmax(score, mask)  # [B, K, N, H]
     pooled = torch.einsum("bknh,bnw->bkhw", alpha, x)
@@ -368,7 +416,7 @@ def dense_gcn(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bool
     """
     deg_cls = (layout.edge_weight.unsqueeze(0) * mask.unsqueeze(1)).sum(-1)  # [B, K]
     w_self = layout.w_self
-    deg = torch.full(mask.shape, w_self, device=x.device, dtype=x.dtype)
+    deg = torch.full(mask.shape, w_self, device=x.device, dtype=deg_cls.dtype)
     deg = deg.index_copy(1, layout.cls_pos, deg_cls)
     dis = deg.pow(-0.5)
     coef = dis.unsqueeze(1) * layout.edge_weight.unsqueeze(0) * dis[:, layout.cls_pos].unsqueeze(-1)
@@ -432,7 +480,7 @@ class HadaEncoder(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(d, W) for d in token_dims)
         convs, posts = [], []
         for _ in range(config.layers):
-            conv, conv_out = make_conv(config.gnn, W, config.heads)
+            conv, conv_out = make_conv(config.gnn, W, config.heads, config.head_dim)
             convs.append(conv)
             posts.append(nn.Linear(conv_out, W))
         self.convs, self.post = nn.ModuleList(convs), nn.ModuleList(posts)
@@ -537,13 +585,16 @@ class HadaEncoder(nn.Module):
         ``node_mask`` [B, N]: valid nodes.
         """
         self._check(batch)
-        x, mask = self._project(batch)
-        layout = _dense_layout(tuple(t.shape[1] for t in batch.tokens), self.edge_weights, x.device)
-        if self.config.resolve_backend(backend) == "dense":
-            cls, attention = self._dense(x, mask, layout)
-        else:
-            cls, attention = self._pyg(x, mask, batch.lengths, layout)
-        out = self._readout(cls, batch.embeds)
+        device = batch.tokens[0].device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            x, mask = self._project(batch)
+            layout = _dense_layout(tuple(t.shape[1] for t in batch.tokens), self.edge_weights, x.device)
+            if self.config.resolve_backend(backend) == "dense":
+                cls, attention = self._dense(x, mask, layout)
+            else:
+                cls, attention = self._pyg(x, mask, batch.lengths, layout)
+        with torch.autocast(device.type, enabled=False):  # readout and L2 norm in float32
+            out = self._readout(_full(cls), batch.embeds)
         if not return_attention:
             return out
         return out, {"attention": attention, "node_backbone": layout.node_backbone,

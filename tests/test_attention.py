@@ -48,7 +48,8 @@ def world(tmp_path):
     """A random (untrained) HADA run over toy features, and a matching dataset of tiny PNG images."""
     torch.manual_seed(0)
     splits = toy_splits(n_images=N_IMAGES, image_tokens=IMAGE_TOKENS, seed=3)
-    config = TrainConfig(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, queue_size=8)
+    # fp32: the dense and pyg backends agree to float32 rounding (bf16 autocast rounds them differently)
+    config = TrainConfig(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, queue_size=8, precision="fp32")
     trained = TrainedModel(build_objective(config, feature_dims(splits)), compute_stats(splits), config)
     trained.objective.eval()
     trained.load_data = lambda split: FeatureData(splits, trained.stats)

@@ -206,3 +206,44 @@ def test_bad_lengths():
 def test_bad_configs(kwargs):
     with pytest.raises(HadaError):
         HadaConfig(**kwargs)
+
+
+@pytest.mark.parametrize("gnn", ["gatv2", "transformer"])
+def test_head_dim_dense_equals_pyg(gnn):
+    """head_dim sets the channels per head (default: width, the paper's); both backends agree."""
+    torch.manual_seed(0)
+    model = HadaEncoder(small_config(3, gnn=gnn, heads=4, head_dim=3, layers=2)).eval()
+    assert model.convs[0].out_channels == 3 and model.post[0].in_features == 12
+    assert HadaEncoder(small_config(2, heads=4)).post[0].in_features == 4 * 16  # None: heads x width
+    batch = rand_batch(3)
+    dense, att_dense = model(batch, return_attention=True, backend="dense")
+    pyg, att_pyg = model(batch, return_attention=True, backend="pyg")
+    torch.testing.assert_close(dense, pyg, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(att_dense["attention"][-1], att_pyg["attention"][-1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(HadaError):
+        small_config(2, head_dim=0)
+
+
+@pytest.mark.parametrize("gnn,backend", [("gatv2", "dense"), ("gcn", "dense"), ("transformer", "dense"),
+                                         ("gatv2", "pyg")])
+def test_bf16_precision_close_to_fp32(gnn, backend):
+    """bf16 autocast: float32, L2-normalised outputs within bf16 rounding of fp32's; gradients reach every
+    parameter; attention stays a float32 distribution."""
+    outs, grads = {}, {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = HadaEncoder(small_config(3, gnn=gnn, heads=2, layers=2, precision=precision, backend=backend))
+        model.eval()
+        out, info = model(rand_batch(3), return_attention=True)
+        assert out.dtype == torch.float32 and info["attention"][0].dtype == torch.float32
+        out.pow(3).sum().backward()
+        outs[precision] = out.detach()
+        grads[precision] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if gnn != "gcn":  # GCN's "attention" is its normalised edge coefficients, not a distribution
+            torch.testing.assert_close(info["attention"][-1].sum(-1), torch.ones(info["attention"][-1].shape[:3]))
+    torch.testing.assert_close(outs["bf16"], outs["fp32"], atol=3e-2, rtol=0)
+    assert not torch.equal(outs["bf16"], outs["fp32"])  # autocast was really on
+    cos = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)
+    assert cos > 0.99
+    with pytest.raises(HadaError):
+        small_config(2, precision="fp16")

@@ -83,8 +83,10 @@ def final_state(run_dir):
     return ckpt["model"], json.loads((run_dir / "metrics.json").read_text())
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    cfg = tiny_config(distill=True)
+@pytest.mark.parametrize("options", [dict(distill=True, fused_optimizer=False),
+                                     dict(precision="bf16", head_dim=4, pairs_per_epoch=30)])
+def test_resume_equals_uninterrupted(tmp_path, options):
+    cfg = tiny_config(**options)
     straight = ht.train(cfg, tmp_path / "straight")
     assert ht.train(cfg, tmp_path / "split", max_epochs_this_call=1) is None  # "interrupted" after epoch 1
     assert not (tmp_path / "split" / "metrics.json").exists()
@@ -134,3 +136,43 @@ def test_config_hash_and_guards(tmp_path):
     ht.train(tiny_config(epochs=1), tmp_path / "r", max_epochs_this_call=0)
     with pytest.raises(HadaError):  # a different config in the same folder
         ht.train(b, tmp_path / "r")
+
+
+def test_pairs_per_epoch_draws_a_fresh_subset_each_epoch(tmp_path):
+    data = FeatureData(toy_splits(n_images=10, seed=0), compute_stats(toy_splits(n_images=10, seed=0)))
+    loader = PairLoader(data, batch_size=4, rng=np.random.default_rng(0), limit=9)
+    epochs = [torch.cat([idx for _, _, idx in loader]) for _ in range(3)]
+    assert len(loader) == 3 and all(len(e) == 9 for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) == 3  # a new random subset (and order) every epoch
+    again = PairLoader(data, batch_size=4, rng=np.random.default_rng(0), limit=9)
+    assert torch.equal(torch.cat([idx for _, _, idx in again]), epochs[0])  # deterministic by seed
+    res = ht.train(tiny_config(epochs=2, pairs_per_epoch=20, batch_size=8), tmp_path / "r")
+    assert [h["pairs"] for h in res.history] == [20, 20]
+    with pytest.raises(HadaError):
+        tiny_config(pairs_per_epoch=0)
+
+
+def test_old_configs_load_with_their_behaviour():
+    """A config saved before head_dim / precision / fused_optimizer / pairs_per_epoch existed."""
+    old = {k: v for k, v in tiny_config().to_dict().items()
+           if k not in ("head_dim", "precision", "fused_optimizer", "pairs_per_epoch")}
+    cfg = ht.TrainConfig.from_dict({**old, "max_train_pairs": 7})
+    assert (cfg.head_dim, cfg.precision, cfg.fused_optimizer, cfg.pairs_per_epoch) == (None, "fp32", False, 7)
+    assert ht.TrainConfig.from_dict(tiny_config().to_dict()) == tiny_config()
+    with pytest.raises(HadaError):
+        tiny_config(precision="fp16")
+
+
+def test_auto_precision_resolves_by_cpu(monkeypatch):
+    monkeypatch.setattr(ht, "cpu_has_bf16", lambda: False)
+    assert tiny_config().precision == "auto" and tiny_config().resolved().precision == "fp32"
+    fp32_key = tiny_config().hash()
+    monkeypatch.setattr(ht, "cpu_has_bf16", lambda: True)
+    assert tiny_config().resolved().precision == "bf16"
+    assert tiny_config().hash() == tiny_config(precision="bf16").hash() != fp32_key  # the key names what ran
+    assert isinstance(ht.cpu_has_bf16(), bool)
+
+
+def test_keep_freed_memory_is_idempotent():
+    first = ht.keep_freed_memory()
+    assert ht.keep_freed_memory() == first and isinstance(first, bool)

@@ -32,6 +32,7 @@ OPTIONS = (
     ("out_dim", "width of the final (L2-normalised) embedding (paper: 512)"),
     ("gnn", "graph convolution: gatv2, gcn or transformer"),
     ("heads", "attention heads"),
+    ("head_dim", "channels per attention head ('none': --width, the paper's setting: heads x width concatenated)"),
     ("layers", "graph layers"),
     ("dropout", "dropout before the readout layer"),
     ("w_fc", "edge weight feature -> own CLS"),
@@ -41,10 +42,13 @@ OPTIONS = (
     ("w_self", "self-loop weight"),
     ("directed", "directed feature -> CLS edges (the published graph)"),
     ("backend", "auto, dense (CLS-only, fast) or pyg (torch-geometric on the full graph)"),
+    ("precision", "fp32, bf16 (the encoders' matrix products under bfloat16 autocast; the loss stays fp32) or "
+                  "auto: bf16 on CPUs with AMX or AVX512-BF16, else fp32"),
     ("epochs", "maximum epochs"),
     ("batch_size", "caption-image pairs per batch"),
     ("lr", "AdamW learning rate"),
     ("weight_decay", "AdamW weight decay"),
+    ("fused_optimizer", "torch's fused AdamW kernel (the same update as the per-tensor loop, faster)"),
     ("t0", "epochs per cosine cycle (CosineAnnealingWarmRestarts T_0; paper: 30 to 50; 'none': one cycle "
            "over --epochs)"),
     ("eta_min", "lowest learning rate of the cosine schedule"),
@@ -65,13 +69,15 @@ OPTIONS = (
     ("train_split", "split to train on"),
     ("val_split", "split for early stopping"),
     ("test_split", "split for the final metrics"),
-    ("max_train_pairs", "use only this many pairs per epoch (quick checks; 'none': all)"),
+    ("pairs_per_epoch", "train on a fresh random subset of this many caption-image pairs each epoch (drawn "
+                        "from the seeded, checkpointed data-order generator; 'none': every pair)"),
     ("eval_batch_size", "batch size when embedding a split for evaluation"),
 )
 
 
 CHOICES = {"dataset": ("synthetic", "flickr30k", "coco"), "arch": ("hada", "concat"),
-           "gnn": ("gatv2", "gcn", "transformer"), "backend": ("auto", "dense", "pyg")}
+           "gnn": ("gatv2", "gcn", "transformer"), "backend": ("auto", "dense", "pyg"),
+           "precision": ("auto", "fp32", "bf16")}
 
 
 def _optional(kind):
