@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -267,12 +268,13 @@ def extract_split(
     image_batch: int = IMAGE_BATCH,
     text_batch: int = TEXT_BATCH,
     progress: bool = True,
+    checkpoint_seconds: float = 2.0,
     _stop_after_chunks: int | None = None,
     log: Callable[[str], None] = print,
 ) -> FeatureSplit:
     """Extract (or resume, or reuse) one store; returns it opened read-only."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     spec = spec or backbone.name
     records = dataset.split(split)
@@ -300,21 +302,13 @@ def extract_split(
 
     prog = _read_json(path / PROGRESS) if stored is not None else None
     arrays = request["arrays"]
-    mms = {}
-    resume = prog is not None and all((path / f"{n}.npy").is_file() for n in ARRAY_NAMES)
+    mms = _open_partial(path, arrays) if prog is not None else None
+    resume = mms is not None
     if not resume:
         prog = {"image_chunks": 0, "caption_chunks": 0}
         _write_json(path / MANIFEST, request)
-    for name in ARRAY_NAMES:
-        f = path / f"{name}.npy"
-        if resume:
-            mm = np.lib.format.open_memmap(f, mode="r+")
-            if list(mm.shape) != arrays[name]["shape"] or str(mm.dtype) != arrays[name]["dtype"]:
-                raise HadaError(f"feature store {path}: unfinished {name} has the wrong shape; use --force")
-        else:
-            mm = np.lib.format.open_memmap(f, mode="w+", dtype=arrays[name]["dtype"],
-                                           shape=tuple(arrays[name]["shape"]))
-        mms[name] = mm
+        mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
+                                               shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
     if not resume:
         owner = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
         mms["image_ids"][:] = [r.image_id for r in records]
@@ -326,10 +320,20 @@ def extract_split(
         _write_json(path / PROGRESS, prog)
 
     budget = [_stop_after_chunks]
+    last = [time.perf_counter()]
 
-    def tick():
+    def save_progress():
+        for mm in mms.values():
+            mm.flush()
         _write_json(path / PROGRESS, prog)
-        if budget[0] is not None:
+        last[0] = time.perf_counter()
+
+    def checkpoint():
+        """After a chunk: every ``checkpoint_seconds``, flush the arrays and then record the chunks done, so a
+        kill loses at most that much work (a flush per chunk would cost ~10% of the throughput)."""
+        if time.perf_counter() - last[0] >= checkpoint_seconds:
+            save_progress()
+        if budget[0] is not None:  # test hook: simulate a kill after n chunks
             budget[0] -= 1
             if budget[0] <= 0:
                 raise _Stop()
@@ -341,21 +345,29 @@ def extract_split(
         bar = tqdm(total=n_img, initial=min(n_img, prog["image_chunks"] * image_batch), unit="img",
                    desc=f"{spec} {split} images", disable=hide, dynamic_ncols=True)
         t0, done = time.perf_counter(), 0
-        for k, s in enumerate(img_chunks):
-            if k < prog["image_chunks"]:
-                continue
-            chunk = records[s:s + image_batch]
-            tb = backbone.encode_image_tokens(_load_images(backbone, chunk))
-            mms["image_tokens"][s:s + len(chunk)] = tb.tokens.cpu().numpy().astype(np.float16)
-            mms["image_embeds"][s:s + len(chunk)] = tb.embeds.cpu().numpy().astype(np.float16)
-            mms["image_tokens"].flush()
-            mms["image_embeds"].flush()
-            prog["image_chunks"] = k + 1
-            done += len(chunk)
-            bar.update(len(chunk))
-            bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
-            tick()
+        todo = [(k, s) for k, s in enumerate(img_chunks) if k >= prog["image_chunks"]]
+        # decode + preprocess the next chunk in a thread while the model runs on this one (PIL releases the GIL)
+        loader = ThreadPoolExecutor(max_workers=1)
+        pending = loader.submit(_load_images, backbone, records[todo[0][1]:todo[0][1] + image_batch]) if todo else None
+        try:
+            for i, (k, s) in enumerate(todo):
+                chunk = records[s:s + image_batch]
+                pixels = pending.result()
+                if i + 1 < len(todo):
+                    nxt = todo[i + 1][1]
+                    pending = loader.submit(_load_images, backbone, records[nxt:nxt + image_batch])
+                tb = backbone.encode_image_tokens(pixels)
+                mms["image_tokens"][s:s + len(chunk)] = tb.tokens.to(torch.float16).cpu().numpy()
+                mms["image_embeds"][s:s + len(chunk)] = tb.embeds.to(torch.float16).cpu().numpy()
+                prog["image_chunks"] = k + 1
+                done += len(chunk)
+                bar.update(len(chunk))
+                bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
+                checkpoint()
+        finally:
+            loader.shutdown(wait=False, cancel_futures=True)
         bar.close()
+        save_progress()
         timing = {"image_seconds": round(time.perf_counter() - t0, 3), "images": done}
         bar = tqdm(total=n_cap, initial=min(n_cap, prog["caption_chunks"] * text_batch), unit="cap",
                    desc=f"{spec} {split} captions", disable=hide, dynamic_ncols=True)
@@ -368,20 +380,34 @@ def extract_split(
             want = mms["text_lengths"][s:s + len(texts)]
             if not np.array_equal(tt.lengths.cpu().numpy(), want):
                 raise HadaError(f"{spec}: token lengths changed between sizing and extraction")  # pragma: no cover
-            mms["text_tokens"][s:s + len(texts)] = tt.tokens.cpu().numpy().astype(np.float16)
-            mms["text_embeds"][s:s + len(texts)] = tt.embeds.cpu().numpy().astype(np.float16)
-            mms["text_tokens"].flush()
-            mms["text_embeds"].flush()
+            mms["text_tokens"][s:s + len(texts)] = tt.tokens.to(torch.float16).cpu().numpy()
+            mms["text_embeds"][s:s + len(texts)] = tt.embeds.to(torch.float16).cpu().numpy()
             prog["caption_chunks"] = k + 1
             done += len(texts)
             bar.update(len(texts))
             bar.set_postfix(cap_s=f"{done / (time.perf_counter() - t0):.0f}")
-            tick()
+            checkpoint()
         bar.close()
         timing.update({"caption_seconds": round(time.perf_counter() - t0, 3), "captions": done})
+    for mm in mms.values():
+        mm.flush()
     del mms
     _finish(path, request, timing)
     return open_features(dataset.name, spec, split, root)
+
+
+def _open_partial(path: Path, arrays: dict) -> dict | None:
+    """The unfinished arrays opened for writing, or None if any is missing or not the expected shape."""
+    mms = {}
+    for name in ARRAY_NAMES:
+        try:
+            mm = np.lib.format.open_memmap(path / f"{name}.npy", mode="r+")
+        except (OSError, ValueError):
+            return None
+        if list(mm.shape) != arrays[name]["shape"] or str(mm.dtype) != arrays[name]["dtype"]:
+            return None
+        mms[name] = mm
+    return mms
 
 
 def _finish(path: Path, request: dict, timing: dict | None = None) -> None:

@@ -225,3 +225,12 @@ def test_tiny_pretraining_saves_skips_reloads_and_is_deterministic(hada_data, ti
 
     assert main(["backbones", "list"]) == 0
     assert "pretrained" in capsys.readouterr().out
+
+
+def test_random_weights_spec_is_seeded():
+    from hada.backbones import load_backbone
+
+    a, b = load_backbone("tiny-rn:random"), load_backbone("tiny-rn:random")
+    ims = _images(1)
+    assert torch.equal(a.encode_image_tokens(ims).embeds, b.encode_image_tokens(ims).embeds)
+    assert a.describe()["weights_source"] == "random-init:seed0"

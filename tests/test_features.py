@@ -101,7 +101,7 @@ def test_store_layout_and_values(backbone, dataset, weights, tmp_path):
 def test_interrupted_extraction_resumes_to_identical_bytes(backbone, dataset, weights, tmp_path):
     from hada.features import _Stop, extract_split, open_features, store_dir
 
-    kw = dict(image_batch=8, text_batch=32, progress=False)
+    kw = dict(image_batch=8, text_batch=32, progress=False, checkpoint_seconds=0)
     whole = extract_split(backbone, dataset, "test", weights[0], tmp_path / "a", **kw)
     for stop in (2, 4):  # stop inside the images, then inside the captions
         with pytest.raises(_Stop):
@@ -166,3 +166,14 @@ def test_cli_extract_verify_and_ensure_features(hada_data, tiny_synthetic, weigh
                  "--image-batch", "7"]) == 0
     code = main(["features", "extract", *args, "--image-batch", "5"])
     assert code == 2 and "different request" in capsys.readouterr().err
+
+
+def test_projected_store_size_for_flickr30k_with_vit_b16():
+    from hada.features import projected_store_size
+
+    table = projected_store_size("flickr30k", ("ViT-B-16",), n_images=31_783)
+    row = table.rows[0]
+    assert row["image_tokens"] == "197 x 768" and row["text_tokens"] == "77 x 512"
+    per_image = 197 * 768 * 2 + 512 * 2 + 8
+    assert abs(row["image_gb"] - 31_783 * per_image / 1e9) < 1e-9
+    assert "31,783 images, 158,915 captions" in str(table)

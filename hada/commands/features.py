@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                         description=EXTRACT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(ex)
     ex.add_argument("--all", action="store_true",
-                    help="every embedded backbone and every split of the dataset (overrides --backbone/--split)")
+                    help="every embedded backbone and the dataset's train, val and test splits (pretrain is only "
+                         "for pretraining backbones; overrides --backbone/--split)")
     ex.add_argument("--force", action="store_true", help="rebuild stores even if they exist")
     ex.add_argument("--image-batch", type=int, default=None,
                     help="images per forward pass and per resumable chunk (default: 128)")
