@@ -270,7 +270,6 @@ def extract_split(
     progress: bool = True,
     checkpoint_seconds: float = 2.0,
     _stop_after_chunks: int | None = None,
-    log: Callable[[str], None] = print,
 ) -> FeatureSplit:
     """Extract (or resume, or reuse) one store; returns it opened read-only."""
     import torch
@@ -434,7 +433,6 @@ def ensure_features(
     root: Path | None = None,
     force: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, FeatureSplit]]:
     """Extract whatever is missing (resuming unfinished stores) and return ``{backbone: {split: FeatureSplit}}``.
 
@@ -460,8 +458,7 @@ def ensure_features(
                     _check_matches(backbone, ds, split, fs)
                     out[spec][split] = fs
                     continue
-            out[spec][split] = extract_split(backbone, ds, split, spec, root, force=force, progress=progress,
-                                             log=log)
+            out[spec][split] = extract_split(backbone, ds, split, spec, root, force=force, progress=progress)
     return out
 
 

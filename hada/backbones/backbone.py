@@ -300,17 +300,12 @@ def _tower_kinds(model) -> tuple[str, str]:
     return image, text
 
 
-def load_backbone(spec: str, device: str = "cpu", weights: str | Path | None = None) -> Backbone:
-    """Build a frozen backbone from a spec (see :mod:`hada.backbones.spec`); never downloads.
-
-    ``weights`` overrides the resolved weights file (used by pretraining to load a fresh checkpoint).
-    """
+def load_backbone(spec: str, device: str = "cpu") -> Backbone:
+    """Build a frozen backbone from a spec (see :mod:`hada.backbones.spec`); never downloads."""
     register_model_configs()
     import open_clip
 
     resolved = resolve_spec(spec)
-    if weights is not None:
-        resolved.weights = Path(weights)
     try:
         # random weights ("MODEL:random", for tests and sizes) are seeded so that every load is the same model
         with torch.random.fork_rng(devices=[]):

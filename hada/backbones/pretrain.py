@@ -136,7 +136,7 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
     import open_clip
     from open_clip.loss import ClipLoss
     from open_clip.transform import PreprocessCfg, image_transform_v2
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     register_model_configs()
     prev_threads = torch.get_num_threads()

@@ -148,7 +148,7 @@ def _resolve_local_dir(spec: str, path: str) -> ResolvedSpec:
     )
 
 
-def _find_cached_tag(model: str, tag: str, cfg: dict, cache_dir: Path) -> tuple[Path | None, list[str]]:
+def _find_cached_tag(cfg: dict, cache_dir: Path) -> tuple[Path | None, list[str]]:
     """Look for a tag's weights in the hub cache layout and open_clip's url cache; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
@@ -214,7 +214,7 @@ def resolve_spec(spec: str) -> ResolvedSpec:
         raise HadaError(f"{spec}: '{pretrained}' is not an open_clip tag of {model_clean} (tags: {', '.join(tags)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cache = openclip_cache_dir()
-    path, expected = _find_cached_tag(model_clean, pretrained, cfg, cache)
+    path, expected = _find_cached_tag(cfg, cache)
     if path is None:
         raise HadaError(
             f"{spec}: weights are not in the local cache (nothing is downloaded at run time); expected "
