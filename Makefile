@@ -41,4 +41,4 @@ bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 
 clean-book:
-	rm -rf book/_build
+	rm -rf _build

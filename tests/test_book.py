@@ -79,7 +79,7 @@ def built_html() -> Path:
     """Builds the whole book exactly as `make book` does (cached execution, raise_on_error)."""
     res = _run([str(BIN / "jupyter-book"), "build", str(BOOK)], cwd=ROOT)
     assert res.returncode == 0, f"book build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
-    return BOOK / "_build" / "html"
+    return ROOT / "_build" / "html"  # the build folder sits beside _config.yml
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
