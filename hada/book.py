@@ -94,9 +94,8 @@ def _ensure_backbones(names, ds) -> None:
 
     embedded = [n for n in names if n in EMBEDDED_BACKBONES]
     if embedded:
-        if ds.name != "synthetic":
-            pass  # embedded backbones are pretrained on the synthetic pretrain split only
-        pretrain(embedded)
+        # embedded backbones are pretrained on the synthetic pretrain split only, whatever the dataset
+        pretrain(embedded, log=lambda msg: None if "up to date" in msg else print(msg))
 
 
 def _ensure_features(dataset, root, names) -> None:
