@@ -378,7 +378,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, 
 def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     from hada.batching import FeatureData, FeatureStats, PairLoader, compute_stats
 
