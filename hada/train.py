@@ -173,6 +173,8 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+#: Torch threads of a training call when neither ``threads`` nor ``HADA_THREADS`` says otherwise.
+DEFAULT_THREADS = 1
 _ALLOCATOR_TUNED = False
 
 
@@ -349,25 +351,38 @@ def _evaluate(objective, data, config) -> dict:
     return TrainedModel(objective, None, config).evaluate(data)
 
 
+def train_threads(threads: int | None = None) -> int:
+    """Torch CPU threads for a training call: ``threads``, else ``HADA_THREADS``, else ``DEFAULT_THREADS``."""
+    value = threads or os.environ.get("HADA_THREADS") or DEFAULT_THREADS
+    try:
+        value = int(value)
+    except ValueError:
+        raise HadaError(f"HADA_THREADS must be a whole number, got {value!r}") from None
+    if value < 1:
+        raise HadaError(f"the thread count must be >= 1, got {value}")
+    return value
+
+
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, progress: bool | None = None,
-          max_epochs_this_call: int | None = None, data: dict | None = None) -> TrainResult | None:
+          max_epochs_this_call: int | None = None, data: dict | None = None,
+          threads: int | None = None) -> TrainResult | None:
     """Train (or continue) the run in ``run_dir``; returns its result once finished.
 
     ``resume``: continue from ``checkpoint.pt`` if there is one (an existing checkpoint with
     ``resume=False`` is an error, so nothing is overwritten by accident). ``max_epochs_this_call``
     stops after that many epochs *without* finishing (returns None): an interruption, for tests.
     ``data``: optional ``{split: FeatureData}`` already built with this config's train statistics.
-    ``HADA_THREADS`` (env) sets torch's CPU threads for the call: on a shared machine one thread avoids
-    OpenMP spin contention (several times faster there). Resume with the same thread count as the
-    original run: matrix products may round differently with a different one. The call also keeps freed
-    memory in the process (:func:`keep_freed_memory`).
+    ``threads`` (else ``HADA_THREADS``, else 1) sets torch's CPU threads for the call. One thread by
+    default: the step is a long chain of small operations, and with a second thread busy-waiting in
+    OpenMP a step on a shared 2-core machine was 2 to 10 times slower than with one (measured by
+    benchmarks/bench_epoch.py); a fixed count also keeps the numbers independent of the machine's core
+    count. Resume with the same thread count as the original run: reductions may round differently with
+    a different one. The call also keeps freed memory in the process (:func:`keep_freed_memory`).
     """
     import torch
 
-    threads = os.environ.get("HADA_THREADS")
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
+    torch.set_num_threads(train_threads(threads))
     keep_freed_memory()
     try:
         return _train(config, run_dir, resume, progress, max_epochs_this_call, data)

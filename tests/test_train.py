@@ -173,6 +173,16 @@ def test_auto_precision_resolves_by_cpu(monkeypatch):
     assert isinstance(ht.cpu_has_bf16(), bool)
 
 
+def test_thread_count_default_env_and_argument(monkeypatch):
+    monkeypatch.delenv("HADA_THREADS", raising=False)
+    assert ht.train_threads() == ht.DEFAULT_THREADS == 1
+    monkeypatch.setenv("HADA_THREADS", "2")
+    assert ht.train_threads() == 2 and ht.train_threads(3) == 3
+    monkeypatch.setenv("HADA_THREADS", "two")
+    with pytest.raises(HadaError):
+        ht.train_threads()
+
+
 def test_keep_freed_memory_is_idempotent():
     first = ht.keep_freed_memory()
     assert ht.keep_freed_memory() == first and isinstance(first, bool)

@@ -131,7 +131,8 @@ def register(subparsers) -> None:
     parser.add_argument("--restart", action="store_true",
                         help="delete an unfinished or finished run of this configuration and train it anew")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+                        help="torch CPU threads for training (default: $HADA_THREADS, else 1: a second thread "
+                             "made steps 2-10x slower on a busy 2-core machine; try 2 on an idle one)")
     add_config_options(parser)
     parser.set_defaults(handler=_train)
 
@@ -139,16 +140,12 @@ def register(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     import shutil
 
-    import torch
-
     from hada.errors import HadaError
     from hada.evaluate import format_table
     from hada.experiments import features_fingerprint, run_key
     from hada.paths import runs_dir
     from hada.train import atomic_json, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = config_from_args(args).resolved()
     name = args.name or config.arch
     fingerprint = features_fingerprint(config)
@@ -164,7 +161,7 @@ def _train(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_json(fingerprint, run_dir / "features.json")
         try:
-            train(config, run_dir, resume=args.resume)
+            train(config, run_dir, resume=args.resume, threads=args.threads)
         except KeyboardInterrupt:
             import sys
 
