@@ -101,6 +101,27 @@ def test_vitb32_from_local_file_gives_its_tokens_and_its_own_embeddings(vitb32):
     assert desc["weights_source"] == f"file:{path}" and len(desc["weights_sha256"]) == 64
 
 
+def test_a_pretrained_tag_resolves_from_the_local_cache_only(vitb32, tmp_path, monkeypatch):
+    """MODEL:TAG finds the weights in a huggingface-layout cache (HADA_OPENCLIP_CACHE); nothing is fetched."""
+    from safetensors.torch import save_file
+
+    from hada.backbones import load_backbone
+
+    _, reference, _ = vitb32
+    repo = tmp_path / "cache" / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(snapshot / "open_clip_model.safetensors"))
+    monkeypatch.setenv("HADA_OPENCLIP_CACHE", str(tmp_path / "cache"))
+    backbone = load_backbone("ViT-B-32:laion2b_s34b_b79k")
+    assert backbone.resolved.kind == "tag" and backbone.resolved.weights.parent == snapshot
+    ids = backbone.tokenize(CAPTIONS)
+    with torch.no_grad():
+        assert torch.equal(backbone.encode_text_raw(ids).embeds, reference.encode_text(ids))
+
+
 def test_text_tokens_are_reordered_pooled_first_then_valid_tokens(vitb32):
     backbone, _, _ = vitb32
     raw = backbone.encode_text_raw(CAPTIONS)
@@ -145,8 +166,13 @@ def test_convolutional_tower_gives_a_pooled_token_then_the_spatial_map():
 
 
 # ------------------------------------------------------------------------------------ errors
-def test_missing_weights_are_one_clear_error(hada_data, tmp_path):
+def test_missing_weights_are_one_clear_error(hada_data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     from hada.backbones import load_backbone
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr("pathlib.Path.home", lambda: tmp_path)  # no ~/.cache/clip either
 
     with pytest.raises(HadaError, match=r"tiny-vit.*open_clip_model\.safetensors is missing.*hada backbones pretrain"):
         load_backbone("tiny-vit")
