@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                    help="tiny: a few steps of small batches, for tests on the tiny dataset (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--force", action="store_true", help="retrain even if an up-to-date copy exists")
+    p.add_argument("--workers", type=int, default=2,
+                   help="backbones trained at once, one process each, single-threaded; the weights do not "
+                        "depend on it (default: %(default)s)")
     p.add_argument("--eval", action="store_true",
                    help="after pretraining, print zero-shot test recalls (needs the test split)")
     p.set_defaults(handler=_pretrain)
@@ -74,7 +77,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         if n not in EMBEDDED_BACKBONES:
             raise HadaError(f"unknown embedded backbone '{n}' (known: {', '.join(EMBEDDED_BACKBONES)})")
     extra = dict(TINY) if args.size == "tiny" else {}
-    pretrain(names, args.root, epochs=args.epochs, **extra, force=args.force)
+    pretrain(names, args.root, epochs=args.epochs, **extra, force=args.force, workers=args.workers)
     if args.eval:
         _print_zeroshot(names, "synthetic", args.root, "test")
     return 0
