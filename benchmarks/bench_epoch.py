@@ -18,11 +18,13 @@ a process without the idle ones spinning into the next measurement. Inside a wor
 steps (batch building, objective, backward, AdamW) are interleaved round robin on the same batches, so
 that load from other users of a shared machine hits every row alike; the workers themselves alternate for
 ``--rounds`` rounds. Seconds per epoch = median step time x batches per epoch + the validation pass
-(embedding the val split and computing recalls, as ``hada.train`` does after each epoch). Uses the stored
-features of the embedded data when present, else random features of the same shapes (say which).
+(embedding the val split and computing recalls, as ``hada.train`` does after each epoch). The process CPU
+time and the minor page faults of each step are reported too: they barely depend on other users' load,
+so CPU time estimates the one-thread epoch on an idle machine. Uses the stored features of the embedded
+data when present, else random features of the same shapes (say which).
 
     .venv/bin/python benchmarks/bench_epoch.py --quick      # < 1 min
-    .venv/bin/python benchmarks/bench_epoch.py              # more steps, 2 rounds, the thread comparison
+    .venv/bin/python benchmarks/bench_epoch.py              # 3 rounds x 10 steps, the full thread comparison
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -134,32 +137,39 @@ def worker(spec: dict) -> dict:
                                 fused=True if cfg.fused_optimizer else None)
         loader = PairLoader(train_data, cfg.batch_size, rng=np.random.default_rng(0))
         rows.append({"row": r, "cfg": cfg, "objective": objective, "opt": opt, "batches": iter(loader),
-                     "n_batches": len(loader), "steps": []})
+                     "n_batches": len(loader), "steps": [], "cpu": [], "faults": []})
 
-    def step(row) -> float:
-        start = time.perf_counter()
+    def step(row) -> tuple[float, float, int]:
+        """(wall s, process CPU s, minor page faults) of one training step."""
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        cpu, start = time.process_time(), time.perf_counter()
         image, text, index = next(row["batches"])
         out = row["objective"](image, text, index)
         row["opt"].zero_grad(set_to_none=True)
         out.loss.backward()
         row["opt"].step()
         row["objective"].clamp_()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start, time.process_time() - cpu,
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     for _ in range(spec["warmup"]):
         for row in rows:
             step(row)
     for _ in range(spec["steps"]):
         for row in rows:
-            row["steps"].append(step(row))
+            wall, cpu, faults = step(row)
+            row["steps"].append(wall)
+            row["cpu"].append(cpu)
+            row["faults"].append(faults)
     result = []
     for row in rows:
         row["objective"].eval()
         start = time.perf_counter()
         TrainedModel(row["objective"], None, row["cfg"]).evaluate(val_data)
-        result.append({"row": row["row"], "steps": row["steps"], "eval_s": time.perf_counter() - start,
-                       "n_batches": row["n_batches"], "batch_size": row["cfg"].batch_size})
-    return {"source": source, "pairs": train_data.n_captions, "results": result}
+        result.append({"row": row["row"], "steps": row["steps"], "cpu": row["cpu"], "faults": row["faults"],
+                       "eval_s": time.perf_counter() - start, "n_batches": row["n_batches"],
+                       "batch_size": row["cfg"].batch_size})
+    return {"source": source, "pairs": train_data.n_captions, "results": result, "load": os.getloadavg()}
 
 
 def run_worker(spec: dict) -> dict:
@@ -187,9 +197,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "one warm-up step, one round, only bf16 hd=32 at the other thread counts")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="thread counts to compare (default: 1 and min(2, cpu count))")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row and round (default 15; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row and round (default 10; quick 4)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 2; quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds over the worker processes (default 2; quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds over the worker processes (default 3; quick 1)")
     p.add_argument("--features", choices=("auto", "store", "random"), default="auto",
                    help="stored embedded features (store), random ones of the same shapes, or auto (default)")
     p.add_argument("--json", default=None, help="also write the raw timings to this file")
@@ -203,9 +213,9 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     threads = args.threads or sorted({1, min(2, os.cpu_count() or 1)})
-    steps = args.steps or (4 if args.quick else 15)
+    steps = args.steps or (4 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     rows = default_rows(args.quick, threads)
     groups: dict[tuple[int, bool], list[Row]] = {}
     for r in rows:
@@ -214,6 +224,8 @@ def main(argv=None) -> int:
     print(f"{os.cpu_count()} CPUs; load average before {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}; {rounds} round(s) x {steps} steps per row", flush=True)
     times: dict[Row, list[float]] = {r: [] for r in rows}
+    cpus: dict[Row, list[float]] = {r: [] for r in rows}
+    faults: dict[Row, list[int]] = {r: [] for r in rows}
     evals: dict[Row, list[float]] = {r: [] for r in rows}
     source, pairs, n_batches, batch = "?", 0, 0, 0
     started = time.perf_counter()
@@ -226,10 +238,12 @@ def main(argv=None) -> int:
             for res in out["results"]:
                 r = Row(**res["row"])
                 times[r] += res["steps"]
+                cpus[r] += res["cpu"]
+                faults[r] += res["faults"]
                 evals[r].append(res["eval_s"])
                 n_batches, batch = res["n_batches"], res["batch_size"]
             print(f"  round {rnd + 1}: threads={t} {'tuned' if tuned else 'untuned'} done "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+                  f"({time.perf_counter() - started:.0f} s, load average {out['load'][0]:.2f})", flush=True)
     load_after = os.getloadavg()
     base = statistics.median(times[rows[0]]) * n_batches + statistics.median(evals[rows[0]])
     table = []
@@ -237,20 +251,28 @@ def main(argv=None) -> int:
         step = statistics.median(times[r])
         ev = statistics.median(evals[r])
         epoch = step * n_batches + ev
+        cpu = statistics.median(cpus[r])
         table.append([r.name, r.threads, "yes" if r.tuned else "no", r.precision,
-                      "W" if r.head_dim is None else r.head_dim, f"{step * 1000:.1f}", f"{step * n_batches:.1f}",
-                      f"{ev:.2f}", f"{epoch:.1f}", f"{batch / step:.0f}", f"{base / epoch:.2f}x"])
+                      "W" if r.head_dim is None else r.head_dim, f"{step * 1000:.1f}", f"{cpu * 1000:.1f}",
+                      f"{statistics.median(faults[r]):.0f}", f"{step * n_batches:.1f}", f"{ev:.2f}", f"{epoch:.1f}",
+                      f"{cpu * n_batches + ev:.1f}" if r.threads == 1 else "-", f"{batch / step:.0f}",
+                      f"{base / epoch:.2f}x"])
     print(f"\nSeconds per epoch, default K=2 config ({' + '.join(BACKBONES)}, width 128, 4 heads, batch {batch}, "
           f"{pairs} pairs = {n_batches} batches, momentum + queue + ITM) on {source}")
-    print_table(["row", "threads", "tuned", "precision", "head_dim", "step ms", "train s", "val s", "epoch s",
-                 "pairs/s", "vs before"], table)
+    print_table(["row", "threads", "tuned", "precision", "head_dim", "step ms", "cpu ms", "faults", "train s",
+                 "val s", "epoch s", "epoch s (cpu)", "pairs/s", "vs before"], table)
     print(f"\nload average after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} "
-          f"(1/5/15 min; {os.cpu_count()} CPUs). step = median over {rounds} x {steps} interleaved steps; "
-          "tuned = fused AdamW + glibc keeps freed memory; W = head_dim equal to the width (paper).")
+          f"(1/5/15 min; {os.cpu_count()} CPUs). step / cpu ms = median wall / process CPU time of "
+          f"{rounds} x {steps} interleaved steps; faults = minor page faults per step; epoch s = step x batches "
+          "+ val s; epoch s (cpu) = the same from CPU time, what one thread takes when it has a core to itself "
+          "(an idle-machine estimate, 1 thread only); tuned = fused AdamW + glibc keeps freed memory; "
+          "W = head_dim equal to the width (the paper). Rows from different worker processes ran at different "
+          "times: compare them only when the load was steady.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"source": source, "load_before": load_before, "load_after": load_after,
-                       "rows": [{**asdict(r), "steps": times[r], "eval_s": evals[r]} for r in rows]}, f, indent=1)
+                       "rows": [{**asdict(r), "steps": times[r], "cpu": cpus[r], "faults": faults[r],
+                                 "eval_s": evals[r]} for r in rows]}, f, indent=1)
     return 0
 
 
