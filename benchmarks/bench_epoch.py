@@ -8,20 +8,19 @@ or a process setting:
 * ``precision``: ``fp32`` or ``bf16`` (the encoders' matrix products under bfloat16 autocast);
 * ``head_dim``: channels per GATv2 head; ``W`` = width (the paper: 4 heads x 512 concatenated), or
   width / heads;
-* ``threads``: torch CPU threads (``HADA_THREADS``);
-* ``tuned``: fused AdamW (``fused_optimizer``) and glibc keeping freed memory
-  (:func:`hada.train.keep_freed_memory`); ``before`` is the code's state before these levers (fp32,
-  head_dim = width, per-tensor AdamW, default allocator).
+* ``threads``: torch CPU threads (``HADA_THREADS``, ``hada train --threads``);
+* ``fused``: torch's fused AdamW (``fused_optimizer``). ``before`` = all levers off (fp32, head_dim =
+  width, per-tensor AdamW); the GATv2 kernel itself is the current one in every row.
 
-Method: one worker process per (threads, allocator) group, because OpenMP threads cannot be changed inside
-a process without the idle ones spinning into the next measurement. Inside a worker the rows' training
-steps (batch building, objective, backward, AdamW) are interleaved round robin on the same batches, so
-that load from other users of a shared machine hits every row alike; the workers themselves alternate for
-``--rounds`` rounds. Seconds per epoch = median step time x batches per epoch + the validation pass
-(embedding the val split and computing recalls, as ``hada.train`` does after each epoch). The process CPU
-time and the minor page faults of each step are reported too: they barely depend on other users' load,
-so CPU time estimates the one-thread epoch on an idle machine. Uses the stored features of the embedded
-data when present, else random features of the same shapes (say which).
+Method: one worker process per thread count, because OpenMP threads cannot be changed inside a process
+without the idle ones spinning into the next measurement. Inside a worker the rows' training steps (batch
+building, objective, backward, AdamW) are interleaved round robin on the same batches, so that load from
+other users of a shared machine hits every row alike; the workers alternate for ``--rounds`` rounds.
+Seconds per epoch = median step time x batches per epoch + the validation pass (embedding the val split
+and computing recalls, as ``hada.train`` does after each epoch). The process CPU time of each step is
+reported too: with one thread it is what the step takes when the thread has a core to itself (an
+idle-machine estimate). Uses the stored features of the embedded data when present, else random features
+of the same shapes (the header says which).
 
     .venv/bin/python benchmarks/bench_epoch.py --quick      # < 1 min
     .venv/bin/python benchmarks/bench_epoch.py              # 3 rounds x 10 steps, the full thread comparison
@@ -32,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,12 +50,12 @@ class Row:
 
     name: str
     threads: int
-    tuned: bool  # fused AdamW + allocator tweak
+    fused: bool  # fused AdamW
     precision: str
     head_dim: int | None
 
     def overrides(self) -> dict:
-        return {"precision": self.precision, "head_dim": self.head_dim, "fused_optimizer": self.tuned}
+        return {"precision": self.precision, "head_dim": self.head_dim, "fused_optimizer": self.fused}
 
 
 def default_rows(quick: bool, threads: list[int]) -> list[Row]:
@@ -110,17 +108,15 @@ def load_splits(split: str, source: str):
 
 # ---------------------------------------------------------------------------------------------- worker
 def worker(spec: dict) -> dict:
-    """Interleaved steps of the rows of one (threads, tuned) group; prints/returns their timings."""
+    """Interleaved steps of the rows of one thread count; returns their timings."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     import numpy as np
 
     from hada.batching import FeatureData, PairLoader, compute_stats
-    from hada.train import TrainConfig, TrainedModel, build_objective, feature_dims, keep_freed_memory
+    from hada.train import TrainConfig, TrainedModel, build_objective, feature_dims
 
-    if spec["tuned"]:
-        keep_freed_memory()
     train_splits, source = load_splits("train", spec["source"])
     val_splits, _ = load_splits("val", spec["source"])
     stats = compute_stats(train_splits)
@@ -137,11 +133,10 @@ def worker(spec: dict) -> dict:
                                 fused=True if cfg.fused_optimizer else None)
         loader = PairLoader(train_data, cfg.batch_size, rng=np.random.default_rng(0))
         rows.append({"row": r, "cfg": cfg, "objective": objective, "opt": opt, "batches": iter(loader),
-                     "n_batches": len(loader), "steps": [], "cpu": [], "faults": []})
+                     "n_batches": len(loader), "steps": [], "cpu": []})
 
-    def step(row) -> tuple[float, float, int]:
-        """(wall s, process CPU s, minor page faults) of one training step."""
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def step(row) -> tuple[float, float]:
+        """(wall s, process CPU s) of one training step."""
         cpu, start = time.process_time(), time.perf_counter()
         image, text, index = next(row["batches"])
         out = row["objective"](image, text, index)
@@ -149,24 +144,22 @@ def worker(spec: dict) -> dict:
         out.loss.backward()
         row["opt"].step()
         row["objective"].clamp_()
-        return (time.perf_counter() - start, time.process_time() - cpu,
-                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        return time.perf_counter() - start, time.process_time() - cpu
 
     for _ in range(spec["warmup"]):
         for row in rows:
             step(row)
     for _ in range(spec["steps"]):
         for row in rows:
-            wall, cpu, faults = step(row)
+            wall, cpu = step(row)
             row["steps"].append(wall)
             row["cpu"].append(cpu)
-            row["faults"].append(faults)
     result = []
     for row in rows:
         row["objective"].eval()
         start = time.perf_counter()
         TrainedModel(row["objective"], None, row["cfg"]).evaluate(val_data)
-        result.append({"row": row["row"], "steps": row["steps"], "cpu": row["cpu"], "faults": row["faults"],
+        result.append({"row": row["row"], "steps": row["steps"], "cpu": row["cpu"],
                        "eval_s": time.perf_counter() - start, "n_batches": row["n_batches"],
                        "batch_size": row["cfg"].batch_size})
     return {"source": source, "pairs": train_data.n_captions, "results": result, "load": os.getloadavg()}
@@ -217,21 +210,20 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     rounds = args.rounds or (1 if args.quick else 3)
     rows = default_rows(args.quick, threads)
-    groups: dict[tuple[int, bool], list[Row]] = {}
+    groups: dict[int, list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.threads, r.tuned), []).append(r)
+        groups.setdefault(r.threads, []).append(r)
     load_before = os.getloadavg()
     print(f"{os.cpu_count()} CPUs; load average before {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}; {rounds} round(s) x {steps} steps per row", flush=True)
     times: dict[Row, list[float]] = {r: [] for r in rows}
     cpus: dict[Row, list[float]] = {r: [] for r in rows}
-    faults: dict[Row, list[int]] = {r: [] for r in rows}
     evals: dict[Row, list[float]] = {r: [] for r in rows}
     source, pairs, n_batches, batch = "?", 0, 0, 0
     started = time.perf_counter()
     for rnd in range(rounds):
-        for (t, tuned), members in groups.items():
-            spec = {"threads": t, "tuned": tuned, "rows": [asdict(r) for r in members], "steps": steps,
+        for t, members in groups.items():
+            spec = {"threads": t, "rows": [asdict(r) for r in members], "steps": steps,
                     "warmup": warmup, "source": args.features}
             out = run_worker(spec)
             source, pairs = out["source"], out["pairs"]
@@ -239,10 +231,9 @@ def main(argv=None) -> int:
                 r = Row(**res["row"])
                 times[r] += res["steps"]
                 cpus[r] += res["cpu"]
-                faults[r] += res["faults"]
                 evals[r].append(res["eval_s"])
                 n_batches, batch = res["n_batches"], res["batch_size"]
-            print(f"  round {rnd + 1}: threads={t} {'tuned' if tuned else 'untuned'} done "
+            print(f"  round {rnd + 1}: threads={t} done "
                   f"({time.perf_counter() - started:.0f} s, load average {out['load'][0]:.2f})", flush=True)
     load_after = os.getloadavg()
     base = statistics.median(times[rows[0]]) * n_batches + statistics.median(evals[rows[0]])
@@ -252,27 +243,26 @@ def main(argv=None) -> int:
         ev = statistics.median(evals[r])
         epoch = step * n_batches + ev
         cpu = statistics.median(cpus[r])
-        table.append([r.name, r.threads, "yes" if r.tuned else "no", r.precision,
+        table.append([r.name, r.threads, "yes" if r.fused else "no", r.precision,
                       "W" if r.head_dim is None else r.head_dim, f"{step * 1000:.1f}", f"{cpu * 1000:.1f}",
-                      f"{statistics.median(faults[r]):.0f}", f"{step * n_batches:.1f}", f"{ev:.2f}", f"{epoch:.1f}",
+                      f"{step * n_batches:.1f}", f"{ev:.2f}", f"{epoch:.1f}",
                       f"{cpu * n_batches + ev:.1f}" if r.threads == 1 else "-", f"{batch / step:.0f}",
                       f"{base / epoch:.2f}x"])
     print(f"\nSeconds per epoch, default K=2 config ({' + '.join(BACKBONES)}, width 128, 4 heads, batch {batch}, "
           f"{pairs} pairs = {n_batches} batches, momentum + queue + ITM) on {source}")
-    print_table(["row", "threads", "tuned", "precision", "head_dim", "step ms", "cpu ms", "faults", "train s",
+    print_table(["row", "threads", "fused", "precision", "head_dim", "step ms", "cpu ms", "train s",
                  "val s", "epoch s", "epoch s (cpu)", "pairs/s", "vs before"], table)
     print(f"\nload average after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} "
           f"(1/5/15 min; {os.cpu_count()} CPUs). step / cpu ms = median wall / process CPU time of "
-          f"{rounds} x {steps} interleaved steps; faults = minor page faults per step; epoch s = step x batches "
-          "+ val s; epoch s (cpu) = the same from CPU time, what one thread takes when it has a core to itself "
-          "(an idle-machine estimate, 1 thread only); tuned = fused AdamW + glibc keeps freed memory; "
-          "W = head_dim equal to the width (the paper). Rows from different worker processes ran at different "
-          "times: compare them only when the load was steady.")
+          f"{rounds} x {steps} interleaved steps; epoch s = step x batches + val s; epoch s (cpu) = the same "
+          "from CPU time, what one thread takes when it has a core to itself (an idle-machine estimate, 1 thread "
+          "only); fused = fused AdamW; W = head_dim equal to the width (the paper). Rows of different thread "
+          "counts ran in different processes at different times: compare them only when the load was steady.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"source": source, "load_before": load_before, "load_after": load_after,
-                       "rows": [{**asdict(r), "steps": times[r], "cpu": cpus[r], "faults": faults[r],
-                                 "eval_s": evals[r]} for r in rows]}, f, indent=1)
+                       "rows": [{**asdict(r), "steps": times[r], "cpu": cpus[r], "eval_s": evals[r]}
+                                for r in rows]}, f, indent=1)
     return 0
 
 

@@ -175,32 +175,6 @@ def cpu_has_bf16() -> bool:
 
 #: Torch threads of a training call when neither ``threads`` nor ``HADA_THREADS`` says otherwise.
 DEFAULT_THREADS = 1
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Keep freed memory inside the process instead of handing it back to the OS (glibc only).
-
-    By default glibc serves large blocks with mmap and trims the heap top after frees, so each training
-    step's tensors, freed and then allocated again at the same sizes, page-fault their memory in anew:
-    about 4,000 minor faults per forward + backward of the two encoders at the miniature's shapes, ~10%
-    of the step. An mmap threshold of 32 MB and a 1 GB trim threshold keep that memory mapped; the
-    process stays at its peak footprint. Process-wide and idempotent; ``HADA_MALLOC_TUNE=0`` skips it.
-    Returns whether the setting is in effect.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or os.environ.get("HADA_MALLOC_TUNE", "1") == "0":
-        return _ALLOCATOR_TUNED
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        _ALLOCATOR_TUNED = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        _ALLOCATOR_TUNED = False
-    return _ALLOCATOR_TUNED
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -377,13 +351,12 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, 
     OpenMP a step on a shared 2-core machine was 2 to 10 times slower than with one (measured by
     benchmarks/bench_epoch.py); a fixed count also keeps the numbers independent of the machine's core
     count. Resume with the same thread count as the original run: reductions may round differently with
-    a different one. The call also keeps freed memory in the process (:func:`keep_freed_memory`).
+    a different one.
     """
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(train_threads(threads))
-    keep_freed_memory()
     try:
         return _train(config, run_dir, resume, progress, max_epochs_this_call, data)
     finally:

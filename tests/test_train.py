@@ -181,8 +181,3 @@ def test_thread_count_default_env_and_argument(monkeypatch):
     monkeypatch.setenv("HADA_THREADS", "two")
     with pytest.raises(HadaError):
         ht.train_threads()
-
-
-def test_keep_freed_memory_is_idempotent():
-    first = ht.keep_freed_memory()
-    assert ht.keep_freed_memory() == first and isinstance(first, bool)
