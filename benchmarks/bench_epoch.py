@@ -58,12 +58,12 @@ class Row:
         return {"precision": self.precision, "head_dim": self.head_dim, "fused_optimizer": self.fused}
 
 
-def default_rows(quick: bool, threads: list[int]) -> list[Row]:
+def default_rows(threads: list[int]) -> list[Row]:
+    """``before`` and the precision x head_dim grid at one thread; the default config at other counts (a
+    second OpenMP thread on a busy machine can make steps tens of times slower: keep those rows few)."""
     rows = [Row("before", 1, False, "fp32", None)]
     for t in threads:
-        grid = [("fp32", None), ("bf16", None), ("fp32", 32), ("bf16", 32)]
-        if t != 1 and quick:
-            grid = [("bf16", 32)]
+        grid = [("fp32", None), ("bf16", None), ("fp32", 32), ("bf16", 32)] if t == 1 else [("bf16", 32)]
         rows += [Row(f"{p} hd={'W' if h is None else h}", t, True, p, h) for p, h in grid]
     return rows
 
@@ -187,7 +187,7 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="< 1 min on an idle machine: 4 timed steps per row, "
-                   "one warm-up step, one round, only bf16 hd=32 at the other thread counts")
+                   "one warm-up step, one round")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="thread counts to compare (default: 1 and min(2, cpu count))")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row and round (default 10; quick 4)")
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     steps = args.steps or (4 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     rounds = args.rounds or (1 if args.quick else 3)
-    rows = default_rows(args.quick, threads)
+    rows = default_rows(threads)
     groups: dict[int, list[Row]] = {}
     for r in rows:
         groups.setdefault(r.threads, []).append(r)
