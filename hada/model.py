@@ -279,11 +279,15 @@ class GatV2ClsScores(torch.autograd.Function):
     published graph the weight of an edge into CLS k depends only on the source's backbone m and on whether
     the source is m's CLS (then ``q_cls`` is used). Eager PyTorch makes about ten passes over a freshly
     allocated B*K*N*H*C tensor (hundreds of MB at the paper's shapes); here the work is cut into
-    (samples x nodes) tiles that live in one reused, cache-sized buffer, and the backward splits
+    (samples x nodes) tiles that live in reused, cache-sized buffers, and the backward splits
     leaky_relu(z) = s*z + (1-s)*relu(z): the linear part needs only per-block and per-node sums of the grad.
-    Per-head products with ``att`` are matrix products with its block-diagonal form. Runs with autocast
-    off, in the inputs' dtype (:func:`dense_gatv2` passes float32 on CPU, where bfloat16 element-wise
-    kernels are slower than float32 ones).
+    Per-head products with ``att`` are matrix products with its block-diagonal form.
+
+    Runs with autocast off, in ``q``'s dtype (:func:`dense_gatv2` passes float32 on CPU, where bfloat16
+    element-wise kernels are slower than float32 ones). ``xl`` may be narrower (bfloat16 from an autocast
+    linear): it is widened tile by tile and its gradient is returned in its own dtype, so no full-size
+    float32 copy of ``xl`` or of its gradient is ever allocated (at the paper's shapes each would be
+    ~190 MB of fresh, page-faulting memory per step).
     """
 
     @staticmethod
@@ -303,14 +307,29 @@ class GatV2ClsScores(torch.autograd.Function):
         return tiles, largest
 
     @staticmethod
-    def _z(buf: Tensor, q: Tensor, q_cls: Tensor, xl: Tensor, bs: slice, m: int, ns: slice, has_cls: bool):
-        """Pre-activation tile [nb, K, nn, H*C] = q[b, k, m] + xl[b, n], written into the shared buffer."""
-        nb, K, nn, HC = bs.stop - bs.start, q.shape[1], ns.stop - ns.start, q.shape[3]
+    def _xl_tile(xbuf: Tensor | None, xl: Tensor, bs: slice, ns: slice) -> Tensor:
+        """xl[bs, ns] in the compute dtype: a view when xl already has it, else widened into ``xbuf``."""
+        tile = xl[bs, ns]
+        if xbuf is None:
+            return tile
+        return xbuf[: tile.numel()].view(tile.shape).copy_(tile)
+
+    @staticmethod
+    def _z(buf: Tensor, q: Tensor, q_cls: Tensor, x: Tensor, bs: slice, m: int, has_cls: bool):
+        """Pre-activation tile [nb, K, nn, H*C] = q[b, k, m] + x[b, n] (``x`` = the xl tile), in ``buf``."""
+        nb, K, nn, HC = x.shape[0], q.shape[1], x.shape[1], q.shape[3]
         z = buf[: nb * K * nn * HC].view(nb, K, nn, HC)
-        torch.add(q[bs, :, m].unsqueeze(2), xl[bs, ns].unsqueeze(1), out=z)
+        torch.add(q[bs, :, m].unsqueeze(2), x.unsqueeze(1), out=z)
         if has_cls:  # the block's first node is backbone m's CLS: self loop or CLS <-> CLS weight
-            torch.add(q_cls[bs, :, m], xl[bs, ns.start].unsqueeze(1), out=z[:, :, 0])
+            torch.add(q_cls[bs, :, m], x[:, 0].unsqueeze(1), out=z[:, :, 0])
         return z
+
+    @staticmethod
+    def _buffers(q: Tensor, xl: Tensor, largest: int):
+        """Tile buffers: z [largest * K * H*C] and, when xl is narrower than q, its widened tile."""
+        K, HC = q.shape[1], q.shape[3]
+        xbuf = q.new_empty(largest * HC) if xl.dtype != q.dtype else None
+        return q.new_empty(largest * K * HC), xbuf
 
     @staticmethod
     def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks: list[tuple[int, int]],
@@ -319,14 +338,17 @@ class GatV2ClsScores(torch.autograd.Function):
         N, (H, C) = xl.shape[1], att.shape
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
         with torch.autocast(xl.device.type, enabled=False):
-            att_t = _block_diagonal(att).t()  # [H*C, H]
-            buf, sbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * H)
-            out = xl.new_empty(B, K, N, H)
+            att_block = _block_diagonal(att)  # [H, H*C]
+            buf, xbuf = GatV2ClsScores._buffers(q, xl, largest)
+            sbuf = q.new_empty(largest * K * H)
+            out = q.new_empty(B, K, N, H)
             for bs, m, ns, has_cls in tiles:
-                z = F.leaky_relu_(GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls), slope)
+                x = GatV2ClsScores._xl_tile(xbuf, xl, bs, ns)
+                z = F.leaky_relu_(GatV2ClsScores._z(buf, q, q_cls, x, bs, m, has_cls), slope)
                 rows = z.numel() // HC
-                out[bs, :, ns] = torch.mm(z.view(rows, HC), att_t, out=sbuf[: rows * H].view(rows, H)).view(
-                    *z.shape[:3], H)
+                # [H, H*C] @ z^T: a wide product, ~3x faster on CPU than z @ [H*C, H] (4 output columns)
+                score_t = torch.mm(att_block, z.view(rows, HC).t(), out=sbuf[: rows * H].view(H, rows))
+                out[bs, :, ns] = score_t.t().view(*z.shape[:3], H)
         ctx.save_for_backward(q, q_cls, xl, att)
         ctx.blocks, ctx.slope = blocks, slope
         return out
@@ -342,36 +364,43 @@ class GatV2ClsScores(torch.autograd.Function):
         blocks, s = ctx.blocks, ctx.slope
         B, K, M, HC = q.shape
         H, C = att.shape
-        grad = grad.to(xl.dtype).contiguous()
+        grad = grad.to(q.dtype).contiguous()
         g_cls = torch.stack([grad[:, :, lo] for lo, _ in blocks], 2)  # [B, K, M, H]
         g_block = torch.stack([grad[:, :, lo + 1:hi].sum(2) for lo, hi in blocks], 2)  # [B, K, M, H]
         g_node = grad.sum(1)  # [B, N, H]
-        # linear part s*z first; the relu part (1-s)*relu(z) is added tile by tile
+        # linear part s*z: sums of the grad per block / per node (the xl terms are added tile by tile)
         att_block = _block_diagonal(att)  # [H, H*C]
-        att_lin = s * att_block
+        att_lin, att_relu = s * att_block, (1 - s) * att  # [H, H*C] and [H, C]
         dq = (g_block.reshape(-1, H) @ att_lin).view(B, K, M, HC)
         dq_cls = (g_cls.reshape(-1, H) @ att_lin).view(B, K, M, HC)
-        dxl = (g_node.reshape(-1, H) @ att_lin).view(xl.shape)
-        d_att = g_block.reshape(-1, H).t() @ q.reshape(-1, HC)
-        d_att.addmm_(g_cls.reshape(-1, H).t(), q_cls.reshape(-1, HC))
-        d_att.addmm_(g_node.reshape(-1, H).t(), xl.reshape(-1, HC)).mul_(s)
+        d_lin = g_block.reshape(-1, H).t() @ q.reshape(-1, HC)  # att's grad through s*z, [H, H*C]
+        d_lin.addmm_(g_cls.reshape(-1, H).t(), q_cls.reshape(-1, HC))
+        d_relu = torch.zeros_like(d_lin)  # ... and through relu(z)
+        dxl = torch.empty_like(xl)  # in xl's dtype, written once per tile
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
-        buf, gbuf = xl.new_empty(largest * K * HC), xl.new_empty(largest * K * HC)
-        att_relu = (1 - s) * att_block
+        buf, xbuf = GatV2ClsScores._buffers(q, xl, largest)
+        gbuf, dxbuf = q.new_empty(largest * K * HC), q.new_empty(largest * HC)
         for bs, m, ns, has_cls in tiles:
+            x = GatV2ClsScores._xl_tile(xbuf, xl, bs, ns)  # [nb, nn, H*C]
+            gn = g_node[bs, ns].reshape(-1, H)  # [nb * nn, H]
+            d_lin.addmm_(gn.t(), x.reshape(-1, HC))
+            z = GatV2ClsScores._z(buf, q, q_cls, x, bs, m, has_cls).relu_()
             g = grad[bs, :, ns].reshape(-1, H)  # [nb * K * nn, H]
-            z = GatV2ClsScores._z(buf, q, q_cls, xl, bs, m, ns, has_cls).relu_()
-            d_att.addmm_(g.t(), z.reshape(-1, HC), alpha=1 - s)
-            ga = torch.mm(g, att_relu, out=gbuf[: z.numel()].view(-1, HC)).view(z.shape)
+            d_relu.addmm_(g.t(), z.reshape(-1, HC))
+            ga = gbuf[: z.numel()].view(z.shape)
+            torch.mul(g.view(-1, H, 1), att_relu, out=ga.view(-1, H, C))  # per-head outer product
             torch.ops.aten.threshold_backward.grad_input(ga, z, 0.0, grad_input=ga)  # (1-s) g att [z > 0]
             if has_cls:
                 dq_cls[bs, :, m] += ga[:, :, 0]
                 dq[bs, :, m] += ga[:, :, 1:].sum(2)
             else:
                 dq[bs, :, m] += ga.sum(2)
-            dxl_tile = dxl[bs, ns]
-            for k in range(K):
-                dxl_tile.add_(ga[:, k])
+            dx = torch.add(ga[:, 0], ga[:, 1], out=dxbuf[: x.numel()].view(x.shape))  # relu part, summed
+            for k in range(2, K):  # over the targets k (adds: faster than a sum over a middle axis)
+                dx.add_(ga[:, k])
+            dx.view(-1, HC).addmm_(gn, att_lin)  # + linear part
+            dxl[bs, ns] = dx
+        d_att = d_lin.mul_(s).add_(d_relu, alpha=1 - s)
         return dq, dq_cls, dxl, _head_diagonal(d_att), None, None
 
 
@@ -390,12 +419,13 @@ def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bo
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
-    # one dtype inside the fused function (autocast may leave q in float32 and xl in bfloat16): xl's, except
-    # float32 for a half type on CPU, whose element-wise kernels are slower than float32's there (measured)
+    # the score function computes in one dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
+    # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
+    # (measured); xl itself is passed as it is and widened tile by tile
     dt = xl.dtype
     if dt in (torch.bfloat16, torch.float16) and xl.device.type == "cpu":
         dt = torch.float32
-    score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl.to(dt), conv.att[0].to(dt), layout.blocks,
+    score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt), layout.blocks,
                                  conv.negative_slope)
     alpha = _masked_softmax(score, mask)  # [B, K, N, H]
     pooled = torch.einsum("bknh,bnw->bkhw", alpha, x)

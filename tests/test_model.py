@@ -247,3 +247,24 @@ def test_bf16_precision_close_to_fp32(gnn, backend):
     assert cos > 0.99
     with pytest.raises(HadaError):
         small_config(2, precision="fp16")
+
+
+@pytest.mark.parametrize("chunk", [40, 1 << 18])
+def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatch, chunk):
+    """Under autocast xl arrives in bfloat16 and is widened tile by tile: scores and gradients equal those of
+    the float32 function on the widened xl, and xl's gradient comes back in bfloat16."""
+    monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    B, K, H, C, blocks = 3, 2, 2, 4, [(0, 5), (5, 8)]
+    q, q_cls = (torch.randn(B, K, K, H * C, generator=g) for _ in range(2))
+    xl16, att = torch.randn(B, 8, H * C, generator=g).bfloat16(), torch.randn(H, C, generator=g)
+    grad = torch.randn(B, K, 8, H, generator=g)
+    results = []
+    for xl in (xl16, xl16.float()):
+        inputs = [t.clone().requires_grad_() for t in (q, q_cls, xl, att)]
+        out = GatV2ClsScores.apply(*inputs[:3], inputs[3], blocks, 0.2)
+        out.backward(grad)
+        results.append((out, *(t.grad for t in inputs)))
+    assert results[0][3].dtype == torch.bfloat16
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a.float(), b.to(a.dtype).float(), atol=1e-5, rtol=1e-5)
