@@ -37,6 +37,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from tables import markdown_table
+
 BACKBONES = ("tiny-vit", "tiny-rn")
 #: Shapes of the embedded feature stores (train split), used for random features when no store exists:
 #: (image tokens, image token dim, text tokens, text token dim, embed dim) per backbone.
@@ -175,15 +177,6 @@ def run_worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="< 1 min on an idle machine: 4 timed steps per row, "
@@ -250,8 +243,8 @@ def main(argv=None) -> int:
                       f"{base / epoch:.2f}x"])
     print(f"\nSeconds per epoch, default K=2 config ({' + '.join(BACKBONES)}, width 128, 4 heads, batch {batch}, "
           f"{pairs} pairs = {n_batches} batches, momentum + queue + ITM) on {source}")
-    print_table(["row", "threads", "fused", "precision", "head_dim", "step ms", "cpu ms", "train s",
-                 "val s", "epoch s", "epoch s (cpu)", "pairs/s", "vs before"], table)
+    print(markdown_table(["row", "threads", "fused", "precision", "head_dim", "step ms", "cpu ms", "train s",
+                          "val s", "epoch s", "epoch s (cpu)", "pairs/s", "vs before"], table))
     print(f"\nload average after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} "
           f"(1/5/15 min; {os.cpu_count()} CPUs). step / cpu ms = median wall / process CPU time of "
           f"{rounds} x {steps} interleaved steps; epoch s = step x batches + val s; epoch s (cpu) = the same "

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from tables import markdown_table  # noqa: E402
 
 from hada.backbones import EMBEDDED_BACKBONES, load_backbone, register_model_configs  # noqa: E402
 from hada.backbones.spec import load_recipes  # noqa: E402
@@ -71,12 +72,6 @@ def ours(backbone, dataset, split: str, spec: str, root: Path, batch: int) -> tu
     return t["images"] / t["image_seconds"], fs.path
 
 
-def table(header, rows) -> str:
-    widths = [max(len(str(x[i])) for x in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=None, help="synthetic dataset folder (default: data/synthetic)")
@@ -86,7 +81,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--backbone", action="append", default=None, help="only these embedded backbones (repeatable)")
     ap.add_argument("--vitb32", action="store_true", help="also ViT-B-32 at 224 px, random weights, 256 images")
+    ap.add_argument("--quick", action="store_true", help="2 rounds on the val split (what `make bench` runs)")
     args = ap.parse_args()
+    if args.quick:
+        args.split, args.rounds = "val", 2
     os.environ.setdefault("HADA_NO_PROGRESS", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,10 +139,10 @@ def main() -> int:
 
     print(f"\nExtraction throughput, images/s of the image phase: median (best) of {args.rounds} alternating rounds;")
     print("same model, batch, images and machine. hada = extract_split (tokens + embeds, fp16 memmap, checkpoints)")
-    print(table(["backbone", "weights", "batch", "bare open_clip", "hada extract", "ratio (median)", "ratio (best)"],
+    print(markdown_table(["backbone", "weights", "batch", "bare open_clip", "hada extract", "ratio (median)", "ratio (best)"],
                 speed_rows))
     print(f"\nBytes on disk, {args.split} split (fp16 tokens + embeddings, int64 ids/lengths)")
-    print(table(["backbone", "image tokens", "text tokens (split max)", "KiB/image", "KiB/caption", "MiB total"],
+    print(markdown_table(["backbone", "image tokens", "text tokens (split max)", "KiB/image", "KiB/caption", "MiB total"],
                 size_rows))
 
     # Flickr30k with ViT-B/16 at 224 px: 1 + 14*14 = 197 image tokens of 768; text tokens 512-d, padded to 77

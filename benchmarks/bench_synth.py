@@ -15,12 +15,7 @@ import time
 from pathlib import Path
 
 from hada import synth
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+from tables import markdown_table
 
 
 def main() -> None:
@@ -28,7 +23,10 @@ def main() -> None:
     parser.add_argument("--size", choices=tuple(synth.SIZE_PRESETS), default="default")
     parser.add_argument("--workers", type=int, default=None, help="rendering processes (default: up to 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="--size tiny (what `make bench` runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.size = "tiny"
     sizes = synth.SIZE_PRESETS[args.size]
 
     start = time.perf_counter()
@@ -43,15 +41,15 @@ def main() -> None:
 
     n = len(items)
     print(f"hada data synth --size {args.size} (cpu count {os.cpu_count()}, workers {args.workers or 'auto'})")
-    print(_table([["step", "images", "seconds", "images/s"],
-                  ["sample scenes + captions", f"{n:,}", f"{sampled:.1f}", f"{n / sampled:,.0f}"],
-                  ["generate (all, written)", f"{n:,}", f"{result.seconds:.1f}", f"{n / result.seconds:,.0f}"]]))
+    print(markdown_table(["step", "images", "seconds", "images/s"],
+                        [["sample scenes + captions", f"{n:,}", f"{sampled:.1f}", f"{n / sampled:,.0f}"],
+                         ["generate (all, written)", f"{n:,}", f"{result.seconds:.1f}", f"{n / result.seconds:,.0f}"]]))
     print(f"\ntrivial baselines on the test split ({sizes.test:,} images, {sizes.test * 5:,} captions; {scored:.1f} s)")
     keys = ["text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10",
             "image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10", "rsum"]
     rows = [["matcher", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "Rsum"]]
     rows += [[name] + [f"{m[k]:.1f}" for k in keys] for name, m in baselines.items()]
-    print(_table(rows))
+    print(markdown_table(rows[0], rows[1:]))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from hada.book import BOOK_MODEL
 from hada.graph import build_edges
 from hada.model import HadaConfig, HadaEncoder, HadaPair, ModalityBatch, _full
 from hada.train import cpu_has_bf16
+from tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -217,16 +218,6 @@ def run_setting(shape: Shape, batch: int, device: str, paths: list[Path], steps:
     return result
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(f"\n{title}")
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -278,8 +269,9 @@ def main(argv=None) -> int:
                         rows.append([device, name, gnn, batch, path.label, f"{res[path]:.1f}", ref, pyg])
                     print(f"  done {device} {name} {gnn} batch {batch} (paths agree to {res['max_abs_diff']:.1e})",
                           flush=True)
-    print_table("Training pairs/s (forward + backward + fused AdamW, image + text encoders); "
-                "x reference: over the faster reference row", header, rows)
+    print("\nTraining pairs/s (forward + backward + fused AdamW, image + text encoders); "
+          "x reference: over the faster reference row")
+    print(markdown_table(header, rows))
     print("\nshapes: " + "; ".join(s.describe() for s in SHAPES.values()))
     return 0
 
