@@ -237,7 +237,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", nargs="+", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow per-sample reference path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.batch_sizes or [1]) < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 0:
+        p.error("--batch-sizes and --steps must be >= 1, --warmup and --threads >= 0")
+    return args
 
 
 def main(argv=None) -> int:

@@ -419,7 +419,7 @@ def dense_gatv2(conv, x: Tensor, mask: Tensor, layout: DenseLayout, need_all: bo
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
-    # the score function computes in one dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
+    # the score function computes in q's dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
     # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
     # (measured); xl itself is passed as it is and widened tile by tile
     dt = xl.dtype
