@@ -255,6 +255,13 @@ def _with_cls(all_nodes: Tensor, cls_out: Tensor, cls_pos: Tensor) -> Tensor:
 GATV2_CHUNK_ELEMENTS = 1 << 18
 #: The same on a GPU, where the cost is kernel launches, not cache misses (128 MB of float32).
 GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
+#: On CPU, compute the scores with the fused numba kernels of :mod:`hada.kernels` (one pass over ``xl``
+#: forward, one backward) instead of the tiled PyTorch ops, which remain the path on other devices.
+FUSED_CPU_SCORES = True
+
+
+def _fused_scores(xl: Tensor) -> bool:
+    return FUSED_CPU_SCORES and xl.device.type == "cpu"
 
 
 def _head_diagonal(full: Tensor) -> Tensor:
@@ -281,7 +288,8 @@ class GatV2ClsScores(torch.autograd.Function):
     allocated B*K*N*H*C tensor (hundreds of MB at the paper's shapes); here the work is cut into
     (samples x nodes) tiles that live in reused, cache-sized buffers, and the backward splits
     leaky_relu(z) = s*z + (1-s)*relu(z): the linear part needs only per-block and per-node sums of the grad.
-    Per-head products with ``att`` are matrix products with its block-diagonal form.
+    Per-head products with ``att`` are matrix products with its block-diagonal form. On CPU the fused
+    kernels of :mod:`hada.kernels` do the same work in one pass each way (``FUSED_CPU_SCORES``).
 
     Runs with autocast off, in ``q``'s dtype (:func:`dense_gatv2` passes float32 on CPU, where bfloat16
     element-wise kernels are slower than float32 ones). ``xl`` may be narrower (bfloat16 from an autocast
@@ -334,6 +342,12 @@ class GatV2ClsScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks: list[tuple[int, int]],
                 slope: float):
+        ctx.save_for_backward(q, q_cls, xl, att)
+        ctx.blocks, ctx.slope = blocks, slope
+        if _fused_scores(xl):
+            from hada.kernels import gatv2_cls_scores
+
+            return gatv2_cls_scores(q, q_cls, xl, att, blocks, slope)
         B, K, _, HC = q.shape
         N, (H, C) = xl.shape[1], att.shape
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
@@ -349,12 +363,15 @@ class GatV2ClsScores(torch.autograd.Function):
                 # [H, H*C] @ z^T: a wide product, ~3x faster on CPU than z @ [H*C, H] (4 output columns)
                 score_t = torch.mm(att_block, z.view(rows, HC).t(), out=sbuf[: rows * H].view(H, rows))
                 out[bs, :, ns] = score_t.t().view(*z.shape[:3], H)
-        ctx.save_for_backward(q, q_cls, xl, att)
-        ctx.blocks, ctx.slope = blocks, slope
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        q, q_cls, xl, att = ctx.saved_tensors
+        if _fused_scores(xl):
+            from hada.kernels import gatv2_cls_scores_grads
+
+            return *gatv2_cls_scores_grads(q, q_cls, xl, att, ctx.blocks, ctx.slope, grad), None, None
         with torch.autocast(grad.device.type, enabled=False):
             return GatV2ClsScores._backward(ctx, grad)
 

@@ -64,10 +64,21 @@ def test_dense_gradients_equal_pyg(gnn):
         torch.testing.assert_close(g, grads["pyg"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("chunk", [24, 1 << 18])
-def test_gatv2_score_function_gradcheck(monkeypatch, chunk):
-    """The tiled GATv2 score function against autograd's numerical gradient (tiles split blocks at 24)."""
+#: The two implementations of the GATv2 CLS scores: numba's fused CPU kernels (hada.kernels, the CPU path),
+#: and the tiled PyTorch ops (the path on other devices) with tiles that split blocks (24) or not.
+SCORE_KERNELS = {"fused": (True, 1 << 18), "tiled-small": (False, 24), "tiled": (False, 1 << 18)}
+
+
+def use_score_kernel(monkeypatch, kernel: str) -> None:
+    fused, chunk = SCORE_KERNELS[kernel]
+    monkeypatch.setattr(hada.model, "FUSED_CPU_SCORES", fused)
     monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", chunk)
+
+
+@pytest.mark.parametrize("kernel", SCORE_KERNELS)
+def test_gatv2_score_function_gradcheck(monkeypatch, kernel):
+    """Each GATv2 score implementation against autograd's numerical gradient and the plain formula."""
+    use_score_kernel(monkeypatch, kernel)
     g = torch.Generator().manual_seed(0)
     B, K, H, C, blocks = 3, 2, 2, 3, [(0, 3), (3, 5)]
     args = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
@@ -80,8 +91,29 @@ def test_gatv2_score_function_gradcheck(monkeypatch, chunk):
     torch.testing.assert_close(fn(*args), (z * att).sum(-1))
 
 
-def test_dense_equals_pyg_with_small_tiles(monkeypatch):
-    monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", 100)
+def test_fused_and_tiled_scores_agree_in_float32(monkeypatch):
+    """The CPU kernel and the tiled ops give the same scores and gradients at K=3 with zero gradients at
+    some nodes (padding, which the fused backward skips)."""
+    g = torch.Generator().manual_seed(1)
+    B, K, H, C, blocks = 4, 3, 4, 8, [(0, 7), (7, 11), (11, 14)]
+    inputs = [torch.randn(*shape, generator=g) for shape in [(B, K, K, H * C), (B, K, K, H * C), (B, 14, H * C),
+                                                               (H, C)]]
+    grad = torch.randn(B, K, 14, H, generator=g)
+    grad[:, :, 9:11] = 0
+    results = {}
+    for kernel in ("fused", "tiled-small"):
+        use_score_kernel(monkeypatch, kernel)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = GatV2ClsScores.apply(*leaves, blocks, 0.2)
+        out.backward(grad)
+        results[kernel] = (out, *(t.grad for t in leaves))
+    for a, b in zip(results["fused"], results["tiled-small"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "tiled-small"])
+def test_dense_equals_pyg_with_each_score_kernel(monkeypatch, kernel):
+    use_score_kernel(monkeypatch, kernel)
     torch.manual_seed(0)
     model = HadaEncoder(small_config(3, heads=2, layers=2)).eval()
     batch = rand_batch(3)
@@ -249,11 +281,13 @@ def test_bf16_precision_close_to_fp32(gnn, backend):
         small_config(2, precision="fp16")
 
 
-@pytest.mark.parametrize("chunk", [40, 1 << 18])
-def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatch, chunk):
-    """Under autocast xl arrives in bfloat16 and is widened tile by tile: scores and gradients equal those of
-    the float32 function on the widened xl, and xl's gradient comes back in bfloat16."""
-    monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", chunk)
+@pytest.mark.parametrize("kernel", ["fused", "tiled", "tiled-40"])
+def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatch, kernel):
+    """Under autocast xl arrives in bfloat16 and is widened (tile by tile in the tiled ops): scores and
+    gradients equal those of the float32 function on the widened xl, and xl's gradient comes back in bfloat16."""
+    use_score_kernel(monkeypatch, kernel.split("-")[0])
+    if kernel == "tiled-40":
+        monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", 40)
     g = torch.Generator().manual_seed(0)
     B, K, H, C, blocks = 3, 2, 2, 4, [(0, 5), (5, 8)]
     q, q_cls = (torch.randn(B, K, K, H * C, generator=g) for _ in range(2))
