@@ -1,4 +1,4 @@
-"""Fused CPU kernels (numba) for the GATv2 scores of the K CLS targets (see ``hada.model.GatV2ClsScores``).
+"""Fused CPU kernels (numba) for the GATv2 scores of the K CLS targets (see ``hada.dense.GatV2ClsScores``).
 
 ``score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + xl[b, n, h*C + c])``, with
 ``q_cls`` in place of ``q`` when node n is its backbone's CLS token. Eager PyTorch needs about ten passes
@@ -108,7 +108,7 @@ def _arrays(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks, slope: fl
 
 
 def gatv2_cls_scores(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks, slope: float) -> Tensor:
-    """Scores [B, K, N, H] (no autograd; ``hada.model.GatV2ClsScores`` wraps this on CPU)."""
+    """Scores [B, K, N, H] (no autograd; ``hada.dense.GatV2ClsScores`` wraps this on CPU)."""
     B, K, N, H = q.shape[0], q.shape[1], xl.shape[1], att.shape[0]
     out = torch.empty(B, K, N, H, dtype=q.dtype)
     gatv2_scores_forward(*_arrays(q, q_cls, xl, att, blocks, slope), out.numpy())

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hada.errors import HadaError
-import hada.model
-from hada.model import (GatV2ClsScores, HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
+import hada.dense
+from hada.dense import GatV2ClsScores
+from hada.model import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
 
 TOKEN_DIMS = (12, 10, 8)
 EMBED_DIMS = (6, 5, 7)
@@ -71,8 +72,8 @@ SCORE_KERNELS = {"fused": (True, 1 << 18), "tiled-small": (False, 24), "tiled": 
 
 def use_score_kernel(monkeypatch, kernel: str) -> None:
     fused, chunk = SCORE_KERNELS[kernel]
-    monkeypatch.setattr(hada.model, "FUSED_CPU_SCORES", fused)
-    monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(hada.dense, "FUSED_CPU_SCORES", fused)
+    monkeypatch.setattr(hada.dense, "GATV2_CHUNK_ELEMENTS", chunk)
 
 
 @pytest.mark.parametrize("kernel", SCORE_KERNELS)
@@ -287,7 +288,7 @@ def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatc
     gradients equal those of the float32 function on the widened xl, and xl's gradient comes back in bfloat16."""
     use_score_kernel(monkeypatch, kernel.split("-")[0])
     if kernel == "tiled-40":
-        monkeypatch.setattr(hada.model, "GATV2_CHUNK_ELEMENTS", 40)
+        monkeypatch.setattr(hada.dense, "GATV2_CHUNK_ELEMENTS", 40)
     g = torch.Generator().manual_seed(0)
     B, K, H, C, blocks = 3, 2, 2, 4, [(0, 5), (5, 8)]
     q, q_cls = (torch.randn(B, K, K, H * C, generator=g) for _ in range(2))
@@ -302,3 +303,21 @@ def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatc
     assert results[0][3].dtype == torch.bfloat16
     for a, b in zip(results[0], results[1]):
         torch.testing.assert_close(a.float(), b.to(a.dtype).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("gnn", ["gatv2", "transformer"])
+def test_dense_one_layer_with_and_without_folded_projection(monkeypatch, gnn, fold):
+    """A one-layer dense model maps every node through lin(proj(t)) either as one product with the folded
+    weight or as two; both equal torch_geometric, outputs and parameter gradients."""
+    monkeypatch.setattr(hada.dense, "_fold_is_cheaper", lambda *args: fold)
+    torch.manual_seed(0)
+    model = HadaEncoder(small_config(2, gnn=gnn, heads=2))
+    batch = rand_batch(2)
+    grads = {}
+    for backend in ("dense", "pyg"):
+        model.zero_grad()
+        model(batch, backend=backend).pow(3).sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(g, grads["pyg"][name], atol=1e-5, rtol=1e-4, msg=name)
