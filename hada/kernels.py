@@ -47,9 +47,9 @@ def gatv2_scores_forward(q, q_cls, xl, att, node_block, node_is_cls, consts, out
 @numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False)
 def gatv2_scores_backward(q, q_cls, xl, att, node_block, node_is_cls, consts, grad,
                           dq, dq_cls, dxl, datt):  # pragma: no cover - jit
-    """Accumulate the gradients of :func:`gatv2_scores_forward` for ``grad`` [B, K, N, H] into the
-    zero-initialised dq, dq_cls (like q), dxl (like xl) and datt (like att). Target-node pairs whose score
-    gradients are all exactly 0 (padding, masked out by the softmax) are skipped.
+    """The gradients of :func:`gatv2_scores_forward` for ``grad`` [B, K, N, H]: written into dxl (like xl,
+    any content) and added to the zero-initialised dq, dq_cls (like q) and datt (like att). Target-node
+    pairs whose score gradients are all exactly 0 (padding, masked out by the softmax) are skipped.
 
     The loops run over flat H*C rows (the head's gradient first spread over its channels) and write one
     array each: LLVM vectorises these; a loop updating dxl, dq and datt at once is ~10x slower."""
@@ -67,6 +67,7 @@ def gatv2_scores_backward(q, q_cls, xl, att, node_block, node_is_cls, consts, gr
             dsrc = dq_cls if cls else dq
             x = xl[b, n]
             dx = dxl[b, n]
+            dx[:] = 0  # here rather than a separate pass over dxl
             for k in range(K):
                 g_heads = grad[b, k, n]
                 if not g_heads.any():
@@ -120,7 +121,7 @@ def gatv2_cls_scores_grads(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, bl
     """Gradients (dq, dq_cls, dxl, datt) of :func:`gatv2_cls_scores` for the output gradient ``grad``; dxl
     in xl's own dtype."""
     dq, dq_cls = torch.zeros_like(q), torch.zeros_like(q_cls)
-    dxl, datt = torch.zeros(xl.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
+    dxl, datt = torch.empty(xl.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
     grad = grad.detach().to(q.dtype).contiguous()
     gatv2_scores_backward(*_arrays(q, q_cls, xl, att, blocks, slope), grad.numpy(),
                           dq.numpy(), dq_cls.numpy(), dxl.numpy(), datt.numpy())
