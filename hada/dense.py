@@ -369,7 +369,7 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
 
     Same algebra as torch_geometric: score = att . leaky_relu(x_i W_r + x_j W_l + w_ji W_e), softmax over the
     sources of each CLS node i, out_i = sum_j alpha_ij x_j W_l + bias; a feature node's only source is
-    itself, so its output is x W_l + bias. Messages are pooled in input space before W_l (K rows, not N).
+    itself, so its output is x W_l + bias.
     """
     H, C = conv.heads, conv.out_channels
     xl = x.linear(conv.lin_l)  # [B, N, H*C]
@@ -388,10 +388,8 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt), layout.blocks,
                                  conv.negative_slope)
     alpha = _masked_softmax(score, mask)  # [B, K, N, H]
-    pooled = x.pool(alpha)  # [B, K, H, W]
-    W = pooled.shape[-1]
-    out_cls = torch.einsum("bkhw,hcw->bkhc", pooled, conv.lin_l.weight.view(H, C, W))
-    out_cls = (out_cls + conv.lin_l.bias.view(H, C)).reshape(B, K, H * C) + conv.bias
+    # the messages x_j W_l + b_l are xl itself (needed for the scores anyway): weight them per head
+    out_cls = torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C) + conv.bias
     out_all = None
     if need_all:
         out_all = _with_cls(xl + conv.bias, out_cls, layout.cls_pos)
