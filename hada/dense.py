@@ -198,13 +198,14 @@ def _with_cls(all_nodes: Tensor, cls_out: Tensor, cls_pos: Tensor) -> Tensor:
 GATV2_CHUNK_ELEMENTS = 1 << 18
 #: The same on a GPU, where the cost is kernel launches, not cache misses (128 MB of float32).
 GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
-#: On CPU, compute the scores with the fused numba kernels of :mod:`hada.kernels` (one pass over ``xl``
-#: forward, one backward) instead of the tiled PyTorch ops, which remain the path on other devices.
-FUSED_CPU_SCORES = True
+#: On CPU, compute GATv2's scores, softmax and messages at the CLS nodes with the fused numba kernels of
+#: :mod:`hada.kernels` (:class:`GatV2ClsAttention`) instead of PyTorch ops (:class:`GatV2ClsScores`, softmax,
+#: einsum), which remain the path on other devices.
+FUSED_CPU_ATTENTION = True
 
 
-def _fused_scores(xl: Tensor) -> bool:
-    return FUSED_CPU_SCORES and xl.device.type == "cpu"
+def _fused_attention(xl: Tensor) -> bool:
+    return FUSED_CPU_ATTENTION and xl.device.type == "cpu"
 
 
 def _head_diagonal(full: Tensor) -> Tensor:
@@ -231,8 +232,8 @@ class GatV2ClsScores(torch.autograd.Function):
     allocated B*K*N*H*C tensor (hundreds of MB at the paper's shapes); here the work is cut into
     (samples x nodes) tiles that live in reused, cache-sized buffers, and the backward splits
     leaky_relu(z) = s*z + (1-s)*relu(z): the linear part needs only per-block and per-node sums of the grad.
-    Per-head products with ``att`` are matrix products with its block-diagonal form. On CPU the fused
-    kernels of :mod:`hada.kernels` do the same work in one pass each way (``FUSED_CPU_SCORES``).
+    Per-head products with ``att`` are matrix products with its block-diagonal form. (On CPU,
+    :class:`GatV2ClsAttention` replaces this, the softmax and the messages by fused kernels.)
 
     Runs with autocast off, in ``q``'s dtype (:func:`dense_gatv2` passes float32 on CPU, where bfloat16
     element-wise kernels are slower than float32 ones). ``xl`` may be narrower (bfloat16 from an autocast
@@ -285,12 +286,6 @@ class GatV2ClsScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks: list[tuple[int, int]],
                 slope: float):
-        ctx.save_for_backward(q, q_cls, xl, att)
-        ctx.blocks, ctx.slope = blocks, slope
-        if _fused_scores(xl):
-            from hada.kernels import gatv2_cls_scores
-
-            return gatv2_cls_scores(q, q_cls, xl, att, blocks, slope)
         B, K, _, HC = q.shape
         N, (H, C) = xl.shape[1], att.shape
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
@@ -306,15 +301,12 @@ class GatV2ClsScores(torch.autograd.Function):
                 # [H, H*C] @ z^T: a wide product, ~3x faster on CPU than z @ [H*C, H] (4 output columns)
                 score_t = torch.mm(att_block, z.view(rows, HC).t(), out=sbuf[: rows * H].view(H, rows))
                 out[bs, :, ns] = score_t.t().view(*z.shape[:3], H)
+        ctx.save_for_backward(q, q_cls, xl, att)
+        ctx.blocks, ctx.slope = blocks, slope
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, q_cls, xl, att = ctx.saved_tensors
-        if _fused_scores(xl):
-            from hada.kernels import gatv2_cls_scores_grads
-
-            return *gatv2_cls_scores_grads(q, q_cls, xl, att, ctx.blocks, ctx.slope, grad), None, None
         with torch.autocast(grad.device.type, enabled=False):
             return GatV2ClsScores._backward(ctx, grad)
 
@@ -364,6 +356,30 @@ class GatV2ClsScores(torch.autograd.Function):
         return dq, dq_cls, dxl, _head_diagonal(d_att), None, None
 
 
+class GatV2ClsAttention(torch.autograd.Function):
+    """GATv2 at the K CLS targets in one fused CPU kernel each way (:mod:`hada.kernels`): the scores of
+    :class:`GatV2ClsScores`, their softmax over the valid nodes and the per-head weighted sum of ``xl``.
+    Returns (messages [B, K, H*C] without the conv's bias, alpha [B, K, N, H], 0 at padding), in q's dtype."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor,
+                blocks: list[tuple[int, int]], slope: float):
+        from hada.kernels import gatv2_cls_attention
+
+        out, alpha = gatv2_cls_attention(q, q_cls, xl, att, mask, blocks, slope)
+        ctx.save_for_backward(q, q_cls, xl, att, mask, alpha)
+        ctx.blocks, ctx.slope = blocks, slope
+        return out, alpha
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor, d_alpha: Tensor):
+        from hada.kernels import gatv2_cls_attention_grads
+
+        q, q_cls, xl, att, mask, alpha = ctx.saved_tensors
+        grads = gatv2_cls_attention_grads(q, q_cls, xl, att, mask, ctx.blocks, ctx.slope, alpha, d_out, d_alpha)
+        return *grads, None, None, None
+
+
 def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
     """GATv2Conv (edge_dim=1, no added self loops) on the published graph, attention at the CLS nodes only.
 
@@ -385,11 +401,14 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     dt = xl.dtype
     if dt in (torch.bfloat16, torch.float16) and xl.device.type == "cpu":
         dt = torch.float32
-    score = GatV2ClsScores.apply(q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt), layout.blocks,
-                                 conv.negative_slope)
-    alpha = _masked_softmax(score, mask)  # [B, K, N, H]
-    # the messages x_j W_l + b_l are xl itself (needed for the scores anyway): weight them per head
-    out_cls = torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C) + conv.bias
+    args = (q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt))
+    # the messages x_j W_l + b_l are xl itself (needed for the scores anyway), weighted per head
+    if _fused_attention(xl):
+        messages, alpha = GatV2ClsAttention.apply(*args, mask, layout.blocks, conv.negative_slope)
+    else:
+        alpha = _masked_softmax(GatV2ClsScores.apply(*args, layout.blocks, conv.negative_slope), mask)
+        messages = torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C)
+    out_cls = messages + conv.bias
     out_all = None
     if need_all:
         out_all = _with_cls(xl + conv.bias, out_cls, layout.cls_pos)
