@@ -3,7 +3,9 @@ what is read (DESIGN 2b).
 
 In the published graph (directed, no feature-feature edges) a feature node receives only its self loop, so
 its update is a per-node transform that nothing reads after the last layer: attention is computed for the K
-CLS nodes only, and messages are pooled in input space before the (linear) value maps. Each function reads
+CLS nodes only. GATv2 needs ``x W_l`` at every node for its scores anyway and weights those messages per head
+(on CPU in one fused kernel, :mod:`hada.kernels`); GCN and TransformerConv pool in input space before their
+(linear) value maps. Each function reads
 the torch_geometric convolution's own weights (``lin_l``, ``lin_r``, ``att``, ``lin_edge``, ``bias``, ...), so
 a model can switch between this backend and torch_geometric's ("pyg") at any time.
 
@@ -87,7 +89,7 @@ class ProjectedTokens(NodeFeatures):
         """The materialised x [B, N, W]."""
         return torch.cat([proj(t) for proj, t in zip(self.projs, self.tokens)], dim=1)
 
-    def cls(self, cls_pos: Tensor) -> Tensor:
+    def cls(self, cls_pos: Tensor) -> Tensor:  # each block's CLS token is its first
         return torch.stack([proj(t[:, 0]) for proj, t in zip(self.projs, self.tokens)], dim=1)
 
     def linear(self, lin: nn.Module) -> Tensor:
