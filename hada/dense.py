@@ -289,7 +289,7 @@ class GatV2ClsScores(torch.autograd.Function):
     def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, blocks: list[tuple[int, int]],
                 slope: float):
         B, K, _, HC = q.shape
-        N, (H, C) = xl.shape[1], att.shape
+        N, H = xl.shape[1], att.shape[0]
         tiles, largest = GatV2ClsScores._tiles(B, K, HC, blocks, xl.device)
         with torch.autocast(xl.device.type, enabled=False):
             att_block = _block_diagonal(att)  # [H, H*C]
