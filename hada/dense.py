@@ -5,9 +5,9 @@ In the published graph (directed, no feature-feature edges) a feature node recei
 its update is a per-node transform that nothing reads after the last layer: attention is computed for the K
 CLS nodes only. GATv2 needs ``x W_l`` at every node for its scores anyway and weights those messages per head
 (on CPU in one fused kernel, :mod:`hada.kernels`); GCN and TransformerConv pool in input space before their
-(linear) value maps. Each function reads
-the torch_geometric convolution's own weights (``lin_l``, ``lin_r``, ``att``, ``lin_edge``, ``bias``, ...), so
-a model can switch between this backend and torch_geometric's ("pyg") at any time.
+(linear) value maps. Each function reads the torch_geometric convolution's own weights (``lin_l``, ``lin_r``,
+``att``, ``lin_edge``, ``bias``, ...), so a model can switch between this backend and torch_geometric's
+("pyg") at any time.
 
 A convolution sees its input only through :class:`NodeFeatures`. In a one-layer model that is
 :class:`ProjectedTokens`: the node features ``x = proj_m(tokens_m)`` are never built for every node. Pooling
@@ -364,13 +364,13 @@ class GatV2ClsAttention(torch.autograd.Function):
     Returns (messages [B, K, H*C] without the conv's bias, alpha [B, K, N, H], 0 at padding), in q's dtype."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor,
-                blocks: list[tuple[int, int]], slope: float):
+    def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout: "DenseLayout",
+                slope: float):
         from hada.kernels import gatv2_cls_attention
 
-        out, alpha = gatv2_cls_attention(q, q_cls, xl, att, mask, blocks, slope)
+        out, alpha = gatv2_cls_attention(q, q_cls, xl, att, mask, layout, slope)
         ctx.save_for_backward(q, q_cls, xl, att, mask, alpha)
-        ctx.blocks, ctx.slope = blocks, slope
+        ctx.layout, ctx.slope = layout, slope
         return out, alpha
 
     @staticmethod
@@ -378,7 +378,7 @@ class GatV2ClsAttention(torch.autograd.Function):
         from hada.kernels import gatv2_cls_attention_grads
 
         q, q_cls, xl, att, mask, alpha = ctx.saved_tensors
-        grads = gatv2_cls_attention_grads(q, q_cls, xl, att, mask, ctx.blocks, ctx.slope, alpha, d_out, d_alpha)
+        grads = gatv2_cls_attention_grads(q, q_cls, xl, att, mask, ctx.layout, ctx.slope, alpha, d_out, d_alpha)
         return *grads, None, None, None
 
 
@@ -406,7 +406,7 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     args = (q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt))
     # the messages x_j W_l + b_l are xl itself (needed for the scores anyway), weighted per head
     if _fused_attention(xl):
-        messages, alpha = GatV2ClsAttention.apply(*args, mask, layout.blocks, conv.negative_slope)
+        messages, alpha = GatV2ClsAttention.apply(*args, mask, layout, conv.negative_slope)
     else:
         alpha = _masked_softmax(GatV2ClsScores.apply(*args, layout.blocks, conv.negative_slope), mask)
         messages = torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C)

@@ -1,7 +1,7 @@
 """Fused CPU kernels (numba) for GATv2 attention at the K CLS nodes of the published graph.
 
 For sample b and CLS target k, with ``m(n)`` the backbone (block) of node n and ``q_cls`` in place of ``q`` when
-n is its block's CLS token (:func:`hada.dense.dense_gatv2` builds both)::
+n is its block's CLS token (``node_backbone`` and ``node_token`` of :class:`hada.dense.DenseLayout`) (:func:`hada.dense.dense_gatv2` builds both)::
 
     score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + xl[b, n, h*C + c])
     alpha[b, k, :, h] = softmax over the valid nodes n of score[b, k, n, h]   (0 at padding)
@@ -18,8 +18,6 @@ Single-threaded by design (hada.train runs one torch thread); compiled on first 
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numba
 import numpy as np
 import torch
@@ -29,7 +27,7 @@ _JIT = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
 
 
 @numba.njit(**_JIT)
-def gatv2_attention_forward(q, q_cls, xl, att, node_block, node_is_cls, mask, consts,
+def gatv2_attention_forward(q, q_cls, xl, att, node_backbone, node_token, mask, consts,
                             alpha, out):  # pragma: no cover - compiled
     """Fill ``alpha`` [B, K, N, H] and ``out`` [B, K, H*C] from q, q_cls [B, K, M, H*C], xl [B, N, H*C],
     att [H, C] and the validity ``mask`` [B, N]. ``consts`` = (negative slope, 1) in the arrays' dtype, so that
@@ -46,7 +44,7 @@ def gatv2_attention_forward(q, q_cls, xl, att, node_block, node_is_cls, mask, co
             for n in range(N):  # scores
                 if not mask[b, n]:
                     continue
-                qk = (q_cls if node_is_cls[n] else q)[b, k, node_block[n]]
+                qk = (q_cls if node_token[n] == 0 else q)[b, k, node_backbone[n]]
                 x = xl[b, n]
                 for h in range(H):
                     acc = zero
@@ -87,7 +85,7 @@ def gatv2_attention_forward(q, q_cls, xl, att, node_block, node_is_cls, mask, co
 
 
 @numba.njit(**_JIT)
-def gatv2_attention_backward(q, q_cls, xl, att, node_block, node_is_cls, mask, consts, alpha, d_out, d_alpha,
+def gatv2_attention_backward(q, q_cls, xl, att, node_backbone, node_token, mask, consts, alpha, d_out, d_alpha,
                              dq, dq_cls, dxl, datt):  # pragma: no cover - compiled
     """Gradients of :func:`gatv2_attention_forward` for ``d_out`` [B, K, H*C] and ``d_alpha`` [B, K, N, H]:
     written into dxl (like xl, any content) and added to the zero-initialised dq, dq_cls (like q) and datt
@@ -131,9 +129,9 @@ def gatv2_attention_backward(q, q_cls, xl, att, node_block, node_is_cls, mask, c
             for n in range(N):  # through the scores
                 if not mask[b, n]:
                     continue
-                cls = node_is_cls[n]
-                qk = (q_cls if cls else q)[b, k, node_block[n]]
-                dqk = (dq_cls if cls else dq)[b, k, node_block[n]]
+                cls = node_token[n] == 0
+                qk = (q_cls if cls else q)[b, k, node_backbone[n]]
+                dqk = (dq_cls if cls else dq)[b, k, node_backbone[n]]
                 x, dx = xl[b, n], dxl[b, n]
                 for h in range(H):
                     gz[h * C:(h + 1) * C] = g[n, h]
@@ -151,45 +149,37 @@ def gatv2_attention_backward(q, q_cls, xl, att, node_block, node_is_cls, mask, c
 # ------------------------------------------------------------------------------------------- torch side
 
 
-@lru_cache(maxsize=64)
-def _node_layout(blocks: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone (block) of every node and whether it is that block's CLS (first) node."""
-    sizes = [hi - lo for lo, hi in blocks]
-    node_block = np.repeat(np.arange(len(blocks), dtype=np.int64), sizes)
-    node_is_cls = np.zeros(sum(sizes), dtype=np.bool_)
-    node_is_cls[[lo for lo, _ in blocks]] = True
-    return node_block, node_is_cls
-
-
 def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
-def _inputs(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, blocks, slope: float) -> list:
-    """The kernels' leading arguments as numpy arrays in q's dtype (a narrower xl is widened)."""
+def _inputs(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout, slope: float) -> list:
+    """The kernels' leading arguments as numpy arrays: features in q's dtype (a narrower xl is widened), the
+    node layout (a :class:`hada.dense.DenseLayout`) as int64."""
     arrays = [_numpy(t, q.dtype) for t in (q, q_cls, xl, att)]
+    nodes = [_numpy(t, torch.int64) for t in (layout.node_backbone, layout.node_token)]
     consts = np.array([slope, 1.0], dtype=arrays[0].dtype)
-    return [*arrays, *_node_layout(tuple(map(tuple, blocks))), _numpy(mask, torch.bool), consts]
+    return [*arrays, *nodes, _numpy(mask, torch.bool), consts]
 
 
-def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, blocks,
+def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout,
                         slope: float) -> tuple[Tensor, Tensor]:
     """(out [B, K, H*C], alpha [B, K, N, H]) in q's dtype, without autograd (``hada.dense.GatV2ClsAttention``
     wraps it)."""
     B, K, N, H = q.shape[0], q.shape[1], xl.shape[1], att.shape[0]
     alpha = torch.zeros(B, K, N, H, dtype=q.dtype)  # padding keeps its 0
     out = torch.empty(B, K, q.shape[-1], dtype=q.dtype)
-    gatv2_attention_forward(*_inputs(q, q_cls, xl, att, mask, blocks, slope), alpha.numpy(), out.numpy())
+    gatv2_attention_forward(*_inputs(q, q_cls, xl, att, mask, layout, slope), alpha.numpy(), out.numpy())
     return out, alpha
 
 
-def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, blocks,
+def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout,
                               slope: float, alpha: Tensor, d_out: Tensor, d_alpha: Tensor
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dq_cls, dxl, datt) of :func:`gatv2_cls_attention`; dxl in xl's own dtype."""
     dq, dq_cls = torch.zeros_like(q), torch.zeros_like(q_cls)
     dxl, datt = torch.empty(xl.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
-    gatv2_attention_backward(*_inputs(q, q_cls, xl, att, mask, blocks, slope), _numpy(alpha, q.dtype),
+    gatv2_attention_backward(*_inputs(q, q_cls, xl, att, mask, layout, slope), _numpy(alpha, q.dtype),
                              _numpy(d_out, q.dtype), _numpy(d_alpha, q.dtype),
                              dq.numpy(), dq_cls.numpy(), dxl.numpy(), datt.numpy())
     return dq, dq_cls, dxl.to(xl.dtype), datt.to(att.dtype)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hada.errors import HadaError
+from hada.graph import EdgeWeights
 import hada.dense
-from hada.dense import GatV2ClsAttention, GatV2ClsScores
+from hada.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores
 from hada.model import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
 
 TOKEN_DIMS = (12, 10, 8)
@@ -92,21 +93,24 @@ def plain_gatv2_attention(q, q_cls, xl, att, mask, blocks, slope=0.2):
     return torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C), alpha
 
 
-def attention_inputs(dtype=torch.float64, B=3, K=2, H=2, C=3, blocks=((0, 3), (3, 5)), seed=0):
+def attention_inputs(dtype=torch.float64, B=3, K=2, H=2, C=3, sizes=(3, 2), seed=0):
+    """Random q, q_cls, xl, att; a mask with padding in both blocks (CLS nodes valid); the node layout."""
     g = torch.Generator().manual_seed(seed)
-    N = blocks[-1][1]
+    layout = DenseLayout.build(list(sizes), EdgeWeights(), "cpu")
+    N = sum(sizes)
     tensors = [torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
-               for shape in [(B, K, len(blocks), H * C), (B, K, len(blocks), H * C), (B, N, H * C), (H, C)]]
+               for shape in [(B, K, len(sizes), H * C), (B, K, len(sizes), H * C), (B, N, H * C), (H, C)]]
     mask = torch.ones(B, N, dtype=torch.bool)
-    mask[1, 1:3] = mask[2, 4] = False  # padding in both blocks; CLS nodes stay valid
-    return tensors, mask, [tuple(b) for b in blocks]
+    mask[1, 1:3] = mask[2, N - 1] = False
+    return tensors, mask, layout
 
 
 @pytest.mark.parametrize("kernel", ["tiled-small", "tiled"])
 def test_gatv2_score_function_gradcheck(monkeypatch, kernel):
     """The tiled GATv2 scores against autograd's numerical gradient and the plain formula."""
     use_score_kernel(monkeypatch, kernel)
-    (q, q_cls, xl, att), mask, blocks = attention_inputs()
+    (q, q_cls, xl, att), mask, layout = attention_inputs()
+    blocks = layout.blocks
     fn = lambda q, q_cls, xl, att: GatV2ClsScores.apply(q, q_cls, xl, att, blocks, 0.2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, q_cls, xl, att))
     all_valid = torch.ones_like(mask)
@@ -117,10 +121,10 @@ def test_gatv2_score_function_gradcheck(monkeypatch, kernel):
 def test_fused_gatv2_attention_gradcheck_and_formula():
     """The fused kernels: messages and alpha against the formula with padding, and both outputs' gradients
     against autograd's numerical ones."""
-    (q, q_cls, xl, att), mask, blocks = attention_inputs()
-    fn = lambda q, q_cls, xl, att: GatV2ClsAttention.apply(q, q_cls, xl, att, mask, blocks, 0.2)  # noqa: E731
+    (q, q_cls, xl, att), mask, layout = attention_inputs()
+    fn = lambda q, q_cls, xl, att: GatV2ClsAttention.apply(q, q_cls, xl, att, mask, layout, 0.2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, q_cls, xl, att))
-    for got, want in zip(fn(q, q_cls, xl, att), plain_gatv2_attention(q, q_cls, xl, att, mask, blocks)):
+    for got, want in zip(fn(q, q_cls, xl, att), plain_gatv2_attention(q, q_cls, xl, att, mask, layout.blocks)):
         torch.testing.assert_close(got, want)
     assert (fn(q, q_cls, xl, att)[1][~mask[:, None, :].expand(-1, 2, -1)] == 0).all()
 
@@ -319,12 +323,12 @@ def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatc
     use_score_kernel(monkeypatch, kernel.split("-")[0])
     if kernel == "tiled-40":
         monkeypatch.setattr(hada.dense, "GATV2_CHUNK_ELEMENTS", 40)
-    (q, q_cls, xl, att), mask, blocks = attention_inputs(torch.float32, H=2, C=4, blocks=((0, 5), (5, 8)))
+    (q, q_cls, xl, att), mask, layout = attention_inputs(torch.float32, H=2, C=4, sizes=(5, 3))
     xl16 = xl.detach().bfloat16()
     if kernel == "fused":
-        fn = lambda *t: GatV2ClsAttention.apply(*t, mask, blocks, 0.2)  # noqa: E731
+        fn = lambda *t: GatV2ClsAttention.apply(*t, mask, layout, 0.2)  # noqa: E731
     else:
-        fn = lambda *t: (GatV2ClsScores.apply(*t, blocks, 0.2),)  # noqa: E731
+        fn = lambda *t: (GatV2ClsScores.apply(*t, layout.blocks, 0.2),)  # noqa: E731
     results = []
     for x in (xl16, xl16.float()):
         inputs = [t.detach().clone().requires_grad_() for t in (q, q_cls, x, att)]
