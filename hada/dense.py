@@ -14,6 +14,8 @@ A convolution sees its input only through :class:`NodeFeatures`. In a one-layer 
 and dot products with ``x`` are taken in token space and mapped once per CLS node, and a linear map of every
 node (GATv2's ``x W_l``) is one product with the composite weight ``W_l P_m`` where that is cheaper. The
 frozen tokens need no gradient, so the per-token backward is one weight-gradient product instead of three.
+On CPU, GATv2's per-node map is computed for the valid nodes only, packed per backbone (:class:`ValidRows`),
+and handed to the fused kernels without a concatenation or its bias added.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class NodeFeatures:
         """``lin(x)`` at every node: [B, N, out] (``lin`` has ``weight`` [out, W] and ``bias`` or None)."""
         raise NotImplementedError
 
+    def linear_rows(self, lin: nn.Module, rows: "ValidRows") -> tuple[list[Tensor], Tensor]:
+        """``lin(x)`` at the valid nodes only, as (per backbone m the rows ``x W^T`` [R_m, out] packed as
+        ``rows.pack`` packs, each block's bias [M, out]): no product is spent on padding, no block is
+        concatenated or split, and the bias is left to the consumer (no pass over the rows to add it)."""
+        raise NotImplementedError
+
     def pool(self, weights: Tensor) -> Tensor:
         """``sum_n weights[b, k, n, h] x[b, n]``: [B, K, H, W] for weights [B, K, N, H]."""
         raise NotImplementedError
@@ -66,6 +74,9 @@ class MaterialisedNodes(NodeFeatures):
 
     def linear(self, lin: nn.Module) -> Tensor:
         return F.linear(self.x, lin.weight, lin.bias)
+
+    def linear_rows(self, lin: nn.Module, rows: "ValidRows") -> tuple[list[Tensor], Tensor]:
+        return [F.linear(x, lin.weight) for x in rows.pack(self.x)], _block_bias(lin, len(rows.masks))
 
     def pool(self, weights: Tensor) -> Tensor:
         return torch.einsum("bknh,bnw->bkhw", weights, self.x)
@@ -95,13 +106,27 @@ class ProjectedTokens(NodeFeatures):
     def linear(self, lin: nn.Module) -> Tensor:
         out = []
         for proj, t in zip(self.projs, self.tokens):
-            if _fold_is_cheaper(t, proj.weight.shape[0], lin.weight.shape[0]):
-                weight = lin.weight @ proj.weight  # [out, D]: x W^T = t (W P)^T + W p
-                bias = lin.weight @ proj.bias if lin.bias is None else torch.addmv(lin.bias, lin.weight, proj.bias)
-                out.append(F.linear(t, weight, bias))
-            else:
-                out.append(F.linear(proj(t), lin.weight, lin.bias))
+            weight, bias = self._folded(lin, proj, t)
+            out.append(F.linear(t, weight, bias) if weight is not None else F.linear(proj(t), lin.weight, lin.bias))
         return torch.cat(out, dim=1)
+
+    def linear_rows(self, lin: nn.Module, rows: "ValidRows") -> tuple[list[Tensor], Tensor]:
+        xls, biases = [], []
+        for proj, t in zip(self.projs, rows.pack_blocks(self.tokens)):
+            weight, bias = self._folded(lin, proj, t)
+            xls.append(F.linear(t, weight) if weight is not None else F.linear(proj(t), lin.weight))
+            biases.append(bias if weight is not None else _block_bias(lin, 1)[0])
+        return xls, torch.stack(biases)
+
+    @staticmethod
+    def _folded(lin: nn.Module, proj: nn.Module, t: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(weight, bias) of ``lin(proj(t))`` as one linear map of the tokens t [..., D] where that is cheaper,
+        else (None, None)."""
+        if not _fold_is_cheaper(t, proj.weight.shape[0], lin.weight.shape[0]):
+            return None, None
+        weight = lin.weight @ proj.weight  # [out, D]: x W^T = t (W P)^T + W p
+        bias = lin.weight @ proj.bias if lin.bias is None else torch.addmv(lin.bias, lin.weight, proj.bias)
+        return weight, bias
 
     def pool(self, weights: Tensor) -> Tensor:
         pooled = 0
@@ -119,11 +144,19 @@ class ProjectedTokens(NodeFeatures):
         return torch.cat(scores, dim=2)
 
 
+def _block_bias(lin: nn.Module, blocks: int) -> Tensor:
+    """``lin``'s bias (zeros without one) for each of ``blocks`` blocks: [blocks, out]."""
+    out = lin.weight.shape[0]
+    if lin.bias is None:
+        return lin.weight.new_zeros(blocks, out)
+    return lin.bias.expand(blocks, out)
+
+
 def _fold_is_cheaper(tokens: Tensor, width: int, out: int) -> bool:
     """Whether ``lin(proj(t))`` costs fewer multiply-adds per training step as one product with the folded
     weight (per token D*out forward + D*out weight gradient, plus out*W*D three times for the fold) than as
     two (D*W + W*out forward; W*out + W*out + D*W backward: lin's input and weight, proj's weight)."""
-    n = tokens.shape[0] * tokens.shape[1]
+    n = tokens.numel() // tokens.shape[-1]
     D = tokens.shape[-1]
     folded = 2 * n * D * out + 3 * out * width * D
     unfolded = n * (2 * D * width + 3 * width * out)
@@ -174,6 +207,49 @@ def _dense_layout(sizes: tuple[int, ...], weights: EdgeWeights, device: torch.de
 
 
 @dataclass
+class ValidRows:
+    """The valid nodes of a batch packed backbone by backbone, as the fused kernels read them: block m's rows
+    [R_m, C] hold sample b's tokens at ``offsets[m, b]`` to ``offsets[m, b] + lengths[m, b]`` (its CLS first).
+    Captions are padded to the batch's longest (~40% padding in the embedded default): packing spends no
+    product on padding. A block without padding (images) packs as a view."""
+
+    masks: list[Tensor]  # per backbone m: [B, N_m] bool
+    lengths: Tensor  # [K, B] int64
+    offsets: Tensor  # [K, B] int64
+    starts: Tensor  # [K] int64, backbone m's first position on the padded node axis
+    index: list[Tensor | None]  # per backbone m: the valid rows of [B * N_m] in order, None if all are
+    num_nodes: int  # N, the padded node axis
+
+    @classmethod
+    def build(cls, mask: Tensor, layout: DenseLayout) -> "ValidRows":
+        masks = [mask[:, lo:hi] for lo, hi in layout.blocks]
+        lengths = torch.stack([m.sum(1) for m in masks])
+        offsets = torch.cumsum(lengths, 1) - lengths
+        index = [None if bool(m.all()) else m.reshape(-1).nonzero().squeeze(1) for m in masks]
+        return cls(masks, lengths, offsets, layout.cls_pos, index, mask.shape[1])
+
+    def index_arrays(self) -> list:
+        """(starts, offsets, lengths) as int64 numpy arrays, for the kernels (converted once per batch)."""
+        if not hasattr(self, "_arrays"):
+            self._arrays = [t.detach().to(torch.int64).contiguous().numpy()
+                            for t in (self.starts, self.offsets, self.lengths)]
+        return self._arrays
+
+    def pack_blocks(self, blocks: list[Tensor]) -> list[Tensor]:
+        """Per backbone [B, N_m, C] -> [R_m, C]."""
+        out = []
+        for t, index in zip(blocks, self.index):
+            rows = t.reshape(-1, t.shape[-1])
+            out.append(rows if index is None else rows.index_select(0, index))
+        return out
+
+    def pack(self, x: Tensor) -> list[Tensor]:
+        """[B, N, C] on the padded node axis -> per backbone [R_m, C]."""
+        bounds = self.starts.tolist() + [x.shape[1]]
+        return self.pack_blocks([x[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+
+
+@dataclass
 class DenseOut:
     cls: Tensor  # [B, K, C_out] conv output at the CLS nodes
     all: Tensor | None  # [B, N, C_out] conv output at every node (only when a later layer reads it)
@@ -204,10 +280,6 @@ GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
 #: :mod:`hada.kernels` (:class:`GatV2ClsAttention`) instead of PyTorch ops (:class:`GatV2ClsScores`, softmax,
 #: einsum), which remain the path on other devices.
 FUSED_CPU_ATTENTION = True
-
-
-def _fused_attention(xl: Tensor) -> bool:
-    return FUSED_CPU_ATTENTION and xl.device.type == "cpu"
 
 
 def _head_diagonal(full: Tensor) -> Tensor:
@@ -360,26 +432,31 @@ class GatV2ClsScores(torch.autograd.Function):
 
 class GatV2ClsAttention(torch.autograd.Function):
     """GATv2 at the K CLS targets in one fused CPU kernel each way (:mod:`hada.kernels`): the scores of
-    :class:`GatV2ClsScores`, their softmax over the valid nodes and the per-head weighted sum of ``xl``.
+    :class:`GatV2ClsScores`, their softmax over the valid nodes and the per-head weighted sum of ``xl``, read
+    from the packed rows ``xls`` of :class:`ValidRows` (no padding, no concatenated copy) plus their block's
+    ``bias`` [M, H*C].
     Returns (messages [B, K, H*C] without the conv's bias, alpha [B, K, N, H], 0 at padding), in q's dtype."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout: "DenseLayout",
-                slope: float):
+    def forward(ctx, q: Tensor, q_cls: Tensor, bias: Tensor, att: Tensor, rows: ValidRows, slope: float,
+                *xls: Tensor):
         from hada.kernels import gatv2_cls_attention
 
-        out, alpha = gatv2_cls_attention(q, q_cls, xl, att, mask, layout, slope)
-        ctx.save_for_backward(q, q_cls, xl, att, mask, alpha)
-        ctx.layout, ctx.slope = layout, slope
+        out, alpha = gatv2_cls_attention(q, q_cls, list(xls), bias, att, rows, slope)
+        ctx.save_for_backward(q, q_cls, bias, att, alpha, *xls)
+        ctx.rows, ctx.slope = rows, slope
         return out, alpha
 
     @staticmethod
     def backward(ctx, d_out: Tensor, d_alpha: Tensor):
         from hada.kernels import gatv2_cls_attention_grads
 
-        q, q_cls, xl, att, mask, alpha = ctx.saved_tensors
-        grads = gatv2_cls_attention_grads(q, q_cls, xl, att, mask, ctx.layout, ctx.slope, alpha, d_out, d_alpha)
-        return *grads, None, None, None
+        q, q_cls, bias, att, alpha, *xls = ctx.saved_tensors
+        d_out = torch.zeros(alpha.shape[:2] + q.shape[-1:], dtype=q.dtype) if d_out is None else d_out
+        d_alpha = torch.zeros_like(alpha) if d_alpha is None else d_alpha
+        dq, dq_cls, dbias, datt, *dxls = gatv2_cls_attention_grads(q, q_cls, xls, bias, att, ctx.rows, ctx.slope,
+                                                                   alpha, d_out, d_alpha)
+        return dq, dq_cls, dbias, datt, None, None, *dxls
 
 
 def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
@@ -390,25 +467,34 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     itself, so its output is x W_l + bias.
     """
     H, C = conv.heads, conv.out_channels
-    xl = x.linear(conv.lin_l)  # [B, N, H*C]
-    B, N = xl.shape[:2]
     K = layout.cls_pos.numel()
     xr = conv.lin_r(x.cls(layout.cls_pos))  # [B, K, H*C]
+    B = xr.shape[0]
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
+    fused = FUSED_CPU_ATTENTION and xr.device.type == "cpu"
+    xl = x.linear(conv.lin_l) if need_all or not fused else None  # [B, N, H*C]
     # the score function computes in q's dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
     # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
-    # (measured); xl itself is passed as it is and widened tile by tile
-    dt = xl.dtype
-    if dt in (torch.bfloat16, torch.float16) and xl.device.type == "cpu":
+    # (measured); xl itself is passed as it is and widened tile by tile (or row block by row block)
+    dt = conv.lin_l.weight.dtype if xl is None else xl.dtype
+    if dt in (torch.bfloat16, torch.float16) and xr.device.type == "cpu":
         dt = torch.float32
-    args = (q.to(dt), q_cls.to(dt), xl, conv.att[0].to(dt))
+    args = (q.to(dt), q_cls.to(dt))
     # the messages x_j W_l + b_l are xl itself (needed for the scores anyway), weighted per head
-    if _fused_attention(xl):
-        messages, alpha = GatV2ClsAttention.apply(*args, mask, layout, conv.negative_slope)
+    if fused:
+        rows = ValidRows.build(mask, layout)
+        if xl is None:
+            xls, bias = x.linear_rows(conv.lin_l, rows)
+        else:  # xl already holds its bias
+            xls, bias = rows.pack(xl), xl.new_zeros(K, H * C)
+        messages, alpha = GatV2ClsAttention.apply(*args, bias.to(dt), conv.att[0].to(dt), rows,
+                                                  conv.negative_slope, *xls)
     else:
-        alpha = _masked_softmax(GatV2ClsScores.apply(*args, layout.blocks, conv.negative_slope), mask)
+        N = xl.shape[1]
+        scores = GatV2ClsScores.apply(*args, xl, conv.att[0].to(dt), layout.blocks, conv.negative_slope)
+        alpha = _masked_softmax(scores, mask)
         messages = torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C)
     out_cls = messages + conv.bias
     out_all = None

@@ -1,16 +1,19 @@
 """Fused CPU kernels (numba) for GATv2 attention at the K CLS nodes of the published graph.
 
-For sample b and CLS target k, with ``m(n)`` the backbone (block) of node n and ``q_cls`` in place of ``q`` when
-n is its block's CLS token (``node_backbone`` and ``node_token`` of :class:`hada.dense.DenseLayout`) (:func:`hada.dense.dense_gatv2` builds both)::
+The kernels read only the valid nodes, packed backbone by backbone (:class:`hada.dense.ValidRows`): ``xl_m``
+holds backbone m's rows ``x W_l`` without their bias ``bias[m]``. For sample b and CLS target k, with ``q_cls``
+in place of ``q`` for a block's first (CLS) token::
 
-    score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + xl[b, n, h*C + c])
-    alpha[b, k, :, h] = softmax over the valid nodes n of score[b, k, n, h]   (0 at padding)
-    out[b, k, h*C + c] = sum_n alpha[b, k, n, h] * xl[b, n, h*C + c]
+    score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + bias[m(n), h*C + c] + xl[n, h*C + c])
+    alpha[b, k, :, h] = softmax over the sample's valid nodes n of score[b, k, n, h]   (0 at padding)
+    out[b, k, h*C + c] = sum_n alpha[b, k, n, h] * (xl[n, h*C + c] + bias[m(n), h*C + c])
 
 Eager PyTorch computes this with a few dozen ops and several passes over [B, K, N, H*C] tensors (or their
-tiles); here the forward is two passes over ``xl`` per target and the backward two more, every intermediate
-in registers or in one row of scratch. On a 2-core CPU this is what makes the dense backend's training step
-many times cheaper than torch_geometric's per-edge GATv2 (``benchmarks/bench_train_step.py``).
+tiles); here the forward is two passes over a sample's rows per target and the backward two more, every
+intermediate in registers or in one row of scratch. Padding costs nothing, and adding the bias here spares
+a pass over every row (and the bias's own gradient pass). On a 2-core CPU this is what makes the dense
+backend's training step many times cheaper than torch_geometric's per-edge GATv2
+(``benchmarks/bench_train_step.py``).
 
 Single-threaded by design (hada.train runs one torch thread); compiled on first use and cached on disk
 (numba's ``cache=True``), so only the first call after an install pays the compilation (a few seconds).
@@ -27,123 +30,153 @@ _JIT = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
 
 
 @numba.njit(**_JIT)
-def gatv2_attention_forward(q, q_cls, xl, att, node_backbone, node_token, mask, consts,
+def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts,
                             alpha, out):  # pragma: no cover - compiled
-    """Fill ``alpha`` [B, K, N, H] and ``out`` [B, K, H*C] from q, q_cls [B, K, M, H*C], xl [B, N, H*C],
-    att [H, C] and the validity ``mask`` [B, N]. ``consts`` = (negative slope, 1) in the arrays' dtype, so that
-    no literal promotes float32 arithmetic to float64."""
+    """Fill ``alpha`` [B, K, N, H] and ``out`` [B, K, H*C] from q, q_cls [B, K, M, H*C], att [H, C] and the
+    valid nodes' rows ``xls``: per backbone m an [R_m, H*C] array holding ``x W_l`` without its bias, which is
+    ``bias[m]`` (adding it here saves a pass over every row). Sample b's tokens are rows ``offsets[m, b]`` to
+    ``offsets[m, b] + lengths[m, b]``, its CLS first; ``starts[m]`` is backbone m's first position on alpha's
+    padded node axis. ``consts`` = (negative slope, 1) in the arrays' dtype, so that no literal promotes
+    float32 arithmetic to float64."""
     B, K = q.shape[0], q.shape[1]
-    N = xl.shape[1]
+    M = len(xls)
     H, C = att.shape
+    HC = H * C
     s, one = consts[0], consts[1]
     zero = one - one
-    top, total = np.empty(H, dtype=xl.dtype), np.empty(H, dtype=xl.dtype)
+    top, total = np.empty(H, dtype=out.dtype), np.empty(H, dtype=out.dtype)
+    qb = np.empty((2, HC), dtype=out.dtype)  # q + bias for the block's CLS token (0) and other tokens (1)
+    block_sum = np.empty((M, H), dtype=out.dtype)  # each block's share of the attention, per head
     for b in range(B):
         for k in range(K):
             a = alpha[b, k]
-            for n in range(N):  # scores
-                if not mask[b, n]:
-                    continue
-                qk = (q_cls if node_token[n] == 0 else q)[b, k, node_backbone[n]]
-                x = xl[b, n]
-                for h in range(H):
-                    acc = zero
-                    base = h * C
-                    for c in range(C):
-                        z = qk[base + c] + x[base + c]
-                        acc += att[h, c] * (z if z > 0 else s * z)
-                    a[n, h] = acc
-            top[:] = a[0]  # softmax over the valid nodes (node 0, a CLS token, always is one)
-            for n in range(N):
-                if mask[b, n]:
+            top[:] = -np.inf
+            for m in range(M):  # scores
+                x_m, row0, p0 = xls[m], offsets[m, b], starts[m]
+                for i in range(HC):
+                    qb[0, i] = q_cls[b, k, m, i] + bias[m, i]
+                    qb[1, i] = q[b, k, m, i] + bias[m, i]
+                for j in range(lengths[m, b]):
+                    qk = qb[min(j, 1)]
+                    x = x_m[row0 + j]
                     for h in range(H):
-                        top[h] = max(top[h], a[n, h])
-            total[:] = zero
-            for n in range(N):
-                if mask[b, n]:
+                        acc = zero
+                        base = h * C
+                        for c in range(C):
+                            z = qk[base + c] + x[base + c]
+                            acc += att[h, c] * (z if z > 0 else s * z)
+                        a[p0 + j, h] = acc
+                        top[h] = max(top[h], acc)
+            total[:] = zero  # softmax over the valid nodes
+            for m in range(M):
+                p0 = starts[m]
+                for j in range(lengths[m, b]):
                     for h in range(H):
-                        e = np.exp(a[n, h] - top[h])
-                        a[n, h] = e
+                        e = np.exp(a[p0 + j, h] - top[h])
+                        a[p0 + j, h] = e
                         total[h] += e
             for h in range(H):
                 total[h] = one / total[h]
-            for n in range(N):
-                if mask[b, n]:
-                    for h in range(H):
-                        a[n, h] *= total[h]
             o = out[b, k]
             o[:] = zero
-            for n in range(N):  # messages: xl weighted per head
-                if not mask[b, n]:
-                    continue
-                x = xl[b, n]
+            block_sum[:] = zero
+            for m in range(M):  # normalise, and the messages: xl weighted per head
+                x_m, row0, p0 = xls[m], offsets[m, b], starts[m]
+                for j in range(lengths[m, b]):
+                    x = x_m[row0 + j]
+                    for h in range(H):
+                        w = a[p0 + j, h] * total[h]
+                        a[p0 + j, h] = w
+                        block_sum[m, h] += w
+                        base = h * C
+                        for c in range(C):
+                            o[base + c] += w * x[base + c]
+            for m in range(M):
                 for h in range(H):
-                    w = a[n, h]
-                    base = h * C
                     for c in range(C):
-                        o[base + c] += w * x[base + c]
+                        o[h * C + c] += block_sum[m, h] * bias[m, h * C + c]
 
 
 @numba.njit(**_JIT)
-def gatv2_attention_backward(q, q_cls, xl, att, node_backbone, node_token, mask, consts, alpha, d_out, d_alpha,
-                             dq, dq_cls, dxl, datt):  # pragma: no cover - compiled
+def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts, alpha, d_out, d_alpha,
+                             dq, dq_cls, dxls, dbias, datt):  # pragma: no cover - compiled
     """Gradients of :func:`gatv2_attention_forward` for ``d_out`` [B, K, H*C] and ``d_alpha`` [B, K, N, H]:
-    written into dxl (like xl, any content) and added to the zero-initialised dq, dq_cls (like q) and datt
-    (like att). Loops run over flat channel rows and write one array each, which LLVM vectorises (one loop
-    updating dxl, dq and datt at once was ~10x slower)."""
+    written into ``dxls`` (like xls, any content) and added to the zero-initialised dq, dq_cls (like q), dbias
+    (like bias) and datt (like att). Per sample, one pass over its rows per target for d alpha, then one pass
+    for everything else with the targets innermost, so that each dxl row is written once. The channel loops
+    write one array each, which LLVM vectorises (one loop updating dxl, dq and datt at once was ~10x
+    slower)."""
     B, K = q.shape[0], q.shape[1]
-    N = xl.shape[1]
+    M = len(xls)
     H, C = att.shape
+    HC = H * C
     s, one = consts[0], consts[1]
     zero = one - one
-    att_flat, datt_flat = att.reshape(H * C), datt.reshape(H * C)
-    gz = np.empty(H * C, dtype=xl.dtype)  # per channel: a head's gradient, then d score / d z
-    g = np.empty((N, H), dtype=xl.dtype)  # d alpha, then d score
-    dot = np.empty(H, dtype=xl.dtype)
+    att_flat, datt_flat = att.reshape(HC), datt.reshape(HC)
+    gz = np.empty(HC, dtype=d_out.dtype)  # per channel: a head's d score, then d score / d z
+    ga = np.empty(HC, dtype=d_out.dtype)  # per channel: its head's alpha
+    g = np.empty((K, alpha.shape[2], H), dtype=d_out.dtype)  # d alpha, then d score
+    dot = np.empty((K, H), dtype=d_out.dtype)
+    dob = np.empty(H, dtype=d_out.dtype)
+    qb = np.empty((K, 2, HC), dtype=d_out.dtype)
+    block_sum = np.empty((K, M, H), dtype=d_out.dtype)
     for b in range(B):
-        dxl[b] = zero
-        for k in range(K):
+        dot[:] = zero
+        for k in range(K):  # d alpha = d_alpha + d_out . (x + bias) per head
             a, do = alpha[b, k], d_out[b, k]
-            for n in range(N):  # through the messages: d alpha, and alpha * d_out into dxl
-                if not mask[b, n]:
-                    continue
-                x, dx = xl[b, n], dxl[b, n]
+            for m in range(M):
+                x_m, row0, p0 = xls[m], offsets[m, b], starts[m]
                 for h in range(H):
-                    acc = d_alpha[b, k, n, h]
-                    base = h * C
-                    for c in range(C):
-                        acc += do[base + c] * x[base + c]
-                    g[n, h] = acc
-                    w = a[n, h]
-                    for c in range(C):
-                        dx[base + c] += w * do[base + c]
-            dot[:] = zero  # through the softmax: d score = alpha * (d alpha - sum_n alpha d alpha)
-            for n in range(N):
-                if mask[b, n]:
+                    acc = zero
+                    for c in range(h * C, (h + 1) * C):
+                        acc += do[c] * bias[m, c]
+                    dob[h] = acc
+                for j in range(lengths[m, b]):
+                    x = x_m[row0 + j]
                     for h in range(H):
-                        dot[h] += a[n, h] * g[n, h]
-            for n in range(N):
-                if mask[b, n]:
+                        acc = d_alpha[b, k, p0 + j, h] + dob[h]
+                        base = h * C
+                        for c in range(C):
+                            acc += do[base + c] * x[base + c]
+                        g[k, p0 + j, h] = acc
+                        dot[k, h] += a[p0 + j, h] * acc
+        block_sum[:] = zero
+        for m in range(M):  # softmax, scores, and alpha * d_out: into dxl, dq, datt
+            x_m, dx_m, row0, p0 = xls[m], dxls[m], offsets[m, b], starts[m]
+            for k in range(K):
+                for i in range(HC):
+                    qb[k, 0, i] = q_cls[b, k, m, i] + bias[m, i]
+                    qb[k, 1, i] = q[b, k, m, i] + bias[m, i]
+            for j in range(lengths[m, b]):
+                x, dx = x_m[row0 + j], dx_m[row0 + j]
+                for k in range(K):
+                    qk = qb[k, min(j, 1)]
+                    dqk = (dq_cls if j == 0 else dq)[b, k, m]
+                    do = d_out[b, k]
                     for h in range(H):
-                        g[n, h] = a[n, h] * (g[n, h] - dot[h])
-            for n in range(N):  # through the scores
-                if not mask[b, n]:
-                    continue
-                cls = node_token[n] == 0
-                qk = (q_cls if cls else q)[b, k, node_backbone[n]]
-                dqk = (dq_cls if cls else dq)[b, k, node_backbone[n]]
-                x, dx = xl[b, n], dxl[b, n]
+                        w = alpha[b, k, p0 + j, h]
+                        block_sum[k, m, h] += w
+                        gz[h * C:(h + 1) * C] = w * (g[k, p0 + j, h] - dot[k, h])
+                        ga[h * C:(h + 1) * C] = w
+                    for i in range(HC):
+                        z = qk[i] + x[i]
+                        gi = gz[i]
+                        datt_flat[i] += gi * (z if z > 0 else s * z)
+                        gz[i] = gi * att_flat[i] * (one if z > 0 else s)
+                    if k == 0:
+                        for i in range(HC):
+                            dx[i] = gz[i] + ga[i] * do[i]
+                    else:
+                        for i in range(HC):
+                            dx[i] += gz[i] + ga[i] * do[i]
+                    for i in range(HC):
+                        dqk[i] += gz[i]
+        for k in range(K):  # the bias: through the scores (dq, dq_cls) and the messages
+            do = d_out[b, k]
+            for m in range(M):
                 for h in range(H):
-                    gz[h * C:(h + 1) * C] = g[n, h]
-                for i in range(H * C):
-                    z = qk[i] + x[i]
-                    gi = gz[i]
-                    datt_flat[i] += gi * (z if z > 0 else s * z)
-                    gz[i] = gi * att_flat[i] * (one if z > 0 else s)
-                for i in range(H * C):
-                    dx[i] += gz[i]
-                for i in range(H * C):
-                    dqk[i] += gz[i]
+                    for c in range(h * C, (h + 1) * C):
+                        dbias[m, c] += dq[b, k, m, c] + dq_cls[b, k, m, c] + block_sum[k, m, h] * do[c]
 
 
 # ------------------------------------------------------------------------------------------- torch side
@@ -153,33 +186,33 @@ def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
-def _inputs(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout, slope: float) -> list:
+def _inputs(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows, slope: float) -> list:
     """The kernels' leading arguments as numpy arrays: features in q's dtype (a narrower xl is widened), the
-    node layout (a :class:`hada.dense.DenseLayout`) as int64."""
-    arrays = [_numpy(t, q.dtype) for t in (q, q_cls, xl, att)]
-    nodes = [_numpy(t, torch.int64) for t in (layout.node_backbone, layout.node_token)]
-    consts = np.array([slope, 1.0], dtype=arrays[0].dtype)
-    return [*arrays, *nodes, _numpy(mask, torch.bool), consts]
+    row layout of a :class:`hada.dense.ValidRows`."""
+    q_, q_cls_, bias_, att_ = (_numpy(t, q.dtype) for t in (q, q_cls, bias, att))
+    xls_ = tuple(_numpy(x, q.dtype) for x in xls)
+    consts = np.array([slope, 1.0], dtype=q_.dtype)
+    return [q_, q_cls_, xls_, bias_, att_, *rows.index_arrays(), consts]
 
 
-def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout,
+def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows,
                         slope: float) -> tuple[Tensor, Tensor]:
     """(out [B, K, H*C], alpha [B, K, N, H]) in q's dtype, without autograd (``hada.dense.GatV2ClsAttention``
     wraps it)."""
-    B, K, N, H = q.shape[0], q.shape[1], xl.shape[1], att.shape[0]
-    alpha = torch.zeros(B, K, N, H, dtype=q.dtype)  # padding keeps its 0
+    B, K, H = q.shape[0], q.shape[1], att.shape[0]
+    alpha = torch.zeros(B, K, rows.num_nodes, H, dtype=q.dtype)  # padding keeps its 0
     out = torch.empty(B, K, q.shape[-1], dtype=q.dtype)
-    gatv2_attention_forward(*_inputs(q, q_cls, xl, att, mask, layout, slope), alpha.numpy(), out.numpy())
+    gatv2_attention_forward(*_inputs(q, q_cls, xls, bias, att, rows, slope), alpha.numpy(), out.numpy())
     return out, alpha
 
 
-def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xl: Tensor, att: Tensor, mask: Tensor, layout,
-                              slope: float, alpha: Tensor, d_out: Tensor, d_alpha: Tensor
-                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dq_cls, dxl, datt) of :func:`gatv2_cls_attention`; dxl in xl's own dtype."""
+def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows,
+                              slope: float, alpha: Tensor, d_out: Tensor, d_alpha: Tensor) -> tuple[Tensor, ...]:
+    """Gradients (dq, dq_cls, dbias, datt, *dxls) of :func:`gatv2_cls_attention`; each dxl in its xl's dtype."""
     dq, dq_cls = torch.zeros_like(q), torch.zeros_like(q_cls)
-    dxl, datt = torch.empty(xl.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
-    gatv2_attention_backward(*_inputs(q, q_cls, xl, att, mask, layout, slope), _numpy(alpha, q.dtype),
-                             _numpy(d_out, q.dtype), _numpy(d_alpha, q.dtype),
-                             dq.numpy(), dq_cls.numpy(), dxl.numpy(), datt.numpy())
-    return dq, dq_cls, dxl.to(xl.dtype), datt.to(att.dtype)
+    dbias, datt = torch.zeros(bias.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
+    dxls = [torch.empty(x.shape, dtype=q.dtype) for x in xls]
+    gatv2_attention_backward(*_inputs(q, q_cls, xls, bias, att, rows, slope), _numpy(alpha, q.dtype),
+                             _numpy(d_out, q.dtype), _numpy(d_alpha, q.dtype), dq.numpy(), dq_cls.numpy(),
+                             tuple(d.numpy() for d in dxls), dbias.numpy(), datt.numpy())
+    return (dq, dq_cls, dbias.to(bias.dtype), datt.to(att.dtype), *(d.to(x.dtype) for d, x in zip(dxls, xls)))

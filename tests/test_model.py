@@ -9,7 +9,7 @@ import torch
 from hada.errors import HadaError
 from hada.graph import EdgeWeights
 import hada.dense
-from hada.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores
+from hada.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores, ValidRows
 from hada.model import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
 
 TOKEN_DIMS = (12, 10, 8)
@@ -118,15 +118,39 @@ def test_gatv2_score_function_gradcheck(monkeypatch, kernel):
     torch.testing.assert_close(torch.softmax(fn(q, q_cls, xl, att), dim=2), alpha)
 
 
+def fused_attention(mask, layout, att, slope=0.2):
+    """GatV2ClsAttention as a function of a padded xl (packed into the valid rows the kernels read) and,
+    optionally, the per-block bias the kernels add to those rows (zero by default)."""
+    rows = ValidRows.build(mask, layout)
+    zero = torch.zeros(len(layout.blocks), att.numel(), dtype=att.dtype)
+
+    def fn(q, q_cls, xl, att, bias=zero):
+        return GatV2ClsAttention.apply(q, q_cls, bias, att, rows, slope, *rows.pack(xl))
+    return fn
+
+
 def test_fused_gatv2_attention_gradcheck_and_formula():
     """The fused kernels: messages and alpha against the formula with padding, and both outputs' gradients
     against autograd's numerical ones."""
     (q, q_cls, xl, att), mask, layout = attention_inputs()
-    fn = lambda q, q_cls, xl, att: GatV2ClsAttention.apply(q, q_cls, xl, att, mask, layout, 0.2)  # noqa: E731
+    fn = fused_attention(mask, layout, att)
     assert torch.autograd.gradcheck(fn, (q, q_cls, xl, att))
     for got, want in zip(fn(q, q_cls, xl, att), plain_gatv2_attention(q, q_cls, xl, att, mask, layout.blocks)):
         torch.testing.assert_close(got, want)
     assert (fn(q, q_cls, xl, att)[1][~mask[:, None, :].expand(-1, 2, -1)] == 0).all()
+
+
+def test_fused_gatv2_attention_adds_each_blocks_bias():
+    """The kernels add block m's bias to its rows (xl = x W_l without bias): same outputs as the formula on
+    xl + bias, and the bias's gradient (through the scores and the messages) matches the numerical one."""
+    (q, q_cls, xl, att), mask, layout = attention_inputs(K=3, sizes=(3, 2, 4), seed=2)
+    bias = torch.randn(3, att.numel(), dtype=att.dtype, requires_grad=True)
+    fn = fused_attention(mask, layout, att)
+    assert torch.autograd.gradcheck(fn, (q, q_cls, xl, att, bias))
+    with_bias = xl + bias[layout.node_backbone]
+    for got, want in zip(fn(q, q_cls, xl, att, bias), plain_gatv2_attention(q, q_cls, with_bias, att, mask,
+                                                                             layout.blocks)):
+        torch.testing.assert_close(got, want)
 
 
 def test_fused_and_torch_attention_agree_in_float32(monkeypatch):
@@ -326,7 +350,7 @@ def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatc
     (q, q_cls, xl, att), mask, layout = attention_inputs(torch.float32, H=2, C=4, sizes=(5, 3))
     xl16 = xl.detach().bfloat16()
     if kernel == "fused":
-        fn = lambda *t: GatV2ClsAttention.apply(*t, mask, layout, 0.2)  # noqa: E731
+        fn = fused_attention(mask, layout, att)
     else:
         fn = lambda *t: (GatV2ClsScores.apply(*t, layout.blocks, 0.2),)  # noqa: E731
     results = []
