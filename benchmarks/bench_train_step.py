@@ -10,8 +10,8 @@ features:
   ``x reference`` divides by the faster of the two.
 * ``pyg``: hada's batched graph (cached templates, vectorised offsets), same torch_geometric convs.
 * ``dense``: hada's dense backend (``hada.dense``: attention for the K CLS nodes only, a one-layer model
-  never projects every node on its own; on CPU GATv2's scores, softmax and messages are one fused numba
-  kernel each way, ``hada.kernels``).
+  never projects every node on its own; on CPU GATv2 maps only the valid nodes, packed per backbone, and its
+  scores, softmax and messages are one fused numba kernel each way, ``hada.kernels``).
 
 Shapes: ``embedded`` is what the book trains (the tiny-vit + tiny-rn feature stores' token counts and widths,
 caption lengths as stored, the book's model: width 128, 4 heads x 32 channels); ``paper`` is the paper's
