@@ -41,7 +41,13 @@ class NodeFeatures:
     convolution does with them."""
 
     def cls(self, cls_pos: Tensor) -> Tensor:
-        """x at the K CLS nodes: [B, K, W]."""
+        """x at the K CLS nodes: [B, K, W]. Computed once: a layer reads it for its queries and the model again
+        for the skip connection (a second gather would cost a second full-size zero gradient)."""
+        if getattr(self, "_cls", None) is None:
+            self._cls = self._gather_cls(cls_pos)
+        return self._cls
+
+    def _gather_cls(self, cls_pos: Tensor) -> Tensor:
         raise NotImplementedError
 
     def linear(self, lin: nn.Module) -> Tensor:
@@ -69,7 +75,7 @@ class MaterialisedNodes(NodeFeatures):
     def __init__(self, x: Tensor):
         self.x = x
 
-    def cls(self, cls_pos: Tensor) -> Tensor:
+    def _gather_cls(self, cls_pos: Tensor) -> Tensor:
         return self.x[:, cls_pos]
 
     def linear(self, lin: nn.Module) -> Tensor:
@@ -100,7 +106,7 @@ class ProjectedTokens(NodeFeatures):
         """The materialised x [B, N, W]."""
         return torch.cat([proj(t) for proj, t in zip(self.projs, self.tokens)], dim=1)
 
-    def cls(self, cls_pos: Tensor) -> Tensor:  # each block's CLS token is its first
+    def _gather_cls(self, cls_pos: Tensor) -> Tensor:  # each block's CLS token is its first
         return torch.stack([proj(t[:, 0]) for proj, t in zip(self.projs, self.tokens)], dim=1)
 
     def linear(self, lin: nn.Module) -> Tensor:
@@ -208,10 +214,14 @@ def _dense_layout(sizes: tuple[int, ...], weights: EdgeWeights, device: torch.de
 
 @dataclass
 class ValidRows:
-    """The valid nodes of a batch packed backbone by backbone, as the fused kernels read them: block m's rows
-    [R_m, C] hold sample b's tokens at ``offsets[m, b]`` to ``offsets[m, b] + lengths[m, b]`` (its CLS first).
+    """Where the fused kernels find each valid node's row: sample b's tokens of backbone m are rows
+    ``offsets[m, b]`` to ``offsets[m, b] + lengths[m, b]`` (its CLS first) of input array ``source[m]``.
+
+    :meth:`build` packs the valid nodes backbone by backbone (array m holds block m's rows [R_m, C]).
     Captions are padded to the batch's longest (~40% padding in the embedded default): packing spends no
-    product on padding. A block without padding (images) packs as a view."""
+    product on padding, and a block without padding (images) packs as a view. :meth:`padded` reads a
+    materialised [B, N, C] tensor in place instead (one array, padding rows skipped): a deeper model has
+    that tensor anyway, and slicing it per block would cost a full-size zero gradient per block."""
 
     masks: list[Tensor]  # per backbone m: [B, N_m] bool
     lengths: Tensor  # [K, B] int64
@@ -219,6 +229,8 @@ class ValidRows:
     starts: Tensor  # [K] int64, backbone m's first position on the padded node axis
     index: list[Tensor | None]  # per backbone m: the valid rows of [B * N_m] in order, None if all are
     num_nodes: int  # N, the padded node axis
+    source: list[int]  # per backbone m: which input array holds its rows
+    in_place: bool = False  # rows are read from the padded tensor (padding rows get a zero gradient)
 
     @classmethod
     def build(cls, mask: Tensor, layout: DenseLayout) -> "ValidRows":
@@ -226,7 +238,15 @@ class ValidRows:
         lengths = torch.stack([m.sum(1) for m in masks])
         offsets = torch.cumsum(lengths, 1) - lengths
         index = [None if bool(m.all()) else m.reshape(-1).nonzero().squeeze(1) for m in masks]
-        return cls(masks, lengths, offsets, layout.cls_pos, index, mask.shape[1])
+        return cls(masks, lengths, offsets, layout.cls_pos, index, mask.shape[1], list(range(len(masks))))
+
+    @classmethod
+    def padded(cls, mask: Tensor, layout: DenseLayout) -> "ValidRows":
+        masks = [mask[:, lo:hi] for lo, hi in layout.blocks]
+        B, N = mask.shape
+        lengths = torch.stack([m.sum(1) for m in masks])
+        offsets = torch.arange(B, device=mask.device) * N + layout.cls_pos.unsqueeze(1)
+        return cls(masks, lengths, offsets, layout.cls_pos, [None] * len(masks), N, [0] * len(masks), True)
 
     def index_arrays(self) -> list:
         """(starts, offsets, lengths) as int64 numpy arrays, for the kernels (converted once per batch)."""
@@ -236,7 +256,7 @@ class ValidRows:
         return self._arrays
 
     def pack_blocks(self, blocks: list[Tensor]) -> list[Tensor]:
-        """Per backbone [B, N_m, C] -> [R_m, C]."""
+        """Per backbone [B, N_m, C] -> [R_m, C] (packed rows only)."""
         out = []
         for t, index in zip(blocks, self.index):
             rows = t.reshape(-1, t.shape[-1])
@@ -244,7 +264,9 @@ class ValidRows:
         return out
 
     def pack(self, x: Tensor) -> list[Tensor]:
-        """[B, N, C] on the padded node axis -> per backbone [R_m, C]."""
+        """[B, N, C] on the padded node axis -> the kernels' input arrays."""
+        if self.in_place:
+            return [x.reshape(-1, x.shape[-1])]
         bounds = self.starts.tolist() + [x.shape[1]]
         return self.pack_blocks([x[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])])
 
@@ -484,10 +506,11 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     args = (q.to(dt), q_cls.to(dt))
     # the messages x_j W_l + b_l are xl itself (needed for the scores anyway), weighted per head
     if fused:
-        rows = ValidRows.build(mask, layout)
         if xl is None:
+            rows = ValidRows.build(mask, layout)
             xls, bias = x.linear_rows(conv.lin_l, rows)
         else:  # xl already holds its bias
+            rows = ValidRows.padded(mask, layout)
             xls, bias = rows.pack(xl), xl.new_zeros(K, H * C)
         messages, alpha = GatV2ClsAttention.apply(*args, bias.to(dt), conv.att[0].to(dt), rows,
                                                   conv.negative_slope, *xls)

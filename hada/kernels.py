@@ -33,8 +33,9 @@ _JIT = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
 def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts,
                             alpha, out):  # pragma: no cover - compiled
     """Fill ``alpha`` [B, K, N, H] and ``out`` [B, K, H*C] from q, q_cls [B, K, M, H*C], att [H, C] and the
-    valid nodes' rows ``xls``: per backbone m an [R_m, H*C] array holding ``x W_l`` without its bias, which is
-    ``bias[m]`` (adding it here saves a pass over every row). Sample b's tokens are rows ``offsets[m, b]`` to
+    valid nodes' rows ``xls``: per backbone m the array holding its rows ``x W_l`` (packed [R_m, H*C], or one
+    padded [B*N, H*C] array for every backbone) without their bias, which is ``bias[m]`` (adding it here saves
+    a pass over every row). Sample b's tokens are rows ``offsets[m, b]`` to
     ``offsets[m, b] + lengths[m, b]``, its CLS first; ``starts[m]`` is backbone m's first position on alpha's
     padded node axis. ``consts`` = (negative slope, 1) in the arrays' dtype, so that no literal promotes
     float32 arithmetic to float64."""
@@ -101,7 +102,7 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
 def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts, alpha, d_out, d_alpha,
                              dq, dq_cls, dxls, dbias, datt):  # pragma: no cover - compiled
     """Gradients of :func:`gatv2_attention_forward` for ``d_out`` [B, K, H*C] and ``d_alpha`` [B, K, N, H]:
-    written into ``dxls`` (like xls, any content) and added to the zero-initialised dq, dq_cls (like q), dbias
+    written into ``dxls`` (like xls; the valid rows only, once each) and added to the zero-initialised dq, dq_cls (like q), dbias
     (like bias) and datt (like att). Per sample, one pass over its rows per target for d alpha, then one pass
     for everything else with the targets innermost, so that each dxl row is written once. The channel loops
     write one array each, which LLVM vectorises (one loop updating dxl, dq and datt at once was ~10x
@@ -188,9 +189,10 @@ def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
 
 def _inputs(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows, slope: float) -> list:
     """The kernels' leading arguments as numpy arrays: features in q's dtype (a narrower xl is widened), the
-    row layout of a :class:`hada.dense.ValidRows`."""
+    rows' arrays per backbone and their layout (a :class:`hada.dense.ValidRows`)."""
     q_, q_cls_, bias_, att_ = (_numpy(t, q.dtype) for t in (q, q_cls, bias, att))
-    xls_ = tuple(_numpy(x, q.dtype) for x in xls)
+    arrays = [_numpy(x, q.dtype) for x in xls]
+    xls_ = tuple(arrays[i] for i in rows.source)  # per backbone
     consts = np.array([slope, 1.0], dtype=q_.dtype)
     return [q_, q_cls_, xls_, bias_, att_, *rows.index_arrays(), consts]
 
@@ -211,8 +213,9 @@ def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias:
     """Gradients (dq, dq_cls, dbias, datt, *dxls) of :func:`gatv2_cls_attention`; each dxl in its xl's dtype."""
     dq, dq_cls = torch.zeros_like(q), torch.zeros_like(q_cls)
     dbias, datt = torch.zeros(bias.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
-    dxls = [torch.empty(x.shape, dtype=q.dtype) for x in xls]
+    # the kernel writes every valid row once; rows read in place from a padded tensor leave padding unwritten
+    dxls = [(torch.zeros if rows.in_place else torch.empty)(x.shape, dtype=q.dtype) for x in xls]
     gatv2_attention_backward(*_inputs(q, q_cls, xls, bias, att, rows, slope), _numpy(alpha, q.dtype),
                              _numpy(d_out, q.dtype), _numpy(d_alpha, q.dtype), dq.numpy(), dq_cls.numpy(),
-                             tuple(d.numpy() for d in dxls), dbias.numpy(), datt.numpy())
+                             tuple(dxls[i].numpy() for i in rows.source), dbias.numpy(), datt.numpy())
     return (dq, dq_cls, dbias.to(bias.dtype), datt.to(att.dtype), *(d.to(x.dtype) for d, x in zip(dxls, xls)))

@@ -118,10 +118,10 @@ def test_gatv2_score_function_gradcheck(monkeypatch, kernel):
     torch.testing.assert_close(torch.softmax(fn(q, q_cls, xl, att), dim=2), alpha)
 
 
-def fused_attention(mask, layout, att, slope=0.2):
-    """GatV2ClsAttention as a function of a padded xl (packed into the valid rows the kernels read) and,
-    optionally, the per-block bias the kernels add to those rows (zero by default)."""
-    rows = ValidRows.build(mask, layout)
+def fused_attention(mask, layout, att, slope=0.2, in_place=False):
+    """GatV2ClsAttention as a function of a padded xl (packed into the valid rows the kernels read, or read in
+    place) and, optionally, the per-block bias the kernels add to those rows (zero by default)."""
+    rows = (ValidRows.padded if in_place else ValidRows.build)(mask, layout)
     zero = torch.zeros(len(layout.blocks), att.numel(), dtype=att.dtype)
 
     def fn(q, q_cls, xl, att, bias=zero):
@@ -129,11 +129,12 @@ def fused_attention(mask, layout, att, slope=0.2):
     return fn
 
 
-def test_fused_gatv2_attention_gradcheck_and_formula():
-    """The fused kernels: messages and alpha against the formula with padding, and both outputs' gradients
-    against autograd's numerical ones."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_gatv2_attention_gradcheck_and_formula(in_place):
+    """The fused kernels, on packed rows or reading the padded xl in place: messages and alpha against the
+    formula with padding, and both outputs' gradients against autograd's numerical ones."""
     (q, q_cls, xl, att), mask, layout = attention_inputs()
-    fn = fused_attention(mask, layout, att)
+    fn = fused_attention(mask, layout, att, in_place=in_place)
     assert torch.autograd.gradcheck(fn, (q, q_cls, xl, att))
     for got, want in zip(fn(q, q_cls, xl, att), plain_gatv2_attention(q, q_cls, xl, att, mask, layout.blocks)):
         torch.testing.assert_close(got, want)
