@@ -18,9 +18,11 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# --no-compile: byte-compiling every installed module took over a minute of a 3-minute install; Python
+# compiles (and caches) the modules the project does import, on first use, instead.
 $(STAMP): $(BIN)/python pyproject.toml environment.yml
 	sed -n 's/^ *- *\([A-Za-z0-9_.-]*==[^ ]*\) *$$/\1/p' environment.yml > $(VENV)/pins.txt
-	$(BIN)/python -m pip install --disable-pip-version-check -q -r $(VENV)/pins.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile -r $(VENV)/pins.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
