@@ -14,8 +14,8 @@ A convolution sees its input only through :class:`NodeFeatures`. In a one-layer 
 and dot products with ``x`` are taken in token space and mapped once per CLS node, and a linear map of every
 node (GATv2's ``x W_l``) is one product with the composite weight ``W_l P_m`` where that is cheaper. The
 frozen tokens need no gradient, so the per-token backward is one weight-gradient product instead of three.
-On CPU, GATv2's per-node map is computed for the valid nodes only, packed per backbone (:class:`ValidRows`),
-and handed to the fused kernels without a concatenation or its bias added.
+On CPU, GATv2's per-node map of the tokens is computed for the valid nodes only, packed per backbone
+(:class:`ValidRows`), and handed to the fused kernels without a concatenation or its bias added.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ class NodeFeatures:
         """``lin(x)`` at every node: [B, N, out] (``lin`` has ``weight`` [out, W] and ``bias`` or None)."""
         raise NotImplementedError
 
-    def linear_rows(self, lin: nn.Module, rows: "ValidRows") -> tuple[list[Tensor], Tensor]:
-        """``lin(x)`` at the valid nodes only, as (per backbone m the rows ``x W^T`` [R_m, out] packed as
-        ``rows.pack`` packs, each block's bias [M, out]): no product is spent on padding, no block is
-        concatenated or split, and the bias is left to the consumer (no pass over the rows to add it)."""
+    def linear_rows(self, lin: nn.Module, mask: Tensor, layout: "DenseLayout"
+                    ) -> tuple["ValidRows", list[Tensor], Tensor]:
+        """``lin(x)`` for the fused kernels: (where the valid nodes' rows are, the arrays holding the rows
+        ``x W^T``, each block's bias [M, out]). No block is concatenated or split, and the bias is left to the
+        kernels (no pass over the rows to add it)."""
         raise NotImplementedError
 
     def pool(self, weights: Tensor) -> Tensor:
@@ -81,8 +82,10 @@ class MaterialisedNodes(NodeFeatures):
     def linear(self, lin: nn.Module) -> Tensor:
         return F.linear(self.x, lin.weight, lin.bias)
 
-    def linear_rows(self, lin: nn.Module, rows: "ValidRows") -> tuple[list[Tensor], Tensor]:
-        return [F.linear(x, lin.weight) for x in rows.pack(self.x)], _block_bias(lin, len(rows.masks))
+    def linear_rows(self, lin: nn.Module, mask: Tensor, layout: "DenseLayout"
+                    ) -> tuple["ValidRows", list[Tensor], Tensor]:
+        rows = ValidRows.padded(mask, layout)  # read in place: x is materialised anyway
+        return rows, rows.pack(F.linear(self.x, lin.weight)), _block_bias(lin, len(layout.blocks))
 
     def pool(self, weights: Tensor) -> Tensor:
         return torch.einsum("bknh,bnw->bkhw", weights, self.x)
@@ -116,13 +119,15 @@ class ProjectedTokens(NodeFeatures):
             out.append(F.linear(t, weight, bias) if weight is not None else F.linear(proj(t), lin.weight, lin.bias))
         return torch.cat(out, dim=1)
 
-    def linear_rows(self, lin: nn.Module, rows: "ValidRows") -> tuple[list[Tensor], Tensor]:
+    def linear_rows(self, lin: nn.Module, mask: Tensor, layout: "DenseLayout"
+                    ) -> tuple["ValidRows", list[Tensor], Tensor]:
+        rows = ValidRows.build(mask, layout)  # only the valid tokens are mapped
         xls, biases = [], []
         for proj, t in zip(self.projs, rows.pack_blocks(self.tokens)):
             weight, bias = self._folded(lin, proj, t)
             xls.append(F.linear(t, weight) if weight is not None else F.linear(proj(t), lin.weight))
             biases.append(bias if weight is not None else _block_bias(lin, 1)[0])
-        return xls, torch.stack(biases)
+        return rows, xls, torch.stack(biases)
 
     @staticmethod
     def _folded(lin: nn.Module, proj: nn.Module, t: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -507,8 +512,7 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     # the messages x_j W_l + b_l are xl itself (needed for the scores anyway), weighted per head
     if fused:
         if xl is None:
-            rows = ValidRows.build(mask, layout)
-            xls, bias = x.linear_rows(conv.lin_l, rows)
+            rows, xls, bias = x.linear_rows(conv.lin_l, mask, layout)
         else:  # xl already holds its bias
             rows = ValidRows.padded(mask, layout)
             xls, bias = rows.pack(xl), xl.new_zeros(K, H * C)
