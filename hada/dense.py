@@ -504,7 +504,7 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     xl = x.linear(conv.lin_l) if need_all or not fused else None  # [B, N, H*C]
     # the score function computes in q's dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
     # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
-    # (measured); xl itself is passed as it is and widened tile by tile (or row block by row block)
+    # (measured); xl itself is passed as it is and widened tile by tile (tiled ops) or whole (fused kernels)
     dt = conv.lin_l.weight.dtype if xl is None else xl.dtype
     if dt in (torch.bfloat16, torch.float16) and xr.device.type == "cpu":
         dt = torch.float32
