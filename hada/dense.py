@@ -228,7 +228,6 @@ class ValidRows:
     materialised [B, N, C] tensor in place instead (one array, padding rows skipped): a deeper model has
     that tensor anyway, and slicing it per block would cost a full-size zero gradient per block."""
 
-    masks: list[Tensor]  # per backbone m: [B, N_m] bool
     lengths: Tensor  # [K, B] int64
     offsets: Tensor  # [K, B] int64
     starts: Tensor  # [K] int64, backbone m's first position on the padded node axis
@@ -243,15 +242,15 @@ class ValidRows:
         lengths = torch.stack([m.sum(1) for m in masks])
         offsets = torch.cumsum(lengths, 1) - lengths
         index = [None if bool(m.all()) else m.reshape(-1).nonzero().squeeze(1) for m in masks]
-        return cls(masks, lengths, offsets, layout.cls_pos, index, mask.shape[1], list(range(len(masks))))
+        return cls(lengths, offsets, layout.cls_pos, index, mask.shape[1], list(range(len(masks))))
 
     @classmethod
     def padded(cls, mask: Tensor, layout: DenseLayout) -> "ValidRows":
-        masks = [mask[:, lo:hi] for lo, hi in layout.blocks]
         B, N = mask.shape
-        lengths = torch.stack([m.sum(1) for m in masks])
+        K = len(layout.blocks)
+        lengths = torch.stack([mask[:, lo:hi].sum(1) for lo, hi in layout.blocks])
         offsets = torch.arange(B, device=mask.device) * N + layout.cls_pos.unsqueeze(1)
-        return cls(masks, lengths, offsets, layout.cls_pos, [None] * len(masks), N, [0] * len(masks), True)
+        return cls(lengths, offsets, layout.cls_pos, [None] * K, N, [0] * K, True)
 
     def index_arrays(self) -> list:
         """(starts, offsets, lengths) as int64 numpy arrays, for the kernels (converted once per batch)."""

@@ -1,8 +1,8 @@
 """Fused CPU kernels (numba) for GATv2 attention at the K CLS nodes of the published graph.
 
-The kernels read only the valid nodes, packed backbone by backbone (:class:`hada.dense.ValidRows`): ``xl_m``
-holds backbone m's rows ``x W_l`` without their bias ``bias[m]``. For sample b and CLS target k, with ``q_cls``
-in place of ``q`` for a block's first (CLS) token::
+The kernels read only the valid nodes' rows ``x W_l``, without their backbone's bias ``bias[m]``, where a
+:class:`hada.dense.ValidRows` says they are: packed backbone by backbone, or in place in a padded tensor.
+For sample b and CLS target k, with ``q_cls`` in place of ``q`` for a block's first (CLS) token::
 
     score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + bias[m(n), h*C + c] + xl[n, h*C + c])
     alpha[b, k, :, h] = softmax over the sample's valid nodes n of score[b, k, n, h]   (0 at padding)
