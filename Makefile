@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 .PHONY: help install data book test bench clean-book
 
 help:
-	@echo "make book   build the executed book in book/_build/html (prepares the embedded data first)"
+	@echo "make book   build the executed book in _build/html (hada prepare first: data, backbones, runs)"
 	@echo "make test   run the whole test suite (installs first if needed)"
 	@echo "make data   prepare the embedded default only: synthetic data, backbones, features under data/"
 	@echo "make bench  print the benchmark tables"
@@ -28,12 +28,13 @@ $(STAMP): $(BIN)/python pyproject.toml environment.yml
 
 install: $(STAMP)
 
+# `hada prepare` makes what the chapters read (data, backbones, features, training runs) as a dependency graph
+# on one process per core; the chapters would make the same themselves, one step at a time.
 data: install
-	$(BIN)/hada data synth
-	$(BIN)/hada backbones pretrain
-	$(BIN)/hada features extract
+	$(BIN)/hada prepare --no-runs
 
-book: data
+book: install
+	$(BIN)/hada prepare
 	$(BIN)/jupyter-book build book/
 
 test: install

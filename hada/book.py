@@ -6,6 +6,7 @@ runs under ``data/``), so chapters can run in any order, alone (papermill), or a
 from __future__ import annotations
 
 import html
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +68,13 @@ def _parse_backbones(backbones) -> tuple[str, ...]:
     return tuple(backbones)
 
 
-def setup(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
-          pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
-    """Check the data first (one clear error if it is missing), then make whatever the chapter needs.
+def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
+            pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
+    """The chapter parameters as a ``Setting``, checking the data (one clear error if it is missing).
 
-    For the embedded default this generates the synthetic set and pretrains the embedded backbones when
-    they are missing; for real data it only reads. Token features for train/val/test are extracted once.
+    Generates the embedded synthetic set when it is the dataset and missing; trains and extracts nothing.
+    The defaults are every chapter's parameters cell (a test keeps them equal), so ``hada prepare`` with
+    no options makes exactly what the chapters read.
     """
     from hada import synth
     from hada.data import default_root, load_dataset
@@ -82,13 +84,25 @@ def setup(dataset: str = "synthetic", data_root=None, backbones="default", epoch
         synth.generate(root)
     ds = load_dataset(dataset, root)
     names = _parse_backbones(backbones)
-    _ensure_backbones(names, ds)
-    _ensure_features(dataset, root, names)
     pairs = None if pairs_per_epoch in (None, "", "None", 0) else int(pairs_per_epoch)
     return Setting(dataset, root, names, int(epochs), pairs, int(seed), counts=ds.counts())
 
 
-def _ensure_backbones(names, ds) -> None:
+def setup(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
+          pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
+    """Check the data first (one clear error if it is missing), then make whatever the chapter needs.
+
+    For the embedded default this generates the synthetic set and pretrains the embedded backbones when
+    they are missing; for real data it only reads. Token features for train/val/test are extracted once.
+    (``hada prepare`` makes the same ahead of a build, several steps at once.)
+    """
+    setting = resolve(dataset, data_root, backbones, epochs, pairs_per_epoch, seed)
+    _ensure_backbones(setting.backbones)
+    _ensure_features(setting.dataset, setting.data_root, setting.backbones)
+    return setting
+
+
+def _ensure_backbones(names) -> None:
     from hada.backbones import EMBEDDED_BACKBONES
     from hada.backbones.pretrain import pretrain
 
@@ -185,6 +199,16 @@ def train_hada(setting: Setting, k: int = 2, **overrides):
     from hada.experiments import run_experiment
 
     return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
+
+
+def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
+    """``(run name, TrainConfig)`` of the two runs ``results`` trains: concat + linear, and HADA."""
+    from hada.experiments import concat_run
+
+    config = base_config(setting, k)
+    concat_config, concat_name = concat_run(setting.dataset, list(setting.backbones_for(k)), _root_arg(setting),
+                                            config)
+    return [(concat_name, concat_config), (f"hada-k{k}", config)]
 
 
 def results(setting: Setting, k: int = 2):
@@ -291,21 +315,40 @@ class AblationTable:
         return str(self._table())
 
 
+def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, object]]:
+    """``(label, run name, TrainConfig)`` of every variant this setting has the backbones for."""
+    runs = []
+    for label, k, overrides in variants:
+        if k > len(setting.backbones):
+            continue
+        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
+        runs.append((label, name, base_config(setting, k, **overrides)))
+    return runs
+
+
 def ablations(setting: Setting, variants=ABLATIONS) -> AblationTable:
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
     from hada.experiments import run_experiment
     from hada.report import metric_row
 
     rows = []
-    for label, k, overrides in variants:
-        if k > len(setting.backbones):
-            continue
-        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
-        run = run_experiment(base_config(setting, k, **overrides), name)
+    for label, name, config in ablation_runs(setting, variants):
+        run = run_experiment(config, name)
         rows.append(metric_row(label, run.test_metrics, epochs=len(run.history)))
     for row in rows:
         row["delta"] = row["rsum"] - rows[0]["rsum"]
     return AblationTable(rows)
+
+
+def book_runs(setting: Setting) -> list[tuple[str, object]]:
+    """Every training run the chapters read (results for K=2 and K=3, the ablations), each once: what
+    ``hada prepare`` trains ahead of a build."""
+    runs = [run for k in (2, 3) if k <= len(setting.backbones) for run in result_runs(setting, k)]
+    runs += [(name, config) for _, name, config in ablation_runs(setting)]
+    unique: dict = {}
+    for name, config in runs:
+        unique.setdefault((name, json.dumps(config.resolved().to_dict(), sort_keys=True)), (name, config))
+    return list(unique.values())
 
 
 # --------------------------------------------------------------------------------------- node graphs

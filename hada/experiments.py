@@ -174,13 +174,8 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     from hada.evaluate import retrieval_metrics
     from hada.report import metric_row
 
-    base = (config or TrainConfig()).to_dict()
-    base.update(dataset=dataset, data_root=None if data_root is None else str(data_root),
-                backbones=list(backbones) if not isinstance(backbones, str) else backbones)
-    cfg = TrainConfig.from_dict(base).resolved()
-    names = cfg.backbones
-
-    plain_cfg = TrainConfig.from_dict({**cfg.to_dict(), "arch": "concat"})  # embeddings only
+    plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)
+    cfg, names = plain_cfg, plain_cfg.backbones
     fp = features_fingerprint(plain_cfg)
     key = hashlib.sha256(json.dumps({"dataset": dataset, "root": cfg.data_root, "backbones": names, "split": split,
                                      "features": fp}, sort_keys=True).encode()).hexdigest()[:12]
@@ -195,7 +190,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_json(rows, cache)
     if concat and len(names) > 1:
-        run = run_experiment(plain_cfg, "concat-" + "+".join(_short(n) for n in names), progress=progress)
+        run = run_experiment(plain_cfg, run_name, progress=progress)
         if split == cfg.test_split:
             m = run.test_metrics
         else:
@@ -203,6 +198,16 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
                                   shared_data(plain_cfg, split).caption_image_index)
         rows = rows + [metric_row("concat(" + " + ".join(names) + ") + linear", m, kind="fusion")]
     return rows
+
+
+def concat_run(dataset: str, backbones, data_root=None, config: TrainConfig | None = None) -> tuple[TrainConfig, str]:
+    """The configuration and run name of the concatenation + linear baseline ``baseline_table`` trains
+    (``config``'s training settings on the given data and backbones, arch "concat")."""
+    base = (config or TrainConfig()).to_dict()
+    base.update(dataset=dataset, data_root=None if data_root is None else str(data_root),
+                backbones=list(backbones) if not isinstance(backbones, str) else backbones, arch="concat")
+    cfg = TrainConfig.from_dict(base).resolved()
+    return cfg, "concat-" + "+".join(_short(n) for n in cfg.backbones)
 
 
 def _short(spec: str) -> str:

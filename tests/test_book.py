@@ -3,7 +3,10 @@ and chapters rerun through papermill with parameters (the three ways users run i
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -74,11 +77,47 @@ def test_chapters_are_myst_text_with_one_parameters_cell():
         assert chapter in _toc_files(), f"{chapter} is not in book/_toc.yml"
 
 
+def _run_dirs() -> set[str]:
+    from hada.paths import runs_dir
+
+    runs = runs_dir()
+    return {p.name for p in runs.iterdir() if p.is_dir()} if runs.is_dir() else set()
+
+
+def _parameters(chapter: str) -> dict:
+    """The values of a chapter's parameters cell."""
+    text = (BOOK / f"{chapter}.md").read_text()
+    cell = re.search(r":tags: \[parameters\]\n(.*?)```", text, re.S).group(1)
+    tree = ast.parse(cell)
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
+
+
+def test_chapter_parameters_are_what_hada_prepare_makes():
+    """`hada prepare` without options makes what `hada.book.resolve`'s defaults describe; every chapter's
+    parameters cell must use the same values, or a build would train (or miss) runs itself."""
+    from hada.book import resolve
+
+    defaults = {k: v.default for k, v in inspect.signature(resolve).parameters.items()}
+    for chapter in CHAPTERS:
+        params = _parameters(chapter)
+        assert params, f"{chapter}: empty parameters cell"
+        for name, value in params.items():
+            if name in defaults:
+                assert value == defaults[name], f"{chapter}: {name} = {value!r}, hada prepare uses {defaults[name]!r}"
+
+
 @pytest.fixture(scope="session")
 def built_html() -> Path:
-    """Builds the whole book exactly as `make book` does (cached execution, raise_on_error)."""
+    """Builds the whole book exactly as `make book` does: `hada prepare` (data, backbones, features and
+    every run, in parallel), then `jupyter-book build` (cached execution, raise_on_error). The build must
+    train nothing itself: if it did, `hada prepare` and the chapters disagree about what the book reads."""
+    res = _run([str(BIN / "hada"), "prepare"], cwd=ROOT, env={**os.environ, "HADA_NO_PROGRESS": "1"})
+    assert res.returncode == 0, f"hada prepare failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    prepared = _run_dirs()
     res = _run([str(BIN / "jupyter-book"), "build", str(BOOK)], cwd=ROOT)
     assert res.returncode == 0, f"book build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    trained_by_build = _run_dirs() - prepared - {"baselines"}
+    assert not trained_by_build, f"the chapters trained runs `hada prepare` did not: {sorted(trained_by_build)}"
     return ROOT / "_build" / "html"  # the build folder sits beside _config.yml
 
 

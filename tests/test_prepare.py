@@ -1,0 +1,98 @@
+"""`hada prepare`: the step graph runs in parallel in dependency order, stops cleanly on a failure, and
+leaves exactly what the chapters then load without training."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hada.errors import HadaError
+from hada.prepare import Step, _priorities, book_steps, run_steps
+
+
+# Step functions run in spawned workers, so they live at module level (pickled by name).
+def _meet(folder: str, me: str, other: str) -> None:
+    """Says it started, then waits for ``other`` to start too: both finish only if they ran at once."""
+    Path(folder, f"{me}.started").touch()
+    deadline = time.monotonic() + 120
+    while not Path(folder, f"{other}.started").exists():
+        if time.monotonic() > deadline:
+            raise HadaError(f"{other} never ran alongside {me}")
+        time.sleep(0.05)
+    Path(folder, f"{me}.done").touch()
+
+
+def _after(folder: str, me: str, *needs: str) -> None:
+    missing = [n for n in needs if not Path(folder, f"{n}.done").exists()]
+    if missing:
+        raise HadaError(f"{me} started before {missing} finished")
+    Path(folder, f"{me}.done").touch()
+
+
+def _broken(folder: str) -> None:
+    raise HadaError("broken input")
+
+
+def test_steps_run_at_once_and_after_what_they_wait_for(tmp_path):
+    d = str(tmp_path)
+    steps = [Step("a", _meet, (d, "a", "b")), Step("b", _meet, (d, "b", "a")),
+             Step("c", _after, (d, "c", "a", "b"), after=("a", "b")),
+             Step("d", _after, (d, "d", "c"), after=("c",))]
+    log = run_steps(steps, jobs=2, progress=False, log=lambda msg: None)
+    assert set(log.seconds) == {"a", "b", "c", "d"}
+    assert all((tmp_path / f"{n}.done").exists() for n in "abcd")
+
+
+def test_a_failed_step_stops_what_waits_on_it_and_names_both(tmp_path):
+    d = str(tmp_path)
+    steps = [Step("bad", _broken, (d,)), Step("child", _after, (d, "child"), after=("bad",)),
+             Step("ok", _after, (d, "ok"))]
+    with pytest.raises(HadaError, match="bad: broken input") as err:
+        run_steps(steps, jobs=2, progress=False, log=lambda msg: None)
+    assert "child" in str(err.value)
+    assert (tmp_path / "ok.done").exists() and not (tmp_path / "child.done").exists()
+
+
+def test_bad_graphs_are_refused_before_anything_runs(tmp_path):
+    d = str(tmp_path)
+    with pytest.raises(HadaError, match="unknown steps"):
+        run_steps([Step("a", _after, (d, "a"), after=("nope",))], progress=False)
+    with pytest.raises(HadaError, match="cycle"):
+        run_steps([Step("a", _after, (d, "a"), after=("b",)), Step("b", _after, (d, "b"), after=("a",))],
+                  progress=False)
+    with pytest.raises(HadaError, match="jobs"):
+        run_steps([Step("a", _after, (d, "a"))], jobs=0, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_costliest_chain_goes_first():
+    steps = [Step("short", _after, cost=1.0), Step("long", _after, cost=1.0),
+             Step("tail", _after, after=("long",), cost=5.0)]
+    rank = _priorities(steps)
+    assert rank == {"short": 1.0, "long": 6.0, "tail": 5.0}
+
+
+def test_prepare_leaves_what_the_chapters_load_without_training(hada_data, tiny_synthetic, monkeypatch):
+    import hada.book as hb
+    from hada import train as _train
+
+    setting = hb.resolve(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random", epochs=1,
+                         pairs_per_epoch=None)
+    steps = book_steps(setting)
+    names = [s.name for s in steps]
+    assert names[:2] == ["features tiny-vit:random", "features tiny-rn:random"]  # random weights: no pretraining
+    assert "train hada-k2" in names and "train ablation-layers2" in names and "train hada-k3" not in names
+    assert len(names) == len(set(names))  # the ablations' default is the results' HADA run, trained once
+    steps = [s for s in steps if not s.name.startswith("train ablation")]
+    run_steps(steps, jobs=2, progress=False, log=lambda msg: None)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the chapter trained a run that hada prepare should have made")
+
+    monkeypatch.setattr(_train, "train", no_training)
+    table = hb.results(hb.setup(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random", epochs=1,
+                                pairs_per_epoch=None), k=2)
+    assert table.hada["name"] == "HADA (K=2)" and 0 <= table.hada["rsum"] <= 600
+    assert any(r["name"].startswith("concat(") for r in table.rows)
