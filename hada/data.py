@@ -94,12 +94,31 @@ def load_dataset(name: str, root: Path | str | None = None, check_images: bool =
         raise HadaError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     spec = SPECS[name]
     root = Path(root).expanduser() if root is not None else default_root(name)
+    records, digest = _parsed(name, root, spec)
+    if check_images:
+        _check_files(records)
+    return Dataset(name, root, list(records), digest)
+
+
+_PARSED: dict = {}  # the last dataset json read: (name, root, sha256 of its bytes) -> (records, sha256)
+
+
+def _parsed(name: str, root: Path, spec: DatasetSpec) -> tuple[list[ImageRecord], str]:
+    """The validated records of ``root``'s json, reused while its bytes are unchanged: every chapter and
+    pipeline step loads the dataset, and parsing takes seconds where hashing takes milliseconds."""
+    try:
+        key = (name, str(root), hashlib.sha256((root / spec.json_name).read_bytes()).hexdigest())
+    except OSError:
+        key = None  # _read_json says what is wrong
+    if key is not None and key in _PARSED:
+        return _PARSED[key]
     doc, digest = _read_json(root, spec, name)
     records = [_record(i, entry, root, spec, name) for i, entry in enumerate(_image_entries(doc, spec))]
     _check_unique(records)
-    if check_images:
-        _check_files(records)
-    return Dataset(name, root, records, digest)
+    _PARSED.clear()  # one dataset kept: COCO's records are large
+    if key is not None:
+        _PARSED[key] = (records, digest)
+    return records, digest
 
 
 def _read_json(root: Path, spec: DatasetSpec, name: str) -> tuple[dict, str]:

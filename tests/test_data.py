@@ -67,6 +67,21 @@ def test_flickr_records_in_file_order(tmp_path):
     assert ds.json_sha256 == hashlib.sha256((root / "dataset_flickr30k.json").read_bytes()).hexdigest()
 
 
+def test_a_rewritten_json_is_read_again_even_at_the_same_size(tmp_path):
+    """Loads reuse the parsed json while its bytes are unchanged; an edit of the same length still counts."""
+    root = make_flickr(tmp_path / "f30k")
+    first = load_dataset("flickr30k", root)
+    assert load_dataset("flickr30k", root).images == first.images
+    path = root / "dataset_flickr30k.json"
+    before = path.stat().st_size
+    path.write_text(path.read_text().replace('"split": "val"', '"split": "tes"'))
+    assert path.stat().st_size == before
+    with pytest.raises(HadaError, match="split 'tes'"):
+        load_dataset("flickr30k", root)
+    make_flickr(root)
+    assert load_dataset("flickr30k", root).images == first.images
+
+
 def test_coco_restval_is_train_paths_follow_filepath_and_no_caption_is_dropped(tmp_path):
     root = make_coco(tmp_path / "coco")
     ds = load_dataset("coco", root)
