@@ -24,6 +24,7 @@ a table; ``--quick`` runs in < 1 min (the per-sample reference is skipped at the
 
     .venv/bin/python benchmarks/bench_train_step.py --quick
     .venv/bin/python benchmarks/bench_train_step.py --shapes embedded --batch-sizes 64 256 --steps 7
+    .venv/bin/python benchmarks/bench_train_step.py --shapes embedded --threads 1 2 --steps 9
 """
 
 from __future__ import annotations
@@ -234,26 +235,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'x reference' compares with the faster of the two")
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path (default 1)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the machine is shared, and one thread gives stable timings)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="torch CPU threads, one table block each (default 1: hada.train's default, and stable "
+                        "timings on a shared machine; the fused kernels split samples over the same count)")
     p.add_argument("--devices", nargs="+", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow per-sample reference path")
     args = p.parse_args(argv)
-    if min(args.batch_sizes or [1]) < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 0:
-        p.error("--batch-sizes and --steps must be >= 1, --warmup and --threads >= 0")
+    if min(args.batch_sizes or [1]) < 1 or args.steps < 1 or args.warmup < 0 or min(args.threads) < 1:
+        p.error("--batch-sizes, --steps and --threads must be >= 1, --warmup >= 0")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices {devices}")
-    header = ["device", "shape", "gnn", "batch", "path", "pairs/s", "x reference", "x pyg"]
+    print(f"torch {torch.__version__}, CPU threads {args.threads}, devices {devices}")
+    header = ["device", "threads", "shape", "gnn", "batch", "path", "pairs/s", "x reference", "x pyg"]
     rows = []
-    for device in devices:
+    runs = [(device, threads) for device in devices
+            for threads in (args.threads if device == "cpu" else args.threads[:1])]
+    for device, threads in runs:
+        torch.set_num_threads(threads)
         precision = resolve_precision(args.precision, device)
         for name in (["embedded", "paper"] if args.quick else args.shapes):
             shape = SHAPES[name]
@@ -271,9 +274,9 @@ def main(argv=None) -> int:
                     for path in paths:
                         ref = f"{res[path] / best_reference:.1f}x" if best_reference else "-"
                         pyg = f"{res[path] / res[batched[0]]:.1f}x" if batched[0].kind == "pyg" else "-"
-                        rows.append([device, name, gnn, batch, path.label, f"{res[path]:.1f}", ref, pyg])
-                    print(f"  done {device} {name} {gnn} batch {batch} (paths agree to {res['max_abs_diff']:.1e})",
-                          flush=True)
+                        rows.append([device, threads, name, gnn, batch, path.label, f"{res[path]:.1f}", ref, pyg])
+                    print(f"  done {device} x{threads} {name} {gnn} batch {batch} "
+                          f"(paths agree to {res['max_abs_diff']:.1e})", flush=True)
     print("\nTraining pairs/s (forward + backward + fused AdamW, image + text encoders); "
           "x reference: over the faster reference row")
     print(markdown_table(header, rows))
