@@ -194,12 +194,15 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     """The steps behind a ``hada.book.Setting``: pretrain its embedded backbones, extract every backbone's
     features, and (``runs``) train every run the chapters read (``hada.book.book_runs``)."""
     from hada.backbones import EMBEDDED_BACKBONES
+    from hada.backbones.spec import resolve_spec
     from hada.book import book_runs
 
     steps = []
     for spec in setting.backbones:
         after = ()
-        if spec in EMBEDDED_BACKBONES:
+        if spec not in EMBEDDED_BACKBONES:
+            resolve_spec(spec)  # a bad spec or missing weights: one error now, before any step starts
+        else:
             steps.append(Step(f"pretrain {spec}", _pretrain, (spec,), cost=8.0))
             after = (f"pretrain {spec}",)
         steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec), after,

@@ -96,3 +96,22 @@ def test_prepare_leaves_what_the_chapters_load_without_training(hada_data, tiny_
                                 pairs_per_epoch=None), k=2)
     assert table.hada["name"] == "HADA (K=2)" and 0 <= table.hada["rsum"] <= 600
     assert any(r["name"].startswith("concat(") for r in table.rows)
+
+
+def test_cli_explains_itself_and_refuses_bad_input_in_one_line(hada_data, tiny_synthetic, capsys):
+    from hada.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert "--jobs" in out and "--no-runs" in out and "papermill" in out
+    cases = [(["--jobs", "0"], "--jobs must be at least 1"),
+             (["--dataset", "flickr30k", "--data-root", str(hada_data / "nowhere")], "does not exist"),
+             (["--data-root", str(tiny_synthetic), "--backbones", "tiny-vit:random,no-such-model:random"],
+              "unknown open_clip model 'no-such-model'"),
+             (["--data-root", str(tiny_synthetic), "--backbones", "tiny-vit:random"], "at least two backbones")]
+    for args, message in cases:
+        assert main(["prepare", *args]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert "steps for" not in out  # refused before planning or starting anything

@@ -48,8 +48,11 @@ def _resolve():
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from hada.errors import HadaError
     from hada.prepare import book_steps, run_steps
 
+    if args.jobs < 1:
+        raise HadaError(f"--jobs must be at least 1, got {args.jobs}")
     setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones,
                          epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed)
     steps = book_steps(setting, runs=not args.no_runs)
