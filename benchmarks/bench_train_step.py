@@ -237,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path (default 1)")
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="torch CPU threads, one table block each (default 1: hada.train's default, and stable "
-                        "timings on a shared machine; the fused kernels split samples over the same count)")
+                        "timings on a shared machine; the fused numba kernels stay single-threaded)")
     p.add_argument("--devices", nargs="+", default=None,
                    help="cpu and/or cuda (default: cpu, plus cuda when available)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow per-sample reference path")

@@ -15,10 +15,10 @@ a pass over every row (and the bias's own gradient pass). On a 2-core CPU this i
 backend's training step many times cheaper than torch_geometric's per-edge GATv2
 (``benchmarks/bench_train_step.py``).
 
-Samples are split over as many threads as torch uses (hada.train: one by default); each sample's partial
-sums of the shared gradients (bias, attention vector) are added in a fixed order, so the numbers do not
-depend on the thread count. Compiled on first use and cached on disk (numba's ``cache=True``), so only the
-first call after an install pays the compilation (a few seconds).
+Single-threaded by design (hada.train runs one torch thread). Splitting samples over threads with numba's
+``parallel=True`` saved ~10% of a step in one process at 2 threads, but numba's OpenMP pool then spins beside
+torch's: two such processes on 2 cores (``hada prepare``) ran each step 10x slower. Compiled on first use and
+cached on disk (numba's ``cache=True``), so only the first call after an install pays the compilation.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_JIT = dict(cache=True, fastmath=True, nogil=True, boundscheck=False, parallel=True)
+_JIT = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
 
 
 @numba.njit(**_JIT)
@@ -47,10 +47,10 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
     HC = H * C
     s, one = consts[0], consts[1]
     zero = one - one
-    for b in numba.prange(B):  # samples are independent: each writes its own alpha and out rows
-        top, total = np.empty(H, dtype=out.dtype), np.empty(H, dtype=out.dtype)
-        qb = np.empty((2, HC), dtype=out.dtype)  # q + bias for the block's CLS token (0) and other tokens (1)
-        block_sum = np.empty((M, H), dtype=out.dtype)  # each block's share of the attention, per head
+    top, total = np.empty(H, dtype=out.dtype), np.empty(H, dtype=out.dtype)
+    qb = np.empty((2, HC), dtype=out.dtype)  # q + bias for the block's CLS token (0) and other tokens (1)
+    block_sum = np.empty((M, H), dtype=out.dtype)  # each block's share of the attention, per head
+    for b in range(B):
         for k in range(K):
             a = alpha[b, k]
             top[:] = -np.inf
@@ -102,11 +102,10 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
 
 @numba.njit(**_JIT)
 def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts, alpha, d_out, d_alpha,
-                             dq, dq_cls, dxls, dbias_parts, datt_parts):  # pragma: no cover - compiled
+                             dq, dq_cls, dxls, dbias, datt):  # pragma: no cover - compiled
     """Gradients of :func:`gatv2_attention_forward` for ``d_out`` [B, K, H*C] and ``d_alpha`` [B, K, N, H]:
-    written into ``dxls`` (like xls; the valid rows only, once each) and added to the zero-initialised dq, dq_cls
-    (like q), and per sample to ``dbias_parts`` [B, *bias.shape] and ``datt_parts`` [B, *att.shape] (the caller
-    sums them in a fixed order, so the result does not depend on the thread count). Per sample, one pass over its rows per target for d alpha, then one pass
+    written into ``dxls`` (like xls; the valid rows only, once each) and added to the zero-initialised dq, dq_cls (like q), dbias
+    (like bias) and datt (like att). Per sample, one pass over its rows per target for d alpha, then one pass
     for everything else with the targets innermost, so that each dxl row is written once. The channel loops
     run over a flat row (datt, the score grad and dq in one, dxl in the next), which LLVM vectorises; one loop
     per head updating dxl, dq and datt at once measured ~5x slower."""
@@ -116,16 +115,15 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
     HC = H * C
     s, one = consts[0], consts[1]
     zero = one - one
-    att_flat = att.reshape(HC)
-    for b in numba.prange(B):  # samples are independent: own rows of dxl, dq and their own partial sums
-        datt_flat, dbias = datt_parts[b].reshape(HC), dbias_parts[b]
-        gz = np.empty(HC, dtype=d_out.dtype)  # per channel: a head's d score, then d score / d z
-        ga = np.empty(HC, dtype=d_out.dtype)  # per channel: its head's alpha
-        g = np.empty((K, alpha.shape[2], H), dtype=d_out.dtype)  # d alpha, then d score
-        dot = np.empty((K, H), dtype=d_out.dtype)
-        dob = np.empty(H, dtype=d_out.dtype)
-        qb = np.empty((K, 2, HC), dtype=d_out.dtype)
-        block_sum = np.empty((K, M, H), dtype=d_out.dtype)
+    att_flat, datt_flat = att.reshape(HC), datt.reshape(HC)
+    gz = np.empty(HC, dtype=d_out.dtype)  # per channel: a head's d score, then d score / d z
+    ga = np.empty(HC, dtype=d_out.dtype)  # per channel: its head's alpha
+    g = np.empty((K, alpha.shape[2], H), dtype=d_out.dtype)  # d alpha, then d score
+    dot = np.empty((K, H), dtype=d_out.dtype)
+    dob = np.empty(H, dtype=d_out.dtype)
+    qb = np.empty((K, 2, HC), dtype=d_out.dtype)
+    block_sum = np.empty((K, M, H), dtype=d_out.dtype)
+    for b in range(B):
         dot[:] = zero
         for k in range(K):  # d alpha = d_alpha + d_out . (x + bias) per head
             a, do = alpha[b, k], d_out[b, k]
@@ -187,11 +185,6 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
 # ------------------------------------------------------------------------------------------- torch side
 
 
-def _match_torch_threads() -> None:
-    """The kernels split samples over as many threads as torch uses (hada.train: one, unless told more)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
@@ -213,7 +206,6 @@ def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tenso
     B, K, H = q.shape[0], q.shape[1], att.shape[0]
     alpha = torch.zeros(B, K, rows.num_nodes, H, dtype=q.dtype)  # padding keeps its 0
     out = torch.empty(B, K, q.shape[-1], dtype=q.dtype)
-    _match_torch_threads()
     gatv2_attention_forward(*_inputs(q, q_cls, xls, bias, att, rows, slope), alpha.numpy(), out.numpy())
     return out, alpha
 
@@ -222,14 +214,10 @@ def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias:
                               slope: float, alpha: Tensor, d_out: Tensor, d_alpha: Tensor) -> tuple[Tensor, ...]:
     """Gradients (dq, dq_cls, dbias, datt, *dxls) of :func:`gatv2_cls_attention`; each dxl in its xl's dtype."""
     dq, dq_cls = torch.zeros_like(q), torch.zeros_like(q_cls)
-    B = q.shape[0]
-    dbias_parts = torch.zeros((B, *bias.shape), dtype=q.dtype)
-    datt_parts = torch.zeros((B, *att.shape), dtype=q.dtype)
+    dbias, datt = torch.zeros(bias.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
     # the kernel writes every valid row once; rows read in place from a padded tensor leave padding unwritten
     dxls = [(torch.zeros if rows.in_place else torch.empty)(x.shape, dtype=q.dtype) for x in xls]
-    _match_torch_threads()
     gatv2_attention_backward(*_inputs(q, q_cls, xls, bias, att, rows, slope), _numpy(alpha, q.dtype),
                              _numpy(d_out, q.dtype), _numpy(d_alpha, q.dtype), dq.numpy(), dq_cls.numpy(),
-                             tuple(dxls[i].numpy() for i in rows.source), dbias_parts.numpy(), datt_parts.numpy())
-    dbias, datt = dbias_parts.sum(0), datt_parts.sum(0)
+                             tuple(dxls[i].numpy() for i in rows.source), dbias.numpy(), datt.numpy())
     return (dq, dq_cls, dbias.to(bias.dtype), datt.to(att.dtype), *(d.to(x.dtype) for d, x in zip(dxls, xls)))

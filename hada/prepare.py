@@ -92,7 +92,6 @@ def run_steps(steps: list[Step], jobs: int = 2, progress: bool = True, log: Call
     _check(steps)
     if jobs < 1:
         raise HadaError(f"jobs must be at least 1, got {jobs}")
-    by_name = {s.name: s for s in steps}
     order = {s.name: i for i, s in enumerate(steps)}
     rank = _priorities(steps)
     done: set[str] = set()
@@ -148,7 +147,7 @@ def run_steps(steps: list[Step], jobs: int = 2, progress: bool = True, log: Call
     if failures:
         skipped = [s.name for s in steps if s.name not in done and all(not f.startswith(s.name + ":")
                                                                         for f in failures)]
-        more = f"; not started because of it: {', '.join(skipped)}" if skipped else ""
+        more = f"; not run: {', '.join(skipped)}" if skipped else ""
         raise HadaError(f"{len(failures)} step(s) failed -- {'; '.join(failures)}{more}. "
                         "Finished steps are kept; fix the cause and rerun to continue")
     return record
