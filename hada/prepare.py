@@ -102,8 +102,10 @@ def run_steps(steps: list[Step], jobs: int = 2, progress: bool = True, log: Call
     hide = not progress or os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
     bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=hide, dynamic_ncols=True)
     say = tqdm.write if not hide else log
-    pool = ProcessPoolExecutor(max_workers=min(jobs, max(1, len(steps))), mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init)
+    workers = min(jobs, max(1, len(steps)))
+    threads = max(1, default_jobs() // workers)  # torch threads of a step that does not set its own
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(threads,))
     try:
         while len(done) < len(steps):
             started = {name for name, _ in running.values()}
@@ -153,16 +155,19 @@ def run_steps(steps: list[Step], jobs: int = 2, progress: bool = True, log: Call
     return record
 
 
-def _worker_init() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them (one message instead of a traceback per worker),
-    hold no process-shared lock a stop would leak, and do not repeat a library's deprecation notice."""
+def _worker_init(threads: int) -> None:
+    """Workers share the cores (feature extraction at 2 threads beside a training worker ran at half speed;
+    pretraining and training set their own single thread), leave Ctrl-C to the parent, which stops them (one
+    message instead of a traceback per worker), hold no process-shared lock a stop would leak, and do not
+    repeat a library's deprecation notice."""
     import signal
+    import threading
     import warnings
 
-    import threading
-
+    import torch
     from tqdm import tqdm
 
+    torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: a stopped worker would leak it
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
