@@ -174,10 +174,10 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     from hada.evaluate import retrieval_metrics
     from hada.report import metric_row
 
-    plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)
-    cfg, names = plain_cfg, plain_cfg.backbones
+    plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
+    names = plain_cfg.backbones
     fp = features_fingerprint(plain_cfg)
-    key = hashlib.sha256(json.dumps({"dataset": dataset, "root": cfg.data_root, "backbones": names, "split": split,
+    key = hashlib.sha256(json.dumps({"dataset": dataset, "root": plain_cfg.data_root, "backbones": names, "split": split,
                                      "features": fp}, sort_keys=True).encode()).hexdigest()[:12]
     cache = runs_dir() / "baselines" / f"{dataset}-{split}-{key}.json"
     if cache.exists():
@@ -191,7 +191,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         atomic_json(rows, cache)
     if concat and len(names) > 1:
         run = run_experiment(plain_cfg, run_name, progress=progress)
-        if split == cfg.test_split:
+        if split == plain_cfg.test_split:
             m = run.test_metrics
         else:
             m = retrieval_metrics(run.load_model().similarity(shared_data(plain_cfg, split)),

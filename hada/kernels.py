@@ -17,7 +17,7 @@ backend's training step many times cheaper than torch_geometric's per-edge GATv2
 
 Single-threaded by design (hada.train runs one torch thread). Splitting samples over threads with numba's
 ``parallel=True`` saved ~10% of a step in one process at 2 threads, but numba's OpenMP pool then spins beside
-torch's: two such processes on 2 cores (``hada prepare``) ran each step 10x slower. Compiled on first use and
+torch's: two such processes on 2 cores (``hada prepare``) ran each step over 10x slower. Compiled on first use and
 cached on disk (numba's ``cache=True``), so only the first call after an install pays the compilation.
 """
 
