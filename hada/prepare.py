@@ -221,7 +221,7 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
 
 
 def default_jobs() -> int:
-    """One worker per CPU core this process may use (each step runs single-threaded), at most 8."""
+    """One worker per CPU core this process may use (training steps run single-threaded), at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -232,5 +232,9 @@ def default_jobs() -> int:
 def prepare(setting, jobs: int | None = None, runs: bool = True, progress: bool = True,
             log: Callable[[str], None] = print) -> StepLog:
     """Make everything the chapters of ``setting`` read, ``jobs`` steps at once (default: one per core)."""
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise HadaError(f"--jobs must be at least 1, got {jobs}")
     steps = book_steps(setting, runs=runs)
-    return run_steps(steps, jobs=jobs or default_jobs(), progress=progress, log=log)
+    log(f"{len(steps)} steps for {setting!r} on {jobs} process(es)")
+    return run_steps(steps, jobs=jobs, progress=progress, log=log)

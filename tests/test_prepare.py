@@ -67,7 +67,7 @@ def test_bad_graphs_are_refused_before_anything_runs(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_the_costliest_chain_goes_first():
+def test_a_steps_priority_is_the_costliest_chain_it_heads():
     steps = [Step("short", _after, cost=1.0), Step("long", _after, cost=1.0),
              Step("tail", _after, after=("long",), cost=5.0)]
     rank = _priorities(steps)
@@ -105,8 +105,11 @@ def test_cli_explains_itself_and_refuses_bad_input_in_one_line(hada_data, tiny_s
         main(["prepare", "--help"])
     out = capsys.readouterr().out
     assert "--jobs" in out and "--no-runs" in out and "papermill" in out
-    cases = [(["--jobs", "0"], "--jobs must be at least 1"),
-             (["--dataset", "flickr30k", "--data-root", str(hada_data / "nowhere")], "does not exist"),
+    with pytest.raises(SystemExit) as stop:  # refused while parsing, before any data is made
+        main(["prepare", "--jobs", "0"])
+    assert stop.value.code == 2 and "--jobs/-j: must be at least 1" in capsys.readouterr().err
+    assert not hada_data.exists()
+    cases = [(["--dataset", "flickr30k", "--data-root", str(hada_data / "nowhere")], "does not exist"),
              (["--data-root", str(tiny_synthetic), "--backbones", "tiny-vit:random,no-such-model:random"],
               "unknown open_clip model 'no-such-model'"),
              (["--data-root", str(tiny_synthetic), "--backbones", "tiny-vit:random"], "at least two backbones")]

@@ -11,7 +11,7 @@ is the dataset and missing), the embedded backbones, every backbone's token feat
 and every training run of the results and ablation chapters (concat + linear and HADA for K=2 and K=3, and
 each ablation). The chapters would make the same themselves, one step after another on one core; this runs
 the steps as a dependency graph (features wait for their backbone, a run for its features) on --jobs
-single-threaded processes. Each step is the pipeline's own cached call, so the build then finds everything
+processes, sharing the cores (each training run is single-threaded). Each step is the pipeline's own cached call, so the build then finds everything
 done, with the numbers it would have computed, and a rerun skips what is finished (an interrupted run
 resumes from its last epoch). The options are the chapters' parameters: give the same values as to
 papermill (-p ...) to prepare a rerun with other parameters."""
@@ -34,11 +34,22 @@ def register(subparsers) -> None:
     p.add_argument("--pairs-per-epoch", type=int, default=defaults["pairs_per_epoch"],
                    help="the chapters' `pairs_per_epoch`; 0 = the whole train split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="the chapters' `seed` (default: %(default)s)")
-    p.add_argument("--jobs", "-j", type=int, default=default_jobs(),
+    p.add_argument("--jobs", "-j", type=_at_least_one, default=default_jobs(),
                    help="steps at once, one process each (default: the CPU cores, %(default)s)")
     p.add_argument("--no-runs", action="store_true",
                    help="only the data, backbones and features (what `make data` makes), no training runs")
     p.set_defaults(handler=_prepare)
+
+
+def _at_least_one(text: str) -> int:
+    """--jobs is checked when parsed, before the dataset is made or read."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _resolve():
@@ -48,16 +59,10 @@ def _resolve():
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from hada.errors import HadaError
-    from hada.prepare import book_steps, run_steps
+    from hada.prepare import prepare
 
-    if args.jobs < 1:
-        raise HadaError(f"--jobs must be at least 1, got {args.jobs}")
     setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones,
                          epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed)
-    steps = book_steps(setting, runs=not args.no_runs)
-    print(f"{len(steps)} steps for {setting!r} on {args.jobs} process(es)")
-    log = run_steps(steps, jobs=args.jobs)
-    total = sum(log.seconds.values())
-    print(f"prepared in {log.wall:.0f} s wall ({total:.0f} s of steps)")
+    log = prepare(setting, jobs=args.jobs, runs=not args.no_runs)
+    print(f"prepared in {log.wall:.0f} s wall ({sum(log.seconds.values()):.0f} s of steps)")
     return 0
