@@ -75,7 +75,7 @@ def random_splits(split: str, seed: int = 0):
     """Random fp16 features with the embedded stores' shapes (zero-padded captions of random length)."""
     import numpy as np
 
-    from hada.batching import ArraySplit
+    from hada.features.batching import ArraySplit
 
     rng = np.random.default_rng(seed)
     n_img = SPLIT_SIZES[split]
@@ -98,7 +98,7 @@ def load_splits(split: str, source: str):
     """(splits, description): the embedded stores, or random features of their shapes."""
     if source in ("auto", "store"):
         try:
-            from hada.features import open_features
+            from hada.features.store import open_features
 
             return [open_features("synthetic", b, split) for b in BACKBONES], "stored embedded features"
         except Exception as exc:  # noqa: BLE001 - any missing/broken store: fall back (or fail if asked)
@@ -116,7 +116,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import numpy as np
 
-    from hada.batching import FeatureData, PairLoader, compute_stats
+    from hada.features.batching import FeatureData, PairLoader, compute_stats
     from hada.train import TrainConfig, TrainedModel, build_objective, feature_dims
 
     train_splits, source = load_splits("train", spec["source"])

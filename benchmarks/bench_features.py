@@ -1,6 +1,6 @@
 """Feature-store benchmarks (printed tables, not timed tests).
 
-1. Extraction images/s of ``hada.features.extract_split`` against a bare open_clip loop (PIL load + the model's
+1. Extraction images/s of ``hada.features.store.extract_split`` against a bare open_clip loop (PIL load + the model's
    own preprocessing + ``encode_image`` under ``no_grad``) on the same model, batch, split and machine, in one
    run, alternating the two so they share any background load; median and best of ``--rounds``, one caption
    per image in the timed runs (the ratio is about images). Goal: ratio >= 0.9. On a shared machine single
@@ -29,9 +29,9 @@ from tables import markdown_table  # noqa: E402
 
 from hada.backbones import EMBEDDED_BACKBONES, load_backbone, register_model_configs  # noqa: E402
 from hada.backbones.spec import load_recipes  # noqa: E402
-from hada.data import load_dataset  # noqa: E402
+from hada.data.datasets import load_dataset  # noqa: E402
 from hada.errors import HadaError  # noqa: E402
-from hada.features import ARRAY_NAMES, extract_split  # noqa: E402
+from hada.features.store import ARRAY_NAMES, extract_split  # noqa: E402
 
 
 def _spec_for(name: str, tmp: Path) -> tuple[str, str]:
@@ -107,7 +107,7 @@ def main() -> int:
             targets.append(("ViT-B-32 @224", f"ViT-B-32:{tmp / 'vitb32.bin'}", "random weights"))
         from dataclasses import replace
 
-        from hada.data import Dataset
+        from hada.data.datasets import Dataset
 
         for label, spec, weights in targets:
             backbone = load_backbone(spec)
@@ -146,7 +146,7 @@ def main() -> int:
                 size_rows))
 
     # Flickr30k with ViT-B/16 at 224 px: 1 + 14*14 = 197 image tokens of 768; text tokens 512-d, padded to 77
-    from hada.features import projected_store_size
+    from hada.features.store import projected_store_size
 
     print("\nProjected store for Flickr30k with ViT-B/16 @224 px (text padded to the split's longest caption,")
     print("which on Flickr30k reaches the 77-token context; a 20-token padding shown for comparison)")

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hada import synth
+from hada.data import synthetic as synth
 from tables import markdown_table
 
 

@@ -4,14 +4,14 @@ One training step = forward of the image and text encoders, a symmetric InfoNCE 
 fused AdamW step hada.train uses. Paths, all on the same model (same parameter tensors) and the same random
 features:
 
-* ``reference``: every sample's graph built separately (``hada.graph.build_edges``) as a
+* ``reference``: every sample's graph built separately (``hada.model.graph.build_edges``) as a
   ``torch_geometric.data.Data``, collated with ``Batch.from_data_list``, torch_geometric convs on all nodes
   and edges -- the shape of the public code's model step. Timed in float32 and in the run's precision;
   ``x reference`` divides by the faster of the two.
 * ``pyg``: hada's batched graph (cached templates, vectorised offsets), same torch_geometric convs.
-* ``dense``: hada's dense backend (``hada.dense``: attention for the K CLS nodes only, a one-layer model
+* ``dense``: hada's dense backend (``hada.model.fast.dense``: attention for the K CLS nodes only, a one-layer model
   never projects every node on its own; on CPU GATv2 maps only the valid nodes, packed per backbone, and its
-  scores, softmax and messages are one fused numba kernel each way, ``hada.kernels``).
+  scores, softmax and messages are one fused numba kernel each way, ``hada.model.fast.kernels``).
 
 Shapes: ``embedded`` is what the book trains (the tiny-vit + tiny-rn feature stores' token counts and widths,
 caption lengths as stored, the book's model: width 128, 4 heads x 32 channels); ``paper`` is the paper's
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from hada.book import BOOK_MODEL
-from hada.graph import build_edges
-from hada.model import HadaConfig, HadaEncoder, HadaPair, ModalityBatch, _full
+from hada.model.graph import build_edges
+from hada.model.encoder import HadaConfig, HadaEncoder, HadaPair, ModalityBatch, _full
 from hada.train import cpu_has_bf16
 from tables import markdown_table
 
@@ -71,7 +71,7 @@ class Shape:
 
 
 SHAPES = {
-    # the embedded default as the book trains it: the feature stores of tiny-vit and tiny-rn (hada.features;
+    # the embedded default as the book trains it: the feature stores of tiny-vit and tiny-rn (hada.features.store;
     # caption lengths 6 to 51 and 6 to 24 tokens) and the book's model (hada.book.BOOK_MODEL: width 128,
     # 4 heads x 32 channels)
     "embedded": Shape("embedded", (65, 10), ((6, 51), (6, 24)), (128, 384), (128, 96), (128, 128),
@@ -84,7 +84,7 @@ SHAPES = {
 
 def random_batch(shape: Shape, batch: int, modality: str, gen: torch.Generator) -> ModalityBatch:
     """Random standardised features in the feature store's layout (zero padding, CLS first), trimmed to the
-    batch's longest caption as hada.batching does."""
+    batch's longest caption as hada.features.batching does."""
     tokens, lengths, embeds = [], [], []
     dims = shape.image_dims if modality == "image" else shape.text_dims
     for k, (d, e) in enumerate(zip(dims, shape.embed_dims)):

@@ -2,7 +2,7 @@
 
 In the published graph every node points into every CLS node (own features w_fc, other backbones' features
 w_fcx, the other CLS nodes w_cc, itself w_self), so a CLS node's attention is one softmax over all the
-sample's nodes. :meth:`hada.model.HadaEncoder.forward` with ``return_attention=True`` returns it per layer as
+sample's nodes. :meth:`hada.model.encoder.HadaEncoder.forward` with ``return_attention=True`` returns it per layer as
 ``[B, K, H, N]`` plus ``node_backbone`` / ``node_token`` / ``node_mask``, which map a node index back to
 (backbone, token). Here we average over heads, split the mass into own patches / other patches / other CLS
 nodes / itself, reshape patch attention to each backbone's square grid (ViT patches, or a conv backbone's
@@ -311,7 +311,7 @@ def attention_examples(trained, dataset, split: str = "test", n_correct: int = 2
     """Pick test images by HADA's top-1 image->text result and collect every CLS node's attention.
 
     ``trained``: :func:`hada.train.load_trained` result (``.pair``, ``.config``, ``.load_data``,
-    ``.similarity``). ``dataset``: :func:`hada.data.load_dataset` result of the same data (image paths and
+    ``.similarity``). ``dataset``: :func:`hada.data.datasets.load_dataset` result of the same data (image paths and
     caption texts). ``similarity``: a precomputed images x captions similarity of the split (default: the
     model's own inference similarity). ``token_labels``: one ``caption -> token strings`` function per
     backbone (default: the run's backbones' tokenizers). ``layer``: which GNN layer's attention.
@@ -478,7 +478,7 @@ def text_figure(examples: AttentionExamples):
     """
     import matplotlib.pyplot as plt
 
-    from hada.plots import BACKBONE_COLOURS
+    from hada.book.figures import BACKBONE_COLOURS
 
     t, names = examples.text, examples.backbone_names
     if t is None:

@@ -220,7 +220,7 @@ def retrieval_metrics(
 def embed_split(pair, data, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """L2-normalised (image [n_img, d], text [n_cap, d]) embeddings of a whole split, in split order.
 
-    ``pair`` has ``.image``/``.text`` encoders; ``data`` is a :class:`hada.batching.FeatureData`.
+    ``pair`` has ``.image``/``.text`` encoders; ``data`` is a :class:`hada.features.batching.FeatureData`.
     The encoders are put in eval mode for the call and restored afterwards.
     """
     modes = [(m, m.training) for m in (pair.image, pair.text)]

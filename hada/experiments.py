@@ -53,7 +53,7 @@ def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
 # ------------------------------------------------------------------------------------ shared data
 def _stats(config: TrainConfig):
     """Train statistics of the run's backbones, computed once per process per store."""
-    from hada.batching import FeatureStats, compute_stats
+    from hada.features.batching import FeatureStats, compute_stats
 
     splits = _train.open_splits(config, config.train_split)
     image, text = [], []
@@ -69,7 +69,7 @@ def _stats(config: TrainConfig):
 
 def shared_data(config: TrainConfig, split: str, stats=None):
     """FeatureData of one split for this config, normalised with the train statistics; cached in-process."""
-    from hada.batching import FeatureData
+    from hada.features.batching import FeatureData
 
     config = config.resolved()
     stats = stats if stats is not None else _stats(config)
@@ -172,7 +172,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     """
     from hada.baselines import untrained_baselines
     from hada.evaluate import retrieval_metrics
-    from hada.report import metric_row
+    from hada.book.tables import metric_row
 
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.backbones

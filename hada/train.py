@@ -32,7 +32,7 @@ MODEL_FIELDS = ("width", "out_dim", "gnn", "heads", "head_dim", "layers", "dropo
                 "w_ffx", "w_self", "directed", "backend", "precision")
 
 
-PRECISIONS = ("auto", "fp32", "bf16")  # hada.model.PRECISIONS plus "auto" (resolved by TrainConfig.resolved)
+PRECISIONS = ("auto", "fp32", "bf16")  # hada.model.encoder.PRECISIONS plus "auto" (resolved by TrainConfig.resolved)
 #: Fields added after runs were first saved, with the value that reproduces those runs.
 LEGACY_VALUES = {"head_dim": None, "precision": "fp32", "fused_optimizer": False}
 RENAMED = {"max_train_pairs": "pairs_per_epoch"}
@@ -220,7 +220,7 @@ def set_rng_state(state: dict, order_rng) -> None:
 
 def open_splits(config: TrainConfig, split: str) -> list:
     """The FeatureSplit of every backbone of the run for one split (memory-mapped)."""
-    from hada.features import open_features
+    from hada.features.store import open_features
 
     return [open_features(config.dataset, b, split) for b in config.backbones]
 
@@ -233,7 +233,7 @@ def build_objective(config: TrainConfig, dims: dict):
         config = config.resolved()
 
     if config.arch == "hada":
-        from hada.model import HadaConfig, HadaPair
+        from hada.model.encoder import HadaConfig, HadaPair
 
         hc = HadaConfig(image_token_dims=dims["image_token_dims"], text_token_dims=dims["text_token_dims"],
                         image_embed_dims=dims["image_embed_dims"], text_embed_dims=dims["text_embed_dims"],
@@ -262,7 +262,7 @@ class TrainedModel:
     """A trained objective (pair + tau + w) with the train statistics its inputs need."""
 
     objective: object
-    stats: object  # hada.batching.FeatureStats
+    stats: object  # hada.features.batching.FeatureStats
     config: TrainConfig
 
     @property
@@ -289,7 +289,7 @@ class TrainedModel:
 
     def load_data(self, split: str):
         """FeatureData of one split, normalised with this run's train statistics."""
-        from hada.batching import FeatureData
+        from hada.features.batching import FeatureData
 
         return FeatureData(open_splits(self.config, split), self.stats, with_tokens=self.config.arch == "hada")
 
@@ -298,7 +298,7 @@ def load_trained(run_dir: str | os.PathLike, which: str = "best") -> TrainedMode
     """Rebuild a trained model from ``best.pt`` (or ``checkpoint.pt`` with ``which="last"``); no features needed."""
     import torch
 
-    from hada.batching import FeatureStats
+    from hada.features.batching import FeatureStats
 
     path = Path(run_dir) / ("best.pt" if which == "best" else "checkpoint.pt")
     if not path.exists():
@@ -368,7 +368,7 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
     import torch
     from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
-    from hada.batching import FeatureData, FeatureStats, PairLoader, compute_stats
+    from hada.features.batching import FeatureData, FeatureStats, PairLoader, compute_stats
 
     config = config.resolved()
     run_dir = Path(run_dir)

@@ -19,7 +19,7 @@ def hada_data(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """Root of a tiny synthetic dataset (40/40/20/20 images, seed 0), made once per session. Read only."""
-    from hada.synth import generate
+    from hada.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("tiny-synthetic") / "synthetic"
     generate(root, size="tiny", seed=0, progress=False)

@@ -9,10 +9,10 @@ import torch
 import hada.experiments as hx
 import hada.train as ht
 from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity, untrained_baselines
-from hada.batching import FeatureData, compute_stats, toy_splits
+from hada.features.batching import FeatureData, compute_stats, toy_splits
 from hada.cli import main
 from hada.evaluate import retrieval_metrics
-from hada.model import ModalityBatch
+from hada.model.encoder import ModalityBatch
 
 SEEDS = {"train": 0, "val": 1, "test": 2}
 

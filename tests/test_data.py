@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hada.cli import main
-from hada.data import ImageRecord, load_dataset
+from hada.data.datasets import ImageRecord, load_dataset
 from hada.errors import HadaError
 
 

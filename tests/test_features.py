@@ -50,7 +50,7 @@ def backbone(weights):
 
 @pytest.fixture(scope="module")
 def dataset(tiny_synthetic):
-    from hada.data import load_dataset
+    from hada.data.datasets import load_dataset
 
     return load_dataset("synthetic", tiny_synthetic)
 
@@ -62,9 +62,9 @@ def _bytes(path: Path) -> dict[str, bytes]:
 def test_store_layout_and_values(backbone, dataset, weights, tmp_path):
     from PIL import Image
 
-    from hada.features import open_features
+    from hada.features.store import open_features
 
-    from hada.features import extract_split
+    from hada.features.store import extract_split
 
     fs = extract_split(backbone, dataset, "val", weights[0], tmp_path, progress=False)
     recs = dataset.split("val")
@@ -99,7 +99,7 @@ def test_store_layout_and_values(backbone, dataset, weights, tmp_path):
 
 
 def test_interrupted_extraction_resumes_to_identical_bytes(backbone, dataset, weights, tmp_path):
-    from hada.features import _Stop, extract_split, open_features, store_dir
+    from hada.features.store import _Stop, extract_split, open_features, store_dir
 
     kw = dict(image_batch=8, text_batch=32, progress=False, checkpoint_seconds=0)
     whole = extract_split(backbone, dataset, "test", weights[0], tmp_path / "a", **kw)
@@ -118,7 +118,7 @@ def test_interrupted_extraction_resumes_to_identical_bytes(backbone, dataset, we
 
 def test_a_different_request_is_an_error_naming_the_difference(dataset, weights, tmp_path):
     from hada.backbones import load_backbone
-    from hada.features import extract_split, store_dir
+    from hada.features.store import extract_split, store_dir
 
     a, b = load_backbone(weights[0]), load_backbone(weights[1])
     extract_split(a, dataset, "val", "store", tmp_path, progress=False)
@@ -132,7 +132,7 @@ def test_a_different_request_is_an_error_naming_the_difference(dataset, weights,
 
 
 def test_corrupt_or_truncated_stores_are_refused(backbone, dataset, weights, tmp_path):
-    from hada.features import extract_split, open_features
+    from hada.features.store import extract_split, open_features
 
     fs = extract_split(backbone, dataset, "val", weights[0], tmp_path, progress=False)
     path = fs.path
@@ -154,7 +154,7 @@ def test_corrupt_or_truncated_stores_are_refused(backbone, dataset, weights, tmp
 
 def test_cli_extract_verify_and_ensure_features(hada_data, tiny_synthetic, weights, capsys):
     from hada.cli import main
-    from hada.features import ensure_features
+    from hada.features.store import ensure_features
 
     args = ["--root", str(tiny_synthetic), "--backbone", weights[0], "--split", "val"]
     assert main(["features", "extract", *args]) == 0
@@ -169,7 +169,7 @@ def test_cli_extract_verify_and_ensure_features(hada_data, tiny_synthetic, weigh
 
 
 def test_projected_store_size_for_flickr30k_with_vit_b16():
-    from hada.features import projected_store_size
+    from hada.features.store import projected_store_size
 
     table = projected_store_size("flickr30k", ("ViT-B-16",), n_images=31_783)
     row = table.rows[0]

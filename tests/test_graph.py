@@ -1,9 +1,9 @@
-"""hada.graph: the edge list of DESIGN section 1, checked against hand-written lists, and vectorised batching."""
+"""hada.model.graph: the edge list of DESIGN section 1, checked against hand-written lists, and vectorised batching."""
 
 import pytest
 import torch
 
-from hada.graph import (EDGE_TYPES, EdgeWeights, batch_graphs, build_edges, edge_template, to_networkx)
+from hada.model.graph import (EDGE_TYPES, EdgeWeights, batch_graphs, build_edges, edge_template, to_networkx)
 
 W = EdgeWeights()  # paper values: w_fc 0.9, w_fcx 0.7, w_cc 1.1, no ffx, w_self 1.0, directed
 

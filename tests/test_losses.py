@@ -6,7 +6,7 @@ import torch
 
 from hada.baselines import ConcatPair
 from hada.losses import FeatureQueue, HadaObjective, LossConfig, multi_positive_targets, sample_hard_negatives
-from hada.model import ModalityBatch
+from hada.model.encoder import ModalityBatch
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""hada.model: the dense backend equals torch_geometric's convolutions on the full graph (DESIGN 2b), the
+"""hada.model.encoder: the dense backend equals torch_geometric's convolutions on the full graph (DESIGN 2b), the
 parameter count matches the paper's formula, and the interface behaves as notes/INTERFACES.md says."""
 
 import itertools
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from hada.errors import HadaError
-from hada.graph import EdgeWeights
-import hada.dense
-from hada.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores, ValidRows
-from hada.model import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
+from hada.model.graph import EdgeWeights
+import hada.model.fast.dense
+from hada.model.fast.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores, ValidRows
+from hada.model.encoder import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
 
 TOKEN_DIMS = (12, 10, 8)
 EMBED_DIMS = (6, 5, 7)
@@ -64,7 +64,7 @@ def assert_dense_gradients_equal_pyg(model: HadaEncoder, batch: ModalityBatch) -
 
 @pytest.mark.parametrize("gnn,layers", list(itertools.product(["gatv2", "gcn", "transformer"], [1, 2])))
 def test_dense_gradients_equal_pyg(gnn, layers):
-    """One layer: the projected nodes are never materialised (hada.dense.ProjectedTokens); two: they are."""
+    """One layer: the projected nodes are never materialised (hada.model.fast.dense.ProjectedTokens); two: they are."""
     torch.manual_seed(1)
     model = HadaEncoder(small_config(3, gnn=gnn, layers=layers, heads=2))
     assert_dense_gradients_equal_pyg(model, rand_batch(3, seed=1))
@@ -78,8 +78,8 @@ SCORE_KERNELS = {"fused": (True, 1 << 18), "tiled-small": (False, 24), "tiled": 
 
 def use_score_kernel(monkeypatch, kernel: str) -> None:
     fused, chunk = SCORE_KERNELS[kernel]
-    monkeypatch.setattr(hada.dense, "FUSED_CPU_ATTENTION", fused)
-    monkeypatch.setattr(hada.dense, "GATV2_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(hada.model.fast.dense, "FUSED_CPU_ATTENTION", fused)
+    monkeypatch.setattr(hada.model.fast.dense, "GATV2_CHUNK_ELEMENTS", chunk)
 
 
 def plain_gatv2_attention(q, q_cls, xl, att, mask, blocks, slope=0.2):
@@ -358,7 +358,7 @@ def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatc
     gradients equal those of the float32 function on the widened xl, and xl's gradient comes back in bfloat16."""
     use_score_kernel(monkeypatch, kernel.split("-")[0])
     if kernel == "tiled-40":
-        monkeypatch.setattr(hada.dense, "GATV2_CHUNK_ELEMENTS", 40)
+        monkeypatch.setattr(hada.model.fast.dense, "GATV2_CHUNK_ELEMENTS", 40)
     (q, q_cls, xl, att), mask, layout = attention_inputs(torch.float32, H=2, C=4, sizes=(5, 3))
     xl16 = xl.detach().bfloat16()
     if kernel == "fused":
@@ -381,6 +381,6 @@ def test_gatv2_scores_with_bfloat16_xl_match_the_widened_float32_ones(monkeypatc
 def test_dense_one_layer_with_and_without_folded_projection(monkeypatch, gnn, fold):
     """A one-layer dense model maps every node through lin(proj(t)) either as one product with the folded
     weight or as two; both equal torch_geometric, outputs and parameter gradients."""
-    monkeypatch.setattr(hada.dense, "_fold_is_cheaper", lambda *args: fold)
+    monkeypatch.setattr(hada.model.fast.dense, "_fold_is_cheaper", lambda *args: fold)
     torch.manual_seed(0)
     assert_dense_gradients_equal_pyg(HadaEncoder(small_config(2, gnn=gnn, heads=2)), rand_batch(2))

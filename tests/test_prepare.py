@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hada.errors import HadaError
-from hada.prepare import Step, _priorities, book_steps, run_steps
+from hada.pipeline import Step, _priorities, book_steps, run_steps
 
 
 # Step functions run in spawned workers, so they live at module level (pickled by name).

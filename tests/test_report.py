@@ -1,4 +1,4 @@
-from hada.report import METRIC_COLUMNS, ResultsTable, Table, metric_row, relative_gain
+from hada.book.tables import METRIC_COLUMNS, ResultsTable, Table, metric_row, relative_gain
 
 
 def _metrics(value):

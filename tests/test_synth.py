@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hada import synth
+from hada.data import synthetic as synth
 from hada.cli import main
 from hada.errors import HadaError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hada.train as ht
-from hada.batching import FeatureData, PairLoader, compute_stats, toy_splits
+from hada.features.batching import FeatureData, PairLoader, compute_stats, toy_splits
 from hada.errors import HadaError
 
 SPLITS = {"train": 0, "val": 1, "test": 2}

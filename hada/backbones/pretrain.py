@@ -263,7 +263,7 @@ def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record
 def _train_and_save(name: str, recipe: dict, root: str, fp: str, dataset_sha: str, max_steps, progress: bool,
                     position: int) -> dict:
     """One backbone end to end; runs in a worker process when several train at once."""
-    from hada.data import load_dataset
+    from hada.data.datasets import load_dataset
 
     records = load_dataset("synthetic", Path(root)).split(PRETRAIN_SPLIT)
     rec = Recipe(**recipe)
@@ -293,7 +293,7 @@ def pretrain(
     recipe's ``threads``): on 2 shared cores this beats one process with 2 threads by 2-3x, and the weights
     do not depend on it.
     """
-    from hada.data import load_dataset
+    from hada.data.datasets import load_dataset
     from hada.paths import synthetic_root
 
     root = Path(data_root) if data_root is not None else synthetic_root()

@@ -76,8 +76,8 @@ def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epo
     The defaults are every chapter's parameters cell (a test keeps them equal), so ``hada prepare`` with
     no options makes exactly what the chapters read.
     """
-    from hada import synth
-    from hada.data import default_root, load_dataset
+    from hada.data import synthetic as synth
+    from hada.data.datasets import default_root, load_dataset
 
     root = Path(data_root).expanduser() if data_root else default_root(dataset)
     if dataset == "synthetic" and data_root is None:
@@ -113,15 +113,15 @@ def _ensure_backbones(names) -> None:
 
 
 def _ensure_features(dataset, root, names) -> None:
-    from hada.features import ensure_features
+    from hada.features.store import ensure_features
 
     ensure_features(dataset, list(names), list(FEATURE_SPLITS), data_root=root)
 
 
 def split_counts(setting: Setting):
     """Images and captions per split, beside the Karpathy Flickr30k sizes the loader checks real data against."""
-    from hada.data import EXPECTED_IMAGES
-    from hada.report import Table
+    from hada.data.datasets import EXPECTED_IMAGES
+    from hada.book.tables import Table
 
     flickr = EXPECTED_IMAGES["flickr30k"]
     rows = [{"name": s, "images": c["images"], "captions": c["captions"], "flickr30k": flickr.get(s, "-")}
@@ -133,19 +133,19 @@ def split_counts(setting: Setting):
 
 def sample_figure(setting: Setting, split: str = "test", n: int = 8):
     """The first ``n`` images of a split with two of their captions each."""
-    from hada import plots
-    from hada.data import load_dataset
+    from hada.book import figures as plots
+    from hada.data.datasets import load_dataset
 
     records = load_dataset(setting.dataset, setting.data_root, check_images=False).split(split)
     return plots.show_samples(records, n=n)
 
 
 def method_figure(setting: Setting | None = None, image_counts=(7, 5), text_counts=(5, 4)):
-    """The paper's method figure, drawn from ``hada.graph``: one image and one caption, two backbones."""
+    """The paper's method figure, drawn from ``hada.model.graph``: one image and one caption, two backbones."""
     import matplotlib.pyplot as plt
 
-    from hada import plots
-    from hada.graph import EdgeWeights, to_networkx
+    from hada.book import figures as plots
+    from hada.model.graph import EdgeWeights, to_networkx
 
     names = ("backbone A (e.g. ALBEF)", "backbone B (e.g. LightningDOT)")
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
@@ -159,9 +159,9 @@ def method_figure(setting: Setting | None = None, image_counts=(7, 5), text_coun
 
 
 def edge_weight_table(setting: Setting | None = None):
-    """The edge types with the paper's weights, straight from ``hada.graph.EdgeWeights``."""
-    from hada.graph import EDGE_TYPE_LABELS, EDGE_TYPES, EdgeWeights
-    from hada.report import Table
+    """The edge types with the paper's weights, straight from ``hada.model.graph.EdgeWeights``."""
+    from hada.model.graph import EDGE_TYPE_LABELS, EDGE_TYPES, EdgeWeights
+    from hada.book.tables import Table
 
     weights = EdgeWeights()
     values = dict(zip(EDGE_TYPES, (weights.w_fc, weights.w_fcx, weights.w_cc, weights.w_ffx, weights.w_self)))
@@ -189,7 +189,7 @@ def base_config(setting: Setting, k: int = 2, **overrides):
 
 
 def _root_arg(setting: Setting):
-    from hada.data import default_root
+    from hada.data.datasets import default_root
 
     return None if setting.data_root == default_root(setting.dataset) else str(setting.data_root)
 
@@ -214,7 +214,7 @@ def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
 def results(setting: Setting, k: int = 2):
     """Every backbone alone, similarity averaging, concat + linear and HADA, on the test split."""
     from hada.experiments import baseline_table
-    from hada.report import ResultsTable, metric_row
+    from hada.book.tables import ResultsTable, metric_row
 
     config = base_config(setting, k)
     rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=_root_arg(setting),
@@ -259,7 +259,7 @@ def claim_table(table, setting: Setting) -> ClaimTable:
 def backbone_table(setting: Setting):
     """Each backbone alone (its own embeddings' cosine) on the test split."""
     from hada.experiments import baseline_table
-    from hada.report import ResultsTable
+    from hada.book.tables import ResultsTable
 
     rows = baseline_table(setting.dataset, list(setting.backbones), "test", data_root=_root_arg(setting),
                           concat=False, config=base_config(setting, len(setting.backbones)))
@@ -303,7 +303,7 @@ class AblationTable:
         return max(self.variants, key=lambda r: r["delta"])
 
     def _table(self):
-        from hada.report import METRIC_COLUMNS, Table
+        from hada.book.tables import METRIC_COLUMNS, Table
 
         return Table(self.rows, columns=(("name", "variant"),) + METRIC_COLUMNS + (("delta", "Δ Rsum"),
                                                                                  ("epochs", "epochs run")))
@@ -329,7 +329,7 @@ def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, 
 def ablations(setting: Setting, variants=ABLATIONS) -> AblationTable:
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
     from hada.experiments import run_experiment
-    from hada.report import metric_row
+    from hada.book.tables import metric_row
 
     rows = []
     for label, name, config in ablation_runs(setting, variants):
@@ -368,8 +368,7 @@ class GraphSample:
 
         import matplotlib.pyplot as plt
 
-        from hada import plots
-
+        from hada.book import figures as plots
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
         plots.draw_node_graph(self.image_graph, "image: CLS + patch tokens", self.backbones, ax=axes[0])
         caption = textwrap.fill(f"caption: “{self.caption}”", 70)
@@ -381,8 +380,8 @@ class GraphSample:
     def count_table(self):
         from collections import Counter
 
-        from hada.graph import EDGE_TYPE_LABELS, EDGE_TYPES
-        from hada.report import Table
+        from hada.model.graph import EDGE_TYPE_LABELS, EDGE_TYPES
+        from hada.book.tables import Table
 
         rows = []
         for label, graph, counts in (("image", self.image_graph, self.image_counts),
@@ -401,9 +400,9 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     """The graphs of image ``index`` of ``split`` and of its first caption, from the stored token counts."""
     import numpy as np
 
-    from hada.data import load_dataset
-    from hada.features import open_features
-    from hada.graph import EdgeWeights, to_networkx
+    from hada.data.datasets import load_dataset
+    from hada.features.store import open_features
+    from hada.model.graph import EdgeWeights, to_networkx
 
     names = setting.backbones_for(k)
     stores = [open_features(setting.dataset, b, split) for b in names]
@@ -420,7 +419,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
 def attention_examples(setting: Setting, k: int = 2, n_correct: int = 2, n_failures: int = 1):
     """Attention of the trained default model's CLS nodes for a few test images (hits and a failure)."""
     from hada.attention import attention_examples as examples
-    from hada.data import load_dataset
+    from hada.data.datasets import load_dataset
 
     run = train_hada(setting, k)
     dataset = load_dataset(setting.dataset, setting.data_root, check_images=False)

@@ -1,7 +1,7 @@
 """Fused CPU kernels (numba) for GATv2 attention at the K CLS nodes of the published graph.
 
 The kernels read only the valid nodes' rows ``x W_l``, without their backbone's bias ``bias[m]``, where a
-:class:`hada.dense.ValidRows` says they are: packed backbone by backbone, or in place in a padded tensor.
+:class:`hada.model.fast.dense.ValidRows` says they are: packed backbone by backbone, or in place in a padded tensor.
 For sample b and CLS target k, with ``q_cls`` in place of ``q`` for a block's first (CLS) token::
 
     score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + bias[m(n), h*C + c] + xl[n, h*C + c])
@@ -191,7 +191,7 @@ def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
 
 def _inputs(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows, slope: float) -> list:
     """The kernels' leading arguments as numpy arrays: features in q's dtype (a narrower xl is widened), the
-    rows' arrays per backbone and their layout (a :class:`hada.dense.ValidRows`)."""
+    rows' arrays per backbone and their layout (a :class:`hada.model.fast.dense.ValidRows`)."""
     q_, q_cls_, bias_, att_ = (_numpy(t, q.dtype) for t in (q, q_cls, bias, att))
     arrays = [_numpy(x, q.dtype) for x in xls]
     xls_ = tuple(arrays[i] for i in rows.source)  # per backbone
@@ -201,7 +201,7 @@ def _inputs(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tens
 
 def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows,
                         slope: float) -> tuple[Tensor, Tensor]:
-    """(out [B, K, H*C], alpha [B, K, N, H]) in q's dtype, without autograd (``hada.dense.GatV2ClsAttention``
+    """(out [B, K, H*C], alpha [B, K, N, H]) in q's dtype, without autograd (``hada.model.fast.dense.GatV2ClsAttention``
     wraps it)."""
     B, K, H = q.shape[0], q.shape[1], att.shape[0]
     alpha = torch.zeros(B, K, rows.num_nodes, H, dtype=q.dtype)  # padding keeps its 0

@@ -436,11 +436,11 @@ def ensure_features(
 ) -> dict[str, dict[str, FeatureSplit]]:
     """Extract whatever is missing (resuming unfinished stores) and return ``{backbone: {split: FeatureSplit}}``.
 
-    ``dataset`` is a name ("synthetic", "flickr30k", "coco") or a loaded :class:`hada.data.Dataset`;
+    ``dataset`` is a name ("synthetic", "flickr30k", "coco") or a loaded :class:`hada.data.datasets.Dataset`;
     ``data_root`` its folder (default: the dataset's folder under ``data/``).
     """
     from hada.backbones import load_backbone
-    from hada.data import load_dataset
+    from hada.data.datasets import load_dataset
 
     ds = load_dataset(dataset, data_root) if isinstance(dataset, str) else dataset
     splits = list(splits)
@@ -520,9 +520,9 @@ def projected_store_size(dataset: str = "flickr30k", backbones=("ViT-B-16",), n_
     """Disk size of the feature store for a dataset (all Karpathy splits) and backbones, in this layout.
 
     Text is padded to the split's longest caption; on Flickr30k/COCO that reaches the context length, which
-    is the default ``text_length``. Returns a :class:`hada.report.Table` (GB = 1e9 bytes).
+    is the default ``text_length``. Returns a :class:`hada.book.tables.Table` (GB = 1e9 bytes).
     """
-    from hada.report import Table
+    from hada.book.tables import Table
 
     n_img = n_images or FULL_SPLIT_IMAGES.get(dataset)
     if n_img is None:

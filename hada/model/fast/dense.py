@@ -1,10 +1,10 @@
-"""The dense backend of :class:`hada.model.HadaEncoder`: the published graph on padded tensors, computing only
+"""The dense backend of :class:`hada.model.encoder.HadaEncoder`: the published graph on padded tensors, computing only
 what is read (DESIGN 2b).
 
 In the published graph (directed, no feature-feature edges) a feature node receives only its self loop, so
 its update is a per-node transform that nothing reads after the last layer: attention is computed for the K
 CLS nodes only. GATv2 needs ``x W_l`` at every node for its scores anyway and weights those messages per head
-(on CPU in one fused kernel, :mod:`hada.kernels`); GCN and TransformerConv pool in input space before their
+(on CPU in one fused kernel, :mod:`hada.model.fast.kernels`); GCN and TransformerConv pool in input space before their
 (linear) value maps. Each function reads the torch_geometric convolution's own weights (``lin_l``, ``lin_r``,
 ``att``, ``lin_edge``, ``bias``, ...), so a model can switch between this backend and torch_geometric's
 ("pyg") at any time.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hada.graph import EdgeWeights
+from hada.model.graph import EdgeWeights
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ GATV2_CHUNK_ELEMENTS = 1 << 18
 #: The same on a GPU, where the cost is kernel launches, not cache misses (128 MB of float32).
 GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
 #: On CPU, compute GATv2's scores, softmax and messages at the CLS nodes with the fused numba kernels of
-#: :mod:`hada.kernels` (:class:`GatV2ClsAttention`) instead of PyTorch ops (:class:`GatV2ClsScores`, softmax,
+#: :mod:`hada.model.fast.kernels` (:class:`GatV2ClsAttention`) instead of PyTorch ops (:class:`GatV2ClsScores`, softmax,
 #: einsum), which remain the path on other devices.
 FUSED_CPU_ATTENTION = True
 
@@ -457,7 +457,7 @@ class GatV2ClsScores(torch.autograd.Function):
 
 
 class GatV2ClsAttention(torch.autograd.Function):
-    """GATv2 at the K CLS targets in one fused CPU kernel each way (:mod:`hada.kernels`): the scores of
+    """GATv2 at the K CLS targets in one fused CPU kernel each way (:mod:`hada.model.fast.kernels`): the scores of
     :class:`GatV2ClsScores`, their softmax over the valid nodes and the per-head weighted sum of ``xl``, read
     from the packed rows ``xls`` of :class:`ValidRows` (no padding, no concatenated copy) plus their block's
     ``bias`` [M, H*C].
@@ -466,7 +466,7 @@ class GatV2ClsAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, q_cls: Tensor, bias: Tensor, att: Tensor, rows: ValidRows, slope: float,
                 *xls: Tensor):
-        from hada.kernels import gatv2_cls_attention
+        from hada.model.fast.kernels import gatv2_cls_attention
 
         out, alpha = gatv2_cls_attention(q, q_cls, list(xls), bias, att, rows, slope)
         ctx.save_for_backward(q, q_cls, bias, att, alpha, *xls)
@@ -475,7 +475,7 @@ class GatV2ClsAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out: Tensor, d_alpha: Tensor):
-        from hada.kernels import gatv2_cls_attention_grads
+        from hada.model.fast.kernels import gatv2_cls_attention_grads
 
         q, q_cls, bias, att, alpha, *xls = ctx.saved_tensors
         d_out = torch.zeros(alpha.shape[:2] + q.shape[-1:], dtype=q.dtype) if d_out is None else d_out

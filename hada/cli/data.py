@@ -58,7 +58,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from hada.synth import generate
+    from hada.data.synthetic import generate
 
     result = generate(args.root, size=args.size, seed=args.seed, image_size=args.image_size, force=args.force,
                       workers=args.workers)
@@ -73,7 +73,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from hada.data import EXPECTED_IMAGES, load_dataset
+    from hada.data.datasets import EXPECTED_IMAGES, load_dataset
 
     dataset = load_dataset(args.dataset, args.root, check_images=not args.no_images)
     print(format_counts(dataset.counts(), EXPECTED_IMAGES.get(dataset.name)))

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 BACKBONE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
-#: Edge colour per edge type name of ``hada.graph.EDGE_TYPES``.
+#: Edge colour per edge type name of ``hada.model.graph.EDGE_TYPES``.
 EDGE_COLOURS = {"fc": "#555555", "fcx": "#d62728", "cc": "#17becf", "ffx": "#bcbd22", "self": "#bbbbbb"}
 RECALL_KEYS = (
     "text_retrieval_recall@1",
@@ -83,7 +83,7 @@ def draw_node_graph(graph, title: str = "", backbone_names: Sequence[str] | None
     import networkx as nx
     from matplotlib.lines import Line2D
 
-    from hada.graph import EDGE_TYPE_LABELS, EDGE_TYPES
+    from hada.model.graph import EDGE_TYPE_LABELS, EDGE_TYPES
 
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.4, 5.6))

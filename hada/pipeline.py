@@ -182,7 +182,7 @@ def _pretrain(name: str) -> None:
 
 def _features(dataset: str, data_root: str, spec: str) -> None:
     from hada.book import FEATURE_SPLITS
-    from hada.features import ensure_features
+    from hada.features.store import ensure_features
 
     ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=False)
 

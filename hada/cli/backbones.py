@@ -110,7 +110,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
 def _print_zeroshot(specs, dataset_name, root, split) -> dict:
     from hada.backbones import load_backbone
     from hada.backbones.zeroshot import zero_shot
-    from hada.data import load_dataset
+    from hada.data.datasets import load_dataset
 
     dataset = load_dataset(dataset_name, root)
     results = {s: zero_shot(load_backbone(s), dataset, split) for s in specs}

@@ -68,7 +68,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from hada.evaluate import clip_benchmark_record, format_table, retrieval_metrics, write_json
     from hada.experiments import baseline_table
     from hada.paths import runs_dir
-    from hada.report import METRIC_COLUMNS
+    from hada.book.tables import METRIC_COLUMNS
     from hada.train import TrainConfig, load_trained
 
     if args.threads:

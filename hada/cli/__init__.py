@@ -1,6 +1,6 @@
 """The ``hada`` command line: one sub-command group per pipeline stage.
 
-Each group lives in ``hada/commands/<group>.py`` and exposes ``register(subparsers)``; handlers
+Each group lives in ``hada/cli/<group>.py`` and exposes ``register(subparsers)``; handlers
 import torch lazily so that ``hada --help`` answers instantly. Any :class:`HadaError` (bad input a
 user can fix) is printed as one line and exits with code 2, never as a traceback.
 """
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         try:
-            module = importlib.import_module(f"hada.commands.{group}")
+            module = importlib.import_module(f"hada.cli.{group}")
         except ModuleNotFoundError as exc:  # a stage not built yet must not break the others
-            if exc.name != f"hada.commands.{group}":
+            if exc.name != f"hada.cli.{group}":
                 raise
             continue
         module.register(sub)

@@ -2,7 +2,7 @@
 
 DESIGN section 1: each backbone's tokens get their own linear map to a common ``width``; a GNN (GATv2 in the
 paper: one layer, 4 heads, concat, ``edge_dim=1``, then a linear back to ``width``; skip connections, GELU and
-LayerNorm when there are more layers) runs on the graph of :mod:`hada.graph`; the readout concatenates the K
+LayerNorm when there are more layers) runs on the graph of :mod:`hada.model.graph`; the readout concatenates the K
 updated CLS nodes with each backbone's own (L2-normalised) projected embedding, applies dropout and one linear
 layer to ``out_dim``, and L2-normalises.
 
@@ -10,7 +10,7 @@ Two backends compute the same numbers with the same parameter tensors:
 
 * ``"pyg"`` builds the batched graph and runs torch_geometric's convolutions on every node and edge. It
   supports every edge option (undirected, feature-feature edges).
-* ``"dense"`` (:mod:`hada.dense`) works on padded ``[batch, nodes, width]`` tensors of the published graph
+* ``"dense"`` (:mod:`hada.model.fast.dense`) works on padded ``[batch, nodes, width]`` tensors of the published graph
   (directed, no feature-feature edges) and computes only what is read: attention at the K CLS nodes, and in
   a one-layer model not even the projected node features of every node (DESIGN 2b). It reads the
   convolutions' own weights, so a model can switch backend.
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hada.dense import (DENSE_CONVS, DenseLayout, MaterialisedNodes, NodeFeatures, ProjectedTokens, _dense_layout,
+from hada.model.fast.dense import (DENSE_CONVS, DenseLayout, MaterialisedNodes, NodeFeatures, ProjectedTokens, _dense_layout,
                         _full)
 from hada.errors import HadaError
-from hada.graph import EdgeWeights, GraphBatch, batch_graphs
+from hada.model.graph import EdgeWeights, GraphBatch, batch_graphs
 
 GNN_TYPES = ("gatv2", "gcn", "transformer")
 #: "fp32": everything in float32 (the paper). "bf16": the encoder's linear maps, attention scores and
@@ -173,7 +173,7 @@ class HadaConfig:
 
 def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None) -> tuple[nn.Module, int]:
     """One GNN layer and its output width (``heads * head_dim``; ``head_dim`` None = ``width``, the paper's).
-    Self loops are explicit edges (hada.graph), never added here."""
+    Self loops are explicit edges (hada.model.graph), never added here."""
     from torch_geometric.nn import GATv2Conv, GCNConv, TransformerConv
 
     C = head_dim or width
@@ -285,7 +285,7 @@ class HadaEncoder(nn.Module):
 
     def _pyg(self, x: Tensor, mask: Tensor, lengths: list[Tensor], layout: DenseLayout):
         graph = batch_graphs(lengths, self.edge_weights, device=x.device)
-        h = x[mask]  # node order: sample, backbone, token == hada.graph's order
+        h = x[mask]  # node order: sample, backbone, token == hada.model.graph's order
         B, N = mask.shape
         H = self.convs[0].heads if self.config.gnn != "gcn" else 1
         src, dst = graph.edge_index

@@ -1,4 +1,4 @@
-"""Stored token features -> normalised :class:`~hada.model.ModalityBatch` tensors, without per-sample Python.
+"""Stored token features -> normalised :class:`~hada.model.encoder.ModalityBatch` tensors, without per-sample Python.
 
 DESIGN section 1: tokens are L2-normalised per token, then standardised with one global mean and std per
 backbone and modality. The statistics come from the *train* split (:func:`compute_stats`) and travel
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hada.errors import HadaError
-from hada.model import ModalityBatch
+from hada.model.encoder import ModalityBatch
 
 CHUNK_ROWS = 1024  # rows per contiguous read from a memmap
 

@@ -72,8 +72,8 @@ def _targets(args, dataset) -> tuple[list[str], list[str]]:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from hada import features
-    from hada.data import load_dataset
+    from hada.features import store as features
+    from hada.data.datasets import load_dataset
 
     dataset = load_dataset(args.dataset, args.root)
     backbones, splits = _targets(args, dataset)
@@ -95,8 +95,8 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from hada import features
-    from hada.data import load_dataset
+    from hada.features import store as features
+    from hada.data.datasets import load_dataset
 
     dataset = load_dataset(args.dataset, args.root, check_images=False)
     backbones, splits = _targets(args, dataset)

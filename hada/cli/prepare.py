@@ -18,7 +18,7 @@ papermill (-p ...) to prepare a rerun with other parameters."""
 
 
 def register(subparsers) -> None:
-    from hada.prepare import default_jobs
+    from hada.pipeline import default_jobs
 
     defaults = {k: v.default for k, v in inspect.signature(_resolve()).parameters.items()}
     p = subparsers.add_parser("prepare", help="make the book's backbones, features and runs ahead, in parallel",
@@ -59,7 +59,7 @@ def _resolve():
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from hada.prepare import prepare
+    from hada.pipeline import prepare
 
     setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones,
                          epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed)
