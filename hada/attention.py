@@ -323,7 +323,7 @@ def attention_examples(trained, dataset, split: str = "test", n_correct: int = 2
     model = trained.pair.image.config
     if not -model.layers <= layer < model.layers:
         raise HadaError(f"layer {layer} does not exist: the model has {model.layers} GNN layer(s)")
-    specs = list(trained.config.resolved().backbones)
+    specs = list(trained.config.resolved().data.backbones)
     data = trained.load_data(split)
     records = dataset.split(split)
     first_caption = _caption_offsets(records, data)

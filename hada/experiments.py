@@ -1,7 +1,7 @@
 """The book's cache layer: train-or-load a run by configuration, and the baseline rows of the results table.
 
 A run lives in ``runs_dir()/<name>-<key>/`` where ``key`` is 12 hex digits of a sha256 over the resolved
-:class:`~hada.train.TrainConfig` *and* the manifests of every feature store it reads. Changing any
+:class:`~hada.config.TrainConfig` *and* the manifests of every feature store it reads. Changing any
 parameter, or re-extracting features (new backbone weights, new data), gives a new key, so nothing stale
 is ever reused; the same configuration on the same features loads the finished run instantly, and an
 unfinished one resumes from its last checkpoint.
@@ -20,7 +20,8 @@ from pathlib import Path
 from hada.errors import HadaError
 from hada.paths import runs_dir
 from hada import train as _train
-from hada.train import TrainConfig, TrainedModel, atomic_json, load_trained
+from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
+from hada.train import TrainedModel, atomic_json, load_trained
 
 SPLITS = ("train", "val", "test")
 _STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image TokenStats, text TokenStats)
@@ -36,9 +37,9 @@ def _manifest_hash(split) -> str:
 def features_fingerprint(config: TrainConfig) -> dict:
     """``{backbone: {split: manifest sha256}}`` of every store the run reads."""
     config = config.resolved()
-    out: dict = {b: {} for b in config.backbones}
-    for split in (config.train_split, config.val_split, config.test_split):
-        for b, fs in zip(config.backbones, _train.open_splits(config, split)):
+    out: dict = {b: {} for b in config.data.backbones}
+    for split in (config.data.train_split, config.data.val_split, config.data.test_split):
+        for b, fs in zip(config.data.backbones, _train.open_splits(config, split)):
             out[b][split] = _manifest_hash(fs)
     return out
 
@@ -55,10 +56,10 @@ def _stats(config: TrainConfig):
     """Train statistics of the run's backbones, computed once per process per store."""
     from hada.features.batching import FeatureStats, compute_stats
 
-    splits = _train.open_splits(config, config.train_split)
+    splits = _train.open_splits(config, config.data.train_split)
     image, text = [], []
-    for b, fs in zip(config.backbones, splits):
-        key = (config.dataset, str(config.data_root), b, config.train_split, _manifest_hash(fs))
+    for b, fs in zip(config.data.backbones, splits):
+        key = (config.data.dataset, str(config.data.data_root), b, config.data.train_split, _manifest_hash(fs))
         if key not in _STATS:
             st = compute_stats([fs])
             _STATS[key] = (st.image[0], st.text[0])
@@ -73,8 +74,8 @@ def shared_data(config: TrainConfig, split: str, stats=None):
 
     config = config.resolved()
     stats = stats if stats is not None else _stats(config)
-    tokens = config.arch == "hada"
-    key = (config.dataset, str(config.data_root), tuple(config.backbones), split, tokens,
+    tokens = config.model.arch == "hada"
+    key = (config.data.dataset, str(config.data.data_root), tuple(config.data.backbones), split, tokens,
            json.dumps(stats.to_dict(), sort_keys=True))
     if key not in _DATA:
         _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens)
@@ -156,7 +157,7 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None)
     atomic_json(fingerprint, run_dir / "features.json")
     stats = _stats(config)
     data = {split: shared_data(config, split, stats)
-            for split in (config.train_split, config.val_split, config.test_split)}
+            for split in (config.data.train_split, config.data.val_split, config.data.test_split)}
     _train.train(config, run_dir, resume=True, progress=progress, data=data)
     return _load_result(name, run_dir)
 
@@ -175,9 +176,9 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     from hada.book.tables import metric_row
 
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
-    names = plain_cfg.backbones
+    names = plain_cfg.data.backbones
     fp = features_fingerprint(plain_cfg)
-    key = hashlib.sha256(json.dumps({"dataset": dataset, "root": plain_cfg.data_root, "backbones": names, "split": split,
+    key = hashlib.sha256(json.dumps({"dataset": dataset, "root": plain_cfg.data.data_root, "backbones": names, "split": split,
                                      "features": fp}, sort_keys=True).encode()).hexdigest()[:12]
     cache = runs_dir() / "baselines" / f"{dataset}-{split}-{key}.json"
     if cache.exists():
@@ -191,7 +192,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         atomic_json(rows, cache)
     if concat and len(names) > 1:
         run = run_experiment(plain_cfg, run_name, progress=progress)
-        if split == plain_cfg.test_split:
+        if split == plain_cfg.data.test_split:
             m = run.test_metrics
         else:
             m = retrieval_metrics(run.load_model().similarity(shared_data(plain_cfg, split)),
@@ -203,11 +204,10 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
 def concat_run(dataset: str, backbones, data_root=None, config: TrainConfig | None = None) -> tuple[TrainConfig, str]:
     """The configuration and run name of the concatenation + linear baseline ``baseline_table`` trains
     (``config``'s training settings on the given data and backbones, arch "concat")."""
-    base = (config or TrainConfig()).to_dict()
-    base.update(dataset=dataset, data_root=None if data_root is None else str(data_root),
-                backbones=list(backbones) if not isinstance(backbones, str) else backbones, arch="concat")
-    cfg = TrainConfig.from_dict(base).resolved()
-    return cfg, "concat-" + "+".join(_short(n) for n in cfg.backbones)
+    base = config or recipe(DEFAULT_RECIPE)
+    cfg = base.override({"data": {"dataset": dataset, "data_root": None if data_root is None else str(data_root),
+                                  "backbones": backbones}, "model": {"arch": "concat"}}).resolved()
+    return cfg, "concat-" + "+".join(_short(n) for n in cfg.data.backbones)
 
 
 def _short(spec: str) -> str:

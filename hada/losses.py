@@ -22,37 +22,13 @@ The objective wraps any *pair* module with ``.image`` and ``.text`` encoders map
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@dataclass
-class LossConfig:
-    """Every knob of the objective; defaults are the paper's except the queue (sized for a miniature)."""
-
-    tau_init: float = 0.07
-    tau_min: float = 0.001
-    tau_max: float = 0.5
-    mix: bool = True  # mix the main backbone's similarity in with a learned w; False: w fixed at 0
-    w_init: float = 0.5
-    w_min: float = 0.1
-    w_max: float = 0.9
-    i2t_weight: float = 0.3
-    t2i_weight: float = 0.7
-    queue_size: int = 1024  # 0: in-batch negatives only
-    momentum: float = 0.995
-    use_momentum: bool = True  # False: the queue holds the trained encoders' own (detached) features
-    distill: bool = False
-    alpha: float = 0.4
-    itm: bool = True
-    itm_weight: float = 1.0
-    itm_hidden: int = 0  # width of the discriminator's hidden layer; 0: the embedding width
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from hada.config import LossConfig
 
 
 # ----------------------------------------------------------------------------------------- pieces

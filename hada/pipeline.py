@@ -188,8 +188,8 @@ def _features(dataset: str, data_root: str, spec: str) -> None:
 
 
 def _train(config: dict, name: str) -> None:
+    from hada.config import TrainConfig
     from hada.experiments import run_experiment
-    from hada.train import TrainConfig
 
     run_experiment(TrainConfig.from_dict(config), name, progress=False)
 
@@ -214,9 +214,9 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     if runs:
         for name, config in book_runs(setting):
             config = config.resolved()
-            cost = config.layers * len(config.backbones) / 2 * (0.2 if config.arch == "concat" else 1.0)
+            cost = config.model.layers * len(config.data.backbones) / 2 * (0.2 if config.model.arch == "concat" else 1.0)
             steps.append(Step(f"train {name}", _train, (config.to_dict(), name),
-                              tuple(f"features {b}" for b in config.backbones), cost=cost))
+                              tuple(f"features {b}" for b in config.data.backbones), cost=cost))
     return steps
 
 

@@ -8,6 +8,7 @@ import torch
 
 import hada.experiments as hx
 import hada.train as ht
+from hada.config import TrainConfig
 from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity, untrained_baselines
 from hada.features.batching import FeatureData, compute_stats, toy_splits
 from hada.cli import main
@@ -22,7 +23,7 @@ def tiny_world(monkeypatch, tmp_path):
     monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("HADA_NO_PROGRESS", "1")
     stores = {s: toy_splits(n_images=20 if s == "train" else 10, seed=seed) for s, seed in SEEDS.items()}
-    monkeypatch.setattr(ht, "open_splits", lambda config, split: stores[split][: len(config.backbones)])
+    monkeypatch.setattr(ht, "open_splits", lambda config, split: stores[split][: len(config.data.backbones)])
     hx.clear_cache()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -33,8 +34,8 @@ def tiny_world(monkeypatch, tmp_path):
 
 def tiny(**kw):
     base = dict(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, epochs=1, batch_size=16, lr=1e-3,
-                queue_size=16, itm=False)
-    return ht.TrainConfig(**{**base, **kw})
+                queue_size=16, itm=False, head_dim=32, precision="auto")
+    return TrainConfig().override(**{**base, **kw})
 
 
 def test_untrained_rows_match_direct_cosines(tiny_world):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import hada.config as hc
 import hada.train as ht
+from hada.config import DataConfig, ModelConfig, TrainConfig
 from hada.features.batching import FeatureData, PairLoader, compute_stats, toy_splits
 from hada.errors import HadaError
 
@@ -23,7 +25,7 @@ def tiny_world(monkeypatch, tmp_path):
     def fake_open(config, split):
         if split not in cache:
             cache[split] = toy_splits(n_images=24 if split == "train" else 12, seed=SPLITS[split])
-        return cache[split][: len(config.backbones)]
+        return cache[split][: len(config.data.backbones)]
 
     monkeypatch.setattr(ht, "open_splits", fake_open)
     before = torch.get_num_threads()
@@ -33,10 +35,9 @@ def tiny_world(monkeypatch, tmp_path):
 
 
 def tiny_config(**kw):
-    base = dict(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, epochs=2, batch_size=16, lr=1e-3,
-                queue_size=32, eval_batch_size=64)
-    base.update(kw)
-    return ht.TrainConfig(**base)
+    base = dict(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, head_dim=32, precision="auto", epochs=2,
+                batch_size=16, lr=1e-3, queue_size=32, eval_batch_size=64)
+    return TrainConfig().override(**{**base, **kw})
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -83,7 +84,7 @@ def final_state(run_dir):
     return ckpt["model"], json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("options", [dict(distill=True, fused_optimizer=False),
+@pytest.mark.parametrize("options", [dict(distill=True, fused=False),
                                      dict(precision="bf16", head_dim=4, pairs_per_epoch=30)])
 def test_resume_equals_uninterrupted(tmp_path, options):
     cfg = tiny_config(**options)
@@ -130,9 +131,9 @@ def test_concat_baseline_and_no_mix_train(tmp_path):
 def test_config_hash_and_guards(tmp_path):
     a, b = tiny_config(), tiny_config(width=32)
     assert a.hash() == tiny_config().hash() != b.hash()
-    assert ht.TrainConfig(backbones="x, y").backbones == ["x", "y"]
+    assert DataConfig(backbones="x, y").backbones == ["x", "y"]
     with pytest.raises(HadaError):
-        ht.TrainConfig(arch="nope")
+        ModelConfig(arch="nope")
     ht.train(tiny_config(epochs=1), tmp_path / "r", max_epochs_this_call=0)
     with pytest.raises(HadaError):  # a different config in the same folder
         ht.train(b, tmp_path / "r")
@@ -152,25 +153,14 @@ def test_pairs_per_epoch_draws_a_fresh_subset_each_epoch(tmp_path):
         tiny_config(pairs_per_epoch=0)
 
 
-def test_old_configs_load_with_their_behaviour():
-    """A config saved before head_dim / precision / fused_optimizer / pairs_per_epoch existed."""
-    old = {k: v for k, v in tiny_config().to_dict().items()
-           if k not in ("head_dim", "precision", "fused_optimizer", "pairs_per_epoch")}
-    cfg = ht.TrainConfig.from_dict({**old, "max_train_pairs": 7})
-    assert (cfg.head_dim, cfg.precision, cfg.fused_optimizer, cfg.pairs_per_epoch) == (None, "fp32", False, 7)
-    assert ht.TrainConfig.from_dict(tiny_config().to_dict()) == tiny_config()
-    with pytest.raises(HadaError):
-        tiny_config(precision="fp16")
-
-
 def test_auto_precision_resolves_by_cpu(monkeypatch):
-    monkeypatch.setattr(ht, "cpu_has_bf16", lambda: False)
-    assert tiny_config().precision == "auto" and tiny_config().resolved().precision == "fp32"
+    monkeypatch.setattr(hc, "cpu_has_bf16", lambda: False)
+    assert tiny_config().model.precision == "auto" and tiny_config().resolved().model.precision == "fp32"
     fp32_key = tiny_config().hash()
-    monkeypatch.setattr(ht, "cpu_has_bf16", lambda: True)
-    assert tiny_config().resolved().precision == "bf16"
+    monkeypatch.setattr(hc, "cpu_has_bf16", lambda: True)
+    assert tiny_config().resolved().model.precision == "bf16"
     assert tiny_config().hash() == tiny_config(precision="bf16").hash() != fp32_key  # the key names what ran
-    assert isinstance(ht.cpu_has_bf16(), bool)
+    assert isinstance(hc.cpu_has_bf16(), bool)
 
 
 def test_thread_count_default_env_and_argument(monkeypatch):

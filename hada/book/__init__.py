@@ -171,21 +171,20 @@ def edge_weight_table(setting: Setting | None = None):
 
 
 # ------------------------------------------------------------------------------------ training runs
-#: The book's model on top of ``TrainConfig``'s defaults: GATv2 at width 128 with 4 heads of 32 channels (the
-#: paper concatenates 4 heads of the full width), which makes an epoch several times faster on a CPU at about
-#: the same validation Rsum (benchmarks/bench_epoch.py). Precision stays "auto": bfloat16 autocast only
-#: where the CPU multiplies bfloat16 natively; elsewhere it is emulated and ~3x slower than float32.
-BOOK_MODEL = dict(width=128, out_dim=128, heads=4, head_dim=32)
+#: The recipe every chapter trains (``hada.config.RECIPES``), with the chapter's data, budget and seed applied.
+BOOK_RECIPE = "miniature"
 
 
 def base_config(setting: Setting, k: int = 2, **overrides):
-    """The book's default HADA configuration for the first ``k`` backbones (chapter parameters applied)."""
-    from hada.train import TrainConfig
+    """The book's default HADA configuration for the first ``k`` backbones (chapter parameters applied);
+    ``overrides`` by a setting's own name (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``)."""
+    from hada.config import recipe
 
-    values = dict(dataset=setting.dataset, data_root=_root_arg(setting), backbones=list(setting.backbones_for(k)),
-                  epochs=setting.epochs, pairs_per_epoch=setting.pairs_per_epoch, seed=setting.seed, **BOOK_MODEL)
-    values.update(overrides)
-    return TrainConfig(**values)
+    chapter = {"data": {"dataset": setting.dataset, "data_root": _root_arg(setting),
+                        "backbones": list(setting.backbones_for(k))},
+               "optim": {"epochs": setting.epochs, "pairs_per_epoch": setting.pairs_per_epoch},
+               "seed": setting.seed}
+    return recipe(BOOK_RECIPE, chapter, **overrides)
 
 
 def _root_arg(setting: Setting):

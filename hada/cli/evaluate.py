@@ -69,21 +69,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from hada.experiments import baseline_table
     from hada.paths import runs_dir
     from hada.book.tables import METRIC_COLUMNS
-    from hada.train import TrainConfig, load_trained
+    from hada.config import TrainConfig
+    from hada.train import load_trained
 
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: list[tuple[str, dict]] = []
     if not args.no_baselines:
-        cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones).resolved()
-        for row in baseline_table(args.dataset, cfg.backbones, split=args.split, data_root=args.data_root,
+        cfg = TrainConfig.from_dict({"data": {"dataset": args.dataset, "data_root": args.data_root,
+                                              "backbones": args.backbones}}).resolved()
+        for row in baseline_table(args.dataset, cfg.data.backbones, split=args.split, data_root=args.data_root,
                                   concat=args.concat):
             rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}))
     for spec in args.run:
         run_dir = resolve_run(spec)
         model = load_trained(run_dir)
-        if model.config.dataset != args.dataset:
-            raise HadaError(f"run {run_dir.name} was trained on {model.config.dataset}, not {args.dataset}")
+        if model.config.data.dataset != args.dataset:
+            raise HadaError(f"run {run_dir.name} was trained on {model.config.data.dataset}, not {args.dataset}")
         data = model.load_data(args.split)
         rows.append((run_dir.name, retrieval_metrics(model.similarity(data), data.caption_image_index)))
     if not rows:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 HELP = """\
 Train a HADA model on the token features stored by `hada features extract` (the backbones stay frozen).
@@ -21,104 +20,75 @@ feature stores' manifests, so any change trains a new run. The folder holds conf
 finished, metrics.json. A finished run is not retrained; an interrupted one continues with --resume and
 ends with exactly the numbers an uninterrupted run gives. The same seed gives the same numbers."""
 
-# (field, help); defaults are read from TrainConfig so the help cannot drift from the code.
-OPTIONS = (
-    ("dataset", "dataset of the feature stores: synthetic, flickr30k or coco"),
-    ("data_root", "dataset folder the features were extracted from (default: the embedded data)"),
-    ("backbones", "comma-separated backbone specs, the first is the main one (default: the first two "
-                  "embedded backbones)"),
-    ("arch", "hada (graph fusion) or concat (baseline: linear map of the concatenated embeddings)"),
-    ("width", "node width after each backbone's linear map (paper: 512)"),
-    ("out_dim", "width of the final (L2-normalised) embedding (paper: 512)"),
-    ("gnn", "graph convolution: gatv2, gcn or transformer"),
-    ("heads", "attention heads"),
-    ("head_dim", "channels per attention head ('none': --width, the paper's setting: heads x width concatenated)"),
-    ("layers", "graph layers"),
-    ("dropout", "dropout before the readout layer"),
-    ("w_fc", "edge weight feature -> own CLS"),
-    ("w_fcx", "edge weight feature -> other backbone's CLS"),
-    ("w_cc", "edge weight CLS <-> CLS"),
-    ("w_ffx", "edge weight feature <-> feature across backbones ('none': no such edges)"),
-    ("w_self", "self-loop weight"),
-    ("directed", "directed feature -> CLS edges (the published graph)"),
-    ("backend", "auto, dense (CLS-only, fast) or pyg (torch-geometric on the full graph)"),
-    ("precision", "fp32, bf16 (the encoders' matrix products under bfloat16 autocast; the loss stays fp32) or "
-                  "auto: bf16 on CPUs with AMX or AVX512-BF16, else fp32"),
-    ("epochs", "maximum epochs"),
-    ("batch_size", "caption-image pairs per batch"),
-    ("lr", "AdamW learning rate"),
-    ("weight_decay", "AdamW weight decay"),
-    ("fused_optimizer", "torch's fused AdamW kernel (the same update as the per-tensor loop, faster)"),
-    ("t0", "epochs per cosine cycle (CosineAnnealingWarmRestarts T_0; paper: 30 to 50; 'none': one cycle "
-           "over --epochs)"),
-    ("eta_min", "lowest learning rate of the cosine schedule"),
-    ("patience", "stop after this many epochs without a better validation Rsum"),
-    ("seed", "random seed (model init, data order, dropout, hard negatives)"),
-    ("itm", "add the image-text matching loss with hard negatives"),
-    ("mix", "mix the main backbone's similarity in with a learned weight w (off: w = 0)"),
-    ("queue_size", "negatives kept in the queue (0: in-batch only)"),
-    ("momentum", "EMA momentum of the momentum encoders"),
-    ("use_momentum", "fill the queue from momentum encoders (off: from the trained encoders)"),
-    ("distill", "momentum distillation of the contrastive targets"),
-    ("alpha", "distillation weight"),
-    ("tau_init", "initial temperature (learned, clamped to [0.001, 0.5])"),
-    ("w_init", "initial mix weight (learned, clamped to [0.1, 0.9])"),
-    ("i2t_weight", "weight of the image->text contrastive loss"),
-    ("t2i_weight", "weight of the text->image contrastive loss"),
-    ("itm_weight", "weight of the matching loss"),
-    ("train_split", "split to train on"),
-    ("val_split", "split for early stopping"),
-    ("test_split", "split for the final metrics"),
-    ("pairs_per_epoch", "train on a fresh random subset of this many caption-image pairs each epoch (drawn "
-                        "from the seeded, checkpointed data-order generator; 'none': every pair)"),
-    ("eval_batch_size", "batch size when embedding a split for evaluation"),
-)
-
-
-CHOICES = {"dataset": ("synthetic", "flickr30k", "coco"), "arch": ("hada", "concat"),
-           "gnn": ("gatv2", "gcn", "transformer"), "backend": ("auto", "dense", "pyg"),
-           "precision": ("auto", "fp32", "bf16")}
-
-
-def _optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    from hada.train import TrainConfig  # light: hada.train imports torch, but only numpy/torch at module level
+    """--recipe, --config and one option per setting of hada.config.TrainConfig, with the field's own help.
 
-    defaults = TrainConfig()
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    group = parser.add_argument_group("run configuration (hashed into the run folder's name)")
-    for name, text in OPTIONS:
+    The value of an option not given on the command line comes from the config file, else the recipe: its default
+    is ``SUPPRESS`` so that only what the user typed overrides them."""
+    from hada.config import DEFAULT_RECIPE, RECIPES, leaf_fields, recipe
+
+    shown = recipe(DEFAULT_RECIPE).to_dict()
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                        help=f"named configuration to start from (default: {DEFAULT_RECIPE}, or the config file's "
+                             "'recipe' key)")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML or JSON file of settings (sections data/model/loss/optim, or dotted keys, or a "
+                             "setting's own name; an optional 'recipe' key); options typed here override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as JSON (the run's identity) and exit")
+    group = parser.add_argument_group("run configuration (each hashed into the run folder's name; defaults: "
+                                      f"the {DEFAULT_RECIPE} recipe)")
+    for path, f in leaf_fields():
+        default = _lookup(shown, path)
+        name = path.rsplit(".", 1)[-1]
         flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        t = str(types[name])
-        shown = ",".join(default) if isinstance(default, list) else default
-        if t == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+        text = f.metadata.get("help", name)
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{text} (default: {'on' if default else 'off'})")
-        elif name == "backbones":
-            group.add_argument(flag, default="", metavar="A,B,...", help=f"{text}")
-        else:
-            kind = {"int": int, "float": float, "str": str}[t.split(" ")[0].replace("|", "").strip()]
-            parse = _optional(kind) if "None" in t else kind
-            suffix = "" if "default:" in text else f" (default: {'none' if shown is None else shown})"
-            group.add_argument(flag, type=parse, default=default, choices=CHOICES.get(name),
-                               metavar=kind.__name__.upper() if name not in CHOICES else None,
-                               help=text + suffix)
+            continue
+        kind = _kind(f.type)
+        choices = f.metadata.get("choices")
+        if name == "dataset":
+            from hada.data.datasets import DATASETS
+
+            choices = tuple(DATASETS)
+        shown_default = ",".join(default) if isinstance(default, list) else ("none" if default is None else default)
+        group.add_argument(flag, dest=path, type=kind, default=argparse.SUPPRESS, choices=choices,
+                           metavar=None if choices else f.metadata.get("metavar", kind.__name__.upper()),
+                           help=f"{text} (default: {shown_default})")
+
+
+def _lookup(tree: dict, path: str):
+    for part in path.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _kind(annotation: str):
+    """The parser of a field's type: 'none' reads as None where the field allows it."""
+    text = str(annotation)
+    base = {"int": int, "float": float, "str": str, "list[str]": str}[text.replace("| None", "").strip()]
+    if "None" not in text:
+        return base
+
+    def parse(value: str):
+        return None if value.lower() in ("none", "") else base(value)
+
+    parse.__name__ = base.__name__
+    return parse
 
 
 def config_from_args(args: argparse.Namespace):
-    from hada.train import TrainConfig
+    """recipe <- config file <- options typed on the command line."""
+    from hada.config import DEFAULT_RECIPE, leaf_fields, load_config_file, recipe
 
-    values = {name: getattr(args, name) for name, _ in OPTIONS}
-    values["data_root"] = None if values["data_root"] is None else str(values["data_root"])
-    return TrainConfig(**values)
+    from_file = load_config_file(args.config) if args.config else {}
+    name = args.recipe or from_file.pop("recipe", None) or DEFAULT_RECIPE
+    typed = {path: getattr(args, path) for path, _ in leaf_fields() if hasattr(args, path)}
+    return recipe(name, from_file).override(**typed)
 
 
 def register(subparsers) -> None:
@@ -130,7 +100,7 @@ def register(subparsers) -> None:
                         help="continue an interrupted run of this configuration from its last checkpoint")
     parser.add_argument("--restart", action="store_true",
                         help="delete an unfinished or finished run of this configuration and train it anew")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--jobs", type=int, default=None,
                         help="torch CPU threads for training (default: $HADA_THREADS, else 1: a second thread "
                              "made steps 2-10x slower on a busy 2-core machine; try 2 on an idle one)")
     add_config_options(parser)
@@ -138,6 +108,7 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import json
     import shutil
 
     from hada.errors import HadaError
@@ -147,7 +118,10 @@ def _train(args: argparse.Namespace) -> int:
     from hada.train import atomic_json, train
 
     config = config_from_args(args).resolved()
-    name = args.name or config.arch
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    name = args.name or config.model.arch
     fingerprint = features_fingerprint(config)
     run_dir = runs_dir() / f"{name}-{run_key(config, fingerprint)}"
     if args.restart and run_dir.exists():
@@ -161,15 +135,13 @@ def _train(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_json(fingerprint, run_dir / "features.json")
         try:
-            train(config, run_dir, resume=args.resume, threads=args.threads)
+            train(config, run_dir, resume=args.resume, threads=args.jobs)
         except KeyboardInterrupt:
             import sys
 
             print(f"hada: interrupted; the last finished epoch is saved in {run_dir}; rerun the same command "
                   "with --resume to continue", file=sys.stderr)
             return 130
-    import json
-
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"run: {run_dir}")
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; tau {metrics['tau']:.4f}, "

@@ -17,15 +17,12 @@ Two backends compute the same numbers with the same parameter tensors:
 
 ``"auto"`` picks dense whenever the edge options allow it.
 
-Two options trade the paper's exact setting for speed on a CPU (both off by default = the paper):
-``head_dim`` (channels per head; the paper concatenates ``heads`` heads of ``width`` channels, so the
-GATv2 attention works on ``heads * width`` channels per node pair) and ``precision="bf16"`` (the encoder's
-matrix products under bfloat16 autocast; softmax, readout and L2 norm stay float32).
+The model's settings are a :class:`hada.config.ModelConfig`; the widths of its inputs a :class:`FeatureDims`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +31,9 @@ from torch import Tensor, nn
 from hada.model.fast.dense import (DENSE_CONVS, DenseLayout, MaterialisedNodes, NodeFeatures, ProjectedTokens, _dense_layout,
                         _full)
 from hada.errors import HadaError
-from hada.model.graph import EdgeWeights, GraphBatch, batch_graphs
+from hada.config import GNN_TYPES, ModelConfig, cpu_has_bf16
+from hada.model.graph import GraphBatch, batch_graphs
 
-GNN_TYPES = ("gatv2", "gcn", "transformer")
-#: "fp32": everything in float32 (the paper). "bf16": the encoder's linear maps, attention scores and
-#: pooling under ``torch.autocast(dtype=torch.bfloat16)`` (several times faster matrix products on CPUs with
-#: AMX / AVX512-BF16); attention softmax, readout, L2 norm and everything in the loss stay float32.
-PRECISIONS = ("fp32", "bf16")
-BACKENDS = ("auto", "dense", "pyg")
 MODALITIES = ("image", "text")
 
 
@@ -66,105 +58,47 @@ class ModalityBatch:
         return ModalityBatch(move(self.tokens), move(self.lengths), move(self.embeds))
 
 
-def _dims(value) -> tuple[int, ...] | None:
-    return None if value is None else tuple(int(v) for v in value)
-
-
 @dataclass
-class HadaConfig:
-    """Shape and options of a :class:`HadaPair`; defaults are the paper's (DESIGN section 1).
+class FeatureDims:
+    """Per-backbone widths of the stored features, per modality (a CLIP's text tower is usually narrower than its
+    ViT): what the encoders' input maps are sized for, read off the feature stores."""
 
-    ``token_dims`` / ``embed_dims`` give both modalities the same per-backbone widths; the ``image_*`` and
-    ``text_*`` fields override them per modality (a CLIP's text tower is usually narrower than its ViT).
-    """
-
-    token_dims: tuple[int, ...] | None = None
-    embed_dims: tuple[int, ...] | None = None
-    image_token_dims: tuple[int, ...] | None = None
-    text_token_dims: tuple[int, ...] | None = None
-    image_embed_dims: tuple[int, ...] | None = None
-    text_embed_dims: tuple[int, ...] | None = None
-    width: int = 512
-    out_dim: int = 512
-    gnn: str = "gatv2"
-    heads: int = 4
-    head_dim: int | None = None  # channels per head; None: ``width`` (the paper: 4 heads x 512 concatenated)
-    layers: int = 1
-    dropout: float = 0.3
-    w_fc: float = 0.9
-    w_fcx: float = 0.7
-    w_cc: float = 1.1
-    w_ffx: float | None = None
-    w_self: float = 1.0
-    directed: bool = True
-    backend: str = "auto"
-    precision: str = "fp32"  # "bf16": the encoders' matrix products under bfloat16 autocast (PRECISIONS)
+    image_token_dims: tuple[int, ...]
+    text_token_dims: tuple[int, ...]
+    image_embed_dims: tuple[int, ...]
+    text_embed_dims: tuple[int, ...]
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name.endswith("_dims"):
-                setattr(self, f.name, _dims(getattr(self, f.name)))
-        self.image_token_dims = self.image_token_dims or self.token_dims
-        self.text_token_dims = self.text_token_dims or self.token_dims
-        self.image_embed_dims = self.image_embed_dims or self.embed_dims
-        self.text_embed_dims = self.text_embed_dims or self.embed_dims
-        self._validate()
-
-    def _validate(self) -> None:
-        per_modality = {"image_token_dims": self.image_token_dims, "text_token_dims": self.text_token_dims,
-                        "image_embed_dims": self.image_embed_dims, "text_embed_dims": self.text_embed_dims}
-        missing = [name for name, v in per_modality.items() if v is None]
-        if missing:
-            raise HadaError(f"HadaConfig needs token_dims and embed_dims (or per modality); missing {missing}")
-        if len({len(v) for v in per_modality.values()}) != 1:
-            raise HadaError(f"HadaConfig: every *_dims needs one entry per backbone, got {per_modality}")
+            setattr(self, f.name, tuple(int(v) for v in getattr(self, f.name)))
+        lengths = {len(getattr(self, f.name)) for f in fields(self)}
+        if len(lengths) != 1:
+            raise HadaError(f"every *_dims needs one entry per backbone, got {self}")
         if self.num_backbones < 2:
             raise HadaError(f"HADA fuses at least 2 backbones, got {self.num_backbones}")
-        if self.gnn not in GNN_TYPES:
-            raise HadaError(f"HadaConfig.gnn must be one of {GNN_TYPES}, got {self.gnn!r}")
-        if self.backend not in BACKENDS:
-            raise HadaError(f"HadaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if min(self.width, self.out_dim, self.heads, self.layers) < 1:
-            raise HadaError("HadaConfig: width, out_dim, heads and layers must be >= 1")
-        if self.head_dim is not None and self.head_dim < 1:
-            raise HadaError(f"HadaConfig.head_dim must be >= 1 or None (= width), got {self.head_dim}")
-        if self.precision not in PRECISIONS:
-            raise HadaError(f"HadaConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise HadaError(f"HadaConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.backend == "dense" and not self.edge_weights().published_topology:
-            raise HadaError("the dense backend needs the published graph (directed=True, w_ffx=None); "
-                            "use backend='pyg' or 'auto'")
 
     @classmethod
-    def paper(cls, **overrides) -> "HadaConfig":
+    def same(cls, token_dims, embed_dims) -> "FeatureDims":
+        """Both modalities with the same widths."""
+        return cls(token_dims, token_dims, embed_dims, embed_dims)
+
+    @classmethod
+    def paper(cls) -> "FeatureDims":
         """The paper's widths: ALBEF (768-d tokens, 256-d ITC embedding) + LightningDOT (768-d, 768-d)."""
-        return cls(**{"token_dims": (768, 768), "embed_dims": (256, 768), **overrides})
+        return cls.same((768, 768), (256, 768))
 
     @property
     def num_backbones(self) -> int:
         return len(self.image_token_dims)
 
-    def dims(self, modality: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def of(self, modality: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(token_dims, embed_dims) of one modality."""
         if modality not in MODALITIES:
             raise HadaError(f"modality must be one of {MODALITIES}, got {modality!r}")
         return getattr(self, f"{modality}_token_dims"), getattr(self, f"{modality}_embed_dims")
 
-    def edge_weights(self) -> EdgeWeights:
-        return EdgeWeights(self.w_fc, self.w_fcx, self.w_cc, self.w_ffx, self.w_self, self.directed)
-
-    def resolve_backend(self, backend: str | None = None) -> str:
-        """"dense" or "pyg": ``backend`` (or the config's), with "auto" -> dense when the graph allows it."""
-        backend = backend or self.backend
-        published = self.edge_weights().published_topology
-        if backend == "auto":
-            return "dense" if published else "pyg"
-        if backend == "dense" and not published:
-            raise HadaError("the dense backend needs the published graph (directed=True, w_ffx=None)")
-        if backend not in BACKENDS:
-            raise HadaError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        return backend
+    def to_dict(self) -> dict:
+        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,13 +130,15 @@ def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None) -> 
 class HadaEncoder(nn.Module):
     """The HADA encoder of one modality: ``forward(batch) -> [B, out_dim]`` L2-normalised embeddings."""
 
-    def __init__(self, config: HadaConfig, modality: str = "image"):
+    def __init__(self, config: ModelConfig, dims: FeatureDims, modality: str = "image"):
         super().__init__()
+        if config.precision == "auto":
+            config = replace(config, precision="bf16" if cpu_has_bf16() else "fp32")
         self.config = config
         self.modality = modality
-        token_dims, embed_dims = config.dims(modality)
+        token_dims, embed_dims = dims.of(modality)
         self.token_dims, self.embed_dims = token_dims, embed_dims
-        W, K = config.width, config.num_backbones
+        W, K = config.width, dims.num_backbones
         self.proj = nn.ModuleList(nn.Linear(d, W) for d in token_dims)
         convs, posts = [], []
         for _ in range(config.layers):
@@ -214,7 +150,7 @@ class HadaEncoder(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(W) for _ in range(config.layers)) if self.residual else None
         self.dropout = nn.Dropout(config.dropout)
         self.readout = nn.Linear(K * W + sum(embed_dims), config.out_dim)
-        self.edge_weights = config.edge_weights()
+        self.edge_weights = config.edges
 
     # -- shared pieces -------------------------------------------------------------------------------------
 
@@ -331,11 +267,11 @@ class HadaEncoder(nn.Module):
 class HadaPair(nn.Module):
     """Image and text HADA encoders of the same shape (separate weights, DESIGN section 1)."""
 
-    def __init__(self, config: HadaConfig):
+    def __init__(self, config: ModelConfig, dims: FeatureDims):
         super().__init__()
         self.config = config
-        self.image = HadaEncoder(config, "image")
-        self.text = HadaEncoder(config, "text")
+        self.image = HadaEncoder(config, dims, "image")
+        self.text = HadaEncoder(config, dims, "text")
 
     def forward(self, images: ModalityBatch, texts: ModalityBatch, backend: str | None = None):
         return self.image(images, backend=backend), self.text(texts, backend=backend)

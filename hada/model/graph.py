@@ -31,6 +31,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from hada.config import EdgeWeights
+
 EDGE_FC, EDGE_FCX, EDGE_CC, EDGE_FFX, EDGE_SELF = range(5)
 #: Short edge type names, indexed by the ``edge_type`` codes above.
 EDGE_TYPES: tuple[str, ...] = ("fc", "fcx", "cc", "ffx", "self")
@@ -42,33 +44,6 @@ EDGE_TYPE_LABELS: tuple[str, ...] = (
     "feature <-> feature, across backbones (w_ffx)",
     "self loop (w_self)",
 )
-
-
-@dataclass(frozen=True)
-class EdgeWeights:
-    """Edge weights (a 1-d edge feature, not a message multiplier) and direction; paper values by default."""
-
-    w_fc: float = 0.9
-    w_fcx: float = 0.7
-    w_cc: float = 1.1
-    w_ffx: float | None = None
-    w_self: float = 1.0
-    directed: bool = True
-
-    def as_tuple(self) -> tuple[float, ...]:
-        """Weight of each edge type, indexed by type code (``ffx`` is 0 when absent; it has no edges then)."""
-        ffx = 0.0 if self.w_ffx is None else float(self.w_ffx)
-        return (float(self.w_fc), float(self.w_fcx), float(self.w_cc), ffx, float(self.w_self))
-
-    def by_type(self) -> Tensor:
-        """:meth:`as_tuple` as a float32 tensor, for indexing by edge type."""
-        return torch.tensor(self.as_tuple(), dtype=torch.float32)
-
-    @property
-    def published_topology(self) -> bool:
-        """True for the published graph (directed, no feature-feature edges): a feature node then receives only
-        its self loop, which is what lets the dense backend attend from the K CLS nodes only (DESIGN 2b)."""
-        return self.directed and self.w_ffx is None
 
 
 @dataclass(frozen=True)

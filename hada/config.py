@@ -1,0 +1,382 @@
+"""Every setting of a training run, in one place: the model, loss, optimiser and data configs, composed.
+
+``TrainConfig`` is the composition (no field is copied from one class into another); its resolved dict names
+the run (``hada.runs``). Defaults are the paper's where the paper fixes a value. Named **recipes** are data:
+overrides on top of the defaults (``RECIPES``), so a run, a chapter or a config file says "the miniature, with
+two GNN layers" as ``recipe("miniature", **{"model.layers": 2})``. Each field's ``help`` metadata is what
+``hada train --help`` prints, so the command line cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hada.errors import HadaError
+
+GNN_TYPES = ("gatv2", "gcn", "transformer")
+ARCHS = ("hada", "concat")
+BACKENDS = ("auto", "dense", "pyg")
+#: "fp32": everything in float32 (the paper). "bf16": the encoders' linear maps, attention scores and pooling
+#: under bfloat16 autocast (several times faster on CPUs with AMX / AVX512-BF16; softmax, readout, L2 norm and
+#: the loss stay float32). "auto": bf16 where the CPU multiplies bfloat16 natively, else fp32.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _opt(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with its command-line help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class EdgeWeights:
+    """Edge weights (a 1-d edge feature fed to the attention, not a message multiplier) and direction of the
+    node graph; the paper's values by default."""
+
+    w_fc: float = _opt(0.9, "edge weight feature -> own backbone's CLS")
+    w_fcx: float = _opt(0.7, "edge weight feature -> another backbone's CLS")
+    w_cc: float = _opt(1.1, "edge weight CLS <-> CLS")
+    w_ffx: float | None = _opt(None, "edge weight feature <-> feature across backbones ('none': no such edges)")
+    w_self: float = _opt(1.0, "self-loop weight")
+    directed: bool = _opt(True, "directed feature -> CLS edges (the published graph)")
+
+    def as_tuple(self) -> tuple[float, ...]:
+        """Weight of each edge type, indexed by type code (``ffx`` is 0 when absent; it has no edges then)."""
+        ffx = 0.0 if self.w_ffx is None else float(self.w_ffx)
+        return (float(self.w_fc), float(self.w_fcx), float(self.w_cc), ffx, float(self.w_self))
+
+    def by_type(self):
+        """:meth:`as_tuple` as a float32 tensor, for indexing by edge type."""
+        import torch
+
+        return torch.tensor(self.as_tuple(), dtype=torch.float32)
+
+    @property
+    def published_topology(self) -> bool:
+        """True for the published graph (directed, no feature-feature edges): a feature node then receives only
+        its self loop, which is what lets the fast path attend from the K CLS nodes only."""
+        return self.directed and self.w_ffx is None
+
+
+@dataclass
+class ModelConfig:
+    """The trained encoders' shape; the paper's by default (ALBEF-sized: width 512, 4 heads of 512 channels)."""
+
+    arch: str = _opt("hada", "hada (graph fusion) or concat (baseline: a linear map of the concatenated "
+                             "embeddings)", choices=ARCHS)
+    width: int = _opt(512, "node width after each backbone's linear map")
+    out_dim: int = _opt(512, "width of the final (L2-normalised) embedding")
+    gnn: str = _opt("gatv2", "graph convolution", choices=GNN_TYPES)
+    heads: int = _opt(4, "attention heads")
+    head_dim: int | None = _opt(None, "channels per attention head ('none': --width, the paper's setting: the "
+                                      "heads concatenate heads x width channels)")
+    layers: int = _opt(1, "graph layers (more than one adds GELU, a skip connection and LayerNorm)")
+    dropout: float = _opt(0.3, "dropout before the readout layer")
+    edges: EdgeWeights = field(default_factory=EdgeWeights)
+    backend: str = _opt("auto", "dense (CLS-only, fast; needs the published graph), pyg (torch-geometric on "
+                                "the full graph) or auto", choices=BACKENDS)
+    precision: str = _opt("fp32", "fp32, bf16 (the encoders' matrix products under bfloat16 autocast; the loss "
+                                  "stays fp32) or auto: bf16 on CPUs with AMX or AVX512-BF16", choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.edges, dict):
+            self.edges = EdgeWeights(**self.edges)
+        _choose(self, "arch", ARCHS)
+        _choose(self, "gnn", GNN_TYPES)
+        _choose(self, "backend", BACKENDS)
+        _choose(self, "precision", PRECISIONS)
+        _at_least_one(self, "width", "out_dim", "heads", "layers", "head_dim")
+        if not 0.0 <= self.dropout < 1.0:
+            raise HadaError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.backend == "dense" and not self.edges.published_topology:
+            raise HadaError("the dense backend needs the published graph (directed, w_ffx none); "
+                            "use backend pyg or auto")
+
+    def resolve_backend(self, backend: str | None = None) -> str:
+        """"dense" or "pyg": ``backend`` (or the config's), with "auto" -> dense when the graph allows it."""
+        backend = backend or self.backend
+        if backend not in BACKENDS:
+            raise HadaError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            return "dense" if self.edges.published_topology else "pyg"
+        if backend == "dense" and not self.edges.published_topology:
+            raise HadaError("the dense backend needs the published graph (directed, w_ffx none)")
+        return backend
+
+
+@dataclass
+class LossConfig:
+    """The objective: ITC over batch + queue mixed with the main backbone, plus ITM; the paper's values except
+    the queue, sized for a miniature."""
+
+    tau_init: float = _opt(0.07, "initial temperature (learned, clamped to [tau_min, tau_max])")
+    tau_min: float = _opt(0.001, "lowest temperature")
+    tau_max: float = _opt(0.5, "highest temperature")
+    mix: bool = _opt(True, "mix the main backbone's similarity in with a learned weight w (off: w = 0)")
+    w_init: float = _opt(0.5, "initial mix weight (learned, clamped to [w_min, w_max])")
+    w_min: float = _opt(0.1, "lowest mix weight")
+    w_max: float = _opt(0.9, "highest mix weight")
+    i2t_weight: float = _opt(0.3, "weight of the image->text contrastive loss")
+    t2i_weight: float = _opt(0.7, "weight of the text->image contrastive loss")
+    queue_size: int = _opt(1024, "negatives kept in the queue (0: in-batch only)")
+    momentum: float = _opt(0.995, "EMA momentum of the momentum encoders")
+    use_momentum: bool = _opt(True, "fill the queue from momentum encoders (off: from the trained encoders)")
+    distill: bool = _opt(False, "momentum distillation of the contrastive targets")
+    alpha: float = _opt(0.4, "distillation weight")
+    itm: bool = _opt(True, "add the image-text matching loss with hard negatives")
+    itm_weight: float = _opt(1.0, "weight of the matching loss")
+    itm_hidden: int = _opt(0, "width of the matching head's hidden layer (0: the embedding width)")
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 0:
+            raise HadaError(f"queue_size must be >= 0, got {self.queue_size}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine warm restarts (stepped once per epoch) and early stopping on the validation Rsum."""
+
+    epochs: int = _opt(10, "maximum epochs")
+    batch_size: int = _opt(64, "caption-image pairs per batch")
+    pairs_per_epoch: int | None = _opt(None, "train on a fresh random subset of this many caption-image pairs each "
+                                             "epoch (seeded, checkpointed draw; 'none': every pair)")
+    lr: float = _opt(1e-4, "AdamW learning rate")
+    weight_decay: float = _opt(0.02, "AdamW weight decay")
+    fused: bool = _opt(True, "torch's fused AdamW kernel (the same update as the per-tensor loop, faster)")
+    t0: int | None = _opt(None, "epochs per cosine cycle (CosineAnnealingWarmRestarts T_0; 'none': one cycle over "
+                                "--epochs)")
+    eta_min: float = _opt(0.0, "lowest learning rate of the cosine schedule")
+    patience: int = _opt(5, "stop after this many epochs without a better validation Rsum")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "epochs", "batch_size", "pairs_per_epoch", "t0", "patience")
+
+
+@dataclass
+class DataConfig:
+    """Which stored features a run reads: the dataset, its folder and the backbones (the first is the main one)."""
+
+    dataset: str = _opt("synthetic", "dataset of the feature stores")
+    data_root: str | None = _opt(None, "dataset folder the features were extracted from (default: the embedded "
+                                       "data)", metavar="PATH")
+    backbones: list[str] = _opt([], "comma-separated backbone specs, the first is the main one (default: the "
+                                    "first two embedded backbones)", metavar="A,B,...")
+    train_split: str = _opt("train", "split to train on")
+    val_split: str = _opt("val", "split for early stopping")
+    test_split: str = _opt("test", "split for the final metrics")
+    eval_batch_size: int = _opt(256, "batch size when embedding a split for evaluation")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbones, str):
+            self.backbones = [b.strip() for b in self.backbones.split(",") if b.strip()]
+        self.backbones = list(self.backbones)
+        if self.data_root is not None:
+            self.data_root = str(self.data_root)
+        _at_least_one(self, "eval_batch_size")
+
+    @property
+    def splits(self) -> tuple[str, str, str]:
+        """The splits a run reads: train, val, test."""
+        return (self.train_split, self.val_split, self.test_split)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run's numbers: the composition of the four configs and the seed."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = _opt(0, "random seed (model init, data order, dropout, hard negatives)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(self, f.name, _build(f.type, value))
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the embedded default backbones and an "auto" precision filled in (what the key and the
+        run use: a machine without bfloat16 units trains, and caches, an fp32 run under its own key)."""
+        data, model = self.data, self.model
+        if not data.backbones:
+            from hada.backbones import EMBEDDED_BACKBONES
+
+            data = replace(data, backbones=list(EMBEDDED_BACKBONES[:2]))
+        if model.precision == "auto":
+            model = replace(model, precision="bf16" if cpu_has_bf16() else "fp32")
+        return replace(self, data=data, model=model)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from its nested dict; an unknown key is one clear error."""
+        return _build(cls, d)
+
+    def hash(self) -> str:
+        """12 hex digits of the sha256 of the resolved config (sorted json)."""
+        text = json.dumps(self.resolved().to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def override(self, overrides: dict | None = None, **dotted) -> "TrainConfig":
+        """A copy with some values changed, given nested (``{"model": {"gnn": "gcn"}}``) or dotted
+        (``**{"model.gnn": "gcn"}``) or by a leaf's own name when it is unique (``gnn="gcn"``)."""
+        merged = self.to_dict()
+        for key, value in {**_flatten(overrides or {}), **dotted}.items():
+            _set_path(merged, _full_path(key), value)
+        return TrainConfig.from_dict(merged)
+
+
+# ------------------------------------------------------------------------------------------------- recipes
+#: Named configurations as overrides of the defaults. "miniature" is what the book trains on the embedded data:
+#: GATv2 at width 128 with 4 heads of 32 channels (the paper concatenates 4 heads of the full width), which
+#: makes an epoch several times faster on a CPU at about the same validation Rsum (benchmarks/bench_epoch.py),
+#: a budget of 10 epochs of 3,000 pairs, and bfloat16 only where the CPU multiplies it natively.
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "miniature": {"model": {"width": 128, "out_dim": 128, "heads": 4, "head_dim": 32, "precision": "auto"},
+                  "optim": {"epochs": 10, "pairs_per_epoch": 3000}},
+}
+
+
+#: The recipe a command or a library call uses when none is named: the one that trains in minutes on a CPU.
+DEFAULT_RECIPE = "miniature"
+
+
+def recipe(name: str = DEFAULT_RECIPE, overrides: dict | None = None, **dotted) -> TrainConfig:
+    """The named recipe, with ``overrides`` (nested or dotted keys, see :meth:`TrainConfig.override`)."""
+    if name not in RECIPES:
+        raise HadaError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return TrainConfig().override(RECIPES[name]).override(overrides, **dotted)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A run described in a YAML or JSON file: nested sections (data, model, loss, optim), dotted keys, or a
+    leaf's own name; an optional ``recipe`` key names the recipe the file starts from."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HadaError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as exc:  # a parser's own message names the line
+        raise HadaError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise HadaError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX512-BF16): there bf16 autocast makes
+    the encoders' matrix products several times faster; elsewhere it is emulated and slower."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- dict <-> configs
+def leaf_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted path, dataclasses.Field)`` of every leaf setting, in declaration order (the CLI's options)."""
+    out = []
+    for f in fields(cls):
+        kind = _dataclass_type(f.type)
+        if kind is not None:
+            out += leaf_fields(kind, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f))
+    return out
+
+
+def _dataclass_type(annotation) -> type | None:
+    kinds = {c.__name__: c for c in (DataConfig, ModelConfig, LossConfig, OptimConfig, EdgeWeights, TrainConfig)}
+    return kinds.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+
+
+def _build(cls, values: dict):
+    if isinstance(cls, str):
+        cls = _dataclass_type(cls)
+    if is_dataclass(values):
+        return values
+    if not isinstance(values, dict):
+        raise HadaError(f"{cls.__name__} needs a mapping of settings, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise HadaError(f"unknown {cls.__name__} settings: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = _dataclass_type(known[name].type)
+        kwargs[name] = _build(kind, value) if kind is not None and isinstance(value, dict) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise HadaError(f"{cls.__name__}: {exc}") from None
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and _full_path(prefix + key, strict=False) in _SECTIONS:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+_LEAVES = {path: f for path, f in leaf_fields()}
+_SECTIONS = {"data", "model", "loss", "optim", "model.edges"}
+
+
+def _full_path(key: str, strict: bool = True) -> str:
+    """A dotted path, or a leaf's own name when only one leaf has it (``gnn`` -> ``model.gnn``)."""
+    if key in _LEAVES or key in _SECTIONS:
+        return key
+    matches = [p for p in _LEAVES if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if strict:
+        raise HadaError(f"unknown setting {key!r}" + (f" (ambiguous: {matches})" if matches else ""))
+    return key
+
+
+def _set_path(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        tree = tree[p]
+    tree[leaf] = value
+
+
+def _choose(obj, name: str, choices: tuple) -> None:
+    if getattr(obj, name) not in choices:
+        raise HadaError(f"{name} must be one of {', '.join(choices)}; got {getattr(obj, name)!r}")
+
+
+def _at_least_one(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise HadaError(f"{name} must be >= 1, got {value}")
+
+
+def default_of(f) -> Any:
+    """A field's default value (its factory called when it has one)."""
+    return f.default_factory() if f.default is MISSING else f.default
