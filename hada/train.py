@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hada.errors import HadaError
+from hada.io import progress_enabled, torch_save, write_json
 
 # torch and numpy are imported inside functions: the CLI reads TrainConfig for its help without them.
 
@@ -155,12 +156,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def progress_enabled(progress: bool | None = None) -> bool:
-    if progress is not None:
-        return progress
-    return os.environ.get("HADA_NO_PROGRESS", "") in ("", "0")
-
-
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX512-BF16): there bf16
     autocast makes the encoders' matrix products several times faster; elsewhere it may be slower."""
@@ -175,20 +170,6 @@ def cpu_has_bf16() -> bool:
 
 #: Torch threads of a training call when neither ``threads`` nor ``HADA_THREADS`` says otherwise.
 DEFAULT_THREADS = 1
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def seed_everything(seed: int) -> None:
@@ -379,7 +360,7 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
         raise HadaError(f"{run_dir} holds a run with a different configuration; use another folder")
     if ckpt_path.exists() and not resume:
         raise HadaError(f"{run_dir} already has a checkpoint; resume it or delete the folder to start over")
-    atomic_json(config.to_dict(), saved_config)
+    write_json(saved_config, config.to_dict())
     show = progress_enabled(progress)
 
     # -- data and statistics -----------------------------------------------------------------------
@@ -392,7 +373,7 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
         stats = data[config.train_split].stats if config.train_split in data else compute_stats(train_splits)
-        atomic_json(stats.to_dict(), stats_path)
+        write_json(stats_path, stats.to_dict())
     if config.train_split not in data:
         data[config.train_split] = FeatureData(train_splits, stats, with_tokens=tokens)
     for split in (config.val_split, config.test_split):
@@ -472,13 +453,13 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
         state["history"].append(entry)
         if val["rsum"] > state["best_rsum"]:
             state.update(best_rsum=val["rsum"], best_epoch=epoch, bad_epochs=0)
-            atomic_torch_save(snapshot("best"), best_path)
+            torch_save(snapshot("best"), best_path)
         else:
             state["bad_epochs"] += 1
         state["stopped"] = state["bad_epochs"] >= config.patience
         state["epoch"] = epoch
-        atomic_torch_save(snapshot("checkpoint"), ckpt_path)
-        atomic_json(state["history"], run_dir / "history.json")
+        torch_save(snapshot("checkpoint"), ckpt_path)
+        write_json(run_dir / "history.json", state["history"])
         epochs_done_here += 1
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", val_rsum=f"{val['rsum']:.1f}",
@@ -492,5 +473,5 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
     metrics = {"run": run_dir.name, "config_hash": config.hash(), "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}
-    atomic_json(metrics, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     return TrainResult(run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])

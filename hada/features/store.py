@@ -41,6 +41,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from hada.errors import HadaError
+from hada.io import progress_enabled, write_json
 from hada.paths import features_dir
 
 FORMAT_VERSION = 1
@@ -119,12 +120,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -305,7 +300,7 @@ def extract_split(
     resume = mms is not None
     if not resume:
         prog = {"image_chunks": 0, "caption_chunks": 0}
-        _write_json(path / MANIFEST, request)
+        write_json(path / MANIFEST, request, indent=1)
         mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
                                                shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
     if not resume:
@@ -316,7 +311,7 @@ def extract_split(
         mms["text_lengths"][:] = lengths_all.numpy()
         for name in ("image_ids", "caption_ids", "caption_image_index", "text_lengths"):
             mms[name].flush()
-        _write_json(path / PROGRESS, prog)
+        write_json(path / PROGRESS, prog, indent=1)
 
     budget = [_stop_after_chunks]
     last = [time.perf_counter()]
@@ -324,7 +319,7 @@ def extract_split(
     def save_progress():
         for mm in mms.values():
             mm.flush()
-        _write_json(path / PROGRESS, prog)
+        write_json(path / PROGRESS, prog, indent=1)
         last[0] = time.perf_counter()
 
     def checkpoint():
@@ -337,7 +332,7 @@ def extract_split(
             if budget[0] <= 0:
                 raise _Stop()
 
-    hide = not progress or os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
+    hide = not progress_enabled(progress)
     n_img, n_cap = len(records), len(captions)
     img_chunks = range(0, n_img, image_batch)
     with torch.no_grad():
@@ -419,7 +414,7 @@ def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
     manifest = dict(request, complete=True, checksums=sums)
     if timing:  # the last (or only) run's share; informational
         manifest["timing"] = timing
-    _write_json(path / MANIFEST, manifest)
+    write_json(path / MANIFEST, manifest, indent=1)
     (path / PROGRESS).unlink(missing_ok=True)
 
 
