@@ -7,7 +7,7 @@ Gains are relative Rsum differences in percent, the way the paper states its +3.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 METRIC_COLUMNS = (

@@ -141,10 +141,11 @@ def _train(args: argparse.Namespace) -> int:
     import shutil
 
     from hada.errors import HadaError
-    from hada.evaluate import format_table
+    from hada.book.tables import metrics_table
     from hada.experiments import features_fingerprint, run_key
     from hada.paths import runs_dir
-    from hada.train import atomic_json, train
+    from hada.io import write_json
+    from hada.train import train
 
     config = config_from_args(args).resolved()
     name = args.name or config.arch
@@ -159,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
             raise HadaError(f"{run_dir} holds an unfinished run of this configuration; "
                             "continue it with --resume or start over with --restart")
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_json(fingerprint, run_dir / "features.json")
+        write_json(run_dir / "features.json", fingerprint)
         try:
             train(config, run_dir, resume=args.resume, threads=args.threads)
         except KeyboardInterrupt:
@@ -174,5 +175,5 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run: {run_dir}")
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; tau {metrics['tau']:.4f}, "
           f"w {metrics['mix_weight']:.3f}")
-    print(format_table([(f"{name} (val)", metrics["val"]), (f"{name} (test)", metrics["test"])]))
+    print(metrics_table([(f"{name} (val)", metrics["val"]), (f"{name} (test)", metrics["test"])]))
     return 0

@@ -669,11 +669,11 @@ def _check_target(root: Path, size: str, seed: int, image_size: int, force: bool
     if not root.exists():
         return False
     if not root.is_dir():
-        raise HadaError(f"{root} exists and is not a folder; choose another --root")
+        raise HadaError(f"{root} exists and is not a folder; choose another --data-root")
     stamp = _read_stamp(root)
     if stamp is None and any(root.iterdir()):
         raise HadaError(f"{root} is not empty and holds no {STAMP_NAME}, so it is not a synthetic dataset; "
-                        "refusing to overwrite it (choose an empty or new --root)")
+                        "refusing to overwrite it (choose an empty or new --data-root)")
     complete = stamp is not None and _is_complete(root, stamp)
     if complete and _wants(stamp, size, seed, image_size):
         return not force

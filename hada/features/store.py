@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -157,7 +156,7 @@ def open_features(dataset: str, backbone: str, split: str, root: Path | None = N
     manifest = _read_json(path / MANIFEST)
     if manifest is None:
         raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run "
-                        f"`hada features extract --dataset {dataset} --backbone {backbone} --split {split}`")
+                        f"`hada features extract --dataset {dataset} --backbones {backbone} --split {split}`")
     verify_store(path, manifest, full=(verify == "full"))
     arrays = {}
     for name in ARRAY_NAMES:
