@@ -17,10 +17,10 @@ folder beside <data-root> and renamed at the end."""
 
 CHECK_HELP = """\
 Validate a dataset folder (Karpathy json + images) and print its images and captions per split.
-Flickr30k: <data-root>/dataset_flickr30k.json + <data-root>/flickr30k-images/; COCO: <data-root>/dataset_coco.json
-+ <data-root>/train2014/ and <data-root>/val2014/ (restval counts as train); synthetic: the folder written by
-`hada data synth`. Any problem (missing files, malformed json, duplicate ids, ...) is one line and
-exit code 2."""
+Flickr30k: <data-root>/dataset_flickr30k.json + <data-root>/flickr30k-images/; COCO:
+<data-root>/dataset_coco.json + <data-root>/train2014/ and <data-root>/val2014/ (restval counts as
+train); synthetic: the folder written by `hada data synth`. Any problem (missing files, malformed json,
+duplicate ids, ...) is one line and exit code 2."""
 
 
 def register(subparsers) -> None:

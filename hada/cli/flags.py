@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_ROOTS = "data/synthetic, data/flickr30k or data/coco under $HADA_DATA (default: data/)"
 
 
 def add_dataset_flags(parser, root_help: str | None = None, dataset_help: str = "dataset layout") -> None:
@@ -18,7 +17,7 @@ def add_dataset_flags(parser, root_help: str | None = None, dataset_help: str = 
 
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic",
                         help=f"{dataset_help} (default: %(default)s)")
-    add_data_root_flag(parser, root_help or f"dataset folder (default: {DEFAULT_ROOTS})")
+    add_data_root_flag(parser, root_help or "dataset folder (default: data/<dataset>, or $HADA_DATA/<dataset>)")
 
 
 def add_data_root_flag(parser, help: str) -> None:
