@@ -1,218 +1,27 @@
-"""Retrieval recalls (R@1/5/10 both ways, Rsum) in bounded memory, named as CLIP_benchmark names them.
+"""Scoring trained encoders: embed a split, and record results the way CLIP_benchmark does.
 
-One scoring function serves every row of the results table: a backbone alone, similarity averaging,
-the concatenation baseline and HADA all hand :func:`retrieval_metrics` a similarity (a dense matrix,
-weighted sums of embedding dot products, or any block function), images x captions.
-
-Definitions (Karpathy protocol, any number of captions per image):
-
-* ``text_retrieval_recall@k`` (image -> text): an image is a hit if ANY of its captions is among the
-  k captions scored highest for it.
-* ``image_retrieval_recall@k`` (text -> image): a caption is a hit if its one image is in its top k.
-* ``rsum``: the sum of the six recalls. All in percent (CLIP_benchmark reports fractions).
-
-**Ties.** The rank of a positive is the number of candidates scored *strictly* higher than it, so a
-tie between a positive and a negative counts in favour of the positive. The result is deterministic
-and independent of any sort order; it is optimistic only for exact ties, which real-valued scores
-almost never produce.
-
-**Memory.** Image -> text ranks are computed on stripes of full rows, text -> image ranks on
-stripes of full columns, each stripe at most ``max_block_elements`` scores. Each direction compares
-a positive only with scores from the same block computation, so floating-point differences between
-differently shaped matrix products can never make a positive outrank itself.
+The recalls themselves (and the similarity sources they read) live in :mod:`hada.metrics`, the one recall
+function every caller uses; they are imported here too because ``hada.evaluate`` is where a reader looks
+for them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import numpy as np
 import torch
 from torch import Tensor
 
-from hada.errors import HadaError
-
-KS = (1, 5, 10)
-METRIC_KEYS = tuple(f"text_retrieval_recall@{k}" for k in KS) + tuple(f"image_retrieval_recall@{k}" for k in KS)
-
-
-# ------------------------------------------------------------------------------ similarity sources
-@runtime_checkable
-class SimilaritySource(Protocol):
-    """Anything that can produce a block of the images x captions similarity matrix on request."""
-
-    shape: tuple[int, int]
-
-    def block(self, rows: slice, cols: slice) -> Tensor: ...
-
-
-def _as_tensor(x) -> Tensor:
-    if isinstance(x, Tensor):
-        t = x
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-@dataclass
-class DenseSimilarity:
-    """A full matrix already in memory (tensor, array or read-only memmap)."""
-
-    matrix: object
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.matrix.shape)  # type: ignore[return-value]
-
-    def block(self, rows: slice, cols: slice) -> Tensor:
-        return _as_tensor(self.matrix[rows, cols])
-
-
-class EmbeddingSimilarity:
-    """``sum_t weight_t * image_t @ text_t.T``: one backbone's cosine, an average, or HADA's mix.
-
-    Embeddings are used as given (normalise them first for cosines); they may be memmaps, only the
-    requested rows are converted.
-    """
-
-    def __init__(self, terms: Sequence[tuple[float, object, object]]):
-        if not terms:
-            raise HadaError("EmbeddingSimilarity needs at least one (weight, image, text) term")
-        self.terms = [(float(w), img, txt) for w, img, txt in terms]
-        n_img, n_cap = len(self.terms[0][1]), len(self.terms[0][2])
-        for _, img, txt in self.terms:
-            if len(img) != n_img or len(txt) != n_cap:
-                raise HadaError("all similarity terms must cover the same images and captions")
-        self.shape = (n_img, n_cap)
-
-    def block(self, rows: slice, cols: slice) -> Tensor:
-        out = None
-        for w, img, txt in self.terms:
-            if w == 0.0:
-                continue
-            part = _as_tensor(img[rows]).float() @ _as_tensor(txt[cols]).float().T
-            out = w * part if out is None else out.add_(part, alpha=w)
-        if out is None:
-            n = len(range(*rows.indices(self.shape[0])))
-            m = len(range(*cols.indices(self.shape[1])))
-            out = torch.zeros(n, m)
-        return out
-
-
-@dataclass
-class FunctionSimilarity:
-    """Wraps ``fn(rows: slice, cols: slice) -> Tensor`` with the full matrix's shape."""
-
-    fn: Callable[[slice, slice], object]
-    shape: tuple[int, int]
-
-    def block(self, rows: slice, cols: slice) -> Tensor:
-        return _as_tensor(self.fn(rows, cols))
-
-
-def as_similarity(sims, n_images: int | None = None, n_captions: int | None = None) -> SimilaritySource:
-    if isinstance(sims, (Tensor, np.ndarray)):
-        if sims.ndim != 2:
-            raise HadaError(f"a similarity matrix must be 2-d (images x captions), got shape {tuple(sims.shape)}")
-        return DenseSimilarity(sims)
-    if isinstance(sims, SimilaritySource):
-        return sims
-    if callable(sims):
-        if n_images is None or n_captions is None:
-            raise HadaError("a similarity function needs n_images (and the caption count) to be given")
-        return FunctionSimilarity(sims, (int(n_images), int(n_captions)))
-    raise HadaError(f"cannot score a similarity of type {type(sims).__name__}")
-
-
-# ------------------------------------------------------------------------------------------ ranks
-def _check_block(block: Tensor, expect: tuple[int, int]) -> Tensor:
-    if tuple(block.shape) != expect:
-        raise HadaError(f"similarity block has shape {tuple(block.shape)}, expected {expect}")
-    if torch.isnan(block).any():
-        raise HadaError("the similarity matrix contains NaN; the model or features are broken")
-    return block
-
-
-def retrieval_ranks(
-    sims,
-    caption_image_index,
-    n_images: int | None = None,
-    max_block_elements: int = 1 << 24,
-) -> tuple[Tensor, Tensor]:
-    """0-based ranks of the best positive: ``(image_to_text [n_img], text_to_image [n_cap])``.
-
-    A rank is the count of candidates scored strictly higher than the (best) positive.
-    """
-    ci = torch.as_tensor(np.asarray(caption_image_index), dtype=torch.long).view(-1)
-    n_cap = ci.numel()
-    src = as_similarity(sims, n_images, n_cap)
-    n_img, n_cols = src.shape
-    if n_cols != n_cap:
-        raise HadaError(f"similarity has {n_cols} caption columns but caption_image_index has {n_cap} entries")
-    if n_cap == 0 or n_img == 0:
-        raise HadaError("nothing to score: no images or no captions")
-    if int(ci.min()) < 0 or int(ci.max()) >= n_img:
-        raise HadaError(f"caption_image_index must lie in [0, {n_img}); got [{int(ci.min())}, {int(ci.max())}]")
-    per_image = torch.bincount(ci, minlength=n_img)
-    if bool((per_image == 0).any()):
-        raise HadaError(f"{int((per_image == 0).sum())} image(s) have no caption; image->text recall is undefined")
-
-    # image -> text: stripes of full rows; captions sorted by image so a stripe's positives are contiguous.
-    order = torch.argsort(ci, stable=True)
-    ci_sorted = ci[order]
-    i2t = torch.empty(n_img, dtype=torch.long)
-    step = max(1, max_block_elements // n_cap)
-    for i0 in range(0, n_img, step):
-        i1 = min(n_img, i0 + step)
-        s = _check_block(src.block(slice(i0, i1), slice(0, n_cap)), (i1 - i0, n_cap))
-        lo, hi = torch.searchsorted(ci_sorted, torch.tensor([i0, i1])).tolist()
-        caps = order[lo:hi]
-        local = ci[caps] - i0
-        best = torch.full((i1 - i0,), -math.inf, dtype=s.dtype)
-        best = best.scatter_reduce(0, local, s[local, caps], reduce="amax", include_self=True)
-        i2t[i0:i1] = (s > best[:, None]).sum(dim=1, dtype=torch.int32)
-
-    # text -> image: stripes of full columns.
-    t2i = torch.empty(n_cap, dtype=torch.long)
-    step = max(1, max_block_elements // n_img)
-    for j0 in range(0, n_cap, step):
-        j1 = min(n_cap, j0 + step)
-        s = _check_block(src.block(slice(0, n_img), slice(j0, j1)), (n_img, j1 - j0))
-        pos = s[ci[j0:j1], torch.arange(j1 - j0)]
-        t2i[j0:j1] = (s > pos[None, :]).sum(dim=0, dtype=torch.int32)
-    return i2t, t2i
-
-
-def metrics_from_ranks(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"text_retrieval_recall@{k}"] = 100.0 * float((i2t_ranks < k).double().mean())
-    for k in ks:
-        out[f"image_retrieval_recall@{k}"] = 100.0 * float((t2i_ranks < k).double().mean())
-    out["rsum"] = sum(out[f"text_retrieval_recall@{k}"] + out[f"image_retrieval_recall@{k}"] for k in ks)
-    return out
-
-
-def retrieval_metrics(
-    sims,
-    caption_image_index,
-    n_images: int | None = None,
-    max_block_elements: int = 1 << 24,
-) -> dict[str, float]:
-    """R@1/5/10 both ways and Rsum (percent) of an images x captions similarity.
-
-    ``sims``: a 2-d tensor/array, a :class:`SimilaritySource` (e.g. :class:`EmbeddingSimilarity`,
-    so the full matrix never exists), or a callable ``fn(rows: slice, cols: slice)`` with
-    ``n_images`` given. ``caption_image_index[j]`` is the row of caption j's image.
-    """
-    i2t, t2i = retrieval_ranks(sims, caption_image_index, n_images, max_block_elements)
-    return metrics_from_ranks(i2t, t2i)
+from hada.metrics import (  # noqa: F401  (the scoring API, re-exported)
+    KS,
+    METRIC_KEYS,
+    DenseSimilarity,
+    EmbeddingSimilarity,
+    FunctionSimilarity,
+    SimilaritySource,
+    as_similarity,
+    metrics_from_ranks,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 
 
 # ------------------------------------------------------------------------------- embedding a split
@@ -248,24 +57,3 @@ def clip_benchmark_record(metrics: dict, dataset: str, model: str, pretrained: s
     }
     record.update(extra)
     return record
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Atomic json write (``path.tmp`` then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def format_table(rows: Sequence[tuple[str, dict]]) -> str:
-    """A plain-text results table: name, the six recalls, Rsum."""
-    head = ["model", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "Rsum"]
-    width = max([len(head[0])] + [len(n) for n, _ in rows])
-    lines = [f"{head[0]:<{width}}  " + "  ".join(f"{h:>7}" for h in head[1:])]
-    for name, m in rows:
-        vals = [m[k] for k in METRIC_KEYS] + [m["rsum"]]
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:7.2f}" for v in vals))
-    return "\n".join(lines)

@@ -21,7 +21,8 @@ from hada.errors import HadaError
 from hada.paths import runs_dir
 from hada import train as _train
 from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
-from hada.train import TrainedModel, atomic_json, load_trained
+from hada.io import write_json
+from hada.train import TrainedModel, load_trained
 
 SPLITS = ("train", "val", "test")
 _STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image TokenStats, text TokenStats)
@@ -154,7 +155,7 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None)
     if (run_dir / "metrics.json").exists():
         return _load_result(name, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_json(fingerprint, run_dir / "features.json")
+    write_json(run_dir / "features.json", fingerprint)
     stats = _stats(config)
     data = {split: shared_data(config, split, stats)
             for split in (config.data.train_split, config.data.val_split, config.data.test_split)}
@@ -189,7 +190,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         for row_name, m in untrained_baselines(data, names):
             rows.append(metric_row(row_name, m, kind="backbone" if row_name in names else "fusion"))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_json(rows, cache)
+        write_json(cache, rows)
     if concat and len(names) > 1:
         run = run_experiment(plain_cfg, run_name, progress=progress)
         if split == plain_cfg.data.test_split:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hada.errors import HadaError
+from hada.io import progress_enabled
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def run_steps(steps: list[Step], jobs: int = 2, progress: bool = True, log: Call
     failures: list[str] = []
     record = StepLog()
     t0 = time.perf_counter()
-    hide = not progress or os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
+    hide = not progress_enabled(progress)
     bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=hide, dynamic_ncols=True)
     say = tqdm.write if not hide else log
     workers = min(jobs, max(1, len(steps)))

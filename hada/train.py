@@ -24,31 +24,12 @@ from pathlib import Path
 
 from hada.config import TrainConfig
 from hada.errors import HadaError
+from hada.io import progress_enabled, torch_save, write_json
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def progress_enabled(progress: bool | None = None) -> bool:
-    if progress is not None:
-        return progress
-    return os.environ.get("HADA_NO_PROGRESS", "") in ("", "0")
-
-
 #: Torch threads of a training call when neither ``threads`` nor ``HADA_THREADS`` says otherwise.
 DEFAULT_THREADS = 1
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def seed_everything(seed: int) -> None:
@@ -254,7 +235,7 @@ def _check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
         raise HadaError(f"{run_dir} holds a run with a different configuration; use another folder")
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise HadaError(f"{run_dir} already has a checkpoint; resume it or delete the folder to start over")
-    atomic_json(config.to_dict(), saved_config)
+    write_json(saved_config, config.to_dict())
 
 
 def _load_data(config: TrainConfig, run_dir: Path, data: dict | None):
@@ -270,7 +251,7 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None):
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
         stats = data[train_split].stats if train_split in data else compute_stats(train_splits)
-        atomic_json(stats.to_dict(), stats_path)
+        write_json(stats_path, stats.to_dict())
     if train_split not in data:
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens)
     for split in (config.data.val_split, config.data.test_split):
@@ -357,13 +338,13 @@ def _end_epoch(run: _Run, entry: dict) -> None:
     state["history"].append(_ordered(entry))
     if val["rsum"] > state["best_rsum"]:
         state.update(best_rsum=val["rsum"], best_epoch=entry["epoch"], bad_epochs=0)
-        atomic_torch_save(run.snapshot("best"), run.run_dir / "best.pt")
+        torch_save(run.snapshot("best"), run.run_dir / "best.pt")
     else:
         state["bad_epochs"] += 1
     state["stopped"] = state["bad_epochs"] >= run.config.optim.patience
     state["epoch"] = entry["epoch"]
-    atomic_torch_save(run.snapshot("checkpoint"), run.run_dir / "checkpoint.pt")
-    atomic_json(state["history"], run.run_dir / "history.json")
+    torch_save(run.snapshot("checkpoint"), run.run_dir / "checkpoint.pt")
+    write_json(run.run_dir / "history.json", state["history"])
 
 
 _HISTORY_KEYS = ("epoch", "loss", "loss_itc", "loss_itm", "itm_accuracy", "val_rsum", "val", "tau", "mix_weight",
@@ -384,7 +365,7 @@ def _finish(run: _Run) -> TrainResult:
     metrics = {"run": run.run_dir.name, "config_hash": config.hash(), "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}
-    atomic_json(metrics, run.run_dir / "metrics.json")
+    write_json(run.run_dir / "metrics.json", metrics)
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])
 
 

@@ -193,7 +193,7 @@ def test_missing_weights_are_one_clear_error(hada_data, tmp_path, monkeypatch):
 def test_cli_reports_a_missing_backbone_in_one_line(hada_data, tiny_synthetic, capsys):
     from hada.cli import main
 
-    code = main(["backbones", "zeroshot", "--root", str(tiny_synthetic), "--backbone", "tiny-vit"])
+    code = main(["backbones", "zeroshot", "--data-root", str(tiny_synthetic), "--backbones", "tiny-vit"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("hada: error: backbone 'tiny-vit' has no weights")
 
@@ -224,7 +224,7 @@ def test_tiny_pretraining_saves_skips_reloads_and_is_deterministic(hada_data, ti
     from hada.paths import backbones_dir
 
     name = "tiny-vit-gray"
-    assert main(["backbones", "pretrain", "--backbone", name, "--root", str(tiny_synthetic), "--size", "tiny"]) == 0
+    assert main(["backbones", "pretrain", "--backbones", name, "--data-root", str(tiny_synthetic), "--size", "tiny"]) == 0
     folder = backbones_dir() / name
     record = json.loads((folder / RECORD_FILE).read_text())
     assert record["steps"] == 3 and len(record["loss_curve"]) == 3 and record["train_seconds"] > 0

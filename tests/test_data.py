@@ -110,25 +110,25 @@ def test_unknown_split_name_lists_the_allowed_ones(tmp_path):
 
 # --- hada data check ------------------------------------------------------------------------------------------
 def test_check_prints_counts_and_karpathy_sizes(tmp_path, capsys):
-    code, out, err = _check(capsys, "--dataset", "flickr30k", "--root", make_flickr(tmp_path / "f"))
+    code, out, err = _check(capsys, "--dataset", "flickr30k", "--data-root", make_flickr(tmp_path / "f"))
     assert code == 0 and not err
     lines = out.splitlines()
     assert lines[0].split() == ["split", "images", "captions", "expected", "images"]
-    assert lines[1].split()[:4] == ["train", "3", "15", "29,000"]
-    assert lines[4].split() == ["total", "5", "25"]
+    assert lines[2].split()[:4] == ["train", "3", "15", "29,000"]
+    assert lines[5].split() == ["total", "5", "25"]
     assert "all present" in out
 
 
 def test_check_synthetic(tiny_synthetic, capsys):
-    code, out, _ = _check(capsys, "--root", tiny_synthetic)
-    assert code == 0 and out.splitlines()[1].split() == ["pretrain", "40", "200"]
+    code, out, _ = _check(capsys, "--data-root", tiny_synthetic)
+    assert code == 0 and out.splitlines()[2].split() == ["pretrain", "40", "200"]
 
 
 def test_no_images_skips_the_file_check(tmp_path, capsys):
     root = make_flickr(tmp_path / "f")
     (root / "flickr30k-images" / "1003.jpg").unlink()
-    assert _check(capsys, "--dataset", "flickr30k", "--root", root)[0] == 2
-    code, out, _ = _check(capsys, "--dataset", "flickr30k", "--root", root, "--no-images")
+    assert _check(capsys, "--dataset", "flickr30k", "--data-root", root)[0] == 2
+    code, out, _ = _check(capsys, "--dataset", "flickr30k", "--data-root", root, "--no-images")
     assert code == 0 and "not checked" in out
 
 
@@ -164,7 +164,7 @@ def test_bad_json_content_is_one_line(tmp_path, capsys, case):
     root = tmp_path / "f"
     make_flickr(root, copy.deepcopy(FLICKR))
     (root / "dataset_flickr30k.json").write_text(json.dumps(_mutated(change)))
-    code, out, err = _check(capsys, "--dataset", "flickr30k", "--root", root, "--no-images")
+    code, out, err = _check(capsys, "--dataset", "flickr30k", "--data-root", root, "--no-images")
     assert code == 2 and message in err, err
     assert err.startswith("hada: error:") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -179,34 +179,34 @@ def _one_line_error(capsys, args, *fragments) -> str:
 
 
 def test_missing_folder_and_missing_json(tmp_path, capsys):
-    _one_line_error(capsys, ["--dataset", "flickr30k", "--root", tmp_path / "nope"], "does not exist")
-    _one_line_error(capsys, ["--root", tmp_path / "nope"], "does not exist", "hada data synth")
+    _one_line_error(capsys, ["--dataset", "flickr30k", "--data-root", tmp_path / "nope"], "does not exist")
+    _one_line_error(capsys, ["--data-root", tmp_path / "nope"], "does not exist", "hada data synth")
     (tmp_path / "empty").mkdir()
-    _one_line_error(capsys, ["--dataset", "coco", "--root", tmp_path / "empty"], "has no dataset_coco.json")
+    _one_line_error(capsys, ["--dataset", "coco", "--data-root", tmp_path / "empty"], "has no dataset_coco.json")
     (tmp_path / "file").write_text("")
-    _one_line_error(capsys, ["--dataset", "flickr30k", "--root", tmp_path / "file"], "is not a folder")
+    _one_line_error(capsys, ["--dataset", "flickr30k", "--data-root", tmp_path / "file"], "is not a folder")
 
 
 def test_malformed_json_names_line_and_column(tmp_path, capsys):
     root = tmp_path / "f"
     root.mkdir()
     (root / "dataset_flickr30k.json").write_text('{"images": [\n  {"filename": "a.jpg",\n  "imgid" 3}\n]}')
-    _one_line_error(capsys, ["--dataset", "flickr30k", "--root", root], "not valid JSON", "line 3, column 11")
+    _one_line_error(capsys, ["--dataset", "flickr30k", "--data-root", root], "not valid JSON", "line 3, column 11")
     (root / "dataset_flickr30k.json").write_bytes(b'{"images": ["\xff"]}')
-    _one_line_error(capsys, ["--dataset", "flickr30k", "--root", root], "not UTF-8")
+    _one_line_error(capsys, ["--dataset", "flickr30k", "--data-root", root], "not UTF-8")
 
 
 def test_missing_image_files_are_named_and_counted(tmp_path, capsys):
     root = make_coco(tmp_path / "coco")
     for name in ("1001.jpg", "1002.jpg", "1003.jpg"):
         (root / "val2014" / name).unlink()
-    _one_line_error(capsys, ["--dataset", "coco", "--root", root], "3 of 4 image files are missing",
+    _one_line_error(capsys, ["--dataset", "coco", "--data-root", root], "3 of 4 image files are missing",
                     "1001.jpg, 1002.jpg, 1003.jpg", "val2014")
     root = make_flickr(tmp_path / "f")
     for p in (root / "flickr30k-images").iterdir():
         p.unlink()
     (root / "flickr30k-images").rmdir()
-    _one_line_error(capsys, ["--dataset", "flickr30k", "--root", root], "5 of 5 image files", "(folder missing)")
+    _one_line_error(capsys, ["--dataset", "flickr30k", "--data-root", root], "5 of 5 image files", "(folder missing)")
 
 
 def test_coco_needs_filepath(tmp_path, capsys):
@@ -215,5 +215,5 @@ def test_coco_needs_filepath(tmp_path, capsys):
     root = tmp_path / "coco"
     root.mkdir()
     (root / "dataset_coco.json").write_text(json.dumps(doc))
-    _one_line_error(capsys, ["--dataset", "coco", "--root", root, "--no-images"],
+    _one_line_error(capsys, ["--dataset", "coco", "--data-root", root, "--no-images"],
                     "image 2 (1002.jpg) lacks key 'filepath'")

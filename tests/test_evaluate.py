@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from hada.book.tables import metrics_table
 from hada.errors import HadaError
+from hada.io import write_json
 from hada.evaluate import (
     EmbeddingSimilarity,
     clip_benchmark_record,
-    format_table,
     metrics_from_ranks,
     retrieval_metrics,
     retrieval_ranks,
-    write_json,
 )
 
 
@@ -120,4 +120,4 @@ def test_clip_benchmark_json(tmp_path):
     path = write_json(tmp_path / "r.json", [rec])
     back = json.loads(path.read_text())[0]
     assert back["task"] == "zeroshot_retrieval" and back["metrics"]["rsum"] == 600.0
-    assert "hada" in format_table([("hada", m)])
+    assert "hada" in str(metrics_table([("hada", m)]))

@@ -156,13 +156,13 @@ def test_cli_extract_verify_and_ensure_features(hada_data, tiny_synthetic, weigh
     from hada.cli import main
     from hada.features.store import ensure_features
 
-    args = ["--root", str(tiny_synthetic), "--backbone", weights[0], "--split", "val"]
+    args = ["--data-root", str(tiny_synthetic), "--backbones", weights[0], "--split", "val"]
     assert main(["features", "extract", *args]) == 0
     assert "20 images x 65 tokens" in capsys.readouterr().out
     assert main(["features", "verify", *args]) == 0
     stores = ensure_features("synthetic", [weights[0]], ["val"], tiny_synthetic)
     assert stores[weights[0]]["val"].n_images == 20
-    assert main(["features", "extract", "--root", str(tiny_synthetic), "--backbone", weights[1], "--split", "val",
+    assert main(["features", "extract", "--data-root", str(tiny_synthetic), "--backbones", weights[1], "--split", "val",
                  "--image-batch", "7"]) == 0
     code = main(["features", "extract", *args, "--image-batch", "5"])
     assert code == 2 and "different request" in capsys.readouterr().err

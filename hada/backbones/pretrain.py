@@ -33,6 +33,7 @@ from hada.backbones.spec import (
     register_model_configs,
 )
 from hada.errors import HadaError
+from hada.io import progress_enabled, replace_folder
 from hada.paths import backbones_dir
 
 PRETRAIN_SPLIT = "pretrain"
@@ -172,7 +173,7 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
         model.train()
         losses: list[float] = []
         t0 = time.perf_counter()
-        bar = tqdm(total=total, desc=f"pretrain {name}", unit="step", disable=not progress or _no_progress(),
+        bar = tqdm(total=total, desc=f"pretrain {name}", unit="step", disable=not progress_enabled(progress),
                    dynamic_ncols=True, position=position, leave=True)
         step = 0
         while step < total:
@@ -227,10 +228,6 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
     return model, preprocess_cfg, record
 
 
-def _no_progress() -> bool:
-    return os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
-
-
 def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record: dict) -> Path:
     """Write the folder atomically: build it under a temporary name, then swap it into place."""
     from safetensors.torch import save_file
@@ -251,13 +248,7 @@ def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
-    old = root / f".{name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
+    return replace_folder(tmp, final)
 
 
 def _train_and_save(name: str, recipe: dict, root: str, fp: str, dataset_sha: str, max_steps, progress: bool,

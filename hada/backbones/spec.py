@@ -95,7 +95,7 @@ def file_sha256(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - deliberat
 
 def _missing_embedded(name: str, path: Path) -> HadaError:
     return HadaError(
-        f"backbone '{name}' has no weights: {path} is missing; run `hada backbones pretrain --backbone {name}` "
+        f"backbone '{name}' has no weights: {path} is missing; run `hada backbones pretrain --backbones {name}` "
         f"(writes {path.parent}/)"
     )
 

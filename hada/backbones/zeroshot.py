@@ -16,28 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def recalls(sims: torch.Tensor, caption_image_index) -> dict[str, float]:
-    """R@k both ways and Rsum (percent); uses :func:`hada.evaluate.retrieval_metrics` when present."""
-    cap_idx = torch.as_tensor(np.asarray(caption_image_index), dtype=torch.long)
-    try:
-        from hada.evaluate import retrieval_metrics
-    except ImportError:  # pragma: no cover - the core helper is normally present
-        retrieval_metrics = None
-    if retrieval_metrics is not None:
-        return retrieval_metrics(sims, cap_idx)
-    out = {}
-    pos = sims[cap_idx, torch.arange(sims.shape[1])]  # [n_cap]
-    t2i_rank = (sims > pos[None, :]).sum(0)  # images scored above the right one, per caption
-    mask = cap_idx[None, :] == torch.arange(sims.shape[0])[:, None]
-    best_pos = sims.masked_fill(~mask, float("-inf")).max(1).values
-    i2t_rank = (sims > best_pos[:, None]).sum(1)
-    for k in (1, 5, 10):
-        out[f"text_retrieval_recall@{k}"] = 100.0 * float((i2t_rank < k).float().mean())
-    for k in (1, 5, 10):
-        out[f"image_retrieval_recall@{k}"] = 100.0 * float((t2i_rank < k).float().mean())
-    out["rsum"] = sum(out.values())
-    return out
+from hada.metrics import retrieval_metrics
 
 
 @torch.no_grad()
@@ -100,7 +79,7 @@ def zero_shot(backbone, dataset, split: str = "test", batch_size: int = 256) -> 
     records = dataset.split(split)
     img, txt, owner = embed_split(backbone, records, batch_size)
     sims = img @ txt.T
-    out = {"recalls": recalls(sims, owner)}
+    out = {"recalls": retrieval_metrics(sims, owner)}
     pairs = attribute_pairs(dataset, split) if dataset.name == "synthetic" else []
     if pairs:
         out["attributes"] = attribute_accuracy(sims, owner, pairs)

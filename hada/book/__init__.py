@@ -1,5 +1,5 @@
-"""What the book's chapters call: one function per paragraph of the paper, each returning a table or a
-figure. Every heavy step goes through the cached ``hada`` pipeline (data -> backbones -> features ->
+"""What the book's chapters call: one function per paragraph of the paper, each computing its numbers and
+handing them to a table (``hada.book.tables``) or a figure (``hada.book.figures``). Every heavy step goes through the cached ``hada`` pipeline (data -> backbones -> features ->
 runs under ``data/``), so chapters can run in any order, alone (papermill), or all together.
 """
 
@@ -142,20 +142,12 @@ def sample_figure(setting: Setting, split: str = "test", n: int = 8):
 
 def method_figure(setting: Setting | None = None, image_counts=(7, 5), text_counts=(5, 4)):
     """The paper's method figure, drawn from ``hada.model.graph``: one image and one caption, two backbones."""
-    import matplotlib.pyplot as plt
-
-    from hada.book import figures as plots
+    from hada.book.figures import graph_pair_figure
     from hada.model.graph import EdgeWeights, to_networkx
 
     names = ("backbone A (e.g. ALBEF)", "backbone B (e.g. LightningDOT)")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    plots.draw_node_graph(to_networkx(image_counts, EdgeWeights()), "image graph: CLS + patch tokens",
-                          names, ax=axes[0])
-    plots.draw_node_graph(to_networkx(text_counts, EdgeWeights()), "caption graph: CLS + word tokens",
-                          names, ax=axes[1])
-    axes[0].get_legend().remove()
-    fig.tight_layout()
-    return fig
+    return graph_pair_figure(to_networkx(image_counts, EdgeWeights()), to_networkx(text_counts, EdgeWeights()),
+                             "image graph: CLS + patch tokens", "caption graph: CLS + word tokens", names)
 
 
 def edge_weight_table(setting: Setting | None = None):
@@ -223,36 +215,12 @@ def results(setting: Setting, k: int = 2):
     return ResultsTable(rows, caption=f"Test split of {setting.dataset}, K={k} backbones (Rsum max 600)")
 
 
-@dataclass
-class ClaimTable:
-    """The paper's claim beside this build's measurement, clearly labelled as different experiments."""
+def claim_table(table, setting: Setting):
+    """The paper's +3.6% beside this build's gain of HADA over the best single backbone (``table`` from
+    ``results``)."""
+    from hada.book.tables import ClaimTable
 
-    measured_gain: float
-    measured_best: str
-    measured_hada: float
-    measured_best_rsum: float
-    dataset: str
-
-    def _rows(self) -> list[tuple[str, str, str, str]]:
-        return [
-            ("paper (Nguyen et al., 2023)", "Flickr30k", "ALBEF + LightningDOT", "+3.6% (reported)"),
-            ("this build", self.dataset, f"best single: {self.measured_best}",
-             f"{self.measured_gain:+.1f}% (Rsum {self.measured_best_rsum:.1f} → {self.measured_hada:.1f})"),
-        ]
-
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("source", "data", "backbones", "HADA vs best backbone, Rsum"))
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self._rows())
-        return f'<table class="hada-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-    def __repr__(self) -> str:
-        return "\n".join(" | ".join(r) for r in self._rows())
-
-
-def claim_table(table, setting: Setting) -> ClaimTable:
-    best = table.best_backbone
-    return ClaimTable(table.gain_over_best_backbone, best["name"], table.hada["rsum"], best["rsum"],
-                      setting.dataset)
+    return ClaimTable.of(table, setting.dataset)
 
 
 def backbone_table(setting: Setting):
@@ -281,39 +249,6 @@ ABLATIONS: tuple[tuple[str, int, dict], ...] = (
 )
 
 
-@dataclass
-class AblationTable:
-    rows: list[dict]
-
-    @property
-    def default(self) -> dict:
-        return self.rows[0]
-
-    @property
-    def variants(self) -> list[dict]:
-        return self.rows[1:]
-
-    @property
-    def worst(self) -> dict:
-        return min(self.variants, key=lambda r: r["delta"])
-
-    @property
-    def best_variant(self) -> dict:
-        return max(self.variants, key=lambda r: r["delta"])
-
-    def _table(self):
-        from hada.book.tables import METRIC_COLUMNS, Table
-
-        return Table(self.rows, columns=(("name", "variant"),) + METRIC_COLUMNS + (("delta", "Δ Rsum"),
-                                                                                 ("epochs", "epochs run")))
-
-    def _repr_html_(self) -> str:
-        return self._table()._repr_html_()
-
-    def __repr__(self) -> str:
-        return str(self._table())
-
-
 def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, object]]:
     """``(label, run name, TrainConfig)`` of every variant this setting has the backbones for."""
     runs = []
@@ -325,10 +260,10 @@ def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, 
     return runs
 
 
-def ablations(setting: Setting, variants=ABLATIONS) -> AblationTable:
+def ablations(setting: Setting, variants=ABLATIONS):
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
+    from hada.book.tables import AblationTable, metric_row
     from hada.experiments import run_experiment
-    from hada.book.tables import metric_row
 
     rows = []
     for label, name, config in ablation_runs(setting, variants):
@@ -351,54 +286,11 @@ def book_runs(setting: Setting) -> list[tuple[str, object]]:
 
 
 # --------------------------------------------------------------------------------------- node graphs
-@dataclass
-class GraphSample:
-    """One image and one caption of a split as HADA graphs, with the backbones' token counts."""
-
-    backbones: tuple[str, ...]
-    image_counts: tuple[int, ...]
-    text_counts: tuple[int, ...]
-    caption: str
-    image_graph: object
-    text_graph: object
-
-    def figure(self):
-        import textwrap
-
-        import matplotlib.pyplot as plt
-
-        from hada.book import figures as plots
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
-        plots.draw_node_graph(self.image_graph, "image: CLS + patch tokens", self.backbones, ax=axes[0])
-        caption = textwrap.fill(f"caption: “{self.caption}”", 70)
-        plots.draw_node_graph(self.text_graph, caption, self.backbones, ax=axes[1])
-        axes[0].get_legend().remove()
-        fig.tight_layout()
-        return fig
-
-    def count_table(self):
-        from collections import Counter
-
-        from hada.model.graph import EDGE_TYPE_LABELS, EDGE_TYPES
-        from hada.book.tables import Table
-
-        rows = []
-        for label, graph, counts in (("image", self.image_graph, self.image_counts),
-                                     ("caption", self.text_graph, self.text_counts)):
-            types = Counter(d["type"] for _, _, d in graph.edges(data=True))
-            row = {"name": label, "nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
-                   "tokens": " + ".join(str(c) for c in counts)}
-            row.update({t: types.get(t, 0) for t in EDGE_TYPES})
-            rows.append(row)
-        columns = (("name", "graph"), ("tokens", "tokens per backbone"), ("nodes", "nodes"), ("edges", "edges"))
-        columns += tuple((t, label.split(" (")[0]) for t, label in zip(EDGE_TYPES, EDGE_TYPE_LABELS))
-        return Table(rows, columns=columns)
-
-
-def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int = 0) -> GraphSample:
+def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int = 0):
     """The graphs of image ``index`` of ``split`` and of its first caption, from the stored token counts."""
     import numpy as np
 
+    from hada.book.figures import GraphSample
     from hada.data.datasets import load_dataset
     from hada.features.store import open_features
     from hada.model.graph import EdgeWeights, to_networkx

@@ -1,11 +1,13 @@
 """Figures for the book: one function per picture, so chapters stay one call + one figure.
 
 Functions take plain data (dicts, arrays, networkx graphs) and return the matplotlib Figure, which
-Jupyter displays; nothing here trains or reads the feature store.
+Jupyter displays; nothing here trains or reads the feature store. ``GraphSample`` holds one image's and
+one caption's graphs and draws them (figure and edge-count table).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -14,14 +16,6 @@ import numpy as np
 BACKBONE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
 #: Edge colour per edge type name of ``hada.model.graph.EDGE_TYPES``.
 EDGE_COLOURS = {"fc": "#555555", "fcx": "#d62728", "cc": "#17becf", "ffx": "#bcbd22", "self": "#bbbbbb"}
-RECALL_KEYS = (
-    "text_retrieval_recall@1",
-    "text_retrieval_recall@5",
-    "text_retrieval_recall@10",
-    "image_retrieval_recall@1",
-    "image_retrieval_recall@5",
-    "image_retrieval_recall@10",
-)
 
 
 def plot_history(history: Sequence[Mapping], title: str = "") -> plt.Figure:
@@ -119,6 +113,55 @@ def draw_node_graph(graph, title: str = "", backbone_names: Sequence[str] | None
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def graph_pair_figure(image_graph, text_graph, image_title: str, text_title: str,
+                      backbone_names: Sequence[str] | None = None, figsize=(12, 5.2)) -> plt.Figure:
+    """An image graph and a caption graph side by side, one legend (on the right) for both."""
+    fig, axes = plt.subplots(1, 2, figsize=figsize)
+    draw_node_graph(image_graph, image_title, backbone_names, ax=axes[0])
+    draw_node_graph(text_graph, text_title, backbone_names, ax=axes[1])
+    axes[0].get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class GraphSample:
+    """One image and one caption of a split as HADA graphs (networkx), with the backbones' token counts."""
+
+    backbones: tuple[str, ...]
+    image_counts: tuple[int, ...]
+    text_counts: tuple[int, ...]
+    caption: str
+    image_graph: object
+    text_graph: object
+
+    def figure(self) -> plt.Figure:
+        import textwrap
+
+        caption = textwrap.fill(f"caption: “{self.caption}”", 70)
+        return graph_pair_figure(self.image_graph, self.text_graph, "image: CLS + patch tokens", caption,
+                                 self.backbones, figsize=(13, 5.6))
+
+    def count_table(self):
+        """Nodes, edges and edges per type of both graphs."""
+        from collections import Counter
+
+        from hada.book.tables import Table
+        from hada.model.graph import EDGE_TYPE_LABELS, EDGE_TYPES
+
+        rows = []
+        for label, graph, counts in (("image", self.image_graph, self.image_counts),
+                                     ("caption", self.text_graph, self.text_counts)):
+            types = Counter(d["type"] for _, _, d in graph.edges(data=True))
+            row = {"name": label, "nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
+                   "tokens": " + ".join(str(c) for c in counts)}
+            row.update({t: types.get(t, 0) for t in EDGE_TYPES})
+            rows.append(row)
+        columns = (("name", "graph"), ("tokens", "tokens per backbone"), ("nodes", "nodes"), ("edges", "edges"))
+        columns += tuple((t, label.split(" (")[0]) for t, label in zip(EDGE_TYPES, EDGE_TYPE_LABELS))
+        return Table(rows, columns=columns)
 
 
 def show_samples(records, n: int = 8, captions_per_image: int = 1, cols: int = 4) -> plt.Figure:

@@ -1,4 +1,5 @@
-"""Result tables for the book and the CLI: rows of named metrics that print as text and render as HTML.
+"""The one table type of the package (book and CLI): rows of named values that print as text and render
+as HTML, and the tables built on it (results, the paper's claim, ablations, split counts, zero-shot scores).
 
 Gains are relative Rsum differences in percent, the way the paper states its +3.6%.
 """
@@ -6,7 +7,7 @@ Gains are relative Rsum differences in percent, the way the paper states its +3.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 METRIC_COLUMNS = (
@@ -25,22 +26,28 @@ def relative_gain(value: float, reference: float) -> float:
     return 100.0 * (value - reference) / reference
 
 
-def _fmt(value) -> str:
+def _fmt(value, digits: int = 1) -> str:
+    """Floats to ``digits`` decimals (tiny ones in 3 significant digits), whole numbers with thousands commas."""
     if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) >= 0.05 or value == 0 else f"{value:.3g}"
+        small = abs(value) < 0.5 * 10.0 ** -digits and value != 0
+        return f"{value:.3g}" if small else f"{value:.{digits}f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return str(value)
 
 
 @dataclass(repr=False)
 class Table:
-    """Rows of dicts with a ``name``; ``columns`` pairs a row key with its header."""
+    """Rows of dicts with a ``name``; ``columns`` pairs a row key with its header. Floats show ``digits``
+    decimals; strings are shown as given (pre-format a cell to choose its own format)."""
 
     rows: list[dict]
     columns: Sequence[tuple[str, str]] = (("name", "method"),) + METRIC_COLUMNS
     caption: str = ""
+    digits: int = 1
 
     def _cells(self) -> list[list[str]]:
-        return [[_fmt(row.get(key, "")) for key, _ in self.columns] for row in self.rows]
+        return [[_fmt(row.get(key, ""), self.digits) for key, _ in self.columns] for row in self.rows]
 
     def __str__(self) -> str:
         headers = [h for _, h in self.columns]
@@ -50,7 +57,7 @@ class Table:
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                   for r in cells]
-        return (self.caption + "\n" if self.caption else "") + "\n".join(lines)
+        return (self.caption + "\n" if self.caption else "") + "\n".join(line.rstrip() for line in lines)
 
     __repr__ = __str__
 
@@ -104,3 +111,87 @@ def metric_row(name: str, metrics: Mapping[str, float], **extra) -> dict:
     row = {"name": name, **extra}
     row.update({key: float(metrics[key]) for key, _ in METRIC_COLUMNS})
     return row
+
+
+def metrics_table(rows: Sequence[tuple[str, Mapping[str, float]]], caption: str = "") -> Table:
+    """``(name, metrics)`` pairs as a table of the six recalls and Rsum, two decimals (what the CLI prints)."""
+    return Table([metric_row(name, m) for name, m in rows], columns=(("name", "model"),) + METRIC_COLUMNS,
+                 caption=caption, digits=2)
+
+
+# ------------------------------------------------------------------------------------------ the claim
+CLAIM_COLUMNS = (("name", "source"), ("data", "data"), ("backbones", "backbones"),
+                 ("gain", "HADA vs best backbone, Rsum"))
+PAPER_CLAIM = {"name": "paper (Nguyen et al., 2023)", "data": "Flickr30k", "backbones": "ALBEF + LightningDOT",
+               "gain": "+3.6% (reported)"}
+
+
+@dataclass(repr=False)
+class ClaimTable(Table):
+    """The paper's claim beside this build's measurement, clearly labelled as different experiments."""
+
+    columns: Sequence[tuple[str, str]] = CLAIM_COLUMNS
+    measured_gain: float = 0.0
+
+    @classmethod
+    def of(cls, results: ResultsTable, dataset: str) -> "ClaimTable":
+        best, gain = results.best_backbone, results.gain_over_best_backbone
+        measured = {"name": "this build", "data": dataset, "backbones": f"best single: {best['name']}",
+                    "gain": f"{gain:+.1f}% (Rsum {best['rsum']:.1f} → {results.hada['rsum']:.1f})"}
+        return cls([PAPER_CLAIM, measured], measured_gain=gain)
+
+
+# ------------------------------------------------------------------------------------------ ablations
+ABLATION_COLUMNS = (("name", "variant"),) + METRIC_COLUMNS + (("delta", "Δ Rsum"), ("epochs", "epochs run"))
+
+
+@dataclass(repr=False)
+class AblationTable(Table):
+    """One row per variant, the default first; ``delta`` is each row's Rsum change from the default."""
+
+    columns: Sequence[tuple[str, str]] = ABLATION_COLUMNS
+
+    @property
+    def default(self) -> dict:
+        return self.rows[0]
+
+    @property
+    def variants(self) -> list[dict]:
+        return self.rows[1:]
+
+    @property
+    def worst(self) -> dict:
+        return min(self.variants, key=lambda r: r["delta"])
+
+    @property
+    def best_variant(self) -> dict:
+        return max(self.variants, key=lambda r: r["delta"])
+
+
+# -------------------------------------------------------------------------------------- data and backbones
+def split_count_table(counts: Mapping[str, Mapping[str, int]], expected: Mapping[str, int] | None = None) -> Table:
+    """Images and captions per split and in total, beside the Karpathy image counts when known."""
+    rows = [{"name": split, "images": c["images"], "captions": c["captions"]} for split, c in counts.items()]
+    if expected:
+        for row in rows:
+            want = expected.get(row["name"])
+            row["expected"] = "" if want is None else f"{want:,}" + ("" if want == row["images"] else "  (differs)")
+    rows.append({"name": "total", "images": sum(r["images"] for r in rows),
+                 "captions": sum(r["captions"] for r in rows)})
+    columns = (("name", "split"), ("images", "images"), ("captions", "captions"))
+    return Table(rows, columns=columns + ((("expected", "expected images"),) if expected else ()))
+
+
+def zeroshot_table(results: Mapping[str, dict], title: str = "") -> Table:
+    """Each backbone's zero-shot recalls and Rsum, then its per-attribute pair accuracy when measured."""
+    kinds = sorted({k for r in results.values() for k in r.get("attributes", {})})
+    rows = []
+    for name, r in results.items():
+        row = metric_row(name, r["recalls"])
+        row.update({k: f"{r['attributes'][k]:.0f}" for k in kinds if k in r.get("attributes", {})})
+        rows.append(row)
+    note = (f"(recalls in %; {', '.join(kinds)}: % of one-edit near-duplicate pairs told apart, chance 50)"
+            if kinds else "")
+    caption = "\n".join(line for line in (title, note) if line)
+    return Table(rows, columns=(("name", "backbone"),) + METRIC_COLUMNS + tuple((k, k) for k in kinds),
+                 caption=caption)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from hada.cli.flags import add_backbones_flag, add_data_root_flag, add_dataset_flags, add_jobs_flag
 
 PRETRAIN_HELP = """\
 Pretrain the small embedded open_clip backbones contrastively (open_clip's ClipLoss) on the `pretrain`
@@ -34,17 +35,14 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("pretrain", help="pretrain the embedded backbones on the synthetic pretrain split",
                        description=PRETRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", action="append", default=None, metavar="NAME",
-                   help="an embedded backbone to pretrain; repeat for several (default: all of them)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="synthetic dataset folder (default: data/synthetic, or $HADA_DATA/synthetic)")
+    add_backbones_flag(p, "embedded backbones to pretrain, comma-separated (default: all of them)")
+    add_data_root_flag(p, "synthetic dataset folder (default: data/synthetic, or $HADA_DATA/synthetic)")
     p.add_argument("--size", choices=("default", "tiny"), default="default",
                    help="tiny: a few steps of small batches, for tests on the tiny dataset (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--force", action="store_true", help="retrain even if an up-to-date copy exists")
-    p.add_argument("--workers", type=int, default=2,
-                   help="backbones trained at once, one process each, single-threaded; the weights do not "
-                        "depend on it (default: %(default)s)")
+    add_jobs_flag(p, "backbones trained at once, one process each, single-threaded; the weights do not "
+                     "depend on it (default: %(default)s)", default=2)
     p.add_argument("--eval", action="store_true",
                    help="after pretraining, print zero-shot test recalls (needs the test split)")
     p.set_defaults(handler=_pretrain)
@@ -54,11 +52,8 @@ def register(subparsers) -> None:
 
     z = sub.add_parser("zeroshot", help="zero-shot recalls and per-attribute accuracy of backbones",
                        description=ZEROSHOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    z.add_argument("--backbone", action="append", default=None, metavar="SPEC",
-                   help="backbone spec; repeat for several (default: every embedded backbone)")
-    z.add_argument("--dataset", choices=("flickr30k", "coco", "synthetic"), default="synthetic",
-                   help="dataset layout (default: %(default)s)")
-    z.add_argument("--root", type=Path, default=None, help="dataset folder (default: the dataset's data/ folder)")
+    add_backbones_flag(z, "backbone specs, comma-separated (default: every embedded backbone)")
+    add_dataset_flags(z)
     z.add_argument("--split", default="test", help="split to score (default: %(default)s)")
     z.add_argument("--json", type=Path, default=None, help="also write the results to this json file")
     z.set_defaults(handler=_zeroshot)
@@ -72,14 +67,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     from hada.backbones.spec import EMBEDDED_BACKBONES
     from hada.errors import HadaError
 
-    names = args.backbone or list(EMBEDDED_BACKBONES)
+    names = args.backbones or list(EMBEDDED_BACKBONES)
     for n in names:
         if n not in EMBEDDED_BACKBONES:
             raise HadaError(f"unknown embedded backbone '{n}' (known: {', '.join(EMBEDDED_BACKBONES)})")
     extra = dict(TINY) if args.size == "tiny" else {}
-    pretrain(names, args.root, epochs=args.epochs, **extra, force=args.force, workers=args.workers)
+    pretrain(names, args.data_root, epochs=args.epochs, **extra, force=args.force, workers=args.jobs)
     if args.eval:
-        _print_zeroshot(names, "synthetic", args.root, "test")
+        _print_zeroshot(names, "synthetic", args.data_root, "test")
     return 0
 
 
@@ -100,39 +95,22 @@ def _list(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from hada.backbones.spec import EMBEDDED_BACKBONES
+    from hada.io import write_json
 
-    results = _print_zeroshot(args.backbone or list(EMBEDDED_BACKBONES), args.dataset, args.root, args.split)
+    results = _print_zeroshot(args.backbones or list(EMBEDDED_BACKBONES), args.dataset, args.data_root,
+                              args.split)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
     return 0
 
 
 def _print_zeroshot(specs, dataset_name, root, split) -> dict:
     from hada.backbones import load_backbone
     from hada.backbones.zeroshot import zero_shot
+    from hada.book.tables import zeroshot_table
     from hada.data.datasets import load_dataset
 
     dataset = load_dataset(dataset_name, root)
     results = {s: zero_shot(load_backbone(s), dataset, split) for s in specs}
-    print(format_zeroshot(results, f"zero-shot {dataset_name} {split}"))
+    print(zeroshot_table(results, f"zero-shot {dataset_name} {split}"))
     return results
-
-
-def format_zeroshot(results: dict, title: str = "") -> str:
-    """A fixed-width table: recalls both ways, Rsum, then per-attribute pair accuracy if present."""
-    cols = [("i2t R@1", "text_retrieval_recall@1"), ("R@5", "text_retrieval_recall@5"),
-            ("R@10", "text_retrieval_recall@10"), ("t2i R@1", "image_retrieval_recall@1"),
-            ("R@5", "image_retrieval_recall@5"), ("R@10", "image_retrieval_recall@10"), ("Rsum", "rsum")]
-    kinds = sorted({k for r in results.values() for k in r.get("attributes", {})})
-    header = ["backbone"] + [c for c, _ in cols] + kinds
-    rows = []
-    for name, r in results.items():
-        rows.append([name] + [f"{r['recalls'][k]:.1f}" for _, k in cols]
-                    + [f"{r['attributes'][k]:.0f}" if k in r.get("attributes", {}) else "" for k in kinds])
-    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
-    lines = [title] if title else []
-    if kinds:
-        lines.append(f"(recalls in %; {', '.join(kinds)}: % of one-edit near-duplicate pairs told apart, chance 50)")
-    for r in [header] + rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)

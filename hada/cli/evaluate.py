@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_jobs_flag
+
 HELP = """\
 Score image-text retrieval on one split with one function for every row: R@1/5/10 image->text
 (a hit if any of the image's captions is in the top k), R@1/5/10 text->image, and Rsum, in percent.
@@ -23,13 +25,10 @@ Output: a table on stdout and a json list of CLIP_benchmark-style records ({"dat
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score backbones, baselines and trained runs on a split",
                                    description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("synthetic", "flickr30k", "coco"), default="synthetic",
-                        help="dataset of the feature stores (default: %(default)s)")
-    parser.add_argument("--data-root", default=None,
-                        help="dataset folder the features were extracted from (default: the embedded data)")
-    parser.add_argument("--backbones", default="", metavar="A,B,...",
-                        help="backbones to score alone and averaged, the first is the main one "
-                             "(default: the first two embedded backbones)")
+    add_dataset_flags(parser, "dataset folder the features were extracted from (default: the embedded data)",
+                      dataset_help="dataset of the feature stores")
+    add_backbones_flag(parser, "backbones to score alone and averaged, comma-separated, the first is the main "
+                               "one (default: the first two embedded backbones)")
     parser.add_argument("--split", default="test", help="split to score (default: %(default)s)")
     parser.add_argument("--run", action="append", default=[], metavar="RUN",
                         help="a trained run to score: its folder, or its folder name or name prefix under "
@@ -39,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="score only the --run models")
     parser.add_argument("--out", type=Path, default=None,
                         help="json output (default: data/runs/eval/<dataset>-<split>.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_jobs_flag(parser, "torch CPU threads for the similarity products (default: torch's choice)")
     parser.set_defaults(handler=_evaluate)
 
 
@@ -64,20 +63,22 @@ def resolve_run(spec: str) -> Path:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from hada.errors import HadaError
-    from hada.evaluate import clip_benchmark_record, format_table, retrieval_metrics, write_json
-    from hada.experiments import baseline_table
-    from hada.paths import runs_dir
-    from hada.book.tables import METRIC_COLUMNS
+    from hada.book.tables import METRIC_COLUMNS, metrics_table
     from hada.config import TrainConfig
+    from hada.errors import HadaError
+    from hada.evaluate import clip_benchmark_record
+    from hada.experiments import baseline_table
+    from hada.io import write_json
+    from hada.metrics import retrieval_metrics
+    from hada.paths import runs_dir
     from hada.train import load_trained
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs:
+        torch.set_num_threads(args.jobs)
     rows: list[tuple[str, dict]] = []
     if not args.no_baselines:
         cfg = TrainConfig.from_dict({"data": {"dataset": args.dataset, "data_root": args.data_root,
-                                              "backbones": args.backbones}}).resolved()
+                                              "backbones": args.backbones or []}}).resolved()
         for row in baseline_table(args.dataset, cfg.data.backbones, split=args.split, data_root=args.data_root,
                                   concat=args.concat):
             rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}))
@@ -90,7 +91,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         rows.append((run_dir.name, retrieval_metrics(model.similarity(data), data.caption_image_index)))
     if not rows:
         raise HadaError("nothing to score: give --run or drop --no-baselines")
-    print(format_table(rows))
+    print(metrics_table(rows))
     out = args.out or runs_dir() / "eval" / f"{args.dataset}-{args.split}.json"
     records = [clip_benchmark_record(m, dataset=f"{args.dataset}/{args.split}", model=name) for name, m in rows]
     write_json(out, records)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from hada.cli.flags import add_backbones_flag, add_dataset_flags
 
 EXTRACT_HELP = """\
 Store every backbone's token features for a dataset split: image tokens (CLS/pooled first), text tokens
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     _common(ex)
     ex.add_argument("--all", action="store_true",
                     help="every embedded backbone and the dataset's train, val and test splits (pretrain is only "
-                         "for pretraining backbones; overrides --backbone/--split)")
+                         "for pretraining backbones; overrides --backbones/--split)")
     ex.add_argument("--force", action="store_true", help="rebuild stores even if they exist")
     ex.add_argument("--image-batch", type=int, default=None,
                     help="images per forward pass and per resumable chunk (default: 128)")
@@ -52,12 +53,8 @@ def register(subparsers) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=("flickr30k", "coco", "synthetic"), default="synthetic",
-                   help="dataset layout (default: %(default)s)")
-    p.add_argument("--root", type=Path, default=None,
-                   help="dataset folder (default: data/synthetic, data/flickr30k or data/coco)")
-    p.add_argument("--backbone", action="append", default=None, metavar="SPEC",
-                   help="backbone spec; repeat for several (default: every embedded backbone)")
+    add_dataset_flags(p)
+    add_backbones_flag(p, "backbone specs, comma-separated (default: every embedded backbone)")
     p.add_argument("--split", action="append", default=None,
                    help="split; repeat for several (default: train, val and test)")
 
@@ -68,14 +65,14 @@ def _targets(args, dataset) -> tuple[list[str], list[str]]:
     if args.all:
         splits = [s for s in dataset.splits_allowed if s != "pretrain" and dataset.split(s)]
         return list(EMBEDDED_BACKBONES), splits
-    return (args.backbone or list(EMBEDDED_BACKBONES)), (args.split or ["train", "val", "test"])
+    return (args.backbones or list(EMBEDDED_BACKBONES)), (args.split or ["train", "val", "test"])
 
 
 def _extract(args: argparse.Namespace) -> int:
     from hada.features import store as features
     from hada.data.datasets import load_dataset
 
-    dataset = load_dataset(args.dataset, args.root)
+    dataset = load_dataset(args.dataset, args.data_root)
     backbones, splits = _targets(args, dataset)
     from hada.backbones import load_backbone
 
@@ -98,7 +95,7 @@ def _verify(args: argparse.Namespace) -> int:
     from hada.features import store as features
     from hada.data.datasets import load_dataset
 
-    dataset = load_dataset(args.dataset, args.root, check_images=False)
+    dataset = load_dataset(args.dataset, args.data_root, check_images=False)
     backbones, splits = _targets(args, dataset)
     for spec in backbones:
         for split in splits:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import inspect
 
+from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_jobs_flag
+
 HELP = """\
 Make everything the book's chapters read, before `jupyter-book build book/`: the synthetic dataset (if it
 is the dataset and missing), the embedded backbones, every backbone's token features for train/val/test,
@@ -23,33 +25,19 @@ def register(subparsers) -> None:
     defaults = {k: v.default for k, v in inspect.signature(_resolve()).parameters.items()}
     p = subparsers.add_parser("prepare", help="make the book's backbones, features and runs ahead, in parallel",
                               description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("synthetic", "flickr30k", "coco"), default=defaults["dataset"],
-                   help="the chapters' `dataset` (default: %(default)s)")
-    p.add_argument("--data-root", default=defaults["data_root"],
-                   help="the chapters' `data_root`: the dataset folder (default: the embedded data under data/)")
-    p.add_argument("--backbones", default=defaults["backbones"],
-                   help="the chapters' `backbones`: comma-separated specs, the first is the main one "
-                        "(default: %(default)s = the embedded ones)")
+    add_dataset_flags(p, "the chapters' `data_root`: the dataset folder (default: the embedded data under data/)",
+                      dataset_help="the chapters' `dataset`")
+    add_backbones_flag(p, "the chapters' `backbones`: comma-separated specs, the first is the main one "
+                          "(default: the embedded ones)")
     p.add_argument("--epochs", type=int, default=defaults["epochs"], help="the chapters' `epochs` (default: %(default)s)")
     p.add_argument("--pairs-per-epoch", type=int, default=defaults["pairs_per_epoch"],
                    help="the chapters' `pairs_per_epoch`; 0 = the whole train split (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="the chapters' `seed` (default: %(default)s)")
-    p.add_argument("--jobs", "-j", type=_at_least_one, default=default_jobs(),
-                   help="steps at once, one process each (default: the CPU cores, %(default)s)")
+    add_jobs_flag(p, "steps at once, one process each, sharing the cores (default: the CPU cores, %(default)s)",
+                  default=default_jobs())
     p.add_argument("--no-runs", action="store_true",
                    help="only the data, backbones and features (what `make data` makes), no training runs")
     p.set_defaults(handler=_prepare)
-
-
-def _at_least_one(text: str) -> int:
-    """--jobs is checked when parsed, before the dataset is made or read."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _resolve():
@@ -61,7 +49,7 @@ def _resolve():
 def _prepare(args: argparse.Namespace) -> int:
     from hada.pipeline import prepare
 
-    setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones,
+    setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones or "default",
                          epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed)
     log = prepare(setting, jobs=args.jobs, runs=not args.no_runs)
     print(f"prepared in {log.wall:.0f} s wall ({sum(log.seconds.values()):.0f} s of steps)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hada.cli.flags import add_jobs_flag
+
 HELP = """\
 Train a HADA model on the token features stored by `hada features extract` (the backbones stay frozen).
 
@@ -100,9 +102,8 @@ def register(subparsers) -> None:
                         help="continue an interrupted run of this configuration from its last checkpoint")
     parser.add_argument("--restart", action="store_true",
                         help="delete an unfinished or finished run of this configuration and train it anew")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="torch CPU threads for training (default: $HADA_THREADS, else 1: a second thread "
-                             "made steps 2-10x slower on a busy 2-core machine; try 2 on an idle one)")
+    add_jobs_flag(parser, "torch CPU threads for training (default: $HADA_THREADS, else 1: a second thread made "
+                          "steps 2-10x slower on a busy 2-core machine; try 2 on an idle one)")
     add_config_options(parser)
     parser.set_defaults(handler=_train)
 
@@ -112,10 +113,11 @@ def _train(args: argparse.Namespace) -> int:
     import shutil
 
     from hada.errors import HadaError
-    from hada.evaluate import format_table
+    from hada.book.tables import metrics_table
     from hada.experiments import features_fingerprint, run_key
     from hada.paths import runs_dir
-    from hada.train import atomic_json, train
+    from hada.io import write_json
+    from hada.train import train
 
     config = config_from_args(args).resolved()
     if args.print_config:
@@ -133,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
             raise HadaError(f"{run_dir} holds an unfinished run of this configuration; "
                             "continue it with --resume or start over with --restart")
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_json(fingerprint, run_dir / "features.json")
+        write_json(run_dir / "features.json", fingerprint)
         try:
             train(config, run_dir, resume=args.resume, threads=args.jobs)
         except KeyboardInterrupt:
@@ -146,5 +148,5 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run: {run_dir}")
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; tau {metrics['tau']:.4f}, "
           f"w {metrics['mix_weight']:.3f}")
-    print(format_table([(f"{name} (val)", metrics["val"]), (f"{name} (test)", metrics["test"])]))
+    print(metrics_table([(f"{name} (val)", metrics["val"]), (f"{name} (test)", metrics["test"])]))
     return 0

@@ -126,7 +126,7 @@ def _read_json(root: Path, spec: DatasetSpec, name: str) -> tuple[dict, str]:
         hint = " (run `hada data synth` to make it)" if name == "synthetic" else ""
         raise HadaError(f"dataset folder {root} does not exist{hint}")
     if not root.is_dir():
-        raise HadaError(f"{root} is not a folder; --root must be the folder that holds {spec.json_name}")
+        raise HadaError(f"{root} is not a folder; --data-root must be the folder that holds {spec.json_name}")
     path = root / spec.json_name
     if not path.is_file():
         raise HadaError(f"{root} has no {spec.json_name} (the Karpathy split file for {name}; see data/README.md)")

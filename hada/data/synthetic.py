@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hada.errors import HadaError
+from hada.io import progress_enabled, replace_folder
 
 GENERATOR_VERSION = 1
 JSON_NAME = "dataset_flickr30k.json"
@@ -668,11 +669,11 @@ def _check_target(root: Path, size: str, seed: int, image_size: int, force: bool
     if not root.exists():
         return False
     if not root.is_dir():
-        raise HadaError(f"{root} exists and is not a folder; choose another --root")
+        raise HadaError(f"{root} exists and is not a folder; choose another --data-root")
     stamp = _read_stamp(root)
     if stamp is None and any(root.iterdir()):
         raise HadaError(f"{root} is not empty and holds no {STAMP_NAME}, so it is not a synthetic dataset; "
-                        "refusing to overwrite it (choose an empty or new --root)")
+                        "refusing to overwrite it (choose an empty or new --data-root)")
     complete = stamp is not None and _is_complete(root, stamp)
     if complete and _wants(stamp, size, seed, image_size):
         return not force
@@ -686,7 +687,7 @@ def _write_images(items: list[Item], folder: Path, image_size: int, workers: int
     from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     tasks = [(str(folder / filename_for(i)), item.scene, image_size) for i, item in enumerate(items)]
-    bar = tqdm(total=len(tasks), desc="rendering", unit="img", disable=not progress or _no_progress())
+    bar = tqdm(total=len(tasks), desc="rendering", unit="img", disable=not progress_enabled(progress))
     if workers <= 1:
         for task in tasks:
             _render_task(task)
@@ -698,22 +699,6 @@ def _write_images(items: list[Item], folder: Path, image_size: int, workers: int
             for _ in pool.imap_unordered(_render_task, tasks, chunksize=128):
                 bar.update()
     bar.close()
-
-
-def _no_progress() -> bool:
-    return os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
-
-
-def _replace_folder(tmp: Path, root: Path) -> None:
-    """Swap the finished temp folder in; an old dataset is moved aside first and removed last."""
-    old = root.parent / f".{root.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if root.exists():
-        os.replace(root, old)
-    os.replace(tmp, root)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def generate(root: Path | str | None = None, size: str = "default", seed: int = 0, *,
@@ -748,29 +733,11 @@ def generate(root: Path | str | None = None, size: str = "default", seed: int = 
     (tmp / JSON_NAME).write_bytes(payload)
     stamp = _stamp(size, seed, image_size, sizes, hashlib.sha256(payload).hexdigest())
     (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
-    _replace_folder(tmp, root)
+    replace_folder(tmp, root)
     return SynthResult(root, True, sizes.as_dict(), time.perf_counter() - start)
 
 
 # --- a trivial baseline: how far colour alone gets -----------------------------------------------------
-def _recalls(sims, caption_image) -> dict[str, float]:
-    """Karpathy recalls in percent (image->text hits if any own caption is in the top k)."""
-    import numpy as np
-
-    n_img = sims.shape[0]
-    top_captions = np.argsort(-sims, axis=1, kind="stable")[:, :10]
-    i2t = caption_image[top_captions] == np.arange(n_img)[:, None]
-    top_images = np.argsort(-sims.T, axis=1, kind="stable")[:, :10]
-    t2i = top_images == caption_image[:, None]
-    out = {}
-    for k in (1, 5, 10):
-        out[f"text_retrieval_recall@{k}"] = 100.0 * float(i2t[:, :k].any(axis=1).mean())
-    for k in (1, 5, 10):
-        out[f"image_retrieval_recall@{k}"] = 100.0 * float(t2i[:, :k].any(axis=1).mean())
-    out["rsum"] = sum(out.values())
-    return out
-
-
 def _random_recalls(n_img: int, n_cap: int, per_image: int) -> dict[str, float]:
     """Expected recalls of a random ranking, exactly."""
     out = {}
@@ -825,6 +792,8 @@ def trivial_baseline_recalls(root: Path | str | None = None, split: str = "test"
     """
     import numpy as np
 
+    from hada.metrics import retrieval_metrics
+
     root = _default_root(root)
     doc = json.loads((root / JSON_NAME).read_text())
     entries = [e for e in doc["images"] if e["split"] == split]
@@ -845,6 +814,6 @@ def trivial_baseline_recalls(root: Path | str | None = None, split: str = "test"
     noise = np.random.default_rng(seed).random((len(entries), len(captions))) * 1e-6
     return {
         "random": _random_recalls(len(entries), len(captions), CAPTIONS_PER_IMAGE),
-        "color_histogram": _recalls(_cosine(image_colors, text_colors) + noise, caption_image),
-        "color_shape_oracle": _recalls(_cosine(image_pairs, text_pairs) + noise, caption_image),
+        "color_histogram": retrieval_metrics(_cosine(image_colors, text_colors) + noise, caption_image),
+        "color_shape_oracle": retrieval_metrics(_cosine(image_pairs, text_pairs) + noise, caption_image),
     }

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -41,6 +40,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from hada.errors import HadaError
+from hada.io import progress_enabled, write_json
 from hada.paths import features_dir
 
 FORMAT_VERSION = 1
@@ -121,12 +121,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -162,7 +156,7 @@ def open_features(dataset: str, backbone: str, split: str, root: Path | None = N
     manifest = _read_json(path / MANIFEST)
     if manifest is None:
         raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run "
-                        f"`hada features extract --dataset {dataset} --backbone {backbone} --split {split}`")
+                        f"`hada features extract --dataset {dataset} --backbones {backbone} --split {split}`")
     verify_store(path, manifest, full=(verify == "full"))
     arrays = {}
     for name in ARRAY_NAMES:
@@ -305,7 +299,7 @@ def extract_split(
     resume = mms is not None
     if not resume:
         prog = {"image_chunks": 0, "caption_chunks": 0}
-        _write_json(path / MANIFEST, request)
+        write_json(path / MANIFEST, request, indent=1)
         mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
                                                shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
     if not resume:
@@ -316,7 +310,7 @@ def extract_split(
         mms["text_lengths"][:] = lengths_all.numpy()
         for name in ("image_ids", "caption_ids", "caption_image_index", "text_lengths"):
             mms[name].flush()
-        _write_json(path / PROGRESS, prog)
+        write_json(path / PROGRESS, prog, indent=1)
 
     budget = [_stop_after_chunks]
     last = [time.perf_counter()]
@@ -324,7 +318,7 @@ def extract_split(
     def save_progress():
         for mm in mms.values():
             mm.flush()
-        _write_json(path / PROGRESS, prog)
+        write_json(path / PROGRESS, prog, indent=1)
         last[0] = time.perf_counter()
 
     def checkpoint():
@@ -337,7 +331,7 @@ def extract_split(
             if budget[0] <= 0:
                 raise _Stop()
 
-    hide = not progress or os.environ.get("HADA_NO_PROGRESS", "") not in ("", "0")
+    hide = not progress_enabled(progress)
     n_img, n_cap = len(records), len(captions)
     img_chunks = range(0, n_img, image_batch)
     with torch.no_grad():
@@ -419,7 +413,7 @@ def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
     manifest = dict(request, complete=True, checksums=sums)
     if timing:  # the last (or only) run's share; informational
         manifest["timing"] = timing
-    _write_json(path / MANIFEST, manifest)
+    write_json(path / MANIFEST, manifest, indent=1)
     (path / PROGRESS).unlink(missing_ok=True)
 
 

@@ -1,0 +1,54 @@
+"""The flags every ``hada`` command spells the same way: one name per concept.
+
+``--dataset`` and ``--data-root`` name the data, ``--backbones A,B`` the backbones (comma-separated, the first
+is the main one), ``--jobs`` whatever a command runs in parallel (its help says what). The dataset choices come
+from the dataset registry, so a new dataset is added in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+
+def add_dataset_flags(parser, root_help: str | None = None, dataset_help: str = "dataset layout") -> None:
+    """``--dataset`` (one of the registry's datasets) and ``--data-root`` (its folder)."""
+    from hada.data.datasets import DATASETS
+
+    parser.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                        help=f"{dataset_help} (default: %(default)s)")
+    add_data_root_flag(parser, root_help or "dataset folder (default: data/<dataset>, or $HADA_DATA/<dataset>)")
+
+
+def add_data_root_flag(parser, help: str) -> None:
+    """``--data-root FOLDER``; ``None`` when not given (each command knows its default folder)."""
+    parser.add_argument("--data-root", default=None, metavar="FOLDER", help=help)
+
+
+def backbone_list(text: str) -> list[str]:
+    """``A,B,...`` as a list of backbone specs (spaces around commas ignored)."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one backbone, comma-separated")
+    return names
+
+
+def add_backbones_flag(parser, help: str) -> None:
+    """``--backbones A,B,...`` parsed to a list; ``None`` when not given."""
+    parser.add_argument("--backbones", type=backbone_list, default=None, metavar="A,B,...", help=help)
+
+
+def at_least_one(text: str) -> int:
+    """A whole number >= 1, checked while parsing (before any data is made or read)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_jobs_flag(parser, help: str, default: int | None = None) -> None:
+    """``--jobs N`` / ``-j N``: how much the command does at once; ``help`` says what a job is here."""
+    parser.add_argument("--jobs", "-j", type=at_least_one, default=default, metavar="N", help=help)
