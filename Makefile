@@ -36,6 +36,9 @@ install: $(STAMP)
 data: install
 	$(BIN)/hada prepare --no-runs
 
+# jupyter-book reruns a chapter only when its code cells change; `hada prepare` also clears its notebook cache
+# (_build/.jupyter_cache) when the code of hada/ changed since the chapters ran (comments and docstrings aside),
+# so the build re-executes them on the new numbers.
 book: install
 	$(BIN)/hada prepare
 	$(BIN)/jupyter-book build book/

@@ -1,10 +1,9 @@
-"""Make everything the book's chapters read -- backbones, feature stores, training runs -- before a build,
-several steps at once.
+"""The step graph behind the book -- backbones, feature stores, training runs -- and its one runner.
 
-A chapter makes what it misses itself, one step after another on one core (``hada.book.setup``, then its
-runs). ``prepare`` does the same work as a small dependency graph -- a backbone's features wait for its
-pretraining, a run waits for the features of its backbones -- on ``jobs`` worker processes, longest chain
-first. Every step is one of the pipeline's own cached, deterministic calls, writing where the chapters look
+A backbone's features wait for its pretraining, a run waits for the features of its backbones. A chapter's
+``hada.book.setup`` runs this graph (without the runs) with one job, in its own process, one step after
+another; ``prepare`` (``hada prepare``) runs all of it on ``jobs`` worker processes, longest chain first.
+Every step is one of the pipeline's own cached, deterministic calls, writing where the chapters look
 (``data/backbones``, ``data/features``, ``data/runs``), so a build afterwards finds all of it, with the numbers
 it would have computed itself. Steps already done cost a cache check; an interrupted run resumes from its
 last epoch.
@@ -12,10 +11,13 @@ last epoch.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from hada.errors import HadaError
@@ -80,80 +82,130 @@ def _check(steps: list[Step]) -> None:
 
 
 def run_steps(steps: list[Step], jobs: int = 2, progress: bool = True, log: Callable[[str], None] = print) -> StepLog:
-    """Run ``steps`` on ``jobs`` spawned processes, each step once all of its ``after`` steps have finished.
+    """Run ``steps``, each once all of its ``after`` steps have finished: in this process one after another
+    when ``jobs`` is 1 (a chapter's setup), else on ``jobs`` spawned processes (``hada prepare``).
 
     Among ready steps the one heading the costliest remaining chain starts first. If a step fails, no new
     step starts, the running ones finish (their results are kept), and a ``HadaError`` names the failure.
     On Ctrl-C the workers stop at once; what finished stays, and the next call carries on from there.
     """
-    import multiprocessing as mp
-
-    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
-
     _check(steps)
     if jobs < 1:
         raise HadaError(f"jobs must be at least 1, got {jobs}")
-    order = {s.name: i for i, s in enumerate(steps)}
-    rank = _priorities(steps)
-    done: set[str] = set()
-    running: dict[Future, tuple[str, float]] = {}
-    failures: list[str] = []
-    record = StepLog()
-    t0 = time.perf_counter()
-    hide = not progress_enabled(progress)
-    bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=hide, dynamic_ncols=True)
-    say = tqdm.write if not hide else log
-    workers = min(jobs, max(1, len(steps)))
+    run = _Run(steps, progress, log)
+    try:
+        (_serial if jobs == 1 else _parallel)(run, jobs)
+    finally:
+        run.bar.close()
+    run.record.wall = time.perf_counter() - run.t0
+    run.raise_failures()
+    return run.record
+
+
+class _Run:
+    """The bookkeeping both runners share: what is done, what failed, the progress bar and the log."""
+
+    def __init__(self, steps: list[Step], progress: bool, log: Callable[[str], None]):
+        from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
+
+        self.steps = steps
+        self.order = {s.name: i for i, s in enumerate(steps)}
+        self.rank = _priorities(steps)
+        self.done: set[str] = set()
+        self.failures: list[str] = []  # "name: error" lines, in finishing order
+        self.failed: set[str] = set()
+        self.bug: BaseException | None = None  # the first failure that is not a HadaError
+        self.record = StepLog()
+        self.t0 = time.perf_counter()
+        hide = not progress_enabled(progress)
+        self.bar = tqdm(total=len(steps), desc="prepare", unit="step", disable=hide, dynamic_ncols=True)
+        self.say = tqdm.write if not hide else log
+
+    def ready(self, started: set[str]) -> list[Step]:
+        """Steps not started whose ``after`` steps are done, costliest chain first (then in list order)."""
+        return sorted((s for s in self.steps if s.name not in self.done and s.name not in started
+                       and set(s.after) <= self.done), key=lambda s: (-self.rank[s.name], self.order[s.name]))
+
+    def finished(self, name: str, start: float, outcome: Callable[[], object]) -> None:
+        """Record a step that ended: ``outcome()`` returns its value or raises what it raised."""
+        try:
+            outcome()
+        except HadaError as exc:
+            self.failures.append(f"{name}: {exc}")
+            self.failed.add(name)
+            self.say(f"failed  {name}: {exc}")
+            return
+        except Exception as exc:  # a bug: keep the traceback visible for a report
+            self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            self.failed.add(name)
+            self.bug = self.bug or exc
+            self.say(f"failed  {name}: {type(exc).__name__}: {exc}")
+            self.say(_traceback(exc))
+            return
+        seconds = time.perf_counter() - start
+        self.record.seconds[name] = seconds
+        self.done.add(name)
+        self.bar.update(1)
+        self.say(f"done    {name} ({seconds:.0f} s)")
+
+    def raise_failures(self) -> None:
+        if not self.failures:
+            return
+        skipped = [s.name for s in self.steps if s.name not in self.done and s.name not in self.failed]
+        more = f"; not run: {', '.join(skipped)}" if skipped else ""
+        raise HadaError(f"{len(self.failures)} step(s) failed -- {'; '.join(self.failures)}{more}. "
+                        "Finished steps are kept; fix the cause and rerun to continue") from self.bug
+
+
+def _traceback(exc: BaseException) -> str:
+    """A worker's traceback as the pool passes it on (its ``__cause__``), else this process's own."""
+    import traceback
+
+    if exc.__cause__ is not None:
+        return str(exc.__cause__)
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _serial(run: _Run, jobs: int) -> None:
+    """One step at a time in this process: no pool, a Ctrl-C stops the running step where it is."""
+    while not run.failures:
+        ready = run.ready(set())
+        if not ready:
+            return
+        step = ready[0]
+        run.bar.set_postfix_str(step.name)
+        start = time.perf_counter()
+        run.finished(step.name, start, lambda: step.call(*step.args))
+
+
+def _parallel(run: _Run, jobs: int) -> None:
+    """Up to ``jobs`` steps at once on spawned worker processes sharing the cores."""
+    import multiprocessing as mp
+
+    workers = min(jobs, max(1, len(run.steps)))
     threads = max(1, default_jobs() // workers)  # torch threads of a step that does not set its own
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                initargs=(threads,))
+    running: dict[Future, tuple[str, float]] = {}
     try:
-        while len(done) < len(steps):
-            started = {name for name, _ in running.values()}
-            ready = sorted((s for s in steps if s.name not in done and s.name not in started
-                            and set(s.after) <= done), key=lambda s: (-rank[s.name], order[s.name]))
-            while ready and len(running) < jobs and not failures:
+        while len(run.done) < len(run.steps):
+            ready = run.ready({name for name, _ in running.values()})
+            while ready and len(running) < jobs and not run.failures:
                 step = ready.pop(0)
                 running[pool.submit(step.call, *step.args)] = (step.name, time.perf_counter())
             if not running:
                 break  # a failure left the rest waiting on it
-            bar.set_postfix_str(", ".join(name for name, _ in running.values()))
+            run.bar.set_postfix_str(", ".join(name for name, _ in running.values()))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 name, start = running.pop(fut)
-                try:
-                    fut.result()
-                except HadaError as exc:
-                    failures.append(f"{name}: {exc}")
-                    say(f"failed  {name}: {exc}")
-                    continue
-                except Exception as exc:  # a bug: keep the worker's traceback visible for a report
-                    failures.append(f"{name}: {type(exc).__name__}: {exc}")
-                    say(f"failed  {name}: {type(exc).__name__}: {exc}")
-                    if exc.__cause__ is not None:  # the worker's traceback, as the pool passes it on
-                        say(str(exc.__cause__))
-                    continue
-                seconds = time.perf_counter() - start
-                record.seconds[name] = seconds
-                done.add(name)
-                bar.update(1)
-                say(f"done    {name} ({seconds:.0f} s)")
+                run.finished(name, start, fut.result)
     except KeyboardInterrupt:
         for proc in list((getattr(pool, "_processes", None) or {}).values()):
             proc.terminate()  # a Ctrl-C in a terminal reaches them anyway; a signal to this process alone not
         pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
         raise
     pool.shutdown(wait=True)
-    bar.close()
-    record.wall = time.perf_counter() - t0
-    if failures:
-        skipped = [s.name for s in steps if s.name not in done and all(not f.startswith(s.name + ":")
-                                                                        for f in failures)]
-        more = f"; not run: {', '.join(skipped)}" if skipped else ""
-        raise HadaError(f"{len(failures)} step(s) failed -- {'; '.join(failures)}{more}. "
-                        "Finished steps are kept; fix the cause and rerun to continue")
-    return record
 
 
 def _worker_init(threads: int) -> None:
@@ -168,6 +220,8 @@ def _worker_init(threads: int) -> None:
     import torch
     from tqdm import tqdm
 
+    global _IN_WORKER
+    _IN_WORKER = True
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: a stopped worker would leak it
@@ -175,24 +229,30 @@ def _worker_init(threads: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- the book's steps
+#: True in a worker process: steps there draw no progress bars of their own (the parent draws one for all);
+#: run in this process (one job, a chapter's setup) they show their bars and what they make, as before.
+_IN_WORKER = False
+
+
 def _pretrain(name: str) -> None:
     from hada.backbones.pretrain import pretrain
 
-    pretrain([name], workers=1, progress=False, log=lambda msg: None)
+    log = (lambda msg: None) if _IN_WORKER else (lambda msg: None if "up to date" in msg else print(msg))
+    pretrain([name], workers=1, progress=not _IN_WORKER, log=log)
 
 
 def _features(dataset: str, data_root: str, spec: str) -> None:
     from hada.book import FEATURE_SPLITS
     from hada.features.store import ensure_features
 
-    ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=False)
+    ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER)
 
 
 def _train(config: dict, name: str) -> None:
-    from hada.config import TrainConfig
-    from hada.experiments import run_experiment
+    from hada.runs import run_experiment
+    from hada.train import TrainConfig
 
-    run_experiment(TrainConfig.from_dict(config), name, progress=False)
+    run_experiment(TrainConfig.from_dict(config), name, progress=False if _IN_WORKER else None)
 
 
 def book_steps(setting, runs: bool = True) -> list[Step]:
@@ -215,7 +275,8 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     if runs:
         for name, config in book_runs(setting):
             config = config.resolved()
-            cost = config.model.layers * len(config.data.backbones) / 2 * (0.2 if config.model.arch == "concat" else 1.0)
+            model = config.model
+            cost = model.layers * len(config.data.backbones) / 2 * (0.2 if model.arch == "concat" else 1.0)
             steps.append(Step(f"train {name}", _train, (config.to_dict(), name),
                               tuple(f"features {b}" for b in config.data.backbones), cost=cost))
     return steps
@@ -231,11 +292,55 @@ def default_jobs() -> int:
 
 
 def prepare(setting, jobs: int | None = None, runs: bool = True, progress: bool = True,
-            log: Callable[[str], None] = print) -> StepLog:
-    """Make everything the chapters of ``setting`` read, ``jobs`` steps at once (default: one per core)."""
+            log: Callable[[str], None] = print, book_build: Path | None = None) -> StepLog:
+    """Make everything the chapters of ``setting`` read, ``jobs`` steps at once (default: one per core), and
+    clear the book's cached notebooks if the code changed since they ran (:func:`refresh_notebook_cache` on
+    ``book_build``, default: the repository's ``_build`` folder when the repository holds the book)."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise HadaError(f"--jobs must be at least 1, got {jobs}")
     steps = book_steps(setting, runs=runs)
     log(f"{len(steps)} steps for {setting!r} on {jobs} process(es)")
-    return run_steps(steps, jobs=jobs, progress=progress, log=log)
+    record = run_steps(steps, jobs=jobs, progress=progress, log=log)
+    book_build = book_build if book_build is not None else _book_build()
+    if book_build is not None and refresh_notebook_cache(book_build):
+        log(f"the code changed since the book's notebooks ran: cleared their cache in {book_build}")
+    return record
+
+
+# ------------------------------------------------------------------------------------ the notebook cache
+#: Beside jupyter-book's notebook cache: the digest of the code the cached notebooks ran with.
+DIGEST_RECORD = "hada-code-digest.json"
+
+
+def _book_build() -> Path | None:
+    """Where ``jupyter-book build book/`` writes: ``_build`` beside the ``_config.yml`` it finds above ``book/``."""
+    from hada.paths import project_root
+
+    root = project_root()
+    return root / "_build" if (root / "_config.yml").exists() and (root / "book").is_dir() else None
+
+
+def refresh_notebook_cache(build_dir: Path, digest: str | None = None) -> bool:
+    """Clear the executed notebooks jupyter-book keeps in ``build_dir`` when the code digest (every module of
+    ``hada``, comments and docstrings aside) differs from the one recorded beside them; True if it cleared.
+
+    jupyter-book's cache (``execute_notebooks: cache``) keys a notebook on its code cells only, so a change in
+    ``hada`` alone would show the old outputs. Every chapter imports ``hada``, so all cached notebooks go, and
+    with them Sphinx's doctrees (it re-reads only pages whose source changed, and would keep the old outputs).
+    """
+    from hada.runs import code_digest
+    from hada.io import write_json
+
+    build_dir = Path(build_dir)
+    digest = code_digest(skip=()) if digest is None else digest
+    record, cache = build_dir / DIGEST_RECORD, build_dir / ".jupyter_cache"
+    recorded = json.loads(record.read_text()).get("code_digest") if record.exists() else None
+    stale = cache.exists() and recorded != digest
+    if stale:
+        shutil.rmtree(cache)
+        shutil.rmtree(build_dir / ".doctrees", ignore_errors=True)
+    if stale or recorded != digest:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        write_json(record, {"code_digest": digest})
+    return stale

@@ -1,4 +1,5 @@
-"""Baselines scored like HADA, the experiment cache (hash keys, reuse, staleness), and ``hada evaluate``."""
+"""Baselines scored like HADA, the run cache (hash keys, reuse, staleness, resume), ``hada train`` and
+``hada evaluate``."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import hada.experiments as hx
+import hada.runs as hr
 import hada.train as ht
 from hada.config import TrainConfig
 from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity, untrained_baselines
@@ -14,6 +16,7 @@ from hada.features.batching import FeatureData, compute_stats, toy_splits
 from hada.cli import main
 from hada.evaluate import retrieval_metrics
 from hada.model.encoder import ModalityBatch
+from hada.paths import runs_dir
 
 SEEDS = {"train": 0, "val": 1, "test": 2}
 
@@ -24,12 +27,12 @@ def tiny_world(monkeypatch, tmp_path):
     monkeypatch.setenv("HADA_NO_PROGRESS", "1")
     stores = {s: toy_splits(n_images=20 if s == "train" else 10, seed=seed) for s, seed in SEEDS.items()}
     monkeypatch.setattr(ht, "open_splits", lambda config, split: stores[split][: len(config.data.backbones)])
-    hx.clear_cache()
+    hr.clear_cache()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield stores
     torch.set_num_threads(before)
-    hx.clear_cache()
+    hr.clear_cache()
 
 
 def tiny(**kw):
@@ -62,21 +65,25 @@ def test_concat_pair_reads_embeddings_only():
 
 
 def test_run_experiment_caches_and_keys(tiny_world, monkeypatch):
-    first = hx.run_experiment(tiny(), "t")
+    first = hr.run_experiment(tiny(), "t")
     assert first.run_dir.name.startswith("t-") and (first.run_dir / "metrics.json").exists()
     assert len(first.history) == 1 and 0 <= first.test_metrics["rsum"] <= 600
     model = first.load_model()
-    assert model.evaluate(hx.shared_data(first.config, "test")) == pytest.approx(first.test_metrics)
+    assert model.evaluate(hr.shared_data(first.config, "test")) == pytest.approx(first.test_metrics)
 
     def no_training(*a, **k):
         raise AssertionError("a finished run must be loaded, not trained")
 
     monkeypatch.setattr(ht, "train", no_training)
-    again = hx.run_experiment(tiny(), "t")
+    again = hr.run_experiment(tiny(), "t")
     assert again.run_dir == first.run_dir and again.test_metrics == first.test_metrics
-    assert hx.run_dir_for(tiny(width=32), "t") != first.run_dir  # a parameter change is a new run
+    assert hr.run_folder(tiny(), "t") == first.run_dir
+    assert hr.run_folder(tiny(width=32), "t") != first.run_dir  # a parameter change is a new run
+    with monkeypatch.context() as m:
+        m.setattr(hr, "code_digest", lambda: "other code")  # the code that computes the result changed
+        assert hr.run_folder(tiny(), "t") != first.run_dir
     tiny_world["train"][1].manifest = {"backbone": "toy1", "weights": "retrained"}  # new features
-    assert hx.run_dir_for(tiny(), "t") != first.run_dir  # nothing stale is reused
+    assert hr.run_folder(tiny(), "t") != first.run_dir  # nothing stale is reused
 
 
 def test_baseline_table_rows(tiny_world):
@@ -102,3 +109,31 @@ def test_cli_train_then_evaluate(tiny_world, tmp_path, capsys):
     assert records[-1]["model"].startswith("cli-") and records[-1]["task"] == "zeroshot_retrieval"
     assert main(["evaluate", "--run", "nope"]) == 2  # one line, exit 2
     assert "hada: error:" in capsys.readouterr().err
+
+
+def test_cli_train_resumes_an_interrupted_run_without_a_flag(tiny_world, monkeypatch, capsys):
+    args = ["--backbones", "toy0,toy1", "--width", "16", "--out-dim", "16", "--heads", "2", "--epochs", "2",
+            "--batch-size", "16", "--queue-size", "16", "--no-itm"]
+    assert main(["train", *args, "--name", "straight"]) == 0
+    straight = json.loads(next(runs_dir().glob("straight-*/metrics.json")).read_text())
+    capsys.readouterr()
+    real_train = ht.train
+
+    def interrupted(*a, **k):  # one epoch, then Ctrl-C
+        real_train(*a, **k, max_epochs_this_call=1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ht, "train", interrupted)
+    assert main(["train", *args, "--name", "cut"]) == 130
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    monkeypatch.setattr(ht, "train", real_train)
+    assert main(["train", *args, "--name", "cut"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming cut-" in out and "after epoch 1" in out and "exact" in out
+    resumed = json.loads(next(runs_dir().glob("cut-*/metrics.json")).read_text())
+    assert resumed["test"] == straight["test"] and resumed["val"] == straight["val"]  # bit for bit
+    assert main(["train", *args, "--name", "cut", "--restart"]) == 0  # deleted and trained anew: no resume
+    assert "resuming" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # one set of resume rules: no --resume flag
+        main(["train", *args, "--name", "cut", "--resume"])
+    assert stop.value.code == 2

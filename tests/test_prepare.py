@@ -1,8 +1,10 @@
-"""`hada prepare`: the step graph runs in parallel in dependency order, stops cleanly on a failure, and
-leaves exactly what the chapters then load without training."""
+"""The step graph: in parallel for `hada prepare`, serially in-process for a chapter's setup, in dependency
+order either way; it stops cleanly on a failure, and leaves exactly what the chapters then load without
+training."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -65,6 +67,65 @@ def test_bad_graphs_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(HadaError, match="jobs"):
         run_steps([Step("a", _after, (d, "a"))], jobs=0, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_one_job_runs_in_this_process_in_dependency_order():
+    ran: list[tuple[str, int]] = []
+
+    def note(name):  # a closure: it cannot be pickled, so it can only run in this process
+        return lambda: ran.append((name, os.getpid()))
+
+    steps = [Step("d", note("d"), cost=1.0), Step("c", note("c"), after=("a", "b"), cost=5.0),
+             Step("a", note("a")), Step("b", note("b"))]
+    messages: list[str] = []
+    log = run_steps(steps, jobs=1, progress=False, log=messages.append)
+    assert [name for name, _ in ran] == ["a", "b", "c", "d"]  # the costliest chain first, then list order
+    assert {pid for _, pid in ran} == {os.getpid()}
+    assert list(log.seconds) == ["a", "b", "c", "d"] and messages[0].startswith("done    a")
+
+
+def test_one_job_reports_a_failure_like_the_pool(tmp_path):
+    d = str(tmp_path)
+    steps = [Step("bad", _broken, (d,)), Step("child", _after, (d, "child"), after=("bad",)),
+             Step("ok", _after, (d, "ok"))]
+    messages: list[str] = []
+    with pytest.raises(HadaError) as err:
+        run_steps(steps, jobs=1, progress=False, log=messages.append)
+    # no new step starts after a failure; nothing else was running
+    assert str(err.value) == ("1 step(s) failed -- bad: broken input; not run: child, ok. Finished steps are "
+                              "kept; fix the cause and rerun to continue")
+    assert messages == ["failed  bad: broken input"] and not list(tmp_path.iterdir())
+
+
+def test_one_job_keeps_a_bugs_traceback_and_stops_at_ctrl_c(tmp_path):
+    def bug():
+        raise ValueError("a bug")
+
+    messages: list[str] = []
+    with pytest.raises(HadaError, match="bad: ValueError: a bug") as err:
+        run_steps([Step("bad", bug)], jobs=1, progress=False, log=messages.append)
+    assert isinstance(err.value.__cause__, ValueError) and "Traceback" in messages[1]
+
+    def stop():
+        raise KeyboardInterrupt
+
+    d = str(tmp_path)
+    steps = [Step("first", _after, (d, "first"), cost=2.0), Step("stop", stop), Step("never", _after, (d, "never"))]
+    with pytest.raises(KeyboardInterrupt):
+        run_steps(steps, jobs=1, progress=False, log=lambda msg: None)
+    assert (tmp_path / "first.done").exists() and not (tmp_path / "never.done").exists()
+
+
+def test_a_chapters_setup_runs_the_graph_without_runs_on_one_job(hada_data, tiny_synthetic, monkeypatch):
+    import hada.book as hb
+    import hada.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_steps", lambda steps, jobs, **kw: calls.append((steps, jobs)))
+    setting = hb.setup(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random")
+    (steps, jobs), = calls
+    assert jobs == 1 and [s.name for s in steps] == [s.name for s in book_steps(setting, runs=False)]
+    assert [s.name for s in steps] == ["features tiny-vit:random", "features tiny-rn:random"]
 
 
 def test_a_steps_priority_is_the_costliest_chain_it_heads():

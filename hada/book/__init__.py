@@ -94,28 +94,13 @@ def setup(dataset: str = "synthetic", data_root=None, backbones="default", epoch
 
     For the embedded default this generates the synthetic set and pretrains the embedded backbones when
     they are missing; for real data it only reads. Token features for train/val/test are extracted once.
-    (``hada prepare`` makes the same ahead of a build, several steps at once.)
+    It runs ``hada prepare``'s step graph without the training runs, one step at a time in this process.
     """
+    from hada.pipeline import book_steps, run_steps
+
     setting = resolve(dataset, data_root, backbones, epochs, pairs_per_epoch, seed)
-    _ensure_backbones(setting.backbones)
-    _ensure_features(setting.dataset, setting.data_root, setting.backbones)
+    run_steps(book_steps(setting, runs=False), jobs=1, progress=False, log=lambda msg: None)
     return setting
-
-
-def _ensure_backbones(names) -> None:
-    from hada.backbones import EMBEDDED_BACKBONES
-    from hada.backbones.pretrain import pretrain
-
-    embedded = [n for n in names if n in EMBEDDED_BACKBONES]
-    if embedded:
-        # embedded backbones are pretrained on the synthetic pretrain split only, whatever the dataset
-        pretrain(embedded, log=lambda msg: None if "up to date" in msg else print(msg))
-
-
-def _ensure_features(dataset, root, names) -> None:
-    from hada.features.store import ensure_features
-
-    ensure_features(dataset, list(names), list(FEATURE_SPLITS), data_root=root)
 
 
 def split_counts(setting: Setting):

@@ -19,8 +19,9 @@ Output: data/runs/<name>-<key>/ (or $HADA_DATA/runs/...), where <key> hashes eve
 feature stores' manifests, so any change trains a new run. The folder holds config.json, stats.json
 (train feature statistics), history.json (per-epoch loss, val metrics, tau, w, lr, time), checkpoint.pt
 (written atomically every epoch: model, optimiser, scheduler, queue, random states), best.pt and, when
-finished, metrics.json. A finished run is not retrained; an interrupted one continues with --resume and
-ends with exactly the numbers an uninterrupted run gives. The same seed gives the same numbers."""
+finished, metrics.json. The key also hashes the code that computes the result (not its comments). A finished
+run is not retrained; an interrupted one continues when the same command runs again and ends with exactly
+the numbers an uninterrupted run gives. The same seed gives the same numbers."""
 
 
 
@@ -98,8 +99,6 @@ def register(subparsers) -> None:
                                    description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default=None,
                         help="run name, the folder prefix under data/runs/ (default: the --arch value)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run of this configuration from its last checkpoint")
     parser.add_argument("--restart", action="store_true",
                         help="delete an unfinished or finished run of this configuration and train it anew")
     add_jobs_flag(parser, "torch CPU threads for training (default: $HADA_THREADS, else 1: a second thread made "
@@ -110,42 +109,27 @@ def register(subparsers) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     import json
-    import shutil
+    import sys
 
-    from hada.errors import HadaError
     from hada.book.tables import metrics_table
-    from hada.experiments import features_fingerprint, run_key
-    from hada.paths import runs_dir
-    from hada.io import write_json
-    from hada.train import train
+    from hada.runs import run_experiment, run_folder
 
     config = config_from_args(args).resolved()
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     name = args.name or config.model.arch
-    fingerprint = features_fingerprint(config)
-    run_dir = runs_dir() / f"{name}-{run_key(config, fingerprint)}"
-    if args.restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if (run_dir / "metrics.json").exists():
-        print(f"{run_dir} is already trained (same configuration and features); --restart trains it anew")
-    else:
-        if (run_dir / "checkpoint.pt").exists() and not args.resume:
-            raise HadaError(f"{run_dir} holds an unfinished run of this configuration; "
-                            "continue it with --resume or start over with --restart")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "features.json", fingerprint)
-        try:
-            train(config, run_dir, resume=args.resume, threads=args.jobs)
-        except KeyboardInterrupt:
-            import sys
-
-            print(f"hada: interrupted; the last finished epoch is saved in {run_dir}; rerun the same command "
-                  "with --resume to continue", file=sys.stderr)
-            return 130
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(f"run: {run_dir}")
+    trained = (run_folder(config, name) / "metrics.json").exists() and not args.restart
+    try:
+        run = run_experiment(config, name, threads=args.jobs, restart=args.restart)
+    except KeyboardInterrupt:
+        print(f"hada: interrupted; the last finished epoch is saved in {run_folder(config, name)}; rerun the "
+              "same command to continue", file=sys.stderr)
+        return 130
+    if trained:
+        print(f"{run.run_dir} is already trained (same configuration, features and code); --restart trains it anew")
+    metrics = run.metrics
+    print(f"run: {run.run_dir}")
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; tau {metrics['tau']:.4f}, "
           f"w {metrics['mix_weight']:.3f}")
     print(metrics_table([(f"{name} (val)", metrics["val"]), (f"{name} (test)", metrics["test"])]))

@@ -1,0 +1,237 @@
+"""A run's identity and folder, and train-or-load: the one place that names a run.
+
+A run lives in ``runs_dir()/<name>-<key>/``. ``key`` is 12 hex digits of a sha256 over three things: the
+resolved :class:`~hada.train.TrainConfig`, the manifests of every feature store the run reads, and a digest
+of the source of the code that computes a result (:func:`code_digest`). Changing a parameter, re-extracting
+features or changing how a number is computed gives a new key, so nothing stale is reused; a comment or
+docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
+last checkpoint, exactly (same numbers as an uninterrupted run).
+
+Within one process, train statistics and loaded feature arrays are shared between runs (ten ablations on
+the same backbones read the stores once).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hada.errors import HadaError
+from hada.paths import runs_dir
+from hada import train as _train
+from hada.config import TrainConfig
+from hada.io import write_json
+from hada.train import TrainedModel, load_trained
+
+#: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
+#: tables, figures, the command line, the step graph, this naming module) name, schedule or show results but
+#: compute none, so changing them must not retrain anything. Every other ``.py`` file under ``hada/`` counts.
+NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py")
+
+_PACKAGE = Path(__file__).resolve().parent
+_STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image TokenStats, text TokenStats)
+_DATA: dict = {}  # (dataset, root, backbones, split, with_tokens, stats key) -> FeatureData
+_DIGESTS: dict = {}  # (root, skip, file stamps) -> digest: a digest is computed once per process per code state
+
+
+# ------------------------------------------------------------------------------------------ code digest
+def _code_files(root: Path, skip: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in root.rglob("*.py")
+                  if not any(p.relative_to(root).parts[:len(Path(s).parts)] == Path(s).parts for s in skip))
+
+
+def normalised_source(text: str) -> str:
+    """The code of one module without comments, docstrings or layout (``ast.dump`` of the docstring-free tree)."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def code_digest(root: str | Path | None = None, skip: tuple[str, ...] = NOT_RESULT_CODE) -> str:
+    """sha256 over the normalised source of every ``.py`` file under ``root`` (default: the ``hada`` package)
+    except the paths in ``skip`` (relative to ``root``). ``skip=()`` digests everything."""
+    root = _PACKAGE if root is None else Path(root).resolve()
+    files = _code_files(root, tuple(skip))
+    stamp = (str(root), tuple(skip), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    if stamp not in _DIGESTS:
+        h = hashlib.sha256()
+        for path in files:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+            h.update(normalised_source(path.read_text(encoding="utf-8")).encode() + b"\0")
+        _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
+
+
+# ------------------------------------------------------------------------------------------ run identity
+def run_splits(config: TrainConfig) -> tuple[str, str, str]:
+    """The splits a run reads: train, val (early stopping) and test (final metrics)."""
+    return config.data.splits
+
+
+def _data_id(config: TrainConfig) -> tuple:
+    """What the in-process caches key a run's data on: dataset, its folder and the backbones."""
+    return config.data.dataset, str(config.data.data_root), tuple(config.data.backbones)
+
+
+def _manifest_hash(split) -> str:
+    manifest = getattr(split, "manifest", None) or {}
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def features_fingerprint(config: TrainConfig) -> dict:
+    """``{backbone: {split: manifest sha256}}`` of every store the run reads."""
+    config = config.resolved()
+    out: dict = {b: {} for b in config.data.backbones}
+    for split in run_splits(config):
+        for b, fs in zip(config.data.backbones, _train.open_splits(config, split)):
+            out[b][split] = _manifest_hash(fs)
+    return out
+
+
+def content_key(payload: dict) -> str:
+    """12 hex digits of the sha256 of ``payload`` plus the result code's digest: the key of anything cached."""
+    text = json.dumps({**payload, "code": code_digest()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
+    """The run's key: configuration + feature manifests + result code digest."""
+    config = config.resolved()
+    fingerprint = features_fingerprint(config) if fingerprint is None else fingerprint
+    return content_key({"config": config.to_dict(), "features": fingerprint})
+
+
+def run_folder(config: TrainConfig, name: str, fingerprint: dict | None = None) -> Path:
+    """``runs_dir()/<name>-<key>``: where the run of ``config`` called ``name`` lives."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise HadaError(f"a run name must be a plain folder name, got {name!r}")
+    return runs_dir() / f"{name}-{run_key(config, fingerprint)}"
+
+
+# ------------------------------------------------------------------------------------------ shared data
+def _stats(config: TrainConfig):
+    """Train statistics of the run's backbones, computed once per process per store."""
+    from hada.features.batching import FeatureStats, compute_stats
+
+    train_split = run_splits(config)[0]
+    dataset, root, backbones = _data_id(config)
+    image, text = [], []
+    for b, fs in zip(backbones, _train.open_splits(config, train_split)):
+        key = (dataset, root, b, train_split, _manifest_hash(fs))
+        if key not in _STATS:
+            st = compute_stats([fs])
+            _STATS[key] = (st.image[0], st.text[0])
+        image.append(_STATS[key][0])
+        text.append(_STATS[key][1])
+    return FeatureStats(image, text)
+
+
+def shared_data(config: TrainConfig, split: str, stats=None):
+    """FeatureData of one split for this config, normalised with the train statistics; cached in-process."""
+    from hada.features.batching import FeatureData
+
+    config = config.resolved()
+    stats = stats if stats is not None else _stats(config)
+    tokens = config.model.arch == "hada"
+    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True))
+    if key not in _DATA:
+        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens)
+    return _DATA[key]
+
+
+def clear_cache() -> None:
+    """Forget the in-process feature arrays and statistics (they are reloaded on the next call)."""
+    _STATS.clear()
+    _DATA.clear()
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class RunResult:
+    """A finished run: its configuration, per-epoch history and best-epoch val/test metrics."""
+
+    name: str
+    run_dir: Path
+    config: TrainConfig
+    history: list[dict]
+    metrics: dict  # metrics.json: val, test, best_epoch, epochs_run, stopped_early, tau, mix_weight
+
+    @property
+    def test_metrics(self) -> dict:
+        return self.metrics["test"]
+
+    @property
+    def val_metrics(self) -> dict:
+        return self.metrics["val"]
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.metrics["best_epoch"])
+
+    @property
+    def best_val_rsum(self) -> float:
+        return float(self.metrics["val"]["rsum"])
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean wall time of an epoch (training + validation) as recorded in the history."""
+        times = [h["time_s"] for h in self.history]
+        return sum(times) / len(times) if times else float("nan")
+
+    def load_model(self) -> TrainedModel:
+        """The best epoch's model (objective with tau and w) and its train statistics."""
+        return load_trained(self.run_dir, "best")
+
+    def summary(self) -> dict:
+        t = self.test_metrics
+        return {"run": self.run_dir.name, "epochs": len(self.history), "best_epoch": self.best_epoch,
+                "val_rsum": round(self.best_val_rsum, 2), "test_rsum": round(t["rsum"], 2),
+                "tau": round(self.metrics["tau"], 4), "mix_weight": round(self.metrics["mix_weight"], 3),
+                "seconds_per_epoch": round(self.seconds_per_epoch, 2)}
+
+
+def load_result(name: str, run_dir: Path) -> RunResult:
+    """The finished run in ``run_dir`` (its ``metrics.json`` exists)."""
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    history = json.loads((run_dir / "history.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return RunResult(name, run_dir, config, history, metrics)
+
+
+# --------------------------------------------------------------------------------------- train or load
+def run_experiment(config: TrainConfig, name: str, progress: bool | None = None, threads: int | None = None,
+                   restart: bool = False, log: Callable[[str], None] = print) -> RunResult:
+    """Train the configuration, or load it if this exact run finished before, or resume it from its last
+    checkpoint if it did not. ``restart`` deletes the run's folder first and trains it anew.
+
+    The one set of rules for every caller (chapters, ``hada prepare``, ``hada train``). A Ctrl-C leaves the
+    last finished epoch in the folder; the next call resumes from there.
+    """
+    config = config.resolved()
+    fingerprint = features_fingerprint(config)
+    run_dir = run_folder(config, name, fingerprint)
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if (run_dir / "metrics.json").exists():
+        return load_result(name, run_dir)
+    if (run_dir / "checkpoint.pt").exists():
+        history = run_dir / "history.json"
+        done = len(json.loads(history.read_text())) if history.exists() else "?"
+        log(f"resuming {run_dir.name} after epoch {done} from its checkpoint (exact: the same numbers as an "
+            "uninterrupted run)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "features.json", fingerprint)
+    stats = _stats(config)
+    data = {split: shared_data(config, split, stats) for split in run_splits(config)}
+    _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads)
+    return load_result(name, run_dir)
