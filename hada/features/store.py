@@ -98,18 +98,6 @@ class FeatureSplit:
     def n_captions(self) -> int:
         return int(self.text_tokens.shape[0])
 
-    @property
-    def image_token_dim(self) -> int:
-        return int(self.image_tokens.shape[2])
-
-    @property
-    def text_token_dim(self) -> int:
-        return int(self.text_tokens.shape[2])
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.image_embeds.shape[1])
-
     def nbytes(self) -> dict[str, int]:
         return {n: int(getattr(self, n).nbytes) for n in ARRAY_NAMES}
 
