@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import hada.attention as ha  # noqa: E402
-from hada.features.batching import FeatureData, compute_stats, toy_splits  # noqa: E402
+from fixtures.toy_features import toy_splits  # noqa: E402
+from hada.features.batching import FeatureData, compute_stats  # noqa: E402
 from hada.data.datasets import ImageRecord  # noqa: E402
 from hada.errors import HadaError  # noqa: E402
 from hada.train import TrainConfig, TrainedModel, build_objective, feature_dims  # noqa: E402

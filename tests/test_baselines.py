@@ -9,7 +9,8 @@ import torch
 import hada.experiments as hx
 import hada.train as ht
 from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity, untrained_baselines
-from hada.features.batching import FeatureData, compute_stats, toy_splits
+from fixtures.toy_features import toy_splits
+from hada.features.batching import FeatureData, compute_stats
 from hada.cli import main
 from hada.evaluate import retrieval_metrics
 from hada.model.encoder import ModalityBatch

@@ -1,5 +1,5 @@
-"""hada.model.encoder: the dense backend equals torch_geometric's convolutions on the full graph (DESIGN 2b), the
-parameter count matches the paper's formula, and the interface behaves as notes/INTERFACES.md says."""
+"""hada.model.encoder and hada.model.fast: the dense backend equals torch_geometric's convolutions on the full
+graph, the parameter count matches the paper's formula, and bad input ends in a HadaError."""
 
 import itertools
 
@@ -249,7 +249,7 @@ def test_auto_picks_dense_for_published_graph():
 
 
 def paper_count(cfg: HadaConfig) -> int:
-    """The paper's trainable parameters from the formula (DESIGN section 1), for gatv2."""
+    """The paper's trainable parameters from the formula (9,986,048 for the two encoders), for gatv2."""
     W, H, O = cfg.width, cfg.heads, cfg.out_dim
     total = 0
     for modality in ("image", "text"):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import hada.train as ht
-from hada.features.batching import FeatureData, PairLoader, compute_stats, toy_splits
+from fixtures.toy_features import toy_splits
+from hada.features.batching import FeatureData, PairLoader, compute_stats
 from hada.errors import HadaError
 
 SPLITS = {"train": 0, "val": 1, "test": 2}

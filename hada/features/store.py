@@ -335,11 +335,16 @@ class _StoreWriter:
         _write_json(self.path / PROGRESS, self.prog)
         self.last = time.perf_counter()
 
-    def chunk_done(self, key: str, k: int) -> None:
-        """Chunk k of ``key`` ("image_chunks" / "caption_chunks") is written. Every ``checkpoint_seconds``,
-        flush the arrays and then record the chunks done, so a kill loses at most that much work (a flush per
-        chunk would cost ~10% of the throughput)."""
-        self.prog[key] = k + 1
+    def write_chunk(self, modality: str, k: int, start: int, batch) -> None:
+        """Write chunk k of ``modality`` ("image" / "text"), rows from ``start``: a TokenBatch's tokens and
+        embeddings as fp16. Every ``checkpoint_seconds``, flush the arrays and then record the chunks done, so
+        a kill loses at most that much work (a flush per chunk would cost ~10% of the throughput)."""
+        import torch
+
+        for part in ("tokens", "embeds"):
+            rows = getattr(batch, part).to(torch.float16).cpu().numpy()
+            self.mms[f"{modality}_{part}"][start:start + len(rows)] = rows
+        self.prog["image_chunks" if modality == "image" else "caption_chunks"] = k + 1
         if time.perf_counter() - self.last >= self.checkpoint_seconds:
             self.save()
         if self.budget is not None:  # test hook: simulate a kill after n chunks
@@ -362,9 +367,7 @@ def _bar(total: int, initial: int, unit: str, desc: str, hide: bool):
 def _extract_images(backbone, records, writer: _StoreWriter, image_batch: int, desc: str, hide: bool) -> dict:
     """Image chunks not done yet; the next chunk is decoded and preprocessed in a thread while the model runs
     on this one (PIL releases the GIL)."""
-    import torch
-
-    mms, n_img = writer.mms, len(records)
+    n_img = len(records)
     bar = _bar(n_img, writer.prog["image_chunks"] * image_batch, "img", desc, hide)
     t0, done = time.perf_counter(), 0
     todo = [(k, s) for k, s in enumerate(range(0, n_img, image_batch)) if k >= writer.prog["image_chunks"]]
@@ -377,13 +380,10 @@ def _extract_images(backbone, records, writer: _StoreWriter, image_batch: int, d
             if i + 1 < len(todo):
                 nxt = todo[i + 1][1]
                 pending = loader.submit(_load_images, backbone, records[nxt:nxt + image_batch])
-            tb = backbone.encode_image_tokens(pixels)
-            mms["image_tokens"][s:s + len(chunk)] = tb.tokens.to(torch.float16).cpu().numpy()
-            mms["image_embeds"][s:s + len(chunk)] = tb.embeds.to(torch.float16).cpu().numpy()
+            writer.write_chunk("image", k, s, backbone.encode_image_tokens(pixels))
             done += len(chunk)
             bar.update(len(chunk))
             bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
-            writer.chunk_done("image_chunks", k)
     finally:
         loader.shutdown(wait=False, cancel_futures=True)
     bar.close()
@@ -394,9 +394,7 @@ def _extract_images(backbone, records, writer: _StoreWriter, image_batch: int, d
 def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, text_batch: int, text_length: int,
                       spec: str, desc: str, hide: bool) -> dict:
     """Caption chunks not done yet, padded to the split's longest caption."""
-    import torch
-
-    mms, n_cap = writer.mms, len(captions)
+    n_cap = len(captions)
     bar = _bar(n_cap, writer.prog["caption_chunks"] * text_batch, "cap", desc, hide)
     t0, done = time.perf_counter(), 0
     for k, s in enumerate(range(0, n_cap, text_batch)):
@@ -404,14 +402,12 @@ def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, text_
             continue
         texts = captions[s:s + text_batch]
         tt = backbone.encode_text_tokens(texts, max_length=text_length)
-        if not np.array_equal(tt.lengths.cpu().numpy(), mms["text_lengths"][s:s + len(texts)]):
+        if not np.array_equal(tt.lengths.cpu().numpy(), writer.mms["text_lengths"][s:s + len(texts)]):
             raise HadaError(f"{spec}: token lengths changed between sizing and extraction")  # pragma: no cover
-        mms["text_tokens"][s:s + len(texts)] = tt.tokens.to(torch.float16).cpu().numpy()
-        mms["text_embeds"][s:s + len(texts)] = tt.embeds.to(torch.float16).cpu().numpy()
+        writer.write_chunk("text", k, s, tt)
         done += len(texts)
         bar.update(len(texts))
         bar.set_postfix(cap_s=f"{done / (time.perf_counter() - t0):.0f}")
-        writer.chunk_done("caption_chunks", k)
     bar.close()
     return {"caption_seconds": round(time.perf_counter() - t0, 3), "captions": done}
 
