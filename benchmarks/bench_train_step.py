@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from hada.book import BOOK_MODEL
 from hada.model.graph import build_edges
-from hada.model.encoder import HadaConfig, HadaEncoder, HadaPair, ModalityBatch, _full
+from hada.model.encoder import HadaConfig, HadaEncoder, HadaPair, ModalityBatch
 from hada.train import cpu_has_bf16
 from tables import markdown_table
 
@@ -126,7 +126,7 @@ def reference_forward(enc: HadaEncoder, batch: ModalityBatch, precision: str) ->
             h = enc._block(layer, out, h)
         cls = h[graph.cls.view(len(data), -1) + graph.ptr[:-1, None]]
     with torch.autocast(device.type, enabled=False):
-        return enc._readout(_full(cls), batch.embeds)
+        return enc._readout(cls, batch.embeds)
 
 
 @dataclass(frozen=True)

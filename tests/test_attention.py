@@ -15,10 +15,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import hada.attention as ha  # noqa: E402
-from hada.features.batching import FeatureData, compute_stats, toy_splits  # noqa: E402
+from fixtures.toy_features import toy_splits  # noqa: E402
+from hada.features.batching import FeatureData, compute_stats  # noqa: E402
 from hada.data.datasets import ImageRecord  # noqa: E402
 from hada.errors import HadaError  # noqa: E402
-from hada.train import TrainConfig, TrainedModel, build_objective, feature_dims  # noqa: E402
+from hada.config import TrainConfig  # noqa: E402
+from hada.train import TrainedModel, build_objective, feature_dims  # noqa: E402
 
 IMAGE_TOKENS = (5, 10)  # 1 + 2x2 and 1 + 3x3 patches
 N_IMAGES = 12
@@ -49,7 +51,8 @@ def world(tmp_path):
     torch.manual_seed(0)
     splits = toy_splits(n_images=N_IMAGES, image_tokens=IMAGE_TOKENS, seed=3)
     # fp32: the dense and pyg backends agree to float32 rounding (bf16 autocast rounds them differently)
-    config = TrainConfig(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, queue_size=8, precision="fp32")
+    config = TrainConfig().override(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, head_dim=32,
+                                    queue_size=8, precision="fp32")
     trained = TrainedModel(build_objective(config, feature_dims(splits)), compute_stats(splits), config)
     trained.objective.eval()
     trained.load_data = lambda split: FeatureData(splits, trained.stats)

@@ -12,7 +12,8 @@ import hada.runs as hr
 import hada.train as ht
 from hada.config import TrainConfig
 from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity, untrained_baselines
-from hada.features.batching import FeatureData, compute_stats, toy_splits
+from fixtures.toy_features import toy_splits
+from hada.features.batching import FeatureData, compute_stats
 from hada.cli import main
 from hada.evaluate import retrieval_metrics
 from hada.model.encoder import ModalityBatch

@@ -1,4 +1,4 @@
-"""hada.model.graph: the edge list of DESIGN section 1, checked against hand-written lists, and vectorised batching."""
+"""hada.model.graph: the paper's edge list, checked against hand-written lists, and vectorised batching."""
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ def test_three_backbones_and_cls_only():
     assert {(s, d) for s, d, t in edges if t == "cc"} == {(a, b) for a in (0, 2, 3) for b in (0, 2, 3) if a != b}
     assert {(s, d, t) for s, d, t in edges if s == 1} == {(1, 1, "self"), (1, 0, "fc"), (1, 2, "fcx"),
                                                          (1, 3, "fcx")}
-    # a feature node receives only its self loop in the published graph (DESIGN 2b)
+    # a feature node receives only its self loop in the published graph (what hada.model.fast relies on)
     assert {(s, d) for s, d, t in edges if d in (1, 4)} == {(1, 1), (4, 4)}
 
 

@@ -1,5 +1,5 @@
-"""hada.model.encoder: the dense backend equals torch_geometric's convolutions on the full graph (DESIGN 2b), the
-parameter count matches the paper's formula, and the interface behaves as notes/INTERFACES.md says."""
+"""hada.model.encoder and hada.model.fast: the dense backend equals torch_geometric's convolutions on the full
+graph, the parameter count matches the paper's formula, and bad input ends in a HadaError."""
 
 import itertools
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from hada.errors import HadaError
-from hada.model.graph import EdgeWeights
+from hada.config import EdgeWeights, ModelConfig
 import hada.model.fast.dense
 from hada.model.fast.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores, ValidRows
-from hada.model.encoder import (HadaConfig, HadaEncoder, HadaPair, ModalityBatch, count_parameters)
+from hada.model.encoder import FeatureDims, HadaEncoder, HadaPair, ModalityBatch, count_parameters
 
 TOKEN_DIMS = (12, 10, 8)
 EMBED_DIMS = (6, 5, 7)
@@ -31,16 +31,19 @@ def rand_batch(k: int, batch: int = 5, seed: int = 0, ragged: bool = True) -> Mo
     return ModalityBatch(tokens, lengths, embeds)
 
 
-def small_config(k: int, **kw) -> HadaConfig:
-    base = dict(token_dims=TOKEN_DIMS[:k], embed_dims=EMBED_DIMS[:k], width=16, out_dim=8, dropout=0.0)
-    return HadaConfig(**{**base, **kw})
+def small_config(k: int, **kw) -> tuple[ModelConfig, FeatureDims]:
+    """A small model for K backbones: its ModelConfig (edge weights by their own names) and its input widths."""
+    edges = EdgeWeights(**{name: kw.pop(name) for name in ("w_fc", "w_fcx", "w_cc", "w_ffx", "w_self", "directed")
+                           if name in kw})
+    model = ModelConfig(**{"width": 16, "out_dim": 8, "dropout": 0.0, **kw}, edges=edges)
+    return model, FeatureDims.same(TOKEN_DIMS[:k], EMBED_DIMS[:k])
 
 
 @pytest.mark.parametrize("gnn,k,layers,heads",
                          list(itertools.product(["gatv2", "gcn", "transformer"], [2, 3], [1, 2], [1, 4])))
 def test_dense_equals_pyg(gnn, k, layers, heads):
     torch.manual_seed(0)
-    model = HadaEncoder(small_config(k, gnn=gnn, layers=layers, heads=heads)).eval()
+    model = HadaEncoder(*small_config(k, gnn=gnn, layers=layers, heads=heads)).eval()
     batch = rand_batch(k)
     dense, att_dense = model(batch, return_attention=True, backend="dense")
     pyg, att_pyg = model(batch, return_attention=True, backend="pyg")
@@ -66,7 +69,7 @@ def assert_dense_gradients_equal_pyg(model: HadaEncoder, batch: ModalityBatch) -
 def test_dense_gradients_equal_pyg(gnn, layers):
     """One layer: the projected nodes are never materialised (hada.model.fast.dense.ProjectedTokens); two: they are."""
     torch.manual_seed(1)
-    model = HadaEncoder(small_config(3, gnn=gnn, layers=layers, heads=2))
+    model = HadaEncoder(*small_config(3, gnn=gnn, layers=layers, heads=2))
     assert_dense_gradients_equal_pyg(model, rand_batch(3, seed=1))
 
 
@@ -169,7 +172,7 @@ def test_fused_and_torch_attention_agree_in_float32(monkeypatch):
     """At K=3 with 4 heads, in float32: the fused kernels and the PyTorch path give the same dense GATv2
     outputs and parameter gradients."""
     torch.manual_seed(0)
-    model = HadaEncoder(small_config(3, heads=4))
+    model = HadaEncoder(*small_config(3, heads=4))
     batch = rand_batch(3, batch=6)
     results = {}
     for kernel in ("fused", "tiled-small"):
@@ -186,14 +189,14 @@ def test_fused_and_torch_attention_agree_in_float32(monkeypatch):
 def test_dense_equals_pyg_with_each_score_kernel(monkeypatch, kernel):
     use_score_kernel(monkeypatch, kernel)
     torch.manual_seed(0)
-    model = HadaEncoder(small_config(3, heads=2, layers=2)).eval()
+    model = HadaEncoder(*small_config(3, heads=2, layers=2)).eval()
     batch = rand_batch(3)
     torch.testing.assert_close(model(batch, backend="dense"), model(batch, backend="pyg"), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_is_a_distribution_over_valid_nodes():
     torch.manual_seed(0)
-    model = HadaEncoder(small_config(2)).eval()
+    model = HadaEncoder(*small_config(2)).eval()
     batch = rand_batch(2)
     _, info = model(batch, return_attention=True)
     att, mask = info["attention"][0], info["node_mask"]
@@ -211,7 +214,7 @@ def test_pyg_backend_uses_hand_set_self_loop_weight():
     outs = []
     for w_self in (1.0, 3.0):
         torch.manual_seed(0)
-        model = HadaEncoder(small_config(2, w_self=w_self, backend="pyg")).eval()
+        model = HadaEncoder(*small_config(2, w_self=w_self, backend="pyg")).eval()
         assert all(not conv.add_self_loops for conv in model.convs)
         outs.append(model(batch))
     assert not torch.allclose(outs[0], outs[1])
@@ -220,9 +223,9 @@ def test_pyg_backend_uses_hand_set_self_loop_weight():
 @pytest.mark.parametrize("options", [dict(directed=False), dict(w_ffx=0.5)])
 def test_general_edge_options_run_on_pyg(options):
     torch.manual_seed(0)
-    cfg = small_config(2, **options)
+    cfg, dims = small_config(2, **options)
     assert cfg.resolve_backend() == "pyg"
-    model = HadaEncoder(cfg).eval()
+    model = HadaEncoder(cfg, dims).eval()
     out = model(rand_batch(2))
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
     with pytest.raises(HadaError):
@@ -234,7 +237,7 @@ def test_general_edge_options_run_on_pyg(options):
 def test_inference_mode_then_training():
     """Cached layouts built under inference_mode must still work in a later training step."""
     torch.manual_seed(0)
-    model = HadaEncoder(small_config(2))
+    model = HadaEncoder(*small_config(2))
     batch = rand_batch(2)
     batch.tokens = [torch.randn(5, 7, 12), torch.randn(5, 9, 10)]  # padded sizes no other test uses
     batch.lengths = [torch.full((5,), 7), torch.full((5,), 9)]
@@ -245,15 +248,15 @@ def test_inference_mode_then_training():
 
 
 def test_auto_picks_dense_for_published_graph():
-    assert small_config(2).resolve_backend() == "dense"
+    assert small_config(2)[0].resolve_backend() == "dense"
 
 
-def paper_count(cfg: HadaConfig) -> int:
-    """The paper's trainable parameters from the formula (DESIGN section 1), for gatv2."""
+def paper_count(cfg: ModelConfig, dims: FeatureDims) -> int:
+    """The paper's trainable parameters from the formula (9,986,048 for the two encoders), for gatv2."""
     W, H, O = cfg.width, cfg.heads, cfg.out_dim
     total = 0
     for modality in ("image", "text"):
-        token_dims, embed_dims = cfg.dims(modality)
+        token_dims, embed_dims = dims.of(modality)
         total += sum(d * W + W for d in token_dims)  # per-backbone linear maps
         total += 2 * (W * H * W + H * W)  # GATv2 lin_l, lin_r (with bias)
         total += H * W  # att
@@ -265,17 +268,17 @@ def paper_count(cfg: HadaConfig) -> int:
 
 
 def test_paper_parameter_count():
-    cfg = HadaConfig.paper()
-    pair = HadaPair(cfg)
-    assert count_parameters(pair) == sum(p.numel() for p in pair.parameters()) == paper_count(cfg)
-    assert paper_count(cfg) == 9_986_048  # "about 10.0M"
+    cfg, dims = ModelConfig(), FeatureDims.paper()  # the defaults are the paper's shape
+    pair = HadaPair(cfg, dims)
+    assert count_parameters(pair) == sum(p.numel() for p in pair.parameters()) == paper_count(cfg, dims)
+    assert paper_count(cfg, dims) == 9_986_048  # "about 10.0M"
 
 
 def test_per_modality_dims_and_pair():
     torch.manual_seed(0)
-    cfg = HadaConfig(image_token_dims=(12, 10), text_token_dims=(8, 6), embed_dims=(6, 5), width=16,
-                     out_dim=8, dropout=0.0)
-    pair = HadaPair(cfg).eval()
+    dims = FeatureDims(image_token_dims=(12, 10), text_token_dims=(8, 6), image_embed_dims=(6, 5),
+                       text_embed_dims=(6, 5))
+    pair = HadaPair(ModelConfig(width=16, out_dim=8, dropout=0.0), dims).eval()
     images = rand_batch(2, ragged=False)
     texts = rand_batch(2, seed=3)
     texts.tokens = [texts.tokens[0][..., :8], texts.tokens[1][..., :6]]
@@ -289,13 +292,15 @@ def test_config_json_roundtrip():
     import dataclasses
     import json
 
-    cfg = HadaConfig(image_token_dims=(12, 10), text_token_dims=(8, 6), embed_dims=(6, 5), gnn="gcn")
-    again = HadaConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
-    assert again == cfg and again.text_token_dims == (8, 6)
+    cfg = ModelConfig(gnn="gcn", edges=EdgeWeights(w_ffx=0.5))
+    assert ModelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    dims = FeatureDims((12, 10), (8, 6), (6, 5), (6, 5))
+    again = FeatureDims(**json.loads(json.dumps(dims.to_dict())))
+    assert again == dims and again.text_token_dims == (8, 6)
 
 
 def test_bad_lengths():
-    model = HadaEncoder(small_config(2))
+    model = HadaEncoder(*small_config(2))
     batch = rand_batch(2)
     batch.lengths[1] = batch.lengths[1].clone()
     batch.lengths[1][2] = 0
@@ -303,21 +308,20 @@ def test_bad_lengths():
         model(batch)
 
 
-@pytest.mark.parametrize("kwargs", [dict(token_dims=(4,), embed_dims=(4,)), dict(token_dims=(4, 4)),
-                                    dict(token_dims=(4, 4), embed_dims=(4, 4), gnn="gin"),
-                                    dict(token_dims=(4, 4), embed_dims=(4, 4, 4))])
-def test_bad_configs(kwargs):
+@pytest.mark.parametrize("make", [lambda: FeatureDims.same((4,), (4,)), lambda: ModelConfig(gnn="gin"),
+                                  lambda: FeatureDims.same((4, 4), (4, 4, 4)), lambda: ModelConfig(width=0)])
+def test_bad_configs(make):
     with pytest.raises(HadaError):
-        HadaConfig(**kwargs)
+        make()
 
 
 @pytest.mark.parametrize("gnn", ["gatv2", "transformer"])
 def test_head_dim_dense_equals_pyg(gnn):
     """head_dim sets the channels per head (default: width, the paper's); both backends agree."""
     torch.manual_seed(0)
-    model = HadaEncoder(small_config(3, gnn=gnn, heads=4, head_dim=3, layers=2)).eval()
+    model = HadaEncoder(*small_config(3, gnn=gnn, heads=4, head_dim=3, layers=2)).eval()
     assert model.convs[0].out_channels == 3 and model.post[0].in_features == 12
-    assert HadaEncoder(small_config(2, heads=4)).post[0].in_features == 4 * 16  # None: heads x width
+    assert HadaEncoder(*small_config(2, heads=4)).post[0].in_features == 4 * 16  # None: heads x width
     batch = rand_batch(3)
     dense, att_dense = model(batch, return_attention=True, backend="dense")
     pyg, att_pyg = model(batch, return_attention=True, backend="pyg")
@@ -335,7 +339,7 @@ def test_bf16_precision_close_to_fp32(gnn, backend):
     outs, grads = {}, {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        model = HadaEncoder(small_config(3, gnn=gnn, heads=2, layers=2, precision=precision, backend=backend))
+        model = HadaEncoder(*small_config(3, gnn=gnn, heads=2, layers=2, precision=precision, backend=backend))
         model.eval()
         out, info = model(rand_batch(3), return_attention=True)
         assert out.dtype == torch.float32 and info["attention"][0].dtype == torch.float32
@@ -383,4 +387,4 @@ def test_dense_one_layer_with_and_without_folded_projection(monkeypatch, gnn, fo
     weight or as two; both equal torch_geometric, outputs and parameter gradients."""
     monkeypatch.setattr(hada.model.fast.dense, "_fold_is_cheaper", lambda *args: fold)
     torch.manual_seed(0)
-    assert_dense_gradients_equal_pyg(HadaEncoder(small_config(2, gnn=gnn, heads=2)), rand_batch(2))
+    assert_dense_gradients_equal_pyg(HadaEncoder(*small_config(2, gnn=gnn, heads=2)), rand_batch(2))

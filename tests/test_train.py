@@ -8,8 +8,9 @@ import torch
 
 import hada.config as hc
 import hada.train as ht
+from fixtures.toy_features import toy_splits
 from hada.config import DataConfig, ModelConfig, TrainConfig
-from hada.features.batching import FeatureData, PairLoader, compute_stats, toy_splits
+from hada.features.batching import FeatureData, PairLoader, compute_stats
 from hada.errors import HadaError
 
 SPLITS = {"train": 0, "val": 1, "test": 2}

@@ -49,6 +49,18 @@ class _Capture:
         self.value = inputs[0] if output is None else output
 
 
+def _with_outputs(run, *modules) -> tuple:
+    """``run()`` with a forward hook on each of ``modules``: (its result, each module's last output)."""
+    caps = [_Capture() for _ in modules]
+    hooks = [m.register_forward_hook(c) for m, c in zip(modules, caps)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return (out, *(c.value for c in caps))
+
+
 def _grayscale_to_rgb(image):
     """Colour-blind input: luminance copied to three channels (the model still sees RGB-shaped input)."""
     return image.convert("L").convert("RGB")
@@ -114,15 +126,7 @@ class Backbone:
         visual = self.model.visual
         kind = self.info["image_tower"]
         if kind == "vit":
-            cap_x, cap_ln = _Capture(), _Capture()
-            hooks = [visual.transformer.register_forward_hook(cap_x), visual.ln_post.register_forward_hook(cap_ln)]
-            try:
-                embeds = self.model.encode_image(x)
-            finally:
-                for h in hooks:
-                    h.remove()
-            seq = cap_x.value
-            ln = cap_ln.value
+            embeds, seq, ln = _with_outputs(lambda: self.model.encode_image(x), visual.transformer, visual.ln_post)
             if isinstance(ln, Tensor) and ln.ndim == 3 and ln.shape[:2] == seq.shape[:2]:
                 tokens = ln  # the standard path: ln_post over all tokens, exactly what the model pooled from
             elif visual.ln_post.normalized_shape[0] == seq.shape[-1]:
@@ -183,26 +187,16 @@ class Backbone:
         ids = texts_or_ids if isinstance(texts_or_ids, Tensor) else self.tokenize(texts_or_ids)
         ids = ids.to(self.device)
         kind = self.info["text_tower"]
-        cap_x, cap_ln = _Capture(), _Capture()
-        if kind == "clip":
-            owner = self.model
-        else:
-            owner = self.model.text
-        hooks = [owner.transformer.register_forward_hook(cap_x), owner.ln_final.register_forward_hook(cap_ln)]
-        try:
-            embeds = self.model.encode_text(ids)
-        finally:
-            for h in hooks:
-                h.remove()
+        owner = self.model if kind == "clip" else self.model.text
+        embeds, seq, ln = _with_outputs(lambda: self.model.encode_text(ids), owner.transformer, owner.ln_final)
         B, L = ids.shape
         cls_emb = getattr(owner, "cls_emb", None)
         if cls_emb is not None:  # CoCa-style: a class token appended after the sequence, normed after pooling
-            seq = cap_x.value
             tokens = torch.cat([owner.ln_final(seq[:, :-1]), owner.ln_final(seq[:, -1:])], 1)
             pooled = torch.full((B,), L, dtype=torch.long, device=ids.device)
             valid = torch.cat([ids != self.info["pad_id"], torch.ones(B, 1, dtype=torch.bool, device=ids.device)], 1)
         else:
-            tokens = cap_ln.value
+            tokens = ln
             pooled = _pooled_position(ids, self.info["text_pool"], self.info["eos_id"])
             valid = ids != self.info["pad_id"]
         valid[torch.arange(B, device=ids.device), pooled] = True

@@ -130,13 +130,106 @@ def _lr_at(step: int, total: int, recipe: Recipe) -> float:
     return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+@dataclass
+class _PretrainData:
+    """The pretrain split in memory: uint8 pixels [N, 3, H, W], token ids of every caption, each image's
+    caption rows, and the model's pixel normalisation."""
+
+    pixels: "torch.Tensor"
+    ids: "torch.Tensor"
+    caps_of: list[np.ndarray]
+    mean: "torch.Tensor"
+    std: "torch.Tensor"
+    n_captions: int
+
+    @classmethod
+    def load(cls, records, recipe: Recipe, preprocess_cfg: dict) -> "_PretrainData":
+        import open_clip
+        import torch
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+        tokenizer = open_clip.get_tokenizer(recipe.model)
+        images, ids, owner = load_pretrain_arrays(records, transform, recipe.grayscale, tokenizer)
+        return cls(pixels=torch.from_numpy(images).permute(0, 3, 1, 2),  # uint8 NCHW
+                   ids=ids, caps_of=[np.flatnonzero(owner == i) for i in range(len(images))],
+                   mean=torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1),
+                   std=torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1), n_captions=int(len(owner)))
+
+    @property
+    def n_images(self) -> int:
+        return len(self.caps_of)
+
+    def batch(self, idx, recipe: Recipe, gen, rng) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Normalised pixels (randomly flipped when the recipe says so) and one random caption per image."""
+        import torch
+
+        x = self.pixels[idx].float().div_(255)
+        if recipe.hflip:
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+        x = (x - self.mean) / self.std
+        caps_of = self.caps_of
+        cap = torch.from_numpy(np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in idx.tolist()]))
+        return x, self.ids[cap]
+
+
+def _optimizer(model, recipe: Recipe):
+    """AdamW with weight decay on matrices only (not on embeddings, norms, biases or the logit scale)."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6, fused=True,
+    )
+
+
+def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_per_epoch: int, bar) -> list[float]:
+    """``total`` contrastive steps over shuffled epochs; returns the loss of every step."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    opt = _optimizer(model, recipe)
+    loss_fn = ClipLoss()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    step = 0
+    while step < total:
+        perm = torch.randperm(data.n_images, generator=gen)
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            x, text = data.batch(perm[b * recipe.batch_size:(b + 1) * recipe.batch_size], recipe, gen, rng)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, recipe)
+            img_f = model.encode_image(x, normalize=True)
+            txt_f = model.encode_text(text, normalize=True)
+            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(round(loss.item(), 5))
+            step += 1
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{step * recipe.batch_size / elapsed:.0f}",
+                            epoch=step // steps_per_epoch)
+            bar.update(1)
+    model.eval()
+    return losses
+
+
 def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None = None, progress: bool = True,
                    position: int = 0):
     """Pretrain one model from scratch; returns (model, preprocess_cfg, record dict). Deterministic for a seed."""
     import torch
     import open_clip
-    from open_clip.loss import ClipLoss
-    from open_clip.transform import PreprocessCfg, image_transform_v2
     from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     register_model_configs()
@@ -146,67 +239,19 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
         torch.manual_seed(recipe.seed)
         model = open_clip.create_model(recipe.model, pretrained=None)
         preprocess_cfg = dict(model.visual.preprocess_cfg)
-        transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
-        tokenizer = open_clip.get_tokenizer(recipe.model)
-        images, ids, owner = load_pretrain_arrays(records, transform, recipe.grayscale, tokenizer)
-        n_img = len(images)
-        caps_of = [np.flatnonzero(owner == i) for i in range(n_img)]
-        mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW
-        steps_per_epoch = n_img // recipe.batch_size
+        data = _PretrainData.load(records, recipe, preprocess_cfg)
+        steps_per_epoch = data.n_images // recipe.batch_size
         if steps_per_epoch == 0:
-            raise HadaError(f"the pretrain split has {n_img} images, fewer than one batch of {recipe.batch_size}")
+            raise HadaError(f"the pretrain split has {data.n_images} images, fewer than one batch of "
+                            f"{recipe.batch_size}")
         total = steps_per_epoch * recipe.epochs
         if max_steps is not None:
             total = min(total, max_steps)
-
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6, fused=True,
-        )
-        loss_fn = ClipLoss()
-        gen = torch.Generator().manual_seed(recipe.seed)
-        rng = np.random.default_rng(recipe.seed)
-        model.train()
-        losses: list[float] = []
         t0 = time.perf_counter()
         bar = tqdm(total=total, desc=f"pretrain {name}", unit="step", disable=not progress_enabled(progress),
                    dynamic_ncols=True, position=position, leave=True)
-        step = 0
-        while step < total:
-            perm = torch.randperm(n_img, generator=gen)
-            for b in range(steps_per_epoch):
-                if step >= total:
-                    break
-                idx = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
-                x = pixels[idx].float().div_(255)
-                if recipe.hflip:
-                    flip = torch.rand(len(idx), generator=gen) < 0.5
-                    x[flip] = x[flip].flip(-1)
-                x = (x - mean) / std
-                cap = torch.from_numpy(np.array([caps_of[i][rng.integers(len(caps_of[i]))] for i in idx.tolist()]))
-                text = ids[cap]
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, total, recipe)
-                img_f = model.encode_image(x, normalize=True)
-                txt_f = model.encode_text(text, normalize=True)
-                loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                losses.append(round(loss.item(), 5))
-                step += 1
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{step * recipe.batch_size / elapsed:.0f}",
-                                epoch=step // steps_per_epoch)
-                bar.update(1)
+        losses = _train_steps(model, data, recipe, total, steps_per_epoch, bar)
         bar.close()
-        model.eval()
         seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(prev_threads)
@@ -216,8 +261,8 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
         "recipe": asdict(recipe),
         "steps": total,
         "steps_per_epoch": steps_per_epoch,
-        "pretrain_images": n_img,
-        "pretrain_captions": int(len(owner)),
+        "pretrain_images": data.n_images,
+        "pretrain_captions": data.n_captions,
         "loss_curve": losses,
         "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
         "train_seconds": round(seconds, 2),

@@ -1,6 +1,6 @@
 """Stored token features -> normalised :class:`~hada.model.encoder.ModalityBatch` tensors, without per-sample Python.
 
-DESIGN section 1: tokens are L2-normalised per token, then standardised with one global mean and std per
+Tokens are L2-normalised per token, then standardised with one global mean and std per
 backbone and modality. The statistics come from the *train* split (:func:`compute_stats`) and travel
 with the run and its checkpoint, so val and test are normalised with the train statistics.
 
@@ -248,7 +248,7 @@ class PairLoader:
 # ------------------------------------------------------------------------------------- in-memory stand-in
 @dataclass
 class ArraySplit:
-    """An in-memory object with a FeatureSplit's attributes: for tests and examples without a store."""
+    """An in-memory object with a FeatureSplit's attributes: features made in memory, without a store."""
 
     image_tokens: np.ndarray  # fp16 [N_img, T, D]
     image_embeds: np.ndarray  # fp16 [N_img, E]
@@ -259,32 +259,3 @@ class ArraySplit:
     caption_ids: np.ndarray
     caption_image_index: np.ndarray
     manifest: dict
-
-
-def toy_splits(n_images: int = 32, captions_per_image: Sequence[int] = (2, 3), dims: Sequence[int] = (12, 8),
-               image_tokens: Sequence[int] = (5, 4), max_text: int = 6, latent: int = 6, noise: float = 0.8,
-               seed: int = 0) -> list[ArraySplit]:
-    """One split of K toy backbones that see the same latent scene through different noisy linear maps.
-
-    Captions of an image share its latent (plus caption noise), so retrieval is learnable and every
-    backbone is far from perfect. Caption counts cycle through ``captions_per_image``.
-    """
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n_images, latent))
-    counts = np.resize(np.asarray(captions_per_image), n_images)
-    ci = np.repeat(np.arange(n_images), counts)
-    zc = z[ci] + 0.5 * rng.standard_normal((len(ci), latent))
-    lengths = rng.integers(2, max_text + 1, size=len(ci))
-    out = []
-    for k, (d, t) in enumerate(zip(dims, image_tokens)):
-        a, b = rng.standard_normal((latent, d)), rng.standard_normal((latent, d))
-        img = z[:, None, :] @ a + noise * rng.standard_normal((n_images, t, d))
-        img[:, 0] = img[:, 1:].mean(1) if t > 1 else img[:, 0]
-        txt = zc[:, None, :] @ b + noise * rng.standard_normal((len(ci), max_text, d))
-        txt[np.arange(max_text)[None, :] >= lengths[:, None]] = 0.0
-        e_img = z @ a + noise * rng.standard_normal((n_images, d))
-        e_txt = zc @ a + noise * rng.standard_normal((len(ci), d))
-        out.append(ArraySplit(img.astype(np.float16), e_img.astype(np.float16), txt.astype(np.float16),
-                              lengths.astype(np.int64), e_txt.astype(np.float16), np.arange(n_images),
-                              np.arange(len(ci)), ci.astype(np.int64), {"backbone": f"toy{k}", "seed": seed}))
-    return out

@@ -98,18 +98,6 @@ class FeatureSplit:
     def n_captions(self) -> int:
         return int(self.text_tokens.shape[0])
 
-    @property
-    def image_token_dim(self) -> int:
-        return int(self.image_tokens.shape[2])
-
-    @property
-    def text_token_dim(self) -> int:
-        return int(self.text_tokens.shape[2])
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.image_embeds.shape[1])
-
     def nbytes(self) -> dict[str, int]:
         return {n: int(getattr(self, n).nbytes) for n in ARRAY_NAMES}
 
@@ -267,7 +255,6 @@ def extract_split(
 ) -> FeatureSplit:
     """Extract (or resume, or reuse) one store; returns it opened read-only."""
     import torch
-    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     spec = spec or backbone.name
     records = dataset.split(split)
@@ -276,11 +263,9 @@ def extract_split(
     path = store_dir(dataset.name, spec, split, root)
     captions = [c for r in records for c in r.captions]
     lengths_all = torch.cat([backbone.text_lengths(captions[s:s + 4096]) for s in range(0, len(captions), 4096)])
-    text_length = int(lengths_all.max())
     img_shape, text_dim, embed_dim = _probe_shapes(backbone, records)
-    request = build_request(backbone, dataset, split, text_length, img_shape, text_dim, embed_dim,
+    request = build_request(backbone, dataset, split, int(lengths_all.max()), img_shape, text_dim, embed_dim,
                             image_batch, text_batch)
-
     stored = _read_json(path / MANIFEST)
     if stored is not None and not force:
         diffs = manifest_differences(stored, request)
@@ -292,101 +277,133 @@ def extract_split(
     if force and path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    writer = _StoreWriter.open(path, request, resume=stored is not None, records=records,
+                               lengths=lengths_all.numpy(), checkpoint_seconds=checkpoint_seconds,
+                               stop_after_chunks=_stop_after_chunks)
+    hide = not progress_enabled(progress)
+    with torch.no_grad():
+        timing = _extract_images(backbone, records, writer, image_batch, f"{spec} {split} images", hide)
+        timing.update(_extract_captions(backbone, captions, writer, text_batch, int(lengths_all.max()), spec,
+                                        f"{spec} {split} captions", hide))
+    writer.close()
+    _finish(path, request, timing)
+    return open_features(dataset.name, spec, split, root)
 
-    prog = _read_json(path / PROGRESS) if stored is not None else None
-    arrays = request["arrays"]
-    mms = _open_partial(path, arrays) if prog is not None else None
-    resume = mms is not None
-    if not resume:
-        prog = {"image_chunks": 0, "caption_chunks": 0}
+
+class _StoreWriter:
+    """An unfinished store's arrays (writable memmaps) and its progress: the chunks done of each modality.
+
+    Progress is recorded only after the arrays are flushed, so a killed run resumes where it stopped and ends
+    byte-identical to an uninterrupted one."""
+
+    def __init__(self, path: Path, mms: dict, prog: dict, checkpoint_seconds: float, stop_after_chunks):
+        self.path, self.mms, self.prog = path, mms, prog
+        self.checkpoint_seconds, self.budget = checkpoint_seconds, stop_after_chunks
+        self.last = time.perf_counter()
+
+    @classmethod
+    def open(cls, path: Path, request: dict, resume: bool, records, lengths: np.ndarray, **kw) -> "_StoreWriter":
+        """Reopen an unfinished store's arrays (``resume``, when they are intact), else create them afresh
+        with the ids and caption lengths filled in."""
+        arrays = request["arrays"]
+        prog = _read_json(path / PROGRESS) if resume else None
+        mms = _open_partial(path, arrays) if prog is not None else None
+        if mms is not None:
+            return cls(path, mms, prog, **kw)
         write_json(path / MANIFEST, request, indent=1)
         mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
                                                shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
-    if not resume:
-        owner = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
         mms["image_ids"][:] = [r.image_id for r in records]
         mms["caption_ids"][:] = [c for r in records for c in r.caption_ids]
-        mms["caption_image_index"][:] = owner
-        mms["text_lengths"][:] = lengths_all.numpy()
+        mms["caption_image_index"][:] = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
+        mms["text_lengths"][:] = lengths
         for name in ("image_ids", "caption_ids", "caption_image_index", "text_lengths"):
             mms[name].flush()
+        prog = {"image_chunks": 0, "caption_chunks": 0}
         write_json(path / PROGRESS, prog, indent=1)
+        return cls(path, mms, prog, **kw)
 
-    budget = [_stop_after_chunks]
-    last = [time.perf_counter()]
-
-    def save_progress():
-        for mm in mms.values():
+    def save(self) -> None:
+        for mm in self.mms.values():
             mm.flush()
-        write_json(path / PROGRESS, prog, indent=1)
-        last[0] = time.perf_counter()
+        write_json(self.path / PROGRESS, self.prog, indent=1)
+        self.last = time.perf_counter()
 
-    def checkpoint():
-        """After a chunk: every ``checkpoint_seconds``, flush the arrays and then record the chunks done, so a
-        kill loses at most that much work (a flush per chunk would cost ~10% of the throughput)."""
-        if time.perf_counter() - last[0] >= checkpoint_seconds:
-            save_progress()
-        if budget[0] is not None:  # test hook: simulate a kill after n chunks
-            budget[0] -= 1
-            if budget[0] <= 0:
+    def write_chunk(self, modality: str, k: int, start: int, batch) -> None:
+        """Write chunk k of ``modality`` ("image" / "text"), rows from ``start``: a TokenBatch's tokens and
+        embeddings as fp16. Every ``checkpoint_seconds``, flush the arrays and then record the chunks done, so
+        a kill loses at most that much work (a flush per chunk would cost ~10% of the throughput)."""
+        import torch
+
+        for part in ("tokens", "embeds"):
+            rows = getattr(batch, part).to(torch.float16).cpu().numpy()
+            self.mms[f"{modality}_{part}"][start:start + len(rows)] = rows
+        self.prog["image_chunks" if modality == "image" else "caption_chunks"] = k + 1
+        if time.perf_counter() - self.last >= self.checkpoint_seconds:
+            self.save()
+        if self.budget is not None:  # test hook: simulate a kill after n chunks
+            self.budget -= 1
+            if self.budget <= 0:
                 raise _Stop()
 
-    hide = not progress_enabled(progress)
-    n_img, n_cap = len(records), len(captions)
-    img_chunks = range(0, n_img, image_batch)
-    with torch.no_grad():
-        bar = tqdm(total=n_img, initial=min(n_img, prog["image_chunks"] * image_batch), unit="img",
-                   desc=f"{spec} {split} images", disable=hide, dynamic_ncols=True)
-        t0, done = time.perf_counter(), 0
-        todo = [(k, s) for k, s in enumerate(img_chunks) if k >= prog["image_chunks"]]
-        # decode + preprocess the next chunk in a thread while the model runs on this one (PIL releases the GIL)
-        loader = ThreadPoolExecutor(max_workers=1)
-        pending = loader.submit(_load_images, backbone, records[todo[0][1]:todo[0][1] + image_batch]) if todo else None
-        try:
-            for i, (k, s) in enumerate(todo):
-                chunk = records[s:s + image_batch]
-                pixels = pending.result()
-                if i + 1 < len(todo):
-                    nxt = todo[i + 1][1]
-                    pending = loader.submit(_load_images, backbone, records[nxt:nxt + image_batch])
-                tb = backbone.encode_image_tokens(pixels)
-                mms["image_tokens"][s:s + len(chunk)] = tb.tokens.to(torch.float16).cpu().numpy()
-                mms["image_embeds"][s:s + len(chunk)] = tb.embeds.to(torch.float16).cpu().numpy()
-                prog["image_chunks"] = k + 1
-                done += len(chunk)
-                bar.update(len(chunk))
-                bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
-                checkpoint()
-        finally:
-            loader.shutdown(wait=False, cancel_futures=True)
-        bar.close()
-        save_progress()
-        timing = {"image_seconds": round(time.perf_counter() - t0, 3), "images": done}
-        bar = tqdm(total=n_cap, initial=min(n_cap, prog["caption_chunks"] * text_batch), unit="cap",
-                   desc=f"{spec} {split} captions", disable=hide, dynamic_ncols=True)
-        t0, done = time.perf_counter(), 0
-        for k, s in enumerate(range(0, n_cap, text_batch)):
-            if k < prog["caption_chunks"]:
-                continue
-            texts = captions[s:s + text_batch]
-            tt = backbone.encode_text_tokens(texts, max_length=text_length)
-            want = mms["text_lengths"][s:s + len(texts)]
-            if not np.array_equal(tt.lengths.cpu().numpy(), want):
-                raise HadaError(f"{spec}: token lengths changed between sizing and extraction")  # pragma: no cover
-            mms["text_tokens"][s:s + len(texts)] = tt.tokens.to(torch.float16).cpu().numpy()
-            mms["text_embeds"][s:s + len(texts)] = tt.embeds.to(torch.float16).cpu().numpy()
-            prog["caption_chunks"] = k + 1
-            done += len(texts)
-            bar.update(len(texts))
-            bar.set_postfix(cap_s=f"{done / (time.perf_counter() - t0):.0f}")
-            checkpoint()
-        bar.close()
-        timing.update({"caption_seconds": round(time.perf_counter() - t0, 3), "captions": done})
-    for mm in mms.values():
-        mm.flush()
-    del mms
-    _finish(path, request, timing)
-    return open_features(dataset.name, spec, split, root)
+    def close(self) -> None:
+        for mm in self.mms.values():
+            mm.flush()
+        self.mms = None
+
+
+def _bar(total: int, initial: int, unit: str, desc: str, hide: bool):
+    from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
+
+    return tqdm(total=total, initial=min(total, initial), unit=unit, desc=desc, disable=hide, dynamic_ncols=True)
+
+
+def _extract_images(backbone, records, writer: _StoreWriter, image_batch: int, desc: str, hide: bool) -> dict:
+    """Image chunks not done yet; the next chunk is decoded and preprocessed in a thread while the model runs
+    on this one (PIL releases the GIL)."""
+    n_img = len(records)
+    bar = _bar(n_img, writer.prog["image_chunks"] * image_batch, "img", desc, hide)
+    t0, done = time.perf_counter(), 0
+    todo = [(k, s) for k, s in enumerate(range(0, n_img, image_batch)) if k >= writer.prog["image_chunks"]]
+    loader = ThreadPoolExecutor(max_workers=1)
+    pending = loader.submit(_load_images, backbone, records[todo[0][1]:todo[0][1] + image_batch]) if todo else None
+    try:
+        for i, (k, s) in enumerate(todo):
+            chunk = records[s:s + image_batch]
+            pixels = pending.result()
+            if i + 1 < len(todo):
+                nxt = todo[i + 1][1]
+                pending = loader.submit(_load_images, backbone, records[nxt:nxt + image_batch])
+            writer.write_chunk("image", k, s, backbone.encode_image_tokens(pixels))
+            done += len(chunk)
+            bar.update(len(chunk))
+            bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
+    finally:
+        loader.shutdown(wait=False, cancel_futures=True)
+    bar.close()
+    writer.save()
+    return {"image_seconds": round(time.perf_counter() - t0, 3), "images": done}
+
+
+def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, text_batch: int, text_length: int,
+                      spec: str, desc: str, hide: bool) -> dict:
+    """Caption chunks not done yet, padded to the split's longest caption."""
+    n_cap = len(captions)
+    bar = _bar(n_cap, writer.prog["caption_chunks"] * text_batch, "cap", desc, hide)
+    t0, done = time.perf_counter(), 0
+    for k, s in enumerate(range(0, n_cap, text_batch)):
+        if k < writer.prog["caption_chunks"]:
+            continue
+        texts = captions[s:s + text_batch]
+        tt = backbone.encode_text_tokens(texts, max_length=text_length)
+        if not np.array_equal(tt.lengths.cpu().numpy(), writer.mms["text_lengths"][s:s + len(texts)]):
+            raise HadaError(f"{spec}: token lengths changed between sizing and extraction")  # pragma: no cover
+        writer.write_chunk("text", k, s, tt)
+        done += len(texts)
+        bar.update(len(texts))
+        bar.set_postfix(cap_s=f"{done / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return {"caption_seconds": round(time.perf_counter() - t0, 3), "captions": done}
 
 
 def _open_partial(path: Path, arrays: dict) -> dict | None:

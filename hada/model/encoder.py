@@ -1,21 +1,15 @@
 """HADA encoders: K frozen backbones' tokens -> one graph per sample -> GNN -> fused, L2-normalised embedding.
 
-DESIGN section 1: each backbone's tokens get their own linear map to a common ``width``; a GNN (GATv2 in the
-paper: one layer, 4 heads, concat, ``edge_dim=1``, then a linear back to ``width``; skip connections, GELU and
-LayerNorm when there are more layers) runs on the graph of :mod:`hada.model.graph`; the readout concatenates the K
-updated CLS nodes with each backbone's own (L2-normalised) projected embedding, applies dropout and one linear
-layer to ``out_dim``, and L2-normalises.
+This module is the readable reference. Each backbone's tokens get their own linear map to a common ``width``
+(``proj``); a torch_geometric convolution (GATv2 in the paper: one layer, 4 heads, concat, ``edge_dim=1``) runs
+on the batched graph of :mod:`hada.model.graph`; a block maps the heads back to ``width`` (with more layers
+also GELU, skip connection and LayerNorm); the readout concatenates the K updated CLS nodes with each
+backbone's own (L2-normalised) projected embedding, applies dropout and one linear layer to ``out_dim``, and
+L2-normalises.
 
-Two backends compute the same numbers with the same parameter tensors:
-
-* ``"pyg"`` builds the batched graph and runs torch_geometric's convolutions on every node and edge. It
-  supports every edge option (undirected, feature-feature edges).
-* ``"dense"`` (:mod:`hada.model.fast.dense`) works on padded ``[batch, nodes, width]`` tensors of the published graph
-  (directed, no feature-feature edges) and computes only what is read: attention at the K CLS nodes, and in
-  a one-layer model not even the projected node features of every node (DESIGN 2b). It reads the
-  convolutions' own weights, so a model can switch backend.
-
-``"auto"`` picks dense whenever the edge options allow it.
+Two backends compute the same numbers with the same parameters: ``"pyg"`` (below: every node and edge, any
+edge option) and ``"dense"`` (:mod:`hada.model.fast`: the published graph only, computing just the K CLS rows
+that are read). ``"auto"`` picks dense whenever the edge options allow it.
 
 The model's settings are a :class:`hada.config.ModelConfig`; the widths of its inputs a :class:`FeatureDims`.
 """
@@ -28,18 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hada.model.fast.dense import (DENSE_CONVS, DenseLayout, MaterialisedNodes, NodeFeatures, ProjectedTokens, _dense_layout,
-                        _full)
 from hada.errors import HadaError
 from hada.config import GNN_TYPES, ModelConfig, cpu_has_bf16
-from hada.model.graph import GraphBatch, batch_graphs
+from hada.model import fast
+from hada.model.graph import GraphBatch, batch_graphs, padded_nodes
 
 MODALITIES = ("image", "text")
 
 
 @dataclass
 class ModalityBatch:
-    """One modality (image or text) of one batch, K backbones (see notes/INTERFACES.md)."""
+    """One modality (image or text) of one batch, K backbones (what hada.features.batching yields)."""
 
     tokens: list[Tensor]  # per backbone k: [B, N_k, D_k] float32, CLS/pooled token first, zero-padded
     lengths: list[Tensor]  # per backbone k: [B] long, valid tokens incl. the CLS one (images: all N_k)
@@ -102,7 +95,7 @@ class FeatureDims:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Convolutions (torch_geometric modules; their parameters are also what the dense backend reads)
+# Convolutions (torch_geometric modules; their parameters are also what hada.model.fast reads)
 
 
 def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None) -> tuple[nn.Module, int]:
@@ -119,8 +112,6 @@ def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None) -> 
         conv = TransformerConv(width, C, heads=heads, concat=True, beta=False, edge_dim=1, root_weight=True)
         return conv, heads * C
     raise HadaError(f"unknown gnn {gnn!r}; choose from {GNN_TYPES}")
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,26 +177,13 @@ class HadaEncoder(nn.Module):
         return h
 
     def _readout(self, cls: Tensor, embeds: list[Tensor]) -> Tensor:
-        """[g_1..g_K, e_1..e_K] -> dropout -> linear -> L2 norm (DESIGN section 1, readout)."""
+        """[g_1..g_K, e_1..e_K] -> dropout -> linear -> L2 norm, in float32 (a bfloat16 ``cls`` is widened)."""
+        cls = cls.float() if cls.dtype in (torch.bfloat16, torch.float16) else cls
         own = [F.normalize(e.to(cls.dtype), dim=-1) for e in embeds]
         h = torch.cat([cls.flatten(1), *own], dim=-1)
         return F.normalize(self.readout(self.dropout(h)), dim=-1)
 
-    # -- backends ------------------------------------------------------------------------------------------
-
-    def _dense(self, nodes: ProjectedTokens, mask: Tensor, layout: DenseLayout) -> tuple[Tensor, list[Tensor]]:
-        """A one-layer model never materialises the projected nodes; deeper ones need them for the skip."""
-        conv_fn = DENSE_CONVS[self.config.gnn]
-        x: NodeFeatures = nodes if len(self.convs) == 1 else MaterialisedNodes(nodes.project())
-        attention = []
-        for layer, conv in enumerate(self.convs):
-            last = layer == len(self.convs) - 1
-            out = conv_fn(conv, x, mask, layout, need_all=not last)
-            attention.append(out.attention)
-            if last:
-                return self._block(layer, out.cls, x.cls(layout.cls_pos)), attention
-            x = MaterialisedNodes(self._block(layer, out.all, x.x))
-        raise AssertionError("unreachable")
+    # -- the torch_geometric path --------------------------------------------------------------------------
 
     def _pyg_conv(self, conv, x: Tensor, graph: GraphBatch) -> tuple[Tensor, Tensor]:
         """One torch_geometric conv on the full graph; returns (out, per-edge weights [E, H])."""
@@ -219,14 +197,17 @@ class HadaEncoder(nn.Module):
                                return_attention_weights=True)
         return out, alpha
 
-    def _pyg(self, x: Tensor, mask: Tensor, lengths: list[Tensor], layout: DenseLayout):
+    def _pyg(self, x: Tensor, mask: Tensor, lengths: list[Tensor], cls_pos: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The CLS nodes after the last block [B, K, width] and each layer's attention [B, K, H, N], from
+        torch_geometric's convolutions on every node and edge of the batched graph (``x``: projected tokens on
+        the padded node axis, whose backbone k starts at ``cls_pos[k]``)."""
         graph = batch_graphs(lengths, self.edge_weights, device=x.device)
         h = x[mask]  # node order: sample, backbone, token == hada.model.graph's order
         B, N = mask.shape
         H = self.convs[0].heads if self.config.gnn != "gcn" else 1
         src, dst = graph.edge_index
         to_cls = graph.node_token[dst] == 0
-        src_pos = layout.cls_pos[graph.node_backbone[src[to_cls]]] + graph.node_token[src[to_cls]]
+        src_pos = cls_pos[graph.node_backbone[src[to_cls]]] + graph.node_token[src[to_cls]]
         where = (graph.batch[dst[to_cls]], graph.node_backbone[dst[to_cls]], src_pos)
         attention = []
         for layer, conv in enumerate(self.convs):
@@ -249,23 +230,24 @@ class HadaEncoder(nn.Module):
         """
         self._check(batch)
         device = batch.tokens[0].device
+        cls_pos, node_backbone, node_token = padded_nodes(tuple(t.shape[1] for t in batch.tokens), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            nodes, mask = ProjectedTokens(batch.tokens, self.proj), self._mask(batch)
-            layout = _dense_layout(tuple(t.shape[1] for t in batch.tokens), self.edge_weights, device)
+            mask = self._mask(batch)
             if self.config.resolve_backend(backend) == "dense":
-                cls, attention = self._dense(nodes, mask, layout)
+                cls, attention = fast.encode_cls(self, batch.tokens, mask)
             else:
-                cls, attention = self._pyg(nodes.project(), mask, batch.lengths, layout)
+                x = torch.cat([proj(t) for proj, t in zip(self.proj, batch.tokens)], dim=1)
+                cls, attention = self._pyg(x, mask, batch.lengths, cls_pos)
         with torch.autocast(device.type, enabled=False):  # readout and L2 norm in float32
-            out = self._readout(_full(cls), batch.embeds)
+            out = self._readout(cls, batch.embeds)
         if not return_attention:
             return out
-        return out, {"attention": attention, "node_backbone": layout.node_backbone,
-                     "node_token": layout.node_token, "node_mask": mask}
+        return out, {"attention": attention, "node_backbone": node_backbone, "node_token": node_token,
+                     "node_mask": mask}
 
 
 class HadaPair(nn.Module):
-    """Image and text HADA encoders of the same shape (separate weights, DESIGN section 1)."""
+    """Image and text HADA encoders of the same shape (separate weights, as in the paper)."""
 
     def __init__(self, config: ModelConfig, dims: FeatureDims):
         super().__init__()

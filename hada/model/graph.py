@@ -1,4 +1,4 @@
-"""HADA's node graph: typed, weighted, directed edges between the tokens of K backbones (DESIGN section 1).
+"""HADA's node graph: typed, weighted, directed edges between the tokens of K backbones.
 
 One sample (an image or a caption) has, for each backbone k, ``counts[k]`` nodes: its CLS (pooled) token
 first, then its feature tokens. Nodes are ordered backbone 0's, then backbone 1's, and so on. Edges:
@@ -19,7 +19,7 @@ With ``directed=False`` every ``fc``/``fcx`` edge also gets its reverse, with th
 (``cc``, ``ffx`` and self loops are already symmetric).
 
 The topology depends only on the count tuple, so one template per tuple is cached and a batch is built by
-offsetting templates with tensor ops (DESIGN section 2: no per-sample Python).
+offsetting templates with tensor ops (no per-sample Python).
 """
 
 from __future__ import annotations
@@ -155,6 +155,16 @@ def _node_layout(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     sizes = counts.sum(1)
     ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
     return ptr, block // K, block % K, node_token, block_start.view(B, K)
+
+
+@lru_cache(maxsize=256)
+def padded_nodes(sizes: tuple[int, ...], device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+    """(cls_pos [K], node_backbone [N], node_token [N]) of a batch's padded node axis, whose backbone k holds
+    ``sizes[k]`` nodes (CLS first, backbones concatenated). Constants of the sizes: cached, and built outside
+    inference mode so that a copy cached during evaluation can be saved for backward later."""
+    with torch.inference_mode(False):
+        _, _, node_backbone, node_token, starts = _node_layout(torch.tensor([list(sizes)], dtype=torch.long))
+        return starts[0].to(device), node_backbone.to(device), node_token.to(device)
 
 
 def batch_graphs(lengths_per_backbone: Sequence[Tensor] | Tensor,

@@ -1,5 +1,5 @@
-"""The dense backend of :class:`hada.model.encoder.HadaEncoder`: the published graph on padded tensors, computing only
-what is read (DESIGN 2b).
+"""The dense backend: the published graph on padded ``[batch, nodes, width]`` tensors, computing only what is
+read (the K CLS nodes). :func:`hada.model.fast.encode_cls` is its entry point.
 
 In the published graph (directed, no feature-feature edges) a feature node receives only its self loop, so
 its update is a per-node transform that nothing reads after the last layer: attention is computed for the K
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hada.model.graph import EdgeWeights
+from hada.config import EdgeWeights
+from hada.model.graph import padded_nodes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,9 +195,7 @@ class DenseLayout:
     @classmethod
     def build(cls, sizes: list[int], weights: EdgeWeights, device) -> "DenseLayout":
         K = len(sizes)
-        node_backbone = torch.repeat_interleave(torch.arange(K), torch.tensor(sizes)).to(device)
-        starts = torch.tensor([sum(sizes[:k]) for k in range(K)], device=device)
-        node_token = torch.arange(sum(sizes), device=device) - starts[node_backbone]
+        starts, node_backbone, node_token = padded_nodes(tuple(sizes), device)
         own = node_backbone[None, :] == torch.arange(K, device=device)[:, None]
         is_cls = (node_token == 0)[None, :]
         w = torch.where(own, weights.w_fc, weights.w_fcx)
@@ -210,7 +209,7 @@ class DenseLayout:
 
 
 @lru_cache(maxsize=256)
-def _dense_layout(sizes: tuple[int, ...], weights: EdgeWeights, device: torch.device) -> DenseLayout:
+def dense_layout(sizes: tuple[int, ...], weights: EdgeWeights, device: torch.device) -> DenseLayout:
     """Layouts are constants of the padded sizes: build each once (saves small host->device copies).
     Built outside inference mode, so a layout cached during evaluation can be saved for backward later."""
     with torch.inference_mode(False):

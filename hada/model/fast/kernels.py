@@ -32,6 +32,14 @@ _JIT = dict(cache=True, fastmath=True, nogil=True, boundscheck=False)
 
 
 @numba.njit(**_JIT)
+def _sizes(q, xls, att, consts):  # pragma: no cover - compiled
+    """(B, K, M, H, C, negative slope, one, zero) of the kernels' arguments; the constants in their dtype."""
+    H, C = att.shape
+    one = consts[1]
+    return q.shape[0], q.shape[1], len(xls), H, C, consts[0], one, one - one
+
+
+@numba.njit(**_JIT)
 def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts,
                             alpha, out):  # pragma: no cover - compiled
     """Fill ``alpha`` [B, K, N, H] and ``out`` [B, K, H*C] from q, q_cls [B, K, M, H*C], att [H, C] and the
@@ -41,12 +49,8 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
     ``offsets[m, b] + lengths[m, b]``, its CLS first; ``starts[m]`` is backbone m's first position on alpha's
     padded node axis. ``consts`` = (negative slope, 1) in the arrays' dtype, so that no literal promotes
     float32 arithmetic to float64."""
-    B, K = q.shape[0], q.shape[1]
-    M = len(xls)
-    H, C = att.shape
+    B, K, M, H, C, s, one, zero = _sizes(q, xls, att, consts)
     HC = H * C
-    s, one = consts[0], consts[1]
-    zero = one - one
     top, total = np.empty(H, dtype=out.dtype), np.empty(H, dtype=out.dtype)
     qb = np.empty((2, HC), dtype=out.dtype)  # q + bias for the block's CLS token (0) and other tokens (1)
     block_sum = np.empty((M, H), dtype=out.dtype)  # each block's share of the attention, per head
@@ -109,12 +113,8 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
     for everything else with the targets innermost, so that each dxl row is written once. The channel loops
     run over a flat row (datt, the score grad and dq in one, dxl in the next), which LLVM vectorises; one loop
     per head updating dxl, dq and datt at once measured ~5x slower."""
-    B, K = q.shape[0], q.shape[1]
-    M = len(xls)
-    H, C = att.shape
+    B, K, M, H, C, s, one, zero = _sizes(q, xls, att, consts)
     HC = H * C
-    s, one = consts[0], consts[1]
-    zero = one - one
     att_flat, datt_flat = att.reshape(HC), datt.reshape(HC)
     gz = np.empty(HC, dtype=d_out.dtype)  # per channel: a head's d score, then d score / d z
     ga = np.empty(HC, dtype=d_out.dtype)  # per channel: its head's alpha
