@@ -2,14 +2,14 @@
 
 The book trains about a dozen HADA variants on 2 CPU cores, so the time of one epoch of the default
 configuration (train split of the embedded data: 15,000 caption-image pairs, batch 64, momentum encoders,
-queue and ITM on) decides how long the book takes. Levers, each a :class:`~hada.train.TrainConfig` field
+queue and ITM on) decides how long the book takes. Levers, each a setting of :class:`~hada.config.TrainConfig`
 or a process setting:
 
 * ``precision``: ``fp32`` or ``bf16`` (the encoders' matrix products under bfloat16 autocast);
 * ``head_dim``: channels per GATv2 head; ``W`` = width (the paper: 4 heads x 512 concatenated), or
   width / heads;
 * ``threads``: torch CPU threads (``HADA_THREADS``, ``hada train --threads``);
-* ``fused``: torch's fused AdamW (``fused_optimizer``). ``before`` = all levers off (fp32, head_dim =
+* ``fused``: torch's fused AdamW (``optim.fused``). ``before`` = all levers off (fp32, head_dim =
   width, per-tensor AdamW); the GATv2 kernel itself is the current one in every row.
 
 Method: one worker process per thread count, because OpenMP threads cannot be changed inside a process
@@ -57,7 +57,7 @@ class Row:
     head_dim: int | None
 
     def overrides(self) -> dict:
-        return {"precision": self.precision, "head_dim": self.head_dim, "fused_optimizer": self.fused}
+        return {"precision": self.precision, "head_dim": self.head_dim, "fused": self.fused}
 
 
 def default_rows(threads: list[int]) -> list[Row]:
@@ -117,23 +117,24 @@ def worker(spec: dict) -> dict:
     import numpy as np
 
     from hada.features.batching import FeatureData, PairLoader, compute_stats
-    from hada.train import TrainConfig, TrainedModel, build_objective, feature_dims
+    from hada.config import recipe
+    from hada.train import TrainedModel, build_objective, feature_dims
 
     train_splits, source = load_splits("train", spec["source"])
     val_splits, _ = load_splits("val", spec["source"])
     stats = compute_stats(train_splits)
     train_data, val_data = FeatureData(train_splits, stats), FeatureData(val_splits, stats)
     dims = feature_dims(train_splits)
-    base = TrainConfig(backbones=list(BACKBONES))
+    base = recipe("miniature", backbones=list(BACKBONES))
     rows = []
     for r in spec["rows"]:
-        cfg = TrainConfig(**{**base.to_dict(), **Row(**r).overrides()})
+        cfg = base.override(**Row(**r).overrides())
         torch.manual_seed(0)
         objective = build_objective(cfg, dims)
         params = [p for p in objective.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                fused=True if cfg.fused_optimizer else None)
-        loader = PairLoader(train_data, cfg.batch_size, rng=np.random.default_rng(0))
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                fused=True if cfg.optim.fused else None)
+        loader = PairLoader(train_data, cfg.optim.batch_size, rng=np.random.default_rng(0))
         rows.append({"row": r, "cfg": cfg, "objective": objective, "opt": opt, "batches": iter(loader),
                      "n_batches": len(loader), "steps": [], "cpu": []})
 

@@ -1,4 +1,5 @@
-"""Training throughput of HADA's dense backend vs a per-sample torch_geometric reference (DESIGN 2b).
+"""Training throughput of HADA's dense backend vs a per-sample torch_geometric reference (the published graph
+sends features only to CLS nodes, so the dense backend computes just the K CLS rows that are read).
 
 One training step = forward of the image and text encoders, a symmetric InfoNCE loss, backward, and the
 fused AdamW step hada.train uses. Paths, all on the same model (same parameter tensors) and the same random
@@ -37,10 +38,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hada.book import BOOK_MODEL
+from hada.config import ModelConfig, cpu_has_bf16, recipe
 from hada.model.graph import build_edges
-from hada.model.encoder import HadaConfig, HadaEncoder, HadaPair, ModalityBatch
-from hada.train import cpu_has_bf16
+from hada.model.encoder import FeatureDims, HadaEncoder, HadaPair, ModalityBatch
+
 from tables import markdown_table
 
 
@@ -58,10 +59,10 @@ class Shape:
     heads: int = 4
     head_dim: int | None = None  # None: the paper's width channels per head
 
-    def config(self, gnn: str = "gatv2", precision: str = "fp32") -> HadaConfig:
-        return HadaConfig(image_token_dims=self.image_dims, text_token_dims=self.text_dims,
-                          embed_dims=self.embed_dims, width=self.width, out_dim=self.width, heads=self.heads,
-                          head_dim=self.head_dim, gnn=gnn, dropout=0.0, precision=precision)
+    def config(self, gnn: str = "gatv2", precision: str = "fp32") -> tuple[ModelConfig, FeatureDims]:
+        model = ModelConfig(width=self.width, out_dim=self.width, heads=self.heads, head_dim=self.head_dim, gnn=gnn,
+                            dropout=0.0, precision=precision)
+        return model, FeatureDims(self.image_dims, self.text_dims, self.embed_dims, self.embed_dims)
 
     def describe(self) -> str:
         text = ", ".join(f"{lo}-{hi}" for lo, hi in self.text_tokens)
@@ -70,13 +71,15 @@ class Shape:
                 f"{self.heads} heads x {self.head_dim or self.width} channels")
 
 
+BOOK = recipe("miniature").model  # the model the book trains
+
 SHAPES = {
     # the embedded default as the book trains it: the feature stores of tiny-vit and tiny-rn (hada.features.store;
-    # caption lengths 6 to 51 and 6 to 24 tokens) and the book's model (hada.book.BOOK_MODEL: width 128,
+    # caption lengths 6 to 51 and 6 to 24 tokens) and the book's model (the miniature recipe of hada.config: width 128,
     # 4 heads x 32 channels)
     "embedded": Shape("embedded", (65, 10), ((6, 51), (6, 24)), (128, 384), (128, 96), (128, 128),
-                      BOOK_MODEL["width"], BOOK_MODEL["heads"], BOOK_MODEL["head_dim"]),
-    # the paper (DESIGN 2b): ViT-B/16 at 384 px = 577 tokens of 768-d per backbone, ~30 text tokens,
+                      BOOK.width, BOOK.heads, BOOK.head_dim),
+    # the paper: ViT-B/16 at 384 px = 577 tokens of 768-d per backbone, ~30 text tokens,
     # width 512, 4 heads x 512 channels
     "paper": Shape("paper", (577, 577), ((20, 40), (20, 40)), (768, 768), (768, 768), (256, 768), 512),
 }
@@ -208,7 +211,7 @@ def run_setting(shape: Shape, batch: int, device: str, paths: list[Path], steps:
                 gnn: str = "gatv2", seed: int = 0) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    pair = HadaPair(shape.config(gnn)).to(device)
+    pair = HadaPair(*shape.config(gnn)).to(device)
     images = random_batch(shape, batch, "image", gen).to(device)
     texts = random_batch(shape, batch, "text", gen).to(device)
     diff = check_paths_agree(pair, images, texts, sorted({p.kind for p in paths}))

@@ -1,14 +1,19 @@
-"""Experiments the book runs beside HADA: the baseline rows of the results table and the concatenation +
-linear run they include. A run's identity, folder and train-or-load live in :mod:`hada.runs`.
+"""The experiments as data: a chapter's resolved parameters (:class:`Setting`), the configuration of every run the
+book trains (results for K = 2 and 3, the ablations), and the baseline rows of the results table. Both the chapters
+and ``hada prepare`` read their runs from here, so they cannot disagree. A run's identity, folder and train-or-load
+live in :mod:`hada.runs`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
 from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
+from hada.errors import HadaError
 from hada.io import write_json
 
 
@@ -63,3 +68,133 @@ def concat_run(dataset: str, backbones, data_root=None, config: TrainConfig | No
 def _short(spec: str) -> str:
     """A backbone spec as a folder-name-safe token."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)[-40:]
+
+
+# ------------------------------------------------------------------------------- a chapter's setting
+FEATURE_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The parameters cell of a chapter, resolved: which data, which backbones, what budget."""
+
+    dataset: str
+    data_root: Path
+    backbones: tuple[str, ...]
+    epochs: int
+    pairs_per_epoch: int | None
+    seed: int
+    counts: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def dataset_label(self) -> str:
+        return "the embedded synthetic data" if self.dataset == "synthetic" else self.dataset
+
+    def backbones_for(self, k: int) -> tuple[str, ...]:
+        if k > len(self.backbones):
+            raise HadaError(f"K={k} needs {k} backbones; this setting has {len(self.backbones)}: "
+                            f"{', '.join(self.backbones)}")
+        return self.backbones[:k]
+
+    def __repr__(self) -> str:
+        return (f"Setting(dataset={self.dataset!r}, root={str(self.data_root)!r}, "
+                f"backbones={list(self.backbones)}, epochs={self.epochs}, seed={self.seed})")
+
+
+def _parse_backbones(backbones) -> tuple[str, ...]:
+    from hada.backbones import EMBEDDED_BACKBONES
+
+    if backbones in (None, "", "default"):
+        return tuple(EMBEDDED_BACKBONES)
+    if isinstance(backbones, str):
+        backbones = [b.strip() for b in backbones.split(",") if b.strip()]
+    if len(backbones) < 2:
+        raise HadaError(f"HADA fuses at least two backbones; got {list(backbones)}")
+    return tuple(backbones)
+
+
+def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
+            pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
+    """The chapter parameters as a ``Setting``, checking the data (one clear error if it is missing).
+
+    Generates the embedded synthetic set when it is the dataset and missing; trains and extracts nothing.
+    The defaults are every chapter's parameters cell (a test keeps them equal), so ``hada prepare`` with
+    no options makes exactly what the chapters read.
+    """
+    from hada.data import synthetic as synth
+    from hada.data.datasets import default_root, load_dataset
+
+    root = Path(data_root).expanduser() if data_root else default_root(dataset)
+    if dataset == "synthetic" and data_root is None:
+        synth.generate(root)
+    ds = load_dataset(dataset, root)
+    names = _parse_backbones(backbones)
+    pairs = None if pairs_per_epoch in (None, "", "None", 0) else int(pairs_per_epoch)
+    return Setting(dataset, root, names, int(epochs), pairs, int(seed), counts=ds.counts())
+
+
+#: The recipe every chapter trains (``hada.config.RECIPES``), with the chapter's data, budget and seed applied.
+BOOK_RECIPE = "miniature"
+
+
+def base_config(setting: Setting, k: int = 2, **overrides):
+    """The book's default HADA configuration for the first ``k`` backbones (chapter parameters applied);
+    ``overrides`` by a setting's own name (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``)."""
+    from hada.config import recipe
+
+    chapter = {"data": {"dataset": setting.dataset, "data_root": data_root_arg(setting),
+                        "backbones": list(setting.backbones_for(k))},
+               "optim": {"epochs": setting.epochs, "pairs_per_epoch": setting.pairs_per_epoch},
+               "seed": setting.seed}
+    return recipe(BOOK_RECIPE, chapter, **overrides)
+
+
+def data_root_arg(setting: Setting):
+    from hada.data.datasets import default_root
+
+    return None if setting.data_root == default_root(setting.dataset) else str(setting.data_root)
+
+
+def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
+    """``(run name, TrainConfig)`` of the two runs ``results`` trains: concat + linear, and HADA."""
+    config = base_config(setting, k)
+    concat_config, concat_name = concat_run(setting.dataset, list(setting.backbones_for(k)), data_root_arg(setting),
+                                            config)
+    return [(concat_name, concat_config), (f"hada-k{k}", config)]
+
+
+#: One change each against the default K=2 model, same budget and seed: the ablation chapter's rows.
+ABLATIONS: tuple[tuple[str, int, dict], ...] = (
+    ("default (GATv2, paper weights)", 2, {}),
+    ("GNN: GCN", 2, {"gnn": "gcn"}),
+    ("GNN: TransformerConv", 2, {"gnn": "transformer"}),
+    ("all edge weights = 1", 2, {"w_fc": 1.0, "w_fcx": 1.0, "w_cc": 1.0, "w_self": 1.0}),
+    ("without ITM", 2, {"itm": False}),
+    ("without mix weight (w = 0)", 2, {"mix": False}),
+    ("without momentum encoders and queue", 2, {"use_momentum": False, "queue_size": 0}),
+    ("two GNN layers", 2, {"layers": 2}),
+    ("K = 3 backbones", 3, {}),
+)
+
+
+def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, object]]:
+    """``(label, run name, TrainConfig)`` of every variant this setting has the backbones for."""
+    runs = []
+    for label, k, overrides in variants:
+        if k > len(setting.backbones):
+            continue
+        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
+        runs.append((label, name, base_config(setting, k, **overrides)))
+    return runs
+
+
+def book_runs(setting: Setting) -> list[tuple[str, object]]:
+    """Every training run the chapters read (results for K=2 and K=3, the ablations), each once: what
+    ``hada prepare`` trains ahead of a build."""
+    runs = [run for k in (2, 3) if k <= len(setting.backbones) for run in result_runs(setting, k)]
+    runs += [(name, config) for _, name, config in ablation_runs(setting)]
+    unique: dict = {}
+    for name, config in runs:
+        unique.setdefault((name, json.dumps(config.resolved().to_dict(), sort_keys=True)), (name, config))
+    return list(unique.values())
+

@@ -242,7 +242,7 @@ def _pretrain(name: str) -> None:
 
 
 def _features(dataset: str, data_root: str, spec: str) -> None:
-    from hada.book import FEATURE_SPLITS
+    from hada.experiments import FEATURE_SPLITS
     from hada.features.store import ensure_features
 
     ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER)
@@ -256,11 +256,11 @@ def _train(config: dict, name: str) -> None:
 
 
 def book_steps(setting, runs: bool = True) -> list[Step]:
-    """The steps behind a ``hada.book.Setting``: pretrain its embedded backbones, extract every backbone's
-    features, and (``runs``) train every run the chapters read (``hada.book.book_runs``)."""
+    """The steps behind a ``hada.experiments.Setting``: pretrain its embedded backbones, extract every backbone's
+    features, and (``runs``) train every run the chapters read (``hada.experiments.book_runs``)."""
     from hada.backbones import EMBEDDED_BACKBONES
     from hada.backbones.spec import resolve_spec
-    from hada.book import book_runs
+    from hada.experiments import book_runs
 
     steps = []
     for spec in setting.backbones:

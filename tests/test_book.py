@@ -93,9 +93,9 @@ def _parameters(chapter: str) -> dict:
 
 
 def test_chapter_parameters_are_what_hada_prepare_makes():
-    """`hada prepare` without options makes what `hada.book.resolve`'s defaults describe; every chapter's
+    """`hada prepare` without options makes what `hada.experiments.resolve`'s defaults describe; every chapter's
     parameters cell must use the same values, or a build would train (or miss) runs itself."""
-    from hada.book import resolve
+    from hada.experiments import resolve
 
     defaults = {k: v.default for k, v in inspect.signature(resolve).parameters.items()}
     for chapter in CHAPTERS:

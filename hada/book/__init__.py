@@ -5,87 +5,12 @@ runs under ``data/``), so chapters can run in any order, alone (papermill), or a
 
 from __future__ import annotations
 
-import html
-import json
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from hada.errors import HadaError
+from hada.experiments import ABLATIONS, Setting, ablation_runs, base_config, data_root_arg, resolve
 
 # Libraries import tqdm.auto, which warns in a kernel without ipywidgets; our own bars are plain text.
 warnings.filterwarnings("ignore", message="IProgress not found")
-
-FEATURE_SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """The parameters cell of a chapter, resolved: which data, which backbones, what budget."""
-
-    dataset: str
-    data_root: Path
-    backbones: tuple[str, ...]
-    epochs: int
-    pairs_per_epoch: int | None
-    seed: int
-    counts: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def dataset_label(self) -> str:
-        return "the embedded synthetic data" if self.dataset == "synthetic" else self.dataset
-
-    def backbones_for(self, k: int) -> tuple[str, ...]:
-        if k > len(self.backbones):
-            raise HadaError(f"K={k} needs {k} backbones; this setting has {len(self.backbones)}: "
-                            f"{', '.join(self.backbones)}")
-        return self.backbones[:k]
-
-    def _repr_html_(self) -> str:
-        rows = [("dataset", f"{self.dataset} ({self.data_root})"),
-                ("backbones (first = main)", ", ".join(self.backbones)),
-                ("training budget", f"{self.epochs} epochs of {self.pairs_per_epoch or 'all'} pairs, "
-                                    f"seed {self.seed}")]
-        rows += [(f"{split} split", f"{c['images']:,} images, {c['captions']:,} captions")
-                 for split, c in self.counts.items() if c["images"]]
-        body = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td></tr>" for a, b in rows)
-        return f'<table class="hada-table">{body}</table>'
-
-    def __repr__(self) -> str:
-        return (f"Setting(dataset={self.dataset!r}, root={str(self.data_root)!r}, "
-                f"backbones={list(self.backbones)}, epochs={self.epochs}, seed={self.seed})")
-
-
-def _parse_backbones(backbones) -> tuple[str, ...]:
-    from hada.backbones import EMBEDDED_BACKBONES
-
-    if backbones in (None, "", "default"):
-        return tuple(EMBEDDED_BACKBONES)
-    if isinstance(backbones, str):
-        backbones = [b.strip() for b in backbones.split(",") if b.strip()]
-    if len(backbones) < 2:
-        raise HadaError(f"HADA fuses at least two backbones; got {list(backbones)}")
-    return tuple(backbones)
-
-
-def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
-            pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
-    """The chapter parameters as a ``Setting``, checking the data (one clear error if it is missing).
-
-    Generates the embedded synthetic set when it is the dataset and missing; trains and extracts nothing.
-    The defaults are every chapter's parameters cell (a test keeps them equal), so ``hada prepare`` with
-    no options makes exactly what the chapters read.
-    """
-    from hada.data import synthetic as synth
-    from hada.data.datasets import default_root, load_dataset
-
-    root = Path(data_root).expanduser() if data_root else default_root(dataset)
-    if dataset == "synthetic" and data_root is None:
-        synth.generate(root)
-    ds = load_dataset(dataset, root)
-    names = _parse_backbones(backbones)
-    pairs = None if pairs_per_epoch in (None, "", "None", 0) else int(pairs_per_epoch)
-    return Setting(dataset, root, names, int(epochs), pairs, int(seed), counts=ds.counts())
 
 
 def setup(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
@@ -101,6 +26,13 @@ def setup(dataset: str = "synthetic", data_root=None, backbones="default", epoch
     setting = resolve(dataset, data_root, backbones, epochs, pairs_per_epoch, seed)
     run_steps(book_steps(setting, runs=False), jobs=1, progress=False, log=lambda msg: None)
     return setting
+
+
+def setting_table(setting: Setting):
+    """The chapter's parameters as resolved: data, backbones, budget and split sizes."""
+    from hada.book.tables import setting_table as table
+
+    return table(setting)
 
 
 def split_counts(setting: Setting):
@@ -148,43 +80,13 @@ def edge_weight_table(setting: Setting | None = None):
 
 
 # ------------------------------------------------------------------------------------ training runs
-#: The recipe every chapter trains (``hada.config.RECIPES``), with the chapter's data, budget and seed applied.
-BOOK_RECIPE = "miniature"
-
-
-def base_config(setting: Setting, k: int = 2, **overrides):
-    """The book's default HADA configuration for the first ``k`` backbones (chapter parameters applied);
-    ``overrides`` by a setting's own name (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``)."""
-    from hada.config import recipe
-
-    chapter = {"data": {"dataset": setting.dataset, "data_root": _root_arg(setting),
-                        "backbones": list(setting.backbones_for(k))},
-               "optim": {"epochs": setting.epochs, "pairs_per_epoch": setting.pairs_per_epoch},
-               "seed": setting.seed}
-    return recipe(BOOK_RECIPE, chapter, **overrides)
-
-
-def _root_arg(setting: Setting):
-    from hada.data.datasets import default_root
-
-    return None if setting.data_root == default_root(setting.dataset) else str(setting.data_root)
 
 
 def train_hada(setting: Setting, k: int = 2, **overrides):
     """Train (or load the cached) default HADA run for K backbones; returns a ``RunResult``."""
-    from hada.experiments import run_experiment
+    from hada.runs import run_experiment
 
     return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
-
-
-def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
-    """``(run name, TrainConfig)`` of the two runs ``results`` trains: concat + linear, and HADA."""
-    from hada.experiments import concat_run
-
-    config = base_config(setting, k)
-    concat_config, concat_name = concat_run(setting.dataset, list(setting.backbones_for(k)), _root_arg(setting),
-                                            config)
-    return [(concat_name, concat_config), (f"hada-k{k}", config)]
 
 
 def results(setting: Setting, k: int = 2):
@@ -193,7 +95,7 @@ def results(setting: Setting, k: int = 2):
     from hada.book.tables import ResultsTable, metric_row
 
     config = base_config(setting, k)
-    rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=_root_arg(setting),
+    rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=data_root_arg(setting),
                           config=config)
     run = train_hada(setting, k)
     rows.append(metric_row(f"HADA (K={k})", run.test_metrics, kind="hada"))
@@ -213,42 +115,19 @@ def backbone_table(setting: Setting):
     from hada.experiments import baseline_table
     from hada.book.tables import ResultsTable
 
-    rows = baseline_table(setting.dataset, list(setting.backbones), "test", data_root=_root_arg(setting),
+    rows = baseline_table(setting.dataset, list(setting.backbones), "test", data_root=data_root_arg(setting),
                           concat=False, config=base_config(setting, len(setting.backbones)))
     return ResultsTable([r for r in rows if r["kind"] == "backbone"],
                         caption=f"Each backbone alone, test split of {setting.dataset}")
 
 
 # ------------------------------------------------------------------------------------------ ablations
-#: One change each against the default K=2 model, same budget and seed (DESIGN section 3, chapter 6).
-ABLATIONS: tuple[tuple[str, int, dict], ...] = (
-    ("default (GATv2, paper weights)", 2, {}),
-    ("GNN: GCN", 2, {"gnn": "gcn"}),
-    ("GNN: TransformerConv", 2, {"gnn": "transformer"}),
-    ("all edge weights = 1", 2, {"w_fc": 1.0, "w_fcx": 1.0, "w_cc": 1.0, "w_self": 1.0}),
-    ("without ITM", 2, {"itm": False}),
-    ("without mix weight (w = 0)", 2, {"mix": False}),
-    ("without momentum encoders and queue", 2, {"use_momentum": False, "queue_size": 0}),
-    ("two GNN layers", 2, {"layers": 2}),
-    ("K = 3 backbones", 3, {}),
-)
-
-
-def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, object]]:
-    """``(label, run name, TrainConfig)`` of every variant this setting has the backbones for."""
-    runs = []
-    for label, k, overrides in variants:
-        if k > len(setting.backbones):
-            continue
-        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
-        runs.append((label, name, base_config(setting, k, **overrides)))
-    return runs
 
 
 def ablations(setting: Setting, variants=ABLATIONS):
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
     from hada.book.tables import AblationTable, metric_row
-    from hada.experiments import run_experiment
+    from hada.runs import run_experiment
 
     rows = []
     for label, name, config in ablation_runs(setting, variants):
@@ -257,17 +136,6 @@ def ablations(setting: Setting, variants=ABLATIONS):
     for row in rows:
         row["delta"] = row["rsum"] - rows[0]["rsum"]
     return AblationTable(rows)
-
-
-def book_runs(setting: Setting) -> list[tuple[str, object]]:
-    """Every training run the chapters read (results for K=2 and K=3, the ablations), each once: what
-    ``hada prepare`` trains ahead of a build."""
-    runs = [run for k in (2, 3) if k <= len(setting.backbones) for run in result_runs(setting, k)]
-    runs += [(name, config) for _, name, config in ablation_runs(setting)]
-    unique: dict = {}
-    for name, config in runs:
-        unique.setdefault((name, json.dumps(config.resolved().to_dict(), sort_keys=True)), (name, config))
-    return list(unique.values())
 
 
 # --------------------------------------------------------------------------------------- node graphs

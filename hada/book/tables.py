@@ -195,3 +195,14 @@ def zeroshot_table(results: Mapping[str, dict], title: str = "") -> Table:
     caption = "\n".join(line for line in (title, note) if line)
     return Table(rows, columns=(("name", "backbone"),) + METRIC_COLUMNS + tuple((k, k) for k in kinds),
                  caption=caption)
+
+
+def setting_table(setting) -> Table:
+    """A chapter's resolved parameters (a ``hada.experiments.Setting``): data, backbones, budget, split sizes."""
+    rows = [{"name": "dataset", "value": f"{setting.dataset} ({setting.data_root})"},
+            {"name": "backbones (first = main)", "value": ", ".join(setting.backbones)},
+            {"name": "training budget", "value": f"{setting.epochs} epochs of {setting.pairs_per_epoch or 'all'} "
+                                                 f"pairs, seed {setting.seed}"}]
+    rows += [{"name": f"{split} split", "value": f"{c['images']:,} images, {c['captions']:,} captions"}
+             for split, c in setting.counts.items() if c["images"]]
+    return Table(rows, columns=(("name", "setting"), ("value", "value")))

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _resolve():
-    from hada.book import resolve
+    from hada.experiments import resolve
 
     return resolve
 
