@@ -166,7 +166,7 @@ def backbone_token_labels(specs: Sequence[str]) -> list[Callable[[str], list[str
 # ----------------------------------------------------------------------------------------- example choice
 def top_captions(similarity, n_captions: int | None = None, max_block_elements: int = 1 << 24) -> np.ndarray:
     """Index of each image's top-1 retrieved caption (image -> text), in row stripes of bounded memory."""
-    from hada.evaluate import as_similarity
+    from hada.metrics import as_similarity
 
     src = as_similarity(similarity, n_captions=n_captions)
     n_img, n_cap = src.shape

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hada.errors import HadaError
-from hada.evaluate import EmbeddingSimilarity, retrieval_metrics
+from hada.metrics import EmbeddingSimilarity, retrieval_metrics
 
 
 class ConcatEncoder(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +376,3 @@ def _at_least_one(obj, *names: str) -> None:
         if value is not None and value < 1:
             raise HadaError(f"{name} must be >= 1, got {value}")
 
-
-def default_of(f) -> Any:
-    """A field's default value (its factory called when it has one)."""
-    return f.default_factory() if f.default is MISSING else f.default

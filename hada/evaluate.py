@@ -1,8 +1,7 @@
 """Scoring trained encoders: embed a split, and record results the way CLIP_benchmark does.
 
 The recalls themselves (and the similarity sources they read) live in :mod:`hada.metrics`, the one recall
-function every caller uses; they are imported here too because ``hada.evaluate`` is where a reader looks
-for them.
+function every caller uses.
 """
 
 from __future__ import annotations
@@ -10,18 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hada.metrics import (  # noqa: F401  (the scoring API, re-exported)
-    KS,
-    METRIC_KEYS,
-    DenseSimilarity,
-    EmbeddingSimilarity,
-    FunctionSimilarity,
-    SimilaritySource,
-    as_similarity,
-    metrics_from_ranks,
-    retrieval_metrics,
-    retrieval_ranks,
-)
 
 
 # ------------------------------------------------------------------------------- embedding a split

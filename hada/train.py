@@ -113,7 +113,8 @@ class TrainedModel:
 
     def similarity(self, data):
         """Inference similarity on a split: ``(1 - w) cos_HADA + w cos_main`` as a SimilaritySource."""
-        from hada.evaluate import EmbeddingSimilarity, embed_split
+        from hada.evaluate import embed_split
+        from hada.metrics import EmbeddingSimilarity
 
         img, txt = embed_split(self.pair, data, self.config.data.eval_batch_size)
         w_hada, w_main = self.objective.inference_weights()
@@ -121,7 +122,7 @@ class TrainedModel:
         return EmbeddingSimilarity([(w_hada, img, txt), (w_main, main_img, main_txt)])
 
     def evaluate(self, data) -> dict:
-        from hada.evaluate import retrieval_metrics
+        from hada.metrics import retrieval_metrics
 
         return retrieval_metrics(self.similarity(data), data.caption_image_index)
 

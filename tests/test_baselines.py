@@ -15,7 +15,7 @@ from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity
 from fixtures.toy_features import toy_splits
 from hada.features.batching import FeatureData, compute_stats
 from hada.cli import main
-from hada.evaluate import retrieval_metrics
+from hada.metrics import retrieval_metrics
 from hada.model.encoder import ModalityBatch
 from hada.paths import runs_dir
 

@@ -9,13 +9,8 @@ import torch
 from hada.book.tables import metrics_table
 from hada.errors import HadaError
 from hada.io import write_json
-from hada.evaluate import (
-    EmbeddingSimilarity,
-    clip_benchmark_record,
-    metrics_from_ranks,
-    retrieval_metrics,
-    retrieval_ranks,
-)
+from hada.evaluate import clip_benchmark_record
+from hada.metrics import EmbeddingSimilarity, metrics_from_ranks, retrieval_metrics, retrieval_ranks
 
 
 def brute_force(sims: np.ndarray, ci: np.ndarray) -> dict:

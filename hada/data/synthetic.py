@@ -610,12 +610,6 @@ def scene_from_json(entry: dict) -> Scene:
     return Scene(entry["background"], objects)
 
 
-def load_scenes(root: Path | None = None) -> dict[int, Scene]:
-    """Image id -> scene, read from a generated dataset's json."""
-    doc = json.loads((_default_root(root) / JSON_NAME).read_text())
-    return {entry["imgid"]: scene_from_json(entry) for entry in doc["images"]}
-
-
 def _default_root(root) -> Path:
     if root is not None:
         return Path(root)
