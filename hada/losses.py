@@ -14,6 +14,12 @@ What the paper (and its public code, built on ALBEF) trains, in one module:
   hard negative each way sampled from the in-batch similarity, binary cross-entropy, weight 1.
   Training only: inference is the mixed cosine (:meth:`HadaObjective.inference_weights`).
 
+Under DDP (:mod:`hada.distributed`) each rank's momentum keys (and ids) of the step are all-gathered, in rank
+order, so a rank's local queries score against the global batch's keys plus the queue, and the queue receives
+every rank's keys and stays identical on every rank (as ALBEF does). Keys carry no gradient, so with the
+gradient averaging of DDP the ITC gradient equals that of one process with the global batch. Hard negatives
+are drawn from the rank's local batch, as in ALBEF. With one process nothing is gathered.
+
 The objective wraps any *pair* module with ``.image`` and ``.text`` encoders mapping a
 ``ModalityBatch`` to L2-normalised embeddings, so the no-graph concatenation baseline
 (:mod:`hada.baselines`) trains with exactly the same loss as HADA.
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hada import distributed
 from hada.config import LossConfig
 
 
@@ -201,12 +208,13 @@ class HadaObjective(nn.Module):
                 img_m, txt_m = self.pair_m.image(image), self.pair_m.text(text)
             else:
                 img_m, txt_m = img.detach(), txt.detach()
+            keys, offset, share = self._batch_keys(img_m, txt_m, img_main, txt_main, image_ids)
             q = self.queue.filled()
-            img_all = torch.cat([img_m, q["image"]])
-            txt_all = torch.cat([txt_m, q["text"]])
-            img_main_all = torch.cat([img_main, q["image_main"]])
-            txt_main_all = torch.cat([txt_main, q["text_main"]])
-            ids_all = torch.cat([image_ids, q["ids"]])
+            img_all = torch.cat([keys[0], q["image"]])
+            txt_all = torch.cat([keys[1], q["text"]])
+            img_main_all = torch.cat([keys[2], q["image_main"]])
+            txt_main_all = torch.cat([keys[3], q["text_main"]])
+            ids_all = torch.cat([keys[4], q["ids"]])
             targets = multi_positive_targets(image_ids, ids_all)
             targets_i2t = targets_t2i = targets
             if cfg.distill:
@@ -224,17 +232,34 @@ class HadaObjective(nn.Module):
         itm = torch.zeros((), device=itc.device)
         itm_acc = float("nan")
         if self.itm_head is not None:
-            itm, itm_acc = self._itm(img, txt, sim_i2t, sim_t2i, image_ids)
+            local = slice(offset, offset + img.shape[0])  # this rank's own columns
+            itm, itm_acc = self._itm(img, txt, sim_i2t[:, local], sim_t2i[:, local], image_ids)
         loss = itc + cfg.itm_weight * itm if self.itm_head is not None else itc
+        if share != 1.0:  # a short last batch split unevenly: weigh each rank by its rows (see _batch_keys)
+            loss, itc, itm = loss * share, itc * share, itm * share
 
-        self.queue.push(img_m, txt_m, img_main, txt_main, image_ids)
+        self.queue.push(*keys)
         return LossOutput(loss=loss, itc=itc.detach(), itm=itm.detach(), itm_accuracy=itm_acc)
 
+    @staticmethod
+    def _batch_keys(*keys: Tensor) -> tuple[list[Tensor], int, float]:
+        """The step's keys of every rank (in rank order), where this rank's rows start among them, and its share.
+
+        DDP averages the ranks' gradients; scaled by ``share = ranks * rows / global rows`` the average of the
+        ranks' mean losses is the mean over the global batch, also when the ranks hold different row counts.
+        """
+        if not distributed.active():
+            return list(keys), 0, 1.0
+        gathered, counts = distributed.all_gather_rows(list(keys))
+        rank = distributed.rank()
+        return gathered, sum(counts[:rank]), len(counts) * counts[rank] / sum(counts)
+
     def _itm(self, img: Tensor, txt: Tensor, sim_i2t: Tensor, sim_t2i: Tensor, ids: Tensor):
+        """ITM on hard negatives; ``sim_*`` [B, B]: the local batch against its own columns."""
         b = img.shape[0]
         positive = ids.view(-1, 1) == ids.view(1, -1)
-        neg_img, valid_t = sample_hard_negatives(sim_t2i[:, :b].detach(), positive)  # per text, an image
-        neg_txt, valid_i = sample_hard_negatives(sim_i2t[:, :b].detach(), positive)  # per image, a text
+        neg_img, valid_t = sample_hard_negatives(sim_t2i.detach(), positive)  # per text, an image
+        neg_txt, valid_i = sample_hard_negatives(sim_i2t.detach(), positive)  # per image, a text
         a = torch.cat([img, img[neg_img[valid_t]], img[valid_i]])
         t = torch.cat([txt, txt[valid_t], txt[neg_txt[valid_i]]])
         labels = torch.cat([torch.ones(b), torch.zeros(int(valid_t.sum()) + int(valid_i.sum()))]).to(img.device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hada import distributed
 from hada.errors import HadaError
 from hada.paths import runs_dir
 from hada import train as _train
@@ -105,10 +106,14 @@ def content_key(payload: dict) -> str:
 
 
 def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
-    """The run's key: configuration + feature manifests + result code digest."""
+    """The run's key: configuration + feature manifests + result code digest (+ the rank count under DDP, where
+    the global batch is the per-rank batch times the ranks)."""
     config = config.resolved()
     fingerprint = features_fingerprint(config) if fingerprint is None else fingerprint
-    return content_key({"config": config.to_dict(), "features": fingerprint})
+    payload = {"config": config.to_dict(), "features": fingerprint}
+    if distributed.world_size() > 1:
+        payload["ranks"] = distributed.world_size()
+    return content_key(payload)
 
 
 def run_folder(config: TrainConfig, name: str, fingerprint: dict | None = None) -> Path:
@@ -220,17 +225,19 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     config = config.resolved()
     fingerprint = features_fingerprint(config)
     run_dir = run_folder(config, name, fingerprint)
-    if restart and run_dir.exists():
+    if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
+    distributed.barrier()  # under torchrun: rank 0 alone writes the folder
     if (run_dir / "metrics.json").exists():
         return load_result(name, run_dir)
-    if (run_dir / "checkpoint.pt").exists():
+    if (run_dir / "checkpoint.pt").exists() and distributed.is_main():
         history = run_dir / "history.json"
         done = len(json.loads(history.read_text())) if history.exists() else "?"
         log(f"resuming {run_dir.name} after epoch {done} from its checkpoint (exact: the same numbers as an "
             "uninterrupted run)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "features.json", fingerprint)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "features.json", fingerprint)
     stats = _stats(config)
     data = {split: shared_data(config, split, stats) for split in run_splits(config)}
     _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads)

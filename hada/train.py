@@ -10,6 +10,17 @@ and the early-stopping state. Resuming from it gives exactly the run an uninterr
 A run folder holds ``config.json``, ``stats.json`` (train feature statistics), ``history.json`` (one
 entry per epoch, for the book's curves), ``checkpoint.pt``, ``best.pt`` and, once finished,
 ``metrics.json`` (validation and test metrics of the best epoch).
+
+**Many processes (DDP).** Launched by torchrun, the same call trains with DistributedDataParallel::
+
+    torchrun --standalone --nproc_per_node N -m hada train --batch-size B ...   # one machine, N GPUs (or CPUs)
+
+``batch_size`` is per process: the global batch is ``B x N`` and the ranks take contiguous slices of the very
+batches one process with batch ``B x N`` would draw (:class:`~hada.features.batching.PairLoader`). The momentum
+queue receives every rank's keys (:mod:`hada.losses`), so it is the same on every rank. Rank 0 validates, keeps
+the best model and writes the run folder; the other ranks wait for it and then read its decisions (early
+stopping). NCCL on CUDA, gloo on a CPU; without torchrun's environment nothing of this runs and the numbers are
+those of a plain single process. A checkpoint records the number of ranks and resumes only with the same number.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hada import distributed
 from hada.config import TrainConfig
 from hada.errors import HadaError
 from hada.io import progress_enabled, torch_save, write_json
@@ -218,6 +230,7 @@ class _Run:
     loader: object
     order_rng: object
     state: dict
+    model: object = None  # what the step calls: the objective, or its DistributedDataParallel wrapper
 
     def snapshot(self, kind: str) -> dict:
         out = {"config": self.config.to_dict(), "dims": self.dims, "stats": self.stats.to_dict(),
@@ -230,13 +243,39 @@ class _Run:
 
 def _check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Refuse a folder that holds another configuration, or a checkpoint we were told not to resume."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     saved_config = run_dir / "config.json"
     if saved_config.exists() and json.loads(saved_config.read_text()) != config.to_dict():
         raise HadaError(f"{run_dir} holds a run with a different configuration; use another folder")
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise HadaError(f"{run_dir} already has a checkpoint; resume it or delete the folder to start over")
-    write_json(saved_config, config.to_dict())
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(saved_config, config.to_dict())
+
+
+def join_process_group(config: TrainConfig) -> bool:
+    """Under torchrun, join its process group (NCCL when the run is on CUDA, else gloo); True with > 1 rank."""
+    if not distributed.launched():
+        return False
+    from hada.devices import resolve_device
+
+    return distributed.init_from_env(resolve_device(getattr(config, "device", "auto")))
+
+
+def _data_parallel(objective):
+    """The objective wrapped in DistributedDataParallel when several ranks train, else itself.
+
+    The whole objective is wrapped, not only the pair: tau, w and the ITM head are trained too and need their
+    gradients averaged. Buffers (the queue) are equal on every rank by construction, so they are synced once at the
+    start and never broadcast again.
+    """
+    if not distributed.active():
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(objective.parameters()).device
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
 
 
 def _load_data(config: TrainConfig, run_dir: Path, data: dict | None):
@@ -252,7 +291,8 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None):
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
         stats = data[train_split].stats if train_split in data else compute_stats(train_splits)
-        write_json(stats_path, stats.to_dict())
+        if distributed.is_main():
+            write_json(stats_path, stats.to_dict())
     if train_split not in data:
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens)
     for split in (config.data.val_split, config.data.test_split):
@@ -278,18 +318,25 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None) 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=optim.t0 or optim.epochs,
                                                                      eta_min=optim.eta_min)
     order_rng = np.random.default_rng(config.seed)
+    ranks = distributed.world_size()
     loader = PairLoader(data[config.data.train_split], optim.batch_size, shuffle=True, rng=order_rng,
-                        limit=optim.pairs_per_epoch)
+                        limit=optim.pairs_per_epoch, rank=distributed.rank(), world_size=ranks)
     state = {"epoch": 0, "history": [], "best_rsum": -math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["state"].get("ranks", 1) != ranks:
+            raise HadaError(f"{run_dir} was trained by {ckpt['state'].get('ranks', 1)} process(es); resume it "
+                            f"with as many (this call has {ranks}): the global batch would change")
         objective.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"], order_rng)
         state = ckpt["state"]
-    return _Run(config, run_dir, data, stats, dims, objective, optimizer, scheduler, loader, order_rng, state)
+    if ranks > 1:
+        state["ranks"] = ranks
+    return _Run(config, run_dir, data, stats, dims, objective, optimizer, scheduler, loader, order_rng, state,
+                model=_data_parallel(objective))
 
 
 def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
@@ -304,7 +351,7 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     lr = optimizer.param_groups[0]["lr"]
     steps = tqdm(run.loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
     for image, text, image_index in steps:
-        out = objective(image, text, image_index)
+        out = run.model(image, text, image_index)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -320,6 +367,10 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
             steps.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
     steps.close()
     train_time = time.perf_counter() - t_start
+    if distributed.active():  # every rank's pairs; the losses as the mean of the ranks' means
+        ranks = distributed.world_size()
+        *totals, n_pairs = distributed.all_reduce_sum([*sums.values(), n_pairs])
+        sums, n_pairs = {k: v / ranks for k, v in zip(sums, totals)}, int(n_pairs)
     n = max(n_batches, 1)
     return {"epoch": epoch, "loss": sums["loss"] / n, "loss_itc": sums["itc"] / n, "loss_itm": sums["itm"] / n,
             "itm_accuracy": sums["itm_acc"] / n if run.config.loss.itm else None, "lr": lr,
@@ -328,8 +379,13 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
 
 
 def _end_epoch(run: _Run, entry: dict) -> None:
-    """Validate, record the epoch, keep the best model and write the checkpoint (atomically)."""
+    """Validate, record the epoch, keep the best model and write the checkpoint (atomically).
+
+    Under DDP rank 0 does this alone; the other ranks receive its state (history, early stopping) when done."""
     run.scheduler.step()
+    if not distributed.is_main():
+        run.state.update(distributed.broadcast_object(None))
+        return
     run.objective.eval()
     val = _evaluate(run.objective, run.data[run.config.data.val_split], run.config)
     t_start = entry.pop("_start")
@@ -346,6 +402,7 @@ def _end_epoch(run: _Run, entry: dict) -> None:
     state["epoch"] = entry["epoch"]
     torch_save(run.snapshot("checkpoint"), run.run_dir / "checkpoint.pt")
     write_json(run.run_dir / "history.json", state["history"])
+    distributed.broadcast_object(state)
 
 
 _HISTORY_KEYS = ("epoch", "loss", "loss_itc", "loss_itm", "itm_accuracy", "val_rsum", "val", "tau", "mix_weight",
@@ -358,8 +415,12 @@ def _ordered(entry: dict) -> dict:
 
 
 def _finish(run: _Run) -> TrainResult:
-    """The best epoch scored on val and test, written to metrics.json."""
+    """The best epoch scored on val and test, written to metrics.json (by rank 0; the others read it)."""
     config, state = run.config, run.state
+    if not distributed.is_main():
+        distributed.barrier()
+        metrics = json.loads((run.run_dir / "metrics.json").read_text())
+        return TrainResult(run.run_dir, state["history"], metrics["val"], metrics["test"], state["best_epoch"])
     best = load_trained(run.run_dir, "best")
     val_metrics = best.evaluate(run.data[config.data.val_split])
     test_metrics = best.evaluate(run.data[config.data.test_split])
@@ -367,6 +428,7 @@ def _finish(run: _Run) -> TrainResult:
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}
     write_json(run.run_dir / "metrics.json", metrics)
+    distributed.barrier()
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])
 
 
@@ -374,8 +436,10 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
     from tqdm import tqdm
 
     config, run_dir = config.resolved(), Path(run_dir)
+    join_process_group(config)
     _check_run_dir(config, run_dir, resume)
-    show = progress_enabled(progress)
+    distributed.barrier()  # the folder exists before any rank reads from it
+    show = progress_enabled(progress) and distributed.is_main()
     run = _start(config, run_dir, resume, data)
     state, epochs = run.state, config.optim.epochs
     bar = tqdm(total=epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch", disable=not show,
@@ -389,7 +453,8 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
         _end_epoch(run, entry)
         done_here += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{entry['loss']:.3f}", val_rsum=f"{entry['val_rsum']:.1f}",
+        last = state["history"][-1]  # every rank has it (rank 0 validates), entry only rank 0
+        bar.set_postfix(loss=f"{last['loss']:.3f}", val_rsum=f"{last['val_rsum']:.1f}",
                         best=f"{state['best_rsum']:.1f}@{state['best_epoch']}")
     bar.close()
     return _finish(run)

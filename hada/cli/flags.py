@@ -52,3 +52,10 @@ def at_least_one(text: str) -> int:
 def add_jobs_flag(parser, help: str, default: int | None = None) -> None:
     """``--jobs N`` / ``-j N``: how much the command does at once; ``help`` says what a job is here."""
     parser.add_argument("--jobs", "-j", type=at_least_one, default=default, metavar="N", help=help)
+
+
+def add_device_flag(parser) -> None:
+    """``--device``: where the command computes (resolved by ``hada.devices.resolve_device``)."""
+    from hada.devices import DEVICE_CHOICES_HELP
+
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=f"{DEVICE_CHOICES_HELP} (default: auto)")

@@ -111,13 +111,16 @@ def _train(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from hada import distributed
     from hada.book.tables import metrics_table
     from hada.runs import run_experiment, run_folder
+    from hada.train import join_process_group
 
     config = config_from_args(args).resolved()
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    join_process_group(config)  # under torchrun: before the run's key, which counts the ranks
     name = args.name or config.model.arch
     trained = (run_folder(config, name) / "metrics.json").exists() and not args.restart
     try:
@@ -126,6 +129,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"hada: interrupted; the last finished epoch is saved in {run_folder(config, name)}; rerun the "
               "same command to continue", file=sys.stderr)
         return 130
+    if not distributed.is_main():
+        return 0
     if trained:
         print(f"{run.run_dir} is already trained (same configuration, features and code); --restart trains it anew")
     metrics = run.metrics

@@ -222,25 +222,42 @@ class PairLoader:
     Yields ``(image ModalityBatch, text ModalityBatch, image_index [B] long)``; ``image_index`` is the
     caption's image row in the split, the id the multi-positive targets compare. With ``shuffle`` the
     order is ``rng.permutation`` once per pass, so a checkpoint of ``rng`` reproduces the order.
+
+    Under DDP (``world_size`` > 1) every rank draws the same order and takes the ``rank``-th contiguous slice of
+    each global batch of ``batch_size * world_size`` pairs, so the ranks together see exactly the batches of one
+    process with the global batch size. A short last global batch is split as evenly as possible (the first
+    ranks take one pair more); if it holds fewer pairs than there are ranks it is skipped, so every rank takes
+    the same number of steps.
     """
 
     def __init__(self, data: FeatureData, batch_size: int, shuffle: bool = True,
-                 rng: np.random.Generator | None = None, drop_last: bool = False, limit: int | None = None):
+                 rng: np.random.Generator | None = None, drop_last: bool = False, limit: int | None = None,
+                 rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise HadaError(f"batch size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise HadaError(f"rank {rank} is outside a world of {world_size} processes")
         self.data, self.batch_size, self.shuffle, self.drop_last = data, int(batch_size), shuffle, drop_last
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.n = data.n_captions if limit is None else min(int(limit), data.n_captions)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.global_batch = self.batch_size * self.world_size
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (0 if self.drop_last or rest == 0 else 1)
+        full, rest = divmod(self.n, self.global_batch)
+        return full + (0 if self.drop_last or rest < self.world_size else 1)
+
+    def _shard(self, caps: np.ndarray) -> np.ndarray:
+        """This rank's contiguous slice of one global batch."""
+        if self.world_size == 1:
+            return caps
+        return np.array_split(caps, self.world_size)[self.rank]
 
     def __iter__(self) -> Iterator[tuple[ModalityBatch, ModalityBatch, Tensor]]:
         order = self.rng.permutation(self.data.n_captions) if self.shuffle else np.arange(self.data.n_captions)
         order = order[: self.n]
         for b in range(len(self)):
-            caps = order[b * self.batch_size:(b + 1) * self.batch_size]
+            caps = self._shard(order[b * self.global_batch:(b + 1) * self.global_batch])
             rows = self.data.caption_image_index[caps]
             yield self.data.image_batch(rows), self.data.text_batch(caps), torch.from_numpy(rows)
 
