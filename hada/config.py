@@ -22,7 +22,8 @@ ARCHS = ("hada", "concat")
 BACKENDS = ("auto", "dense", "pyg")
 #: "fp32": everything in float32 (the paper). "bf16": the encoders' linear maps, attention scores and pooling
 #: under bfloat16 autocast (several times faster on CPUs with AMX / AVX512-BF16; softmax, readout, L2 norm and
-#: the loss stay float32). "auto": bf16 where the CPU multiplies bfloat16 natively, else fp32.
+#: the loss stay float32). "auto": bf16 on a CUDA device that supports it and where the CPU multiplies bfloat16
+#: natively, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -81,7 +82,8 @@ class ModelConfig:
     backend: str = _opt("auto", "dense (CLS-only, fast; needs the published graph), pyg (torch-geometric on "
                                 "the full graph) or auto", choices=BACKENDS)
     precision: str = _opt("fp32", "fp32, bf16 (the encoders' matrix products under bfloat16 autocast; the loss "
-                                  "stays fp32) or auto: bf16 on CPUs with AMX or AVX512-BF16", choices=PRECISIONS)
+                                  "stays fp32) or auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16",
+                          choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         if isinstance(self.edges, dict):
@@ -194,6 +196,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = _opt(0, "random seed (model init, data order, dropout, hard negatives)")
+    device: str = _opt("auto", "where the run trains and evaluates: auto (CUDA when present), cpu, cuda or cuda:N; "
+                               "resolved to its type, so a GPU run is another run than a CPU one")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -202,16 +206,20 @@ class TrainConfig:
                 setattr(self, f.name, _build(f.type, value))
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the embedded default backbones and an "auto" precision filled in (what the key and the
-        run use: a machine without bfloat16 units trains, and caches, an fp32 run under its own key)."""
+        """A copy with the embedded default backbones, the device's type ("cpu" or "cuda") and an "auto"
+        precision filled in (what the key and the run use: a GPU run, or a machine without bfloat16 units,
+        trains and caches its own numbers under its own key). A device this machine lacks is a HadaError."""
+        from hada.devices import resolve_device
+
         data, model = self.data, self.model
         if not data.backbones:
             from hada.backbones import EMBEDDED_BACKBONES
 
             data = replace(data, backbones=list(EMBEDDED_BACKBONES[:2]))
+        device = resolve_device(self.device).type
         if model.precision == "auto":
-            model = replace(model, precision="bf16" if cpu_has_bf16() else "fp32")
-        return replace(self, data=data, model=model)
+            model = replace(model, precision="bf16" if has_bf16(device) else "fp32")
+        return replace(self, data=data, model=model, device=device)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,6 +287,16 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise HadaError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
     return values
+
+
+def has_bf16(device_type: str) -> bool:
+    """Whether "auto" precision means bfloat16 on this device type: on CUDA when the GPU supports it, on the
+    CPU when it multiplies bfloat16 natively (:func:`cpu_has_bf16`)."""
+    if device_type == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_has_bf16()
 
 
 def cpu_has_bf16() -> bool:

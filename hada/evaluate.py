@@ -17,14 +17,16 @@ def embed_split(pair, data, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """L2-normalised (image [n_img, d], text [n_cap, d]) embeddings of a whole split, in split order.
 
     ``pair`` has ``.image``/``.text`` encoders; ``data`` is a :class:`hada.features.batching.FeatureData`.
-    The encoders are put in eval mode for the call and restored afterwards.
+    The encoders are put in eval mode for the call and restored afterwards. Batches go to the encoders' device
+    (a no-op when the data is already there), so the embeddings stay on it for the ranking.
     """
+    device = next(pair.parameters()).device
     modes = [(m, m.training) for m in (pair.image, pair.text)]
     for m, _ in modes:
         m.eval()
     try:
-        img = torch.cat([pair.image(b) for b in data.iter_images(batch_size)])
-        txt = torch.cat([pair.text(b) for b in data.iter_texts(batch_size)])
+        img = torch.cat([pair.image(b.to(device, non_blocking=True)) for b in data.iter_images(batch_size)])
+        txt = torch.cat([pair.text(b.to(device, non_blocking=True)) for b in data.iter_texts(batch_size)])
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -50,7 +50,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         if split == plain_cfg.data.test_split:
             m = run.test_metrics
         else:
-            m = retrieval_metrics(run.load_model().similarity(shared_data(plain_cfg, split)),
+            m = retrieval_metrics(run.load_model(plain_cfg.device).similarity(shared_data(plain_cfg, split)),
                                   shared_data(plain_cfg, split).caption_image_index)
         rows = rows + [metric_row("concat(" + " + ".join(names) + ") + linear", m, kind="fusion")]
     return rows
@@ -84,6 +84,7 @@ class Setting:
     epochs: int
     pairs_per_epoch: int | None
     seed: int
+    device: str = "auto"  # as the chapter gives it; each run's config resolves it to "cpu" or "cuda"
     counts: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -98,7 +99,7 @@ class Setting:
 
     def __repr__(self) -> str:
         return (f"Setting(dataset={self.dataset!r}, root={str(self.data_root)!r}, "
-                f"backbones={list(self.backbones)}, epochs={self.epochs}, seed={self.seed})")
+                f"backbones={list(self.backbones)}, epochs={self.epochs}, seed={self.seed}, device={self.device!r})")
 
 
 def _parse_backbones(backbones) -> tuple[str, ...]:
@@ -114,8 +115,9 @@ def _parse_backbones(backbones) -> tuple[str, ...]:
 
 
 def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
-            pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
-    """The chapter parameters as a ``Setting``, checking the data (one clear error if it is missing).
+            pairs_per_epoch: int | None = 3000, seed: int = 0, device: str = "auto") -> Setting:
+    """The chapter parameters as a ``Setting``, checking the data and the device (one clear error if either is
+    missing).
 
     Generates the embedded synthetic set when it is the dataset and missing; trains and extracts nothing.
     The defaults are every chapter's parameters cell (a test keeps them equal), so ``hada prepare`` with
@@ -123,14 +125,17 @@ def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epo
     """
     from hada.data import synthetic as synth
     from hada.data.datasets import default_root, load_dataset
+    from hada.devices import resolve_device
 
+    device = str(device or "auto")
+    resolve_device(device)  # "cuda" on a machine without one: one line now, before any data is made
     root = Path(data_root).expanduser() if data_root else default_root(dataset)
     if dataset == "synthetic" and data_root is None:
         synth.generate(root)
     ds = load_dataset(dataset, root)
     names = _parse_backbones(backbones)
     pairs = None if pairs_per_epoch in (None, "", "None", 0) else int(pairs_per_epoch)
-    return Setting(dataset, root, names, int(epochs), pairs, int(seed), counts=ds.counts())
+    return Setting(dataset, root, names, int(epochs), pairs, int(seed), device, counts=ds.counts())
 
 
 #: The recipe every chapter trains (``hada.config.RECIPES``), with the chapter's data, budget and seed applied.
@@ -145,7 +150,7 @@ def base_config(setting: Setting, k: int = 2, **overrides):
     chapter = {"data": {"dataset": setting.dataset, "data_root": data_root_arg(setting),
                         "backbones": list(setting.backbones_for(k))},
                "optim": {"epochs": setting.epochs, "pairs_per_epoch": setting.pairs_per_epoch},
-               "seed": setting.seed}
+               "seed": setting.seed, "device": setting.device}
     return recipe(BOOK_RECIPE, chapter, **overrides)
 
 

@@ -109,7 +109,7 @@ class FeatureQueue(nn.Module):
         if n > self.size:  # only the newest ``size`` entries survive anyway
             items = {k: v[n - self.size:] for k, v in items.items()}
             n = self.size
-        slots = (int(self.ptr) + torch.arange(n)) % self.size
+        slots = (int(self.ptr) + torch.arange(n, device=self.ids.device)) % self.size
         for name, value in items.items():
             getattr(self, name)[slots] = value.detach().to(getattr(self, name).dtype)
         self.ptr.fill_((int(self.ptr) + n) % self.size)
@@ -262,7 +262,8 @@ class HadaObjective(nn.Module):
         neg_txt, valid_i = sample_hard_negatives(sim_i2t.detach(), positive)  # per image, a text
         a = torch.cat([img, img[neg_img[valid_t]], img[valid_i]])
         t = torch.cat([txt, txt[valid_t], txt[neg_txt[valid_i]]])
-        labels = torch.cat([torch.ones(b), torch.zeros(int(valid_t.sum()) + int(valid_i.sum()))]).to(img.device)
+        n_neg = int(valid_t.sum()) + int(valid_i.sum())
+        labels = torch.cat([torch.ones(b, device=img.device), torch.zeros(n_neg, device=img.device)])
         logits = self.itm_head(a, t)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         acc = float(((logits.detach() > 0).float() == labels).float().mean())

@@ -20,7 +20,8 @@ almost never produce.
 **Memory.** Image -> text ranks are computed on stripes of full rows, text -> image ranks on
 stripes of full columns, each stripe at most ``max_block_elements`` scores. Each direction compares
 a positive only with scores from the same block computation, so floating-point differences between
-differently shaped matrix products can never make a positive outrank itself.
+differently shaped matrix products can never make a positive outrank itself. Blocks are ranked on the device
+they come from (a GPU for embeddings there); only the ranks return to the host.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class EmbeddingSimilarity:
             if w == 0.0:
                 continue
             part = _as_tensor(img[rows]).float() @ _as_tensor(txt[cols]).float().T
-            out = w * part if out is None else out.add_(part, alpha=w)
+            out = w * part if out is None else out.add_(part.to(out.device), alpha=w)
         if out is None:
             n = len(range(*rows.indices(self.shape[0])))
             m = len(range(*cols.indices(self.shape[1])))
@@ -171,10 +172,10 @@ def retrieval_ranks(
         s = _check_block(src.block(slice(i0, i1), slice(0, n_cap)), (i1 - i0, n_cap))
         lo, hi = torch.searchsorted(ci_sorted, torch.tensor([i0, i1])).tolist()
         caps = order[lo:hi]
-        local = ci[caps] - i0
-        best = torch.full((i1 - i0,), -math.inf, dtype=s.dtype)
+        local, caps = (ci[caps] - i0).to(s.device), caps.to(s.device)  # the block's device (no-op on CPU)
+        best = torch.full((i1 - i0,), -math.inf, dtype=s.dtype, device=s.device)
         best = best.scatter_reduce(0, local, s[local, caps], reduce="amax", include_self=True)
-        i2t[i0:i1] = (s > best[:, None]).sum(dim=1, dtype=torch.int32)
+        i2t[i0:i1] = (s > best[:, None]).sum(dim=1, dtype=torch.int32).cpu()
 
     # text -> image: stripes of full columns.
     t2i = torch.empty(n_cap, dtype=torch.long)
@@ -182,8 +183,8 @@ def retrieval_ranks(
     for j0 in range(0, n_cap, step):
         j1 = min(n_cap, j0 + step)
         s = _check_block(src.block(slice(0, n_img), slice(j0, j1)), (n_img, j1 - j0))
-        pos = s[ci[j0:j1], torch.arange(j1 - j0)]
-        t2i[j0:j1] = (s > pos[None, :]).sum(dim=0, dtype=torch.int32)
+        pos = s[ci[j0:j1].to(s.device), torch.arange(j1 - j0, device=s.device)]
+        t2i[j0:j1] = (s > pos[None, :]).sum(dim=0, dtype=torch.int32).cpu()
     return i2t, t2i
 
 

@@ -234,18 +234,27 @@ def _worker_init(threads: int) -> None:
 _IN_WORKER = False
 
 
-def _pretrain(name: str) -> None:
+def _pretrain(name: str, device: str = "auto") -> None:
     from hada.backbones.pretrain import pretrain
 
     log = (lambda msg: None) if _IN_WORKER else (lambda msg: None if "up to date" in msg else print(msg))
-    pretrain([name], workers=1, progress=not _IN_WORKER, log=log)
+    pretrain([name], workers=1, progress=not _IN_WORKER, log=log, device=device)
 
 
-def _features(dataset: str, data_root: str, spec: str) -> None:
+def _features(dataset: str, data_root: str, spec: str, device: str = "auto") -> None:
     from hada.experiments import FEATURE_SPLITS
     from hada.features.store import ensure_features
 
-    ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER)
+    extra = {"device": device} if _takes(ensure_features, "device") else {}
+    ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER, **extra)
+
+
+def _takes(fn: Callable, keyword: str) -> bool:
+    """Whether ``fn`` accepts ``keyword`` (the extraction's ``device`` arrives in its own change)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _train(config: dict, name: str) -> None:
@@ -268,9 +277,10 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
         if spec not in EMBEDDED_BACKBONES:
             resolve_spec(spec)  # a bad spec or missing weights: one error now, before any step starts
         else:
-            steps.append(Step(f"pretrain {spec}", _pretrain, (spec,), cost=8.0))
+            steps.append(Step(f"pretrain {spec}", _pretrain, (spec, setting.device), cost=8.0))
             after = (f"pretrain {spec}",)
-        steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec), after,
+        steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec,
+                                                          setting.device), after,
                           cost=1.0))
     if runs:
         for name, config in book_runs(setting):

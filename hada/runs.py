@@ -36,7 +36,7 @@ NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py")
 
 _PACKAGE = Path(__file__).resolve().parent
 _STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image TokenStats, text TokenStats)
-_DATA: dict = {}  # (dataset, root, backbones, split, with_tokens, stats key) -> FeatureData
+_DATA: dict = {}  # (dataset, root, backbones, split, with_tokens, stats key, device) -> FeatureData
 _DIGESTS: dict = {}  # (root, skip, file stamps) -> digest: a digest is computed once per process per code state
 
 
@@ -142,15 +142,18 @@ def _stats(config: TrainConfig):
 
 
 def shared_data(config: TrainConfig, split: str, stats=None):
-    """FeatureData of one split for this config, normalised with the train statistics; cached in-process."""
+    """FeatureData of one split for this config on its device, normalised with the train statistics; cached
+    in-process."""
+    from hada.devices import resolve_device
     from hada.features.batching import FeatureData
 
     config = config.resolved()
     stats = stats if stats is not None else _stats(config)
     tokens = config.model.arch == "hada"
-    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True))
+    device = resolve_device(config.device)
+    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True), str(device))
     if key not in _DATA:
-        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens)
+        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens, device=device)
     return _DATA[key]
 
 
@@ -193,9 +196,9 @@ class RunResult:
         times = [h["time_s"] for h in self.history]
         return sum(times) / len(times) if times else float("nan")
 
-    def load_model(self) -> TrainedModel:
-        """The best epoch's model (objective with tau and w) and its train statistics."""
-        return load_trained(self.run_dir, "best")
+    def load_model(self, device="cpu") -> TrainedModel:
+        """The best epoch's model (objective with tau and w) and its train statistics, on ``device``."""
+        return load_trained(self.run_dir, "best", device=device)
 
     def summary(self) -> dict:
         t = self.test_metrics
@@ -240,5 +243,5 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
         write_json(run_dir / "features.json", fingerprint)
     stats = _stats(config)
     data = {split: shared_data(config, split, stats) for split in run_splits(config)}
-    _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads)
+    _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads, log=log)
     return load_result(name, run_dir)

@@ -4,8 +4,13 @@
 Rsum after every epoch, keeps the best model (``best.pt``) and stops early after ``patience`` epochs
 without improvement. After every epoch it writes ``checkpoint.pt`` atomically with everything the rest
 of the run depends on: model, momentum encoders and queue (all in the objective's state dict),
-optimiser, scheduler, the torch / numpy / python RNG states and the data-order generator, the history,
-and the early-stopping state. Resuming from it gives exactly the run an uninterrupted call gives.
+optimiser, scheduler, the torch (and, on a GPU, CUDA) / numpy / python RNG states and the data-order
+generator, the history, and the early-stopping state. Resuming from it gives exactly the run an uninterrupted
+call gives, on the same device type.
+
+The run's ``device`` (``TrainConfig.device``, resolved by :mod:`hada.devices`) holds the objective, the batches,
+the queue and, when they fit, the stored features (:class:`hada.features.batching.FeatureData`); evaluation
+embeds and ranks there too. On the CPU every number is what it was before devices existed.
 
 A run folder holds ``config.json``, ``stats.json`` (train feature statistics), ``history.json`` (one
 entry per epoch, for the book's curves), ``checkpoint.pt``, ``best.pt`` and, once finished,
@@ -53,22 +58,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def rng_state(order_rng) -> dict:
+def rng_state(order_rng, device=None) -> dict:
+    """Every random state a run draws from; with a CUDA ``device`` also its generator (dropout and hard
+    negatives draw there)."""
     import numpy as np
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "order": order_rng.bit_generator.state}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "order": order_rng.bit_generator.state}
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict, order_rng) -> None:
+def set_rng_state(state: dict, order_rng, device=None) -> None:
     import numpy as np
     import torch
 
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     order_rng.bit_generator.state = state["order"]
+    if "cuda" in state and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def open_splits(config: TrainConfig, split: str) -> list:
@@ -120,6 +132,10 @@ class TrainedModel:
         return self.objective.pair
 
     @property
+    def device(self):
+        return next(self.objective.parameters()).device
+
+    @property
     def w(self) -> float:
         return self.objective.inference_weights()[1]
 
@@ -142,21 +158,25 @@ class TrainedModel:
         """FeatureData of one split, normalised with this run's train statistics."""
         from hada.features.batching import FeatureData
 
-        return FeatureData(open_splits(self.config, split), self.stats, with_tokens=self.config.model.arch == "hada")
+        return FeatureData(open_splits(self.config, split), self.stats, with_tokens=self.config.model.arch == "hada",
+                           device=self.device)
 
 
-def load_trained(run_dir: str | os.PathLike, which: str = "best") -> TrainedModel:
-    """Rebuild a trained model from ``best.pt`` (or ``checkpoint.pt`` with ``which="last"``); no features needed."""
+def load_trained(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> TrainedModel:
+    """Rebuild a trained model from ``best.pt`` (or ``checkpoint.pt`` with ``which="last"``) on ``device`` (a
+    ``torch.device`` or a name for :func:`hada.devices.resolve_device`); no features needed."""
     import torch
 
+    from hada.devices import resolve_device
     from hada.features.batching import FeatureStats
 
+    device = resolve_device(device) if isinstance(device, str) else device
     path = Path(run_dir) / ("best.pt" if which == "best" else "checkpoint.pt")
     if not path.exists():
         raise HadaError(f"no trained model at {path}; train it first (hada train)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=False)
     config = TrainConfig.from_dict(state["config"])
-    objective = build_objective(config, state["dims"])
+    objective = build_objective(config, state["dims"]).to(device)
     objective.load_state_dict(state["model"])
     objective.eval()
     return TrainedModel(objective, FeatureStats.from_dict(state["stats"]), config)
@@ -190,7 +210,7 @@ def train_threads(threads: int | None = None) -> int:
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, progress: bool | None = None,
           max_epochs_this_call: int | None = None, data: dict | None = None,
-          threads: int | None = None) -> TrainResult | None:
+          threads: int | None = None, log=print) -> TrainResult | None:
     """Train (or continue) the run in ``run_dir``; returns its result once finished.
 
     ``resume``: continue from ``checkpoint.pt`` if there is one (an existing checkpoint with
@@ -202,14 +222,14 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, 
     OpenMP a step on a shared 2-core machine was 2 to 10 times slower than with one (measured by
     benchmarks/bench_epoch.py); a fixed count also keeps the numbers independent of the machine's core
     count. Resume with the same thread count as the original run: reductions may round differently with
-    a different one.
+    a different one. ``log`` receives one line on where the features are when the run is not on the CPU.
     """
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(train_threads(threads))
     try:
-        return _train(config, run_dir, resume, progress, max_epochs_this_call, data)
+        return _train(config, run_dir, resume, progress, max_epochs_this_call, data, log)
     finally:
         torch.set_num_threads(before)
 
@@ -221,6 +241,7 @@ class _Run:
 
     config: TrainConfig
     run_dir: Path
+    device: object  # torch.device
     data: dict
     stats: object
     dims: dict
@@ -237,7 +258,7 @@ class _Run:
                "model": self.objective.state_dict(), "state": self.state}
         if kind == "checkpoint":
             out.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                       rng=rng_state(self.order_rng))
+                       rng=rng_state(self.order_rng, self.device))
         return out
 
 
@@ -259,7 +280,7 @@ def join_process_group(config: TrainConfig) -> bool:
         return False
     from hada.devices import resolve_device
 
-    return distributed.init_from_env(resolve_device(getattr(config, "device", "auto")))
+    return distributed.init_from_env(resolve_device(config.device))
 
 
 def _data_parallel(objective):
@@ -278,12 +299,13 @@ def _data_parallel(objective):
                                    forward_sync_buffers=False)
 
 
-def _load_data(config: TrainConfig, run_dir: Path, data: dict | None):
-    """Every split's FeatureData, normalised with the train statistics (saved with the run, reused on resume)."""
+def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
+    """Every split's FeatureData on ``device``, normalised with the train statistics (saved with the run, reused
+    on resume); given ``data`` on another device is not used."""
     from hada.features.batching import FeatureData, FeatureStats, compute_stats
 
     tokens = config.model.arch == "hada"
-    data = dict(data or {})
+    data = {split: d for split, d in (data or {}).items() if d.device == device}
     train_split = config.data.train_split
     train_splits = open_splits(config, train_split)
     stats_path = run_dir / "stats.json"
@@ -294,23 +316,27 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None):
         if distributed.is_main():
             write_json(stats_path, stats.to_dict())
     if train_split not in data:
-        data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens)
+        data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device)
     for split in (config.data.val_split, config.data.test_split):
         if split not in data:
-            data[split] = FeatureData(open_splits(config, split), stats, with_tokens=tokens)
+            data[split] = FeatureData(open_splits(config, split), stats, with_tokens=tokens, device=device)
     return data, stats, feature_dims(train_splits)
 
 
-def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None) -> _Run:
-    """Seed, data, model, optimiser and schedule; then the checkpoint's state when resuming."""
+def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, log=print) -> _Run:
+    """Seed, data, model, optimiser and schedule on the run's device; then the checkpoint's state when resuming."""
     import numpy as np
     import torch
 
+    from hada.devices import resolve_device
     from hada.features.batching import PairLoader
 
+    device = resolve_device(config.device)
     seed_everything(config.seed)
-    data, stats, dims = _load_data(config, run_dir, data)
-    objective = build_objective(config, dims)
+    data, stats, dims = _load_data(config, run_dir, data, device)
+    if device.type != "cpu":
+        log(f"training on {device}: {data[config.data.train_split].describe()}")
+    objective = build_objective(config, dims).to(device)
     optim = config.optim
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
@@ -324,48 +350,50 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None) 
     state = {"epoch": 0, "history": [], "best_rsum": -math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["state"].get("ranks", 1) != ranks:
             raise HadaError(f"{run_dir} was trained by {ckpt['state'].get('ranks', 1)} process(es); resume it "
                             f"with as many (this call has {ranks}): the global batch would change")
         objective.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], order_rng)
+        set_rng_state(ckpt["rng"], order_rng, device)
         state = ckpt["state"]
     if ranks > 1:
         state["ranks"] = ranks
-    return _Run(config, run_dir, data, stats, dims, objective, optimizer, scheduler, loader, order_rng, state,
-                model=_data_parallel(objective))
+    return _Run(config, run_dir, device, data, stats, dims, objective, optimizer, scheduler, loader, order_rng,
+                state, model=_data_parallel(objective))
 
 
 def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     """One pass over the loader; the epoch's mean losses, pair count and timing."""
+    import torch
     from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
     objective, optimizer = run.objective, run.optimizer
     objective.train()
     t_start = time.perf_counter()
-    sums = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itm_acc": 0.0}
+    losses = []  # per step [loss, itc, itm], summed once at the end: no device sync per step
+    itm_acc = 0.0
     n_batches, n_pairs = 0, 0
     lr = optimizer.param_groups[0]["lr"]
     steps = tqdm(run.loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
     for image, text, image_index in steps:
-        out = run.model(image, text, image_index)
+        image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
+        out = run.model(image, text, image_index.to(run.device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
         objective.clamp_()
         n_batches += 1
         n_pairs += len(image_index)
-        sums["loss"] += float(out.loss.detach())
-        sums["itc"] += float(out.itc)
-        sums["itm"] += float(out.itm)
-        sums["itm_acc"] += 0.0 if math.isnan(out.itm_accuracy) else out.itm_accuracy
+        losses.append(torch.stack([out.loss.detach(), out.itc, out.itm]))
+        itm_acc += 0.0 if math.isnan(out.itm_accuracy) else out.itm_accuracy
         if show and (n_batches % 10 == 0 or n_batches == len(run.loader)):
             rate = n_pairs / max(time.perf_counter() - t_start, 1e-9)
-            steps.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
+            steps.set_postfix(loss=f"{_sum_losses(losses)[0] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
     steps.close()
+    sums = dict(zip(("loss", "itc", "itm"), _sum_losses(losses)), itm_acc=itm_acc)
     train_time = time.perf_counter() - t_start
     if distributed.active():  # every rank's pairs; the losses as the mean of the ranks' means
         ranks = distributed.world_size()
@@ -376,6 +404,18 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
             "itm_accuracy": sums["itm_acc"] / n if run.config.loss.itm else None, "lr": lr,
             "train_time_s": train_time, "pairs": n_pairs, "pairs_per_s": n_pairs / max(train_time, 1e-9),
             "_start": t_start}
+
+
+def _sum_losses(losses: list) -> list[float]:
+    """Column sums of the steps' [loss, itc, itm] in step order, as Python floats (float64 additions of the
+    float32 values: the same numbers as adding ``float(value)`` step by step)."""
+    import torch
+
+    totals = [0.0, 0.0, 0.0]
+    if losses:
+        for row in torch.stack(losses).cpu().tolist():
+            totals = [t + v for t, v in zip(totals, row)]
+    return totals
 
 
 def _end_epoch(run: _Run, entry: dict) -> None:
@@ -421,7 +461,7 @@ def _finish(run: _Run) -> TrainResult:
         distributed.barrier()
         metrics = json.loads((run.run_dir / "metrics.json").read_text())
         return TrainResult(run.run_dir, state["history"], metrics["val"], metrics["test"], state["best_epoch"])
-    best = load_trained(run.run_dir, "best")
+    best = load_trained(run.run_dir, "best", device=run.device)
     val_metrics = best.evaluate(run.data[config.data.val_split])
     test_metrics = best.evaluate(run.data[config.data.test_split])
     metrics = {"run": run.run_dir.name, "config_hash": config.hash(), "best_epoch": state["best_epoch"],
@@ -432,7 +472,7 @@ def _finish(run: _Run) -> TrainResult:
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])
 
 
-def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
+def _train(config, run_dir, resume, progress, max_epochs_this_call, data, log=print):
     from tqdm import tqdm
 
     config, run_dir = config.resolved(), Path(run_dir)
@@ -440,7 +480,7 @@ def _train(config, run_dir, resume, progress, max_epochs_this_call, data):
     _check_run_dir(config, run_dir, resume)
     distributed.barrier()  # the folder exists before any rank reads from it
     show = progress_enabled(progress) and distributed.is_main()
-    run = _start(config, run_dir, resume, data)
+    run = _start(config, run_dir, resume, data, log)
     state, epochs = run.state, config.optim.epochs
     bar = tqdm(total=epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch", disable=not show,
                leave=True)

@@ -114,6 +114,14 @@ def test_seed_determines_numbers(tmp_path):
     assert r1.history[0]["loss"] != r3.history[0]["loss"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto is CUDA there")
+def test_device_cpu_is_the_default_run(tmp_path):
+    default = ht.train(tiny_config(epochs=1), tmp_path / "auto")
+    cpu = ht.train(tiny_config(epochs=1, device="cpu"), tmp_path / "cpu")
+    assert default.history[0]["loss"] == cpu.history[0]["loss"] and default.test_metrics == cpu.test_metrics
+    assert json.loads((tmp_path / "cpu" / "config.json").read_text())["device"] == "cpu"  # resolved, as in the key
+
+
 def test_early_stop_keeps_best(tmp_path):
     cfg = tiny_config(epochs=6, patience=1, lr=0.0, queue_size=0, itm=False, dropout=0.0)
     res = ht.train(cfg, tmp_path / "r")  # nothing changes, so epoch 2 is no better than epoch 1

@@ -70,13 +70,15 @@ def model_config(model: str) -> dict:
     return json.loads(path.read_text())
 
 
-def fingerprint(name: str, recipe: Recipe, dataset_sha256: str, max_steps: int | None = None) -> str:
-    """What decides the weights: if this is unchanged, a rerun would reproduce the same backbone."""
-    blob = json.dumps(
-        {"name": name, "model_cfg": model_config(recipe.model), "recipe": asdict(recipe), "dataset": dataset_sha256,
-         "max_steps": max_steps},
-        sort_keys=True,
-    )
+def fingerprint(name: str, recipe: Recipe, dataset_sha256: str, max_steps: int | None = None,
+                device_type: str = "cpu") -> str:
+    """What decides the weights: if this is unchanged, a rerun would reproduce the same backbone. A GPU draws and
+    rounds differently, so its device type counts (the CPU's fingerprint is what it always was)."""
+    values = {"name": name, "model_cfg": model_config(recipe.model), "recipe": asdict(recipe),
+              "dataset": dataset_sha256, "max_steps": max_steps}
+    if device_type != "cpu":
+        values["device"] = device_type
+    blob = json.dumps(values, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -186,8 +188,10 @@ def _optimizer(model, recipe: Recipe):
     )
 
 
-def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_per_epoch: int, bar) -> list[float]:
-    """``total`` contrastive steps over shuffled epochs; returns the loss of every step."""
+def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_per_epoch: int, bar,
+                 device=None) -> list[float]:
+    """``total`` contrastive steps over shuffled epochs on ``device`` (the model's; batches are drawn on the host
+    with the seeded generators and copied there); returns the loss of every step."""
     import torch
     from open_clip.loss import ClipLoss
 
@@ -205,6 +209,8 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
             if step >= total:
                 break
             x, text = data.batch(perm[b * recipe.batch_size:(b + 1) * recipe.batch_size], recipe, gen, rng)
+            if device is not None:
+                x, text = x.to(device, non_blocking=True), text.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, recipe)
             img_f = model.encode_image(x, normalize=True)
@@ -226,12 +232,16 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
 
 
 def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None = None, progress: bool = True,
-                   position: int = 0):
-    """Pretrain one model from scratch; returns (model, preprocess_cfg, record dict). Deterministic for a seed."""
+                   position: int = 0, device: str = "cpu"):
+    """Pretrain one model from scratch on ``device``; returns (model, preprocess_cfg, record dict). Deterministic
+    for a seed on one device type."""
     import torch
     import open_clip
     from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
 
+    from hada.devices import resolve_device
+
+    device = resolve_device(device)
     register_model_configs()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
@@ -250,7 +260,10 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
         t0 = time.perf_counter()
         bar = tqdm(total=total, desc=f"pretrain {name}", unit="step", disable=not progress_enabled(progress),
                    dynamic_ncols=True, position=position, leave=True)
-        losses = _train_steps(model, data, recipe, total, steps_per_epoch, bar)
+        if device.type != "cpu":
+            model.to(device)
+        losses = _train_steps(model, data, recipe, total, steps_per_epoch, bar,
+                              device if device.type != "cpu" else None)
         bar.close()
         seconds = time.perf_counter() - t0
     finally:
@@ -270,7 +283,9 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
         "torch_version": torch.__version__,
         "open_clip_version": open_clip.__version__,
     }
-    return model, preprocess_cfg, record
+    if device.type != "cpu":  # a CPU record stays what it was
+        record["device"] = device.type
+    return model.cpu(), preprocess_cfg, record
 
 
 def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record: dict) -> Path:
@@ -297,14 +312,14 @@ def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record
 
 
 def _train_and_save(name: str, recipe: dict, root: str, fp: str, dataset_sha: str, max_steps, progress: bool,
-                    position: int) -> dict:
+                    device: str, position: int) -> dict:
     """One backbone end to end; runs in a worker process when several train at once."""
     from hada.data.datasets import load_dataset
 
     records = load_dataset("synthetic", Path(root)).split(PRETRAIN_SPLIT)
     rec = Recipe(**recipe)
     model, pcfg, record = train_backbone(name, rec, records, max_steps=max_steps, progress=progress,
-                                         position=position)
+                                         position=position, device=device)
     record.update({"fingerprint": fp, "dataset_json_sha256": dataset_sha, "dataset_root": str(root),
                    "max_steps": max_steps})
     save_backbone(name, model, pcfg, rec, record)
@@ -322,16 +337,19 @@ def pretrain(
     workers: int = 2,
     progress: bool = True,
     log=print,
+    device: str = "auto",
 ) -> dict[str, dict]:
-    """Pretrain (or skip if up to date) each named embedded backbone; returns their records.
+    """Pretrain (or skip if up to date) each named embedded backbone on ``device``; returns their records.
 
     ``workers`` > 1 trains that many backbones at once in separate processes, each single-threaded (the
     recipe's ``threads``): on 2 shared cores this beats one process with 2 threads by 2-3x, and the weights
     do not depend on it.
     """
     from hada.data.datasets import load_dataset
+    from hada.devices import resolve_device
     from hada.paths import synthetic_root
 
+    device_type = resolve_device(device).type
     root = Path(data_root) if data_root is not None else synthetic_root()
     dataset = load_dataset("synthetic", root)
     if not dataset.split(PRETRAIN_SPLIT):
@@ -340,7 +358,7 @@ def pretrain(
     jobs = []
     for name in names:
         recipe = Recipe.for_backbone(name, epochs=epochs, batch_size=batch_size)
-        fp = fingerprint(name, recipe, dataset.json_sha256, max_steps)
+        fp = fingerprint(name, recipe, dataset.json_sha256, max_steps, device_type)
         have = existing_record(name)
         if have is not None and have.get("fingerprint") == fp and not force:
             log(f"{name}: up to date ({backbones_dir() / name}), skipped")
@@ -348,7 +366,7 @@ def pretrain(
             continue
         if have is not None and not force:
             log(f"{name}: model config, recipe, seed or dataset changed since the stored one; pretraining again")
-        jobs.append((name, asdict(recipe), str(root), fp, dataset.json_sha256, max_steps, progress))
+        jobs.append((name, asdict(recipe), str(root), fp, dataset.json_sha256, max_steps, progress, device))
     t0 = time.perf_counter()
     if len(jobs) > 1 and workers > 1:
         import multiprocessing as mp

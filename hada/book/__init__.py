@@ -14,16 +14,17 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 
 def setup(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
-          pairs_per_epoch: int | None = 3000, seed: int = 0) -> Setting:
+          pairs_per_epoch: int | None = 3000, seed: int = 0, device: str = "auto") -> Setting:
     """Check the data first (one clear error if it is missing), then make whatever the chapter needs.
 
     For the embedded default this generates the synthetic set and pretrains the embedded backbones when
     they are missing; for real data it only reads. Token features for train/val/test are extracted once.
     It runs ``hada prepare``'s step graph without the training runs, one step at a time in this process.
+    ``device`` (auto: CUDA when present) is where the backbones pretrain and extract and the runs train.
     """
     from hada.pipeline import book_steps, run_steps
 
-    setting = resolve(dataset, data_root, backbones, epochs, pairs_per_epoch, seed)
+    setting = resolve(dataset, data_root, backbones, epochs, pairs_per_epoch, seed, device)
     run_steps(book_steps(setting, runs=False), jobs=1, progress=False, log=lambda msg: None)
     return setting
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hada.cli.flags import add_backbones_flag, add_data_root_flag, add_dataset_flags, add_jobs_flag
+from hada.cli.flags import add_backbones_flag, add_data_root_flag, add_dataset_flags, add_device_flag, add_jobs_flag
 
 PRETRAIN_HELP = """\
 Pretrain the small embedded open_clip backbones contrastively (open_clip's ClipLoss) on the `pretrain`
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
                      "depend on it (default: %(default)s)", default=2)
     p.add_argument("--eval", action="store_true",
                    help="after pretraining, print zero-shot test recalls (needs the test split)")
+    add_device_flag(p)
     p.set_defaults(handler=_pretrain)
 
     ls = sub.add_parser("list", help="list the embedded backbones and their state", description=LIST_HELP)
@@ -72,7 +73,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         if n not in EMBEDDED_BACKBONES:
             raise HadaError(f"unknown embedded backbone '{n}' (known: {', '.join(EMBEDDED_BACKBONES)})")
     extra = dict(TINY) if args.size == "tiny" else {}
-    pretrain(names, args.data_root, epochs=args.epochs, **extra, force=args.force, workers=args.jobs)
+    pretrain(names, args.data_root, epochs=args.epochs, **extra, force=args.force, workers=args.jobs,
+             device=args.device)
     if args.eval:
         _print_zeroshot(names, "synthetic", args.data_root, "test")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_jobs_flag
+from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_device_flag, add_jobs_flag
 
 HELP = """\
 Score image-text retrieval on one split with one function for every row: R@1/5/10 image->text
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="json output (default: data/runs/eval/<dataset>-<split>.json)")
     add_jobs_flag(parser, "torch CPU threads for the similarity products (default: torch's choice)")
+    add_device_flag(parser)
     parser.set_defaults(handler=_evaluate)
 
 
@@ -64,7 +65,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from hada.book.tables import METRIC_COLUMNS, metrics_table
-    from hada.config import TrainConfig
+    from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
+    from hada.devices import resolve_device
     from hada.errors import HadaError
     from hada.evaluate import clip_benchmark_record
     from hada.experiments import baseline_table
@@ -73,18 +75,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     from hada.paths import runs_dir
     from hada.train import load_trained
 
+    device = resolve_device(args.device)
     if args.jobs:
         torch.set_num_threads(args.jobs)
     rows: list[tuple[str, dict]] = []
     if not args.no_baselines:
         cfg = TrainConfig.from_dict({"data": {"dataset": args.dataset, "data_root": args.data_root,
-                                              "backbones": args.backbones or []}}).resolved()
+                                              "backbones": args.backbones or []}, "device": args.device}).resolved()
         for row in baseline_table(args.dataset, cfg.data.backbones, split=args.split, data_root=args.data_root,
-                                  concat=args.concat):
+                                  concat=args.concat, config=recipe(DEFAULT_RECIPE, device=args.device)):
             rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}))
     for spec in args.run:
         run_dir = resolve_run(spec)
-        model = load_trained(run_dir)
+        model = load_trained(run_dir, device=device)
         if model.config.data.dataset != args.dataset:
             raise HadaError(f"run {run_dir.name} was trained on {model.config.data.dataset}, not {args.dataset}")
         data = model.load_data(args.split)

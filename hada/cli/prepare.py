@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_jobs_flag
+from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_device_flag, add_jobs_flag
 
 HELP = """\
 Make everything the book's chapters read, before `jupyter-book build book/`: the synthetic dataset (if it
@@ -37,6 +37,7 @@ def register(subparsers) -> None:
                   default=default_jobs())
     p.add_argument("--no-runs", action="store_true",
                    help="only the data, backbones and features (what `make data` makes), no training runs")
+    add_device_flag(p)  # the chapters' `device`
     p.set_defaults(handler=_prepare)
 
 
@@ -50,7 +51,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from hada.pipeline import prepare
 
     setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones or "default",
-                         epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed)
+                         epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed, device=args.device)
     log = prepare(setting, jobs=args.jobs, runs=not args.no_runs)
     print(f"prepared in {log.wall:.0f} s wall ({sum(log.seconds.values()):.0f} s of steps)")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hada.cli.flags import add_jobs_flag
+from hada.cli.flags import add_device_flag, add_jobs_flag
 
 HELP = """\
 Train a HADA model on the token features stored by `hada features extract` (the backbones stay frozen).
@@ -43,7 +43,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved configuration as JSON (the run's identity) and exit")
     group = parser.add_argument_group("run configuration (each hashed into the run folder's name; defaults: "
                                       f"the {DEFAULT_RECIPE} recipe)")
+    add_device_flag(group)  # TrainConfig.device, spelled as every command spells it
+    for action in parser._actions:  # like every setting: only a typed --device overrides the file and the recipe
+        if action.dest == "device":
+            action.default = argparse.SUPPRESS
     for path, f in leaf_fields():
+        if path == "device":
+            continue
         default = _lookup(shown, path)
         name = path.rsplit(".", 1)[-1]
         flag = "--" + name.replace("_", "-")

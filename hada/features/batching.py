@@ -11,6 +11,10 @@ Data path: each split's arrays are read from the memory-mapped store once, in co
 resident fp16 tensors (unless larger than ``HADA_RESIDENT_MB``, default 4096, in which case batches are
 gathered from the memmaps with sorted indices). A batch is one ``index_select`` per array, trimmed to
 the batch's longest caption, converted to fp32 and normalised with tensor ops.
+
+On a GPU the arrays go onto the device when they fit ``HADA_DEVICE_RESIDENT_MB`` (default: half the device's
+memory), so a batch never crosses the bus; otherwise batches are gathered on the host into pinned memory and
+copied without blocking, then normalised on the device. :attr:`FeatureData.placement` says which.
 """
 
 from __future__ import annotations
@@ -93,9 +97,28 @@ def _resident_budget() -> int:
     return int(float(os.environ.get("HADA_RESIDENT_MB", "4096")) * 2**20)
 
 
-def _load(array) -> Tensor:
-    """A memmap as a resident tensor, copied in contiguous row chunks (fp16 stays fp16)."""
-    out = torch.empty(tuple(array.shape), dtype=torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype)
+def _device_budget(device: torch.device) -> int:
+    """Bytes of stored features kept on a GPU: ``HADA_DEVICE_RESIDENT_MB``, else half the device's memory (the
+    rest is the model's, its activations' and the similarity stripes')."""
+    if "HADA_DEVICE_RESIDENT_MB" in os.environ:
+        return int(float(os.environ["HADA_DEVICE_RESIDENT_MB"]) * 2**20)
+    return int(torch.cuda.get_device_properties(device).total_memory // 2)
+
+
+def _torch_dtype(array) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+
+
+def _load(array, device: torch.device | None = None) -> Tensor:
+    """A memmap as a resident tensor (on ``device``, default the host), copied in contiguous row chunks (fp16
+    stays fp16)."""
+    if device is not None and device.type != "cpu":
+        out = torch.empty(tuple(array.shape), dtype=_torch_dtype(array), device=device)
+        for s in range(0, array.shape[0], CHUNK_ROWS):
+            e = min(array.shape[0], s + CHUNK_ROWS)
+            out[s:e].copy_(torch.from_numpy(np.ascontiguousarray(array[s:e])))
+        return out
+    out = torch.empty(tuple(array.shape), dtype=_torch_dtype(array))
     for s in range(0, array.shape[0], CHUNK_ROWS):
         e = min(array.shape[0], s + CHUNK_ROWS)
         out[s:e].numpy()[...] = array[s:e]  # straight from the memmap into the tensor, one copy
@@ -103,11 +126,12 @@ def _load(array) -> Tensor:
 
 
 class _Rows:
-    """Row access to one stored array: resident tensor or memmap, same results."""
+    """Row access to one stored array: a tensor resident on the host or the device, or a memmap; same results.
+    ``pin``: host gathers land in pinned memory (for a non-blocking copy to a GPU)."""
 
-    def __init__(self, array, resident: bool):
-        self.array = _load(array) if resident else array
-        self.resident = resident
+    def __init__(self, array, resident: bool, device: torch.device | None = None, pin: bool = False):
+        self.array = _load(array, device) if resident else array
+        self.resident, self.pin = resident, pin
         self.shape = tuple(array.shape)
 
     def take(self, index: np.ndarray, width: int | None = None) -> Tensor:
@@ -115,15 +139,30 @@ class _Rows:
         if len(index) and index[-1] - index[0] == len(index) - 1 and np.all(np.diff(index) == 1):
             rows = slice(int(index[0]), int(index[-1]) + 1)  # a contiguous range: a plain slice
             part = self.array[rows] if width is None else self.array[rows, :width]
-            return part if self.resident else torch.from_numpy(np.array(part))
+            part = part if self.resident else torch.from_numpy(np.array(part))
+            return torch.empty(part.shape, dtype=part.dtype, pin_memory=True).copy_(part) if self.pin else part
         if self.resident:
             src = self.array if width is None else self.array[:, :width]
-            return src.index_select(0, torch.from_numpy(index))
+            idx = torch.from_numpy(index).to(src.device, non_blocking=True)
+            if not self.pin:
+                return src.index_select(0, idx)
+            out = torch.empty((len(index),) + tuple(src.shape[1:]), dtype=src.dtype, pin_memory=True)
+            return torch.index_select(src, 0, idx, out=out)
         order = np.argsort(index, kind="stable")  # read the memmap front to back
         part = self.array[index[order]] if width is None else self.array[index[order], :width]
-        out = torch.empty((len(index),) + part.shape[1:], dtype=torch.from_numpy(part[:0]).dtype)
+        out = torch.empty((len(index),) + part.shape[1:], dtype=torch.from_numpy(part[:0]).dtype, pin_memory=self.pin)
         out[torch.from_numpy(order)] = torch.from_numpy(np.ascontiguousarray(part))
         return out
+
+
+def _placement(size: int, device: torch.device, resident: bool | None) -> str:
+    """Where the token arrays live: "device" (on the GPU), "memory" (host tensors) or "memmap" (read per batch);
+    ``resident`` forces host memory (True) or the memmap (False)."""
+    if resident is None and device.type != "cpu" and size <= _device_budget(device):
+        return "device"
+    if resident is None:
+        resident = size <= _resident_budget()
+    return "memory" if resident else "memmap"
 
 
 class FeatureData:
@@ -131,11 +170,12 @@ class FeatureData:
 
     ``splits``: one FeatureSplit per backbone (same dataset and split; backbone 0 is the main one).
     ``with_tokens=False`` never reads the token arrays: batches carry only the embeddings (for the
-    concatenation baseline), with empty ``tokens``/``lengths`` lists.
+    concatenation baseline), with empty ``tokens``/``lengths`` lists. ``device``: where batches are delivered
+    (and the arrays kept, when they fit: :attr:`placement`).
     """
 
     def __init__(self, splits: Sequence, stats: FeatureStats, resident: bool | None = None,
-                 with_tokens: bool = True):
+                 with_tokens: bool = True, device: torch.device | str = "cpu"):
         if len(splits) < 1:
             raise HadaError("FeatureData needs at least one backbone's features")
         if len(stats.image) != len(splits) or len(stats.text) != len(splits):
@@ -150,17 +190,33 @@ class FeatureData:
                                 f" captions, backbone 0 {self.n_images} / {self.n_captions}: not the same split")
             if not np.array_equal(np.asarray(fs.caption_image_index), self.caption_image_index):
                 raise HadaError(f"backbone {k}'s caption order differs from backbone 0's")
-        if resident is None:
-            size = sum(a.nbytes for fs in splits for a in (fs.image_tokens, fs.text_tokens))
-            resident = size <= _resident_budget()
+        self.device = torch.device(device)
+        self.size_bytes = sum(a.nbytes for fs in splits for a in (fs.image_tokens, fs.text_tokens)) if with_tokens \
+            else 0
+        self.placement = _placement(self.size_bytes, self.device, resident)
+        on_device = self.placement == "device"
+        rows = {"device": self.device if on_device else None, "pin": self.device.type == "cuda" and not on_device}
         self.stats = stats
         self.splits = list(splits)
         self.with_tokens = with_tokens
-        self.image_tokens = [_Rows(fs.image_tokens, resident) for fs in splits] if with_tokens else []
-        self.text_tokens = [_Rows(fs.text_tokens, resident) for fs in splits] if with_tokens else []
+        resident = self.placement != "memmap"
+        self.image_tokens = [_Rows(fs.image_tokens, resident, **rows) for fs in splits] if with_tokens else []
+        self.text_tokens = [_Rows(fs.text_tokens, resident, **rows) for fs in splits] if with_tokens else []
         self.text_lengths = [torch.from_numpy(np.array(fs.text_lengths, dtype=np.int64)) for fs in splits]
-        self.image_embeds = [torch.from_numpy(np.array(fs.image_embeds, dtype=np.float32)) for fs in splits]
-        self.text_embeds = [torch.from_numpy(np.array(fs.text_embeds, dtype=np.float32)) for fs in splits]
+        # the embeddings are small: on the device whenever the run is
+        self.image_embeds = [torch.from_numpy(np.array(fs.image_embeds, dtype=np.float32)).to(self.device)
+                             for fs in splits]
+        self.text_embeds = [torch.from_numpy(np.array(fs.text_embeds, dtype=np.float32)).to(self.device)
+                            for fs in splits]
+
+    def describe(self) -> str:
+        """One line: where the token features are, for the training log."""
+        mb = self.size_bytes / 2**20
+        return {"device": f"token features on {self.device} ({mb:.0f} MB)",
+                "memory": f"token features in host memory ({mb:.0f} MB)"
+                          + (", streamed to the device from pinned memory" if self.device.type != "cpu" else ""),
+                "memmap": f"token features read from the memory-mapped store ({mb:.0f} MB)"
+                          + (", streamed through pinned memory" if self.device.type != "cpu" else "")}[self.placement]
 
     @property
     def num_backbones(self) -> int:
@@ -177,28 +233,34 @@ class FeatureData:
             x.mul_(mask.unsqueeze(-1))
         return x
 
+    def to_device(self, x: Tensor) -> Tensor:
+        """``x`` on the batches' device (a no-op where it already is; non-blocking from pinned memory)."""
+        return x.to(self.device, non_blocking=True)
+
     def image_batch(self, rows: np.ndarray) -> ModalityBatch:
         rows = np.asarray(rows, dtype=np.int64)
-        idx = torch.from_numpy(rows)
+        idx = self.to_device(torch.from_numpy(rows))
         tokens, lengths = [], []
         for k, store in enumerate(self.image_tokens):
-            t = self._normalise(store.take(rows), self.stats.image[k], None)
+            t = self._normalise(self.to_device(store.take(rows)), self.stats.image[k], None)
             tokens.append(t)
-            lengths.append(torch.full((len(rows),), t.shape[1], dtype=torch.long))
+            lengths.append(torch.full((len(rows),), t.shape[1], dtype=torch.long, device=self.device))
         embeds = [e.index_select(0, idx) for e in self.image_embeds]
         return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
 
     def text_batch(self, caps: np.ndarray) -> ModalityBatch:
         caps = np.asarray(caps, dtype=np.int64)
         idx = torch.from_numpy(caps)
+        idx_device = self.to_device(idx)
         tokens, lengths = [], []
         for k, store in enumerate(self.text_tokens):
-            n = self.text_lengths[k].index_select(0, idx)
+            n = self.text_lengths[k].index_select(0, idx)  # on the host: the width needs no device sync
             width = max(1, int(n.max()))
-            mask = torch.arange(width) < n[:, None]
-            tokens.append(self._normalise(store.take(caps, width), self.stats.text[k], mask))
+            n = self.to_device(n)
+            mask = torch.arange(width, device=self.device) < n[:, None]
+            tokens.append(self._normalise(self.to_device(store.take(caps, width)), self.stats.text[k], mask))
             lengths.append(n)
-        embeds = [e.index_select(0, idx) for e in self.text_embeds]
+        embeds = [e.index_select(0, idx_device) for e in self.text_embeds]
         return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
 
     def iter_images(self, batch_size: int) -> Iterator[ModalityBatch]:
@@ -259,7 +321,7 @@ class PairLoader:
         for b in range(len(self)):
             caps = self._shard(order[b * self.global_batch:(b + 1) * self.global_batch])
             rows = self.data.caption_image_index[caps]
-            yield self.data.image_batch(rows), self.data.text_batch(caps), torch.from_numpy(rows)
+            yield self.data.image_batch(rows), self.data.text_batch(caps), self.data.to_device(torch.from_numpy(rows))
 
 
 # ------------------------------------------------------------------------------------- in-memory stand-in

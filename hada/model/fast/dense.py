@@ -307,6 +307,12 @@ GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
 FUSED_CPU_ATTENTION = True
 
 
+def use_fused_kernels(device: torch.device | str) -> bool:
+    """Whether GATv2's attention at the CLS nodes runs in the numba kernels (CPU tensors only: they read host
+    memory) or in the tiled PyTorch ops (every other device, CUDA included)."""
+    return FUSED_CPU_ATTENTION and torch.device(device).type == "cpu"
+
+
 def _head_diagonal(full: Tensor) -> Tensor:
     """[H, H*C] -> [H, C]: row h's own head block (the gradient of a per-head dot product)."""
     H = full.shape[0]
@@ -498,7 +504,7 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
-    fused = FUSED_CPU_ATTENTION and xr.device.type == "cpu"
+    fused = use_fused_kernels(xr.device)
     xl = x.linear(conv.lin_l) if need_all or not fused else None  # [B, N, H*C]
     # the score function computes in q's dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
     # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
