@@ -89,7 +89,7 @@ def _parameters(chapter: str) -> dict:
     text = (BOOK / f"{chapter}.md").read_text()
     cell = re.search(r":tags: \[parameters\]\n(.*?)```", text, re.S).group(1)
     tree = ast.parse(cell)
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
+    return {node.target.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.AnnAssign)}
 
 
 def test_chapter_parameters_are_what_hada_prepare_makes():
