@@ -66,6 +66,11 @@ def _grayscale_to_rgb(image):
     return image.convert("L").convert("RGB")
 
 
+def preprocess_image(image, transform, grayscale: bool = False) -> Tensor:
+    """One RGB PIL image -> model input tensor; a module-level function so DataLoader workers can run it."""
+    return transform(_grayscale_to_rgb(image) if grayscale else image)
+
+
 @dataclass
 class Backbone:
     """A frozen open_clip model plus its preprocessing and tokenizer; build with :func:`load_backbone`."""
@@ -94,9 +99,17 @@ class Backbone:
 
     def preprocess(self, image) -> Tensor:
         """One PIL image -> model input tensor, using the model's own eval transform."""
-        if self.grayscale:
-            image = _grayscale_to_rgb(image)
-        return self.transform(image)
+        return preprocess_image(image, self.transform, self.grayscale)
+
+    def autocast(self):
+        """Mixed precision for inference on CUDA (bfloat16 where supported, else float16); nothing elsewhere,
+        so CPU numbers stay those of float32."""
+        import contextlib
+
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         return self.tokenizer(list(texts))
@@ -174,7 +187,7 @@ class Backbone:
             x = images
         else:
             x = torch.stack([self.preprocess(im) for im in images])
-        return x.to(self.device)
+        return x.to(self.device, non_blocking=True)
 
     @property
     def device(self) -> torch.device:
