@@ -344,6 +344,29 @@ def _tokenizer(model_name: str, context_length: int):
     return _TOKENIZERS[key]
 
 
+def caption_token_counts(spec: str, texts: Sequence[str]) -> tuple[list[int], int]:
+    """Tokens each text needs under a backbone's tokenizer (start and end tokens included), and the backbone's
+    context length: longer texts are cut when extracted. Reads the tokenizer only, never the weights.
+
+    Tokenizers without ``encode`` (Hugging Face ones) count a text that fills the context as its length."""
+    import open_clip
+
+    from hada.backbones.spec import EMBEDDED_BACKBONES, load_recipes
+
+    register_model_configs()
+    name = load_recipes()[spec]["model"] if spec in EMBEDDED_BACKBONES else resolve_spec(spec).model_name
+    cfg = open_clip.get_model_config(name)
+    context = int(cfg["text_cfg"].get("context_length", 77)) if cfg else load_backbone(spec).context_length
+    tok = _tokenizer(name, context)
+    if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):
+        return [len(tok.encode(t)) + 2 for t in texts], context
+    counts = []
+    for s in range(0, len(texts), 4096):
+        ids = tok(list(texts[s:s + 4096]))
+        counts += ((ids != 0).sum(1) + (ids[:, -1] != 0).long()).tolist()
+    return counts, context
+
+
 def wrap_model(model, resolved: ResolvedSpec, name: str | None = None) -> Backbone:
     """A :class:`Backbone` around an already built open_clip model (frozen, eval mode)."""
     import open_clip
