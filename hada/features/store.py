@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -230,7 +231,8 @@ def build_request(backbone, dataset, split: str, text_length: int, image_tokens:
 
 
 def _store_batch(manifest: dict) -> dict[str, int]:
-    """Rows per forward pass a started store was (and so must be) computed with ("chunks" before 2 formats)."""
+    """Rows per forward pass a started store was (and so must be) computed with; stores started before progress
+    was kept in rows call it "chunks"."""
     return dict(manifest.get("batch") or manifest["chunks"])
 
 
@@ -247,8 +249,10 @@ def _check_images(records, jobs: int, where: str, hide: bool) -> None:
     """Decode every image of the split (each process its share) and raise one line naming the bad ones."""
     from hada.data.images import undecodable, undecodable_error
 
-    mine = rowlog.share(list(range(len(records))), distributed.rank(), distributed.world_size())
-    bad = undecodable([records[i].path for i in mine], jobs=max(1, jobs), progress=not hide,
+    world = distributed.world_size()
+    mine = rowlog.share(list(range(len(records))), distributed.rank(), world)
+    threads = max(jobs, min(8, (os.cpu_count() or 1) // world))  # nothing else runs yet
+    bad = undecodable([records[i].path for i in mine], jobs=threads, progress=not hide,
                       desc=f"{where} decode check")
     found = [b for part in distributed.all_gather_object([(str(p), r) for p, r in bad]) for b in part]
     if found:
@@ -322,8 +326,6 @@ def extract_split(
 def default_jobs(device) -> int:
     """Image decoding workers when none is given: in-process on the CPU (the model is the cost there), up to 8
     worker processes on a GPU (JPEG decoding is the cost there)."""
-    import os
-
     if getattr(device, "type", str(device)) != "cuda":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) // max(1, distributed.world_size()) - 1))
