@@ -1,5 +1,6 @@
-"""torch.distributed for training under torchrun: one process group from torchrun's environment, and the few
-collectives the trainer and the loss need. Without torchrun every helper is a no-op for a single process.
+"""torch.distributed under torchrun: one process group from torchrun's environment, and the few collectives that
+sharded extraction, the trainer and the loss need. Without torchrun every helper answers as the only process, so
+callers need no special case.
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env`
 reads them through ``init_process_group("env://")`` with NCCL when the run's device is CUDA, else gloo (which
@@ -9,12 +10,13 @@ is how the tests run two ranks on a CPU).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 
 
 def launched() -> bool:
-    """Whether this process was started by torchrun (or anything else that sets the env:// variables)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Whether torchrun (or another launcher setting the env:// variables) started this process among several."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def active() -> bool:
@@ -30,17 +32,35 @@ def init_from_env(device=None) -> bool:
     ``device``: the torch.device the run computes on; CUDA picks NCCL (and makes this rank's GPU the current
     one), anything else gloo. Without torchrun's environment this does nothing.
     """
+    _join(device)
+    return active()
+
+
+def _join(device) -> bool:
+    """Create the process group if torchrun launched us and nobody has yet; whether this call created it."""
     import torch
     import torch.distributed as dist
 
     if not launched() or not dist.is_available() or dist.is_initialized():
-        return active()
+        return False
     cuda = device is not None and torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
     atexit.register(_destroy)
-    return active()
+    return True
+
+
+@contextlib.contextmanager
+def session(device=None):
+    """``with session(device):`` the process group for the block; torn down at the end only if this block
+    created it (a caller inside a training run keeps the run's group)."""
+    created = _join(device)
+    try:
+        yield
+    finally:
+        if created:
+            _destroy()
 
 
 def _destroy() -> None:
@@ -64,8 +84,24 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if active():
+    """Wait until every rank has reached this point (nothing to wait for when alone)."""
+    if not active():
+        return
+    if _dist().get_backend() == "nccl":
+        import torch
+
+        _dist().barrier(device_ids=[torch.cuda.current_device()])
+    else:
         _dist().barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when alone."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    _dist().all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj):

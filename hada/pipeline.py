@@ -245,16 +245,8 @@ def _features(dataset: str, data_root: str, spec: str, device: str = "auto") -> 
     from hada.experiments import FEATURE_SPLITS
     from hada.features.store import ensure_features
 
-    extra = {"device": device} if _takes(ensure_features, "device") else {}
-    ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER, **extra)
-
-
-def _takes(fn: Callable, keyword: str) -> bool:
-    """Whether ``fn`` accepts ``keyword`` (the extraction's ``device`` arrives in its own change)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER,
+                    device=device)
 
 
 def _train(config: dict, name: str) -> None:

@@ -99,21 +99,44 @@ def test_store_layout_and_values(backbone, dataset, weights, tmp_path):
 
 
 def test_interrupted_extraction_resumes_to_identical_bytes(backbone, dataset, weights, tmp_path):
+    """A kill inside the images or the captions, resumed with other batch sizes (the store keeps its own)."""
     from hada.features.store import _Stop, extract_split, open_features, store_dir
 
-    kw = dict(image_batch=8, text_batch=32, progress=False, checkpoint_seconds=0)
-    whole = extract_split(backbone, dataset, "test", weights[0], tmp_path / "a", **kw)
-    for stop in (2, 4):  # stop inside the images, then inside the captions
+    kw = dict(progress=False, checkpoint_seconds=0)
+    whole = extract_split(backbone, dataset, "test", weights[0], tmp_path / "a", image_batch=8, text_batch=32, **kw)
+    assert whole.manifest["batch"] == {"images": 8, "captions": 32}
+    for stop, rows in ((2, {"images": [[0, 16]], "captions": []}), (4, {"images": [[0, 20]], "captions": [[0, 32]]})):
         with pytest.raises(_Stop):
-            extract_split(backbone, dataset, "test", weights[0], tmp_path / f"b{stop}", _stop_after_chunks=stop, **kw)
+            extract_split(backbone, dataset, "test", weights[0], tmp_path / f"b{stop}", image_batch=8, text_batch=32,
+                          _stop_after_batches=stop, **kw)
         path = store_dir("synthetic", weights[0], "test", tmp_path / f"b{stop}")
-        progress = json.loads((path / "progress.json").read_text())
-        assert progress["image_chunks"] + progress["caption_chunks"] == stop
+        assert json.loads((path / "progress-0.json").read_text()) == rows
         with pytest.raises(HadaError, match="unfinished"):
             open_features("synthetic", weights[0], "test", tmp_path / f"b{stop}")
-        done = extract_split(backbone, dataset, "test", weights[0], tmp_path / f"b{stop}", **kw)
+        done = extract_split(backbone, dataset, "test", weights[0], tmp_path / f"b{stop}", image_batch=5,
+                             text_batch=12, jobs=1, **kw)
         assert _bytes(done.path) == _bytes(whole.path)
-        assert not (path / "progress.json").exists()
+        assert done.manifest["batch"] == {"images": 8, "captions": 32}
+        assert not list(path.glob("progress*.json"))
+
+
+def test_a_store_started_in_chunks_resumes_in_rows(backbone, dataset, weights, tmp_path):
+    """Stores from before row progress: manifest "chunks" and progress.json in chunks."""
+    from hada.features.store import _Stop, extract_split, store_dir
+
+    kw = dict(progress=False, checkpoint_seconds=0)
+    whole = extract_split(backbone, dataset, "test", weights[0], tmp_path / "a", image_batch=8, text_batch=32, **kw)
+    with pytest.raises(_Stop):
+        extract_split(backbone, dataset, "test", weights[0], tmp_path, image_batch=8, text_batch=32,
+                      _stop_after_batches=2, **kw)
+    path = store_dir("synthetic", weights[0], "test", tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["chunks"] = manifest.pop("batch")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "progress-0.json").unlink()
+    (path / "progress.json").write_text(json.dumps({"image_chunks": 1, "caption_chunks": 0}))
+    done = extract_split(backbone, dataset, "test", weights[0], tmp_path, **kw)
+    assert _bytes(done.path) == _bytes(whole.path)
 
 
 def test_a_different_request_is_an_error_naming_the_difference(dataset, weights, tmp_path):
@@ -124,8 +147,8 @@ def test_a_different_request_is_an_error_naming_the_difference(dataset, weights,
     extract_split(a, dataset, "val", "store", tmp_path, progress=False)
     with pytest.raises(HadaError, match=r"weights_sha256: store has .*--force"):
         extract_split(b, dataset, "val", "store", tmp_path, progress=False)
-    with pytest.raises(HadaError, match=r"chunks"):
-        extract_split(a, dataset, "val", "store", tmp_path, image_batch=4, progress=False)
+    same = extract_split(a, dataset, "val", "store", tmp_path, image_batch=4, progress=False)  # batch: not compared
+    assert same.manifest["batch"]["images"] == 128
     fs = extract_split(b, dataset, "val", "store", tmp_path, force=True, progress=False)
     assert fs.manifest["backbone"]["weights_sha256"] == b.describe()["weights_sha256"]
     assert store_dir("synthetic", "store", "val", tmp_path) == fs.path
@@ -164,8 +187,9 @@ def test_cli_extract_verify_and_ensure_features(hada_data, tiny_synthetic, weigh
     assert stores[weights[0]]["val"].n_images == 20
     assert main(["features", "extract", "--data-root", str(tiny_synthetic), "--backbones", weights[1], "--split", "val",
                  "--image-batch", "7"]) == 0
-    code = main(["features", "extract", *args, "--image-batch", "5"])
-    assert code == 2 and "different request" in capsys.readouterr().err
+    assert main(["features", "extract", *args, "--image-batch", "5", "--device", "cpu", "--jobs", "0"]) == 0
+    code = main(["features", "extract", *args, "--device", "cuda:7" if torch.cuda.is_available() else "cuda"])
+    assert code == 2 and "CUDA device" in capsys.readouterr().err
 
 
 def test_projected_store_size_for_flickr30k_with_vit_b16():

@@ -66,6 +66,11 @@ def _grayscale_to_rgb(image):
     return image.convert("L").convert("RGB")
 
 
+def preprocess_image(image, transform, grayscale: bool = False) -> Tensor:
+    """One RGB PIL image -> model input tensor; a module-level function so DataLoader workers can run it."""
+    return transform(_grayscale_to_rgb(image) if grayscale else image)
+
+
 @dataclass
 class Backbone:
     """A frozen open_clip model plus its preprocessing and tokenizer; build with :func:`load_backbone`."""
@@ -94,9 +99,17 @@ class Backbone:
 
     def preprocess(self, image) -> Tensor:
         """One PIL image -> model input tensor, using the model's own eval transform."""
-        if self.grayscale:
-            image = _grayscale_to_rgb(image)
-        return self.transform(image)
+        return preprocess_image(image, self.transform, self.grayscale)
+
+    def autocast(self):
+        """Mixed precision for inference on CUDA (bfloat16 where supported, else float16); nothing elsewhere,
+        so CPU numbers stay those of float32."""
+        import contextlib
+
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         return self.tokenizer(list(texts))
@@ -174,7 +187,7 @@ class Backbone:
             x = images
         else:
             x = torch.stack([self.preprocess(im) for im in images])
-        return x.to(self.device)
+        return x.to(self.device, non_blocking=True)
 
     @property
     def device(self) -> torch.device:
@@ -329,6 +342,29 @@ def _tokenizer(model_name: str, context_length: int):
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = open_clip.get_tokenizer(model_name, context_length=context_length)
     return _TOKENIZERS[key]
+
+
+def caption_token_counts(spec: str, texts: Sequence[str]) -> tuple[list[int], int]:
+    """Tokens each text needs under a backbone's tokenizer (start and end tokens included), and the backbone's
+    context length: longer texts are cut when extracted. Reads the tokenizer only, never the weights.
+
+    Tokenizers without ``encode`` (Hugging Face ones) count a text that fills the context as its length."""
+    import open_clip
+
+    from hada.backbones.spec import EMBEDDED_BACKBONES, load_recipes
+
+    register_model_configs()
+    name = load_recipes()[spec]["model"] if spec in EMBEDDED_BACKBONES else resolve_spec(spec).model_name
+    cfg = open_clip.get_model_config(name)
+    context = int(cfg["text_cfg"].get("context_length", 77)) if cfg else load_backbone(spec).context_length
+    tok = _tokenizer(name, context)
+    if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):
+        return [len(tok.encode(t)) + 2 for t in texts], context
+    counts = []
+    for s in range(0, len(texts), 4096):
+        ids = tok(list(texts[s:s + 4096]))
+        counts += ((ids != 0).sum(1) + (ids[:, -1] != 0).long()).tolist()
+    return counts, context
 
 
 def wrap_model(model, resolved: ResolvedSpec, name: str | None = None) -> Backbone:

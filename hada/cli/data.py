@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hada.cli.flags import add_data_root_flag, add_dataset_flags, add_jobs_flag
+from hada.cli.flags import add_backbones_flag, add_data_root_flag, add_dataset_flags, add_jobs_flag
 
 SYNTH_HELP = """\
 Write the embedded synthetic image-caption dataset in Flickr30k's Karpathy layout:
@@ -20,7 +20,10 @@ Validate a dataset folder (Karpathy json + images) and print its images and capt
 Flickr30k: <data-root>/dataset_flickr30k.json + <data-root>/flickr30k-images/; COCO:
 <data-root>/dataset_coco.json + <data-root>/train2014/ and <data-root>/val2014/ (restval counts as
 train); synthetic: the folder written by `hada data synth`. Any problem (missing files, malformed json,
-duplicate ids, ...) is one line and exit code 2."""
+duplicate ids, ...) is one line and exit code 2. --decode also opens every image and names the ones that
+cannot be decoded (truncated, not an image), as `hada features extract` would before extracting. Empty
+captions are counted, and with --backbones A,B the captions longer than each backbone's context length
+(they are cut when extracted); both are reported, not errors."""
 
 
 def register(subparsers) -> None:
@@ -44,7 +47,12 @@ def register(subparsers) -> None:
     check = sub.add_parser("check", help="validate a dataset folder and count its splits",
                            description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_flags(check)
-    check.add_argument("--no-images", action="store_true", help="skip checking that every image file exists")
+    files = check.add_mutually_exclusive_group()
+    files.add_argument("--no-images", action="store_true", help="skip checking that every image file exists")
+    files.add_argument("--decode", action="store_true",
+                       help="decode every image (with a progress bar) and name the ones that cannot be decoded")
+    add_jobs_flag(check, "image decoding threads for --decode (default: 4)", default=4)
+    add_backbones_flag(check, "count captions longer than each backbone's context length (reads tokenizers only)")
     check.set_defaults(handler=_check)
 
 
@@ -73,7 +81,37 @@ def _check(args: argparse.Namespace) -> int:
     from hada.data.datasets import EXPECTED_IMAGES, load_dataset
 
     dataset = load_dataset(args.dataset, args.data_root, check_images=not args.no_images)
+    if args.decode:
+        from hada.data.images import undecodable, undecodable_error
+
+        bad = undecodable([r.path for r in dataset.images], jobs=args.jobs, desc=f"{dataset.name} decode")
+        if bad:
+            raise undecodable_error(bad, len(dataset.images), f"{dataset.name} at {dataset.root}")
     print(split_count_table(dataset.counts(), EXPECTED_IMAGES.get(dataset.name)))
-    images = "not checked" if args.no_images else "all present"
+    images = "not checked" if args.no_images else "all decoded" if args.decode else "all present"
     print(f"{dataset.name} at {dataset.root}: json sha256 {dataset.json_sha256[:12]}, image files {images}")
+    print(f"empty captions: {_per_split(dataset.empty_captions())}")
+    for spec in args.backbones or []:
+        print(_long_captions(dataset, spec))
     return 0
+
+
+def _per_split(counts: dict[str, int]) -> str:
+    """``none`` or ``5 (train 3, test 2)``."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{s} {n:,}" for s, n in counts.items() if n)
+    return f"{total:,} ({parts})" if total else "none"
+
+
+def _long_captions(dataset, spec: str) -> str:
+    from hada.backbones.backbone import caption_token_counts
+
+    captions = {s: [c for r in dataset.split(s) for c in r.captions] for s in dataset.splits_allowed}
+    needed, context = caption_token_counts(spec, [c for texts in captions.values() for c in texts])
+    counts, at = {}, 0
+    for split, texts in captions.items():
+        counts[split] = sum(n > context for n in needed[at:at + len(texts)])
+        at += len(texts)
+    found = _per_split(counts)
+    cut = ", cut to the context when extracted" if found != "none" else ""
+    return f"captions longer than {spec}'s context of {context} tokens: {found}{cut}"

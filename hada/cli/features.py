@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hada.cli.flags import add_backbones_flag, add_dataset_flags
+from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_device_flag, add_jobs_flag, at_least_one
 
 EXTRACT_HELP = """\
 Store every backbone's token features for a dataset split: image tokens (CLS/pooled first), text tokens
@@ -14,7 +14,14 @@ data/features/<dataset>/<backbone>/<split>/ ($HADA_DATA/features) with manifest.
 open_clip version, preprocessing, dataset json sha256, shapes, per-array sha256).
 
 Extraction is resumable: interrupt it and run the same command again to continue (the result is
-byte-identical to an uninterrupted run). An existing store built for a different request (other weights,
+byte-identical to an uninterrupted run; a store keeps the batch sizes it was started with, whatever
+--image-batch / --text-batch a resuming call gives). The backbone runs on --device (under autocast on
+CUDA; stored tokens are fp16 everywhere), fed by --jobs image decoding processes. Every image of a split
+is decoded first: files that cannot be decoded are named in one error line before anything is written.
+
+Several GPUs (or CPU processes): torchrun --standalone --nproc_per_node N -m hada features extract ...
+shares the images and captions among N processes writing the same store; the result is byte-identical
+to one process (with the same batch sizes) and still resumable. An existing store built for a different request (other weights,
 dataset, preprocessing, ...) is an error that names the difference; --force rebuilds it. A complete store
 that matches is reused.
 
@@ -39,10 +46,13 @@ def register(subparsers) -> None:
                     help="every embedded backbone and the dataset's train, val and test splits (pretrain is only "
                          "for pretraining backbones; overrides --backbones/--split)")
     ex.add_argument("--force", action="store_true", help="rebuild stores even if they exist")
-    ex.add_argument("--image-batch", type=int, default=None,
-                    help="images per forward pass and per resumable chunk (default: 128)")
-    ex.add_argument("--text-batch", type=int, default=None,
-                    help="captions per forward pass and per resumable chunk (default: 512)")
+    ex.add_argument("--image-batch", type=at_least_one, default=None,
+                    help="images per forward pass of a new store (default: 128 on the CPU, 256 on CUDA)")
+    ex.add_argument("--text-batch", type=at_least_one, default=None,
+                    help="captions per forward pass of a new store (default: 512)")
+    add_device_flag(ex)
+    add_jobs_flag(ex, "image decoding worker processes, 0 = in this process (default: 0 on the CPU, up to 8 "
+                      "per process on CUDA)", minimum=0)
     ex.set_defaults(handler=_extract)
 
     ve = sub.add_parser("verify", help="check stores against their manifests (full sha256)",
@@ -69,22 +79,21 @@ def _targets(args, dataset) -> tuple[list[str], list[str]]:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from hada.features import store as features
+    from hada import distributed
     from hada.data.datasets import load_dataset
+    from hada.devices import resolve_device
+    from hada.features.store import ensure_features
 
     dataset = load_dataset(args.dataset, args.data_root)
     backbones, splits = _targets(args, dataset)
-    from hada.backbones import load_backbone
-
-    for spec in backbones:
-        backbone = load_backbone(spec)
-        for split in splits:
-            kwargs = {}
-            if args.image_batch:
-                kwargs["image_batch"] = args.image_batch
-            if args.text_batch:
-                kwargs["text_batch"] = args.text_batch
-            fs = features.extract_split(backbone, dataset, split, spec, force=args.force, **kwargs)
+    device = resolve_device(args.device)
+    with distributed.session(device):
+        stores = ensure_features(dataset, backbones, splits, force=args.force, device=str(device), jobs=args.jobs,
+                                 image_batch=args.image_batch, text_batch=args.text_batch)
+        if not distributed.is_main():
+            return 0
+    for spec, by_split in stores.items():
+        for split, fs in by_split.items():
             size = sum(fs.nbytes().values()) / 2**20
             print(f"{spec} {split}: {fs.n_images} images x {fs.image_tokens.shape[1]} tokens, "
                   f"{fs.n_captions} captions x {fs.text_tokens.shape[1]} tokens, {size:.1f} MiB -> {fs.path}")

@@ -38,20 +38,27 @@ def add_backbones_flag(parser, help: str) -> None:
     parser.add_argument("--backbones", type=backbone_list, default=None, metavar="A,B,...", help=help)
 
 
-def at_least_one(text: str) -> int:
-    """A whole number >= 1, checked while parsing (before any data is made or read)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def at_least(minimum: int):
+    """A parser for whole numbers >= ``minimum``, checked while parsing (before any data is made or read)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def add_jobs_flag(parser, help: str, default: int | None = None) -> None:
+at_least_one = at_least(1)
+
+
+def add_jobs_flag(parser, help: str, default: int | None = None, minimum: int = 1) -> None:
     """``--jobs N`` / ``-j N``: how much the command does at once; ``help`` says what a job is here."""
-    parser.add_argument("--jobs", "-j", type=at_least_one, default=default, metavar="N", help=help)
+    parser.add_argument("--jobs", "-j", type=at_least(minimum), default=default, metavar="N", help=help)
 
 
 def add_device_flag(parser) -> None:

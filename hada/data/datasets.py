@@ -75,6 +75,10 @@ class Dataset:
             raise HadaError(f"unknown split {name!r} for {self.name}; allowed: {', '.join(self.splits_allowed)}")
         return self._by_split[name]
 
+    def empty_captions(self) -> dict[str, int]:
+        """``{split: captions that are empty after stripping}`` (kept, but they carry no text)."""
+        return {s: sum(1 for r in recs for c in r.captions if not c) for s, recs in self._by_split.items()}
+
     def counts(self) -> dict[str, dict[str, int]]:
         """``{split: {"images": n, "captions": m}}`` for every split the dataset may have, in order."""
         return {s: {"images": len(recs), "captions": sum(len(r.captions) for r in recs)}

@@ -14,12 +14,15 @@ Layout of ``features_dir()/<dataset>/<backbone>/<split>/`` (every array a ``.npy
 ``caption_image_index``  int64 [M]       row (0..N-1) of each caption's image
 ``manifest.json``                        request (model, weights sha256, open_clip version, preprocessing,
                                          dataset json sha256, shapes, dtypes) + per-array sizes and sha256
-``progress.json``                        chunks done, while an extraction is unfinished
+``progress-<rank>.json``                 rows done by each process, while an extraction is unfinished
 =======================  ==============  ==================================================================
 
-Why this shape. Extraction writes fixed-size chunks into preallocated memmaps and records progress after each
-chunk is flushed, so a killed run resumes where it stopped and ends byte-identical to an uninterrupted one
-(chunks are the batches, so every number is computed the same way). A request whose manifest differs from the
+Why this shape. Extraction writes forward batches into preallocated memmaps and records the rows done after
+they are flushed, so a killed run resumes where it stopped and ends byte-identical to an uninterrupted one: the
+batch size is fixed when a store is started, and every row is computed in the same batch whatever the resuming
+call's batch size or number of processes (:mod:`hada.features.progress`). Under torchrun the processes share
+the rows of the same files; rank 0 writes the manifest. Images are decoded by a DataLoader's worker processes
+and the backbone runs under autocast on CUDA; the stored tokens are fp16 on every device. A request whose manifest differs from the
 stored one is an error naming the difference (``force=True`` rebuilds), never a silent reuse. A store is only
 read once complete; its file sizes are checked on every open, and its sha256 whenever a file's mtime changed
 since completion (or always with ``verify="full"``), so a truncated or corrupted store is refused.
@@ -29,37 +32,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from hada import distributed
 from hada.errors import HadaError
+from hada.features import progress as rowlog
 from hada.io import progress_enabled, write_json
 from hada.paths import features_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
 TOKEN_DTYPE = "float16"
 INT_DTYPE = "int64"
-IMAGE_BATCH = 128
+IMAGE_BATCH = 128  # rows per forward pass on the CPU (and the sizes every store had before)
 TEXT_BATCH = 512
+CUDA_IMAGE_BATCH = 256
 ARRAY_NAMES = ("image_tokens", "image_embeds", "text_tokens", "text_lengths", "text_embeds",
                "image_ids", "caption_ids", "caption_image_index")
 # request keys that must agree for a store to be reused; paths and timings are informational only
 COMPARED = ("format", "dataset", "dataset_json_sha256", "split", "n_images", "n_captions",
             "backbone.model", "backbone.weights_sha256", "backbone.open_clip_version", "backbone.image_size",
-            "backbone.preprocess", "backbone.context_length", "backbone.quick_gelu", "chunks", "arrays")
+            "backbone.preprocess", "backbone.context_length", "backbone.quick_gelu", "arrays")
 
 
 class _Stop(Exception):
-    """Raised by the test hook that stops an extraction after n chunks (simulates a kill)."""
+    """Raised by the test hook that stops an extraction after n forward batches (simulates a kill)."""
 
 
 def backbone_slug(spec: str) -> str:
@@ -184,9 +189,16 @@ def _short(v) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
+def default_batches(device) -> dict[str, int]:
+    """Rows per forward pass when none is given: today's CPU sizes, larger images batches on a GPU."""
+    cuda = device is not None and getattr(device, "type", str(device)).startswith("cuda")
+    return {"images": CUDA_IMAGE_BATCH if cuda else IMAGE_BATCH, "captions": TEXT_BATCH}
+
+
 def build_request(backbone, dataset, split: str, text_length: int, image_tokens: tuple[int, int],
-                  text_dim: int, embed_dim: int, image_batch: int, text_batch: int) -> dict:
-    """The manifest a store for (backbone, dataset, split) must have; computed before any extraction."""
+                  text_dim: int, embed_dim: int, batch: dict[str, int]) -> dict:
+    """The manifest a store for (backbone, dataset, split) must have; computed before any extraction.
+    ``batch`` (rows per forward pass) is recorded, not compared: a store started with one is resumed with it."""
     import torch
 
     records = dataset.split(split)
@@ -211,32 +223,42 @@ def build_request(backbone, dataset, split: str, text_length: int, image_tokens:
         "n_images": n,
         "n_captions": m,
         "backbone": backbone.describe(),
-        "chunks": {"images": image_batch, "captions": text_batch},
+        "batch": dict(batch),
         "arrays": arrays,
         "torch_version": torch.__version__,
         "complete": False,
     }
 
 
+def _store_batch(manifest: dict) -> dict[str, int]:
+    """Rows per forward pass a started store was (and so must be) computed with; stores started before progress
+    was kept in rows call it "chunks"."""
+    return dict(manifest.get("batch") or manifest["chunks"])
+
+
 def _probe_shapes(backbone, records) -> tuple[tuple[int, int], int, int]:
-    """Token counts/widths from one real image and caption (exact, whatever the tower)."""
+    """Token counts/widths from a blank image and one caption (exact, whatever the tower; reads no file)."""
     from PIL import Image
 
-    with Image.open(records[0].path) as im:
-        tb = backbone.encode_image_tokens([im.convert("RGB")])
+    tb = backbone.encode_image_tokens([Image.new("RGB", backbone.image_size)])
     tt = backbone.encode_text_tokens(records[0].captions[:1])
     return (tb.tokens.shape[1], tb.tokens.shape[2]), tt.tokens.shape[2], tb.embeds.shape[1]
 
 
-def _load_images(backbone, records):
-    import torch
-    from PIL import Image
+def _check_images(records, jobs: int, where: str, hide: bool) -> None:
+    """Decode every image of the split (each process its share) and raise one line naming the bad ones."""
+    from hada.data.images import undecodable, undecodable_error
 
-    out = []
-    for r in records:
-        with Image.open(r.path) as im:
-            out.append(backbone.preprocess(im.convert("RGB")))
-    return torch.stack(out)
+    world = distributed.world_size()
+    mine = rowlog.share(list(range(len(records))), distributed.rank(), world)
+    threads = max(jobs, min(8, (os.cpu_count() or 1) // world))  # nothing else runs yet
+    bad = undecodable([records[i].path for i in mine], jobs=threads, progress=not hide,
+                      desc=f"{where} decode check")
+    found = [b for part in distributed.all_gather_object([(str(p), r) for p, r in bad]) for b in part]
+    if found:
+        order = {str(r.path): i for i, r in enumerate(records)}
+        found.sort(key=lambda b: order[b[0]])
+        raise undecodable_error([(Path(p), r) for p, r in found], len(records), where)
 
 
 def extract_split(
@@ -247,13 +269,18 @@ def extract_split(
     root: Path | None = None,
     *,
     force: bool = False,
-    image_batch: int = IMAGE_BATCH,
-    text_batch: int = TEXT_BATCH,
+    image_batch: int | None = None,
+    text_batch: int | None = None,
+    jobs: int | None = None,
     progress: bool = True,
     checkpoint_seconds: float = 2.0,
-    _stop_after_chunks: int | None = None,
+    _stop_after_batches: int | None = None,
 ) -> FeatureSplit:
-    """Extract (or resume, or reuse) one store; returns it opened read-only."""
+    """Extract (or resume, or reuse) one store on the backbone's device; returns it opened read-only.
+
+    Under torchrun every process calls this with the same arguments: each computes its share of the rows into
+    the same files, rank 0 writes the manifest. ``jobs``: image decoding worker processes (0 = in this one).
+    """
     import torch
 
     spec = spec or backbone.name
@@ -263,9 +290,10 @@ def extract_split(
     path = store_dir(dataset.name, spec, split, root)
     captions = [c for r in records for c in r.captions]
     lengths_all = torch.cat([backbone.text_lengths(captions[s:s + 4096]) for s in range(0, len(captions), 4096)])
-    img_shape, text_dim, embed_dim = _probe_shapes(backbone, records)
-    request = build_request(backbone, dataset, split, int(lengths_all.max()), img_shape, text_dim, embed_dim,
-                            image_batch, text_batch)
+    batch = default_batches(backbone.device)
+    batch.update({k: v for k, v in (("images", image_batch), ("captions", text_batch)) if v})
+    request = build_request(backbone, dataset, split, int(lengths_all.max()), *_probe_shapes(backbone, records),
+                            batch)
     stored = _read_json(path / MANIFEST)
     if stored is not None and not force:
         diffs = manifest_differences(stored, request)
@@ -274,81 +302,103 @@ def extract_split(
                             "rerun with --force to rebuild it")
         if stored.get("complete"):
             return open_features(dataset.name, spec, split, root)
-    if force and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    writer = _StoreWriter.open(path, request, resume=stored is not None, records=records,
-                               lengths=lengths_all.numpy(), checkpoint_seconds=checkpoint_seconds,
-                               stop_after_chunks=_stop_after_chunks)
-    hide = not progress_enabled(progress)
+    hide = not progress_enabled(progress) or not distributed.is_main()
+    jobs = default_jobs(backbone.device) if jobs is None else jobs
+    _check_images(records, jobs, f"{dataset.name} {split}", hide)
+    distributed.barrier()  # every process has read the old manifest before rank 0 replaces it
+    if distributed.is_main():
+        _prepare(path, request, records, lengths_all.numpy(), force=force, resume=stored is not None)
+    distributed.barrier()
+    request["batch"] = _store_batch(_read_json(path / MANIFEST))
+    writer = _StoreWriter(path, request, checkpoint_seconds, _stop_after_batches)
     with torch.no_grad():
-        timing = _extract_images(backbone, records, writer, image_batch, f"{spec} {split} images", hide)
-        timing.update(_extract_captions(backbone, captions, writer, text_batch, int(lengths_all.max()), spec,
+        timing = _extract_images(backbone, records, writer, jobs, f"{spec} {split} images", hide)
+        timing.update(_extract_captions(backbone, captions, writer, int(lengths_all.max()), spec,
                                         f"{spec} {split} captions", hide))
     writer.close()
-    _finish(path, request, timing)
+    distributed.barrier()
+    if distributed.is_main():
+        _finish(path, request, dict(timing, processes=distributed.world_size()))
+    distributed.barrier()
     return open_features(dataset.name, spec, split, root)
 
 
+def default_jobs(device) -> int:
+    """Image decoding workers when none is given: in-process on the CPU (the model is the cost there), up to 8
+    worker processes on a GPU (JPEG decoding is the cost there)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, distributed.world_size()) - 1))
+
+
+def _prepare(path: Path, request: dict, records, lengths: np.ndarray, force: bool, resume: bool) -> None:
+    """Rank 0: keep an unfinished store whose arrays are intact (``resume``), else create its arrays afresh
+    with the ids and caption lengths filled in, and write its (unfinished) manifest."""
+    if force and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = request["arrays"]
+    if resume and any(path.glob("progress*.json")) and _open_partial(path, arrays) is not None:
+        return
+    rowlog.clear(path)
+    write_json(path / MANIFEST, request, indent=1)
+    mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
+                                           shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
+    mms["image_ids"][:] = [r.image_id for r in records]
+    mms["caption_ids"][:] = [c for r in records for c in r.caption_ids]
+    mms["caption_image_index"][:] = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
+    mms["text_lengths"][:] = lengths
+    for mm in mms.values():
+        mm.flush()
+    rowlog.RankProgress(path, 0).save()
+
+
 class _StoreWriter:
-    """An unfinished store's arrays (writable memmaps) and its progress: the chunks done of each modality.
+    """An unfinished store's arrays (writable memmaps, shared by every process) and the rows this process wrote.
 
     Progress is recorded only after the arrays are flushed, so a killed run resumes where it stopped and ends
     byte-identical to an uninterrupted one."""
 
-    def __init__(self, path: Path, mms: dict, prog: dict, checkpoint_seconds: float, stop_after_chunks):
-        self.path, self.mms, self.prog = path, mms, prog
-        self.checkpoint_seconds, self.budget = checkpoint_seconds, stop_after_chunks
+    def __init__(self, path: Path, request: dict, checkpoint_seconds: float, stop_after_batches):
+        self.path, self.batch, self.mms = path, request["batch"], _open_partial(path, request["arrays"])
+        if self.mms is None:  # pragma: no cover - rank 0 has just made them
+            raise HadaError(f"feature store {path}: arrays missing after preparation; rerun with --force")
+        self.prog = rowlog.RankProgress(path, distributed.rank())
+        self.checkpoint_seconds, self.budget = checkpoint_seconds, stop_after_batches
         self.last = time.perf_counter()
 
-    @classmethod
-    def open(cls, path: Path, request: dict, resume: bool, records, lengths: np.ndarray, **kw) -> "_StoreWriter":
-        """Reopen an unfinished store's arrays (``resume``, when they are intact), else create them afresh
-        with the ids and caption lengths filled in."""
-        arrays = request["arrays"]
-        prog = _read_json(path / PROGRESS) if resume else None
-        mms = _open_partial(path, arrays) if prog is not None else None
-        if mms is not None:
-            return cls(path, mms, prog, **kw)
-        write_json(path / MANIFEST, request, indent=1)
-        mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
-                                               shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
-        mms["image_ids"][:] = [r.image_id for r in records]
-        mms["caption_ids"][:] = [c for r in records for c in r.caption_ids]
-        mms["caption_image_index"][:] = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
-        mms["text_lengths"][:] = lengths
-        for name in ("image_ids", "caption_ids", "caption_image_index", "text_lengths"):
-            mms[name].flush()
-        prog = {"image_chunks": 0, "caption_chunks": 0}
-        write_json(path / PROGRESS, prog, indent=1)
-        return cls(path, mms, prog, **kw)
+    def todo(self, modality: str, n: int) -> tuple[list[tuple[int, int]], int]:
+        """This process's forward batches of ``modality`` not done yet, and the rows done before (by anyone)."""
+        done = rowlog.rows_done(self.path, self.batch)[modality]
+        left = rowlog.batches(rowlog.missing(done, n), self.batch[modality])
+        mine = rowlog.share(left, distributed.rank(), distributed.world_size())
+        return mine, n - sum(e - s for s, e in left)
 
     def save(self) -> None:
         for mm in self.mms.values():
             mm.flush()
-        write_json(self.path / PROGRESS, self.prog, indent=1)
+        self.prog.save()
         self.last = time.perf_counter()
 
-    def write_chunk(self, modality: str, k: int, start: int, batch) -> None:
-        """Write chunk k of ``modality`` ("image" / "text"), rows from ``start``: a TokenBatch's tokens and
-        embeddings as fp16. Every ``checkpoint_seconds``, flush the arrays and then record the chunks done, so
-        a kill loses at most that much work (a flush per chunk would cost ~10% of the throughput)."""
+    def write_rows(self, modality: str, start: int, batch) -> None:
+        """Rows from ``start`` of ``modality`` ("image" / "text"): a TokenBatch's tokens and embeddings as fp16.
+        Every ``checkpoint_seconds``, flush the arrays and then record the rows done, so a kill loses at most
+        that much work (a flush per batch would cost ~10% of the throughput)."""
         import torch
 
         for part in ("tokens", "embeds"):
             rows = getattr(batch, part).to(torch.float16).cpu().numpy()
             self.mms[f"{modality}_{part}"][start:start + len(rows)] = rows
-        self.prog["image_chunks" if modality == "image" else "caption_chunks"] = k + 1
+        self.prog.add("images" if modality == "image" else "captions", start, start + len(rows))
         if time.perf_counter() - self.last >= self.checkpoint_seconds:
             self.save()
-        if self.budget is not None:  # test hook: simulate a kill after n chunks
+        if self.budget is not None:  # test hook: simulate a kill after n forward batches
             self.budget -= 1
             if self.budget <= 0:
                 raise _Stop()
 
     def close(self) -> None:
-        for mm in self.mms.values():
-            mm.flush()
+        self.save()
         self.mms = None
 
 
@@ -358,49 +408,69 @@ def _bar(total: int, initial: int, unit: str, desc: str, hide: bool):
     return tqdm(total=total, initial=min(total, initial), unit=unit, desc=desc, disable=hide, dynamic_ncols=True)
 
 
-def _extract_images(backbone, records, writer: _StoreWriter, image_batch: int, desc: str, hide: bool) -> dict:
-    """Image chunks not done yet; the next chunk is decoded and preprocessed in a thread while the model runs
-    on this one (PIL releases the GIL)."""
-    n_img = len(records)
-    bar = _bar(n_img, writer.prog["image_chunks"] * image_batch, "img", desc, hide)
+class _ImageFiles:
+    """A map-style dataset for torch's DataLoader: row i -> the model's input tensor for image i. Holds only
+    paths and the transform, so worker processes receive it cheaply."""
+
+    def __init__(self, paths: list[Path], transform, grayscale: bool):
+        self.paths, self.transform, self.grayscale = paths, transform, grayscale
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from hada.backbones.backbone import preprocess_image
+        from hada.data.images import open_rgb
+
+        try:
+            image = open_rgb(self.paths[i])
+        except (OSError, ValueError) as exc:  # checked before extraction; changed since
+            raise HadaError(f"cannot decode {self.paths[i]}: {str(exc).splitlines()[0]}") from None
+        return preprocess_image(image, self.transform, self.grayscale)
+
+
+def _image_loader(backbone, records, batches: list[tuple[int, int]], jobs: int):
+    """Batches of model inputs in the order of ``batches``, decoded by ``jobs`` worker processes, in pinned
+    memory when the backbone is on CUDA (so the copy to the device does not block)."""
+    from torch.utils.data import DataLoader
+
+    files = _ImageFiles([r.path for r in records], backbone.transform, backbone.grayscale)
+    extra = {"prefetch_factor": 2, "persistent_workers": False} if jobs > 0 else {}
+    return DataLoader(files, batch_sampler=[list(range(s, e)) for s, e in batches], num_workers=jobs,
+                      pin_memory=backbone.device.type == "cuda", **extra)
+
+
+def _extract_images(backbone, records, writer: _StoreWriter, jobs: int, desc: str, hide: bool) -> dict:
+    """This process's image batches not done yet, read by a DataLoader while the model runs on the device."""
+    todo, before = writer.todo("images", len(records))
+    bar = _bar(before + sum(e - s for s, e in todo), before, "img", desc, hide)
     t0, done = time.perf_counter(), 0
-    todo = [(k, s) for k, s in enumerate(range(0, n_img, image_batch)) if k >= writer.prog["image_chunks"]]
-    loader = ThreadPoolExecutor(max_workers=1)
-    pending = loader.submit(_load_images, backbone, records[todo[0][1]:todo[0][1] + image_batch]) if todo else None
-    try:
-        for i, (k, s) in enumerate(todo):
-            chunk = records[s:s + image_batch]
-            pixels = pending.result()
-            if i + 1 < len(todo):
-                nxt = todo[i + 1][1]
-                pending = loader.submit(_load_images, backbone, records[nxt:nxt + image_batch])
-            writer.write_chunk("image", k, s, backbone.encode_image_tokens(pixels))
-            done += len(chunk)
-            bar.update(len(chunk))
-            bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
-    finally:
-        loader.shutdown(wait=False, cancel_futures=True)
+    for (s, e), pixels in zip(todo, _image_loader(backbone, records, todo, jobs)):
+        pixels = pixels.to(backbone.device, non_blocking=True)
+        with backbone.autocast():
+            writer.write_rows("image", s, backbone.encode_image_tokens(pixels))
+        done += e - s
+        bar.update(e - s)
+        bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.0f}")
     bar.close()
     writer.save()
     return {"image_seconds": round(time.perf_counter() - t0, 3), "images": done}
 
 
-def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, text_batch: int, text_length: int,
-                      spec: str, desc: str, hide: bool) -> dict:
-    """Caption chunks not done yet, padded to the split's longest caption."""
-    n_cap = len(captions)
-    bar = _bar(n_cap, writer.prog["caption_chunks"] * text_batch, "cap", desc, hide)
+def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, text_length: int, spec: str,
+                      desc: str, hide: bool) -> dict:
+    """This process's caption batches not done yet, padded to the split's longest caption."""
+    todo, before = writer.todo("captions", len(captions))
+    bar = _bar(before + sum(e - s for s, e in todo), before, "cap", desc, hide)
     t0, done = time.perf_counter(), 0
-    for k, s in enumerate(range(0, n_cap, text_batch)):
-        if k < writer.prog["caption_chunks"]:
-            continue
-        texts = captions[s:s + text_batch]
-        tt = backbone.encode_text_tokens(texts, max_length=text_length)
-        if not np.array_equal(tt.lengths.cpu().numpy(), writer.mms["text_lengths"][s:s + len(texts)]):
+    for s, e in todo:
+        with backbone.autocast():
+            tt = backbone.encode_text_tokens(captions[s:e], max_length=text_length)
+        if not np.array_equal(tt.lengths.cpu().numpy(), writer.mms["text_lengths"][s:e]):
             raise HadaError(f"{spec}: token lengths changed between sizing and extraction")  # pragma: no cover
-        writer.write_chunk("text", k, s, tt)
-        done += len(texts)
-        bar.update(len(texts))
+        writer.write_rows("text", s, tt)
+        done += e - s
+        bar.update(e - s)
         bar.set_postfix(cap_s=f"{done / (time.perf_counter() - t0):.0f}")
     bar.close()
     return {"caption_seconds": round(time.perf_counter() - t0, 3), "captions": done}
@@ -421,7 +491,7 @@ def _open_partial(path: Path, arrays: dict) -> dict | None:
 
 
 def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
-    """Record sizes, sha256 and mtimes of every array, mark complete, drop the progress file."""
+    """Record sizes, sha256 and mtimes of every array, mark complete, drop the progress files."""
     sums = {}
     for name in ARRAY_NAMES:
         f = path / f"{name}.npy"
@@ -431,7 +501,7 @@ def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
     if timing:  # the last (or only) run's share; informational
         manifest["timing"] = timing
     write_json(path / MANIFEST, manifest, indent=1)
-    (path / PROGRESS).unlink(missing_ok=True)
+    rowlog.clear(path)
 
 
 # ------------------------------------------------------------------------------------------ many stores
@@ -444,33 +514,45 @@ def ensure_features(
     root: Path | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str = "auto",
+    jobs: int | None = None,
+    image_batch: int | None = None,
+    text_batch: int | None = None,
 ) -> dict[str, dict[str, FeatureSplit]]:
     """Extract whatever is missing (resuming unfinished stores) and return ``{backbone: {split: FeatureSplit}}``.
 
     ``dataset`` is a name ("synthetic", "flickr30k", "coco") or a loaded :class:`hada.data.datasets.Dataset`;
-    ``data_root`` its folder (default: the dataset's folder under ``data/``).
+    ``data_root`` its folder (default: the dataset's folder under ``data/``). ``device``: see
+    :func:`hada.devices.resolve_device`. Under torchrun every process calls this and shares the work.
     """
     from hada.backbones import load_backbone
     from hada.data.datasets import load_dataset
+    from hada.devices import resolve_device
 
     ds = load_dataset(dataset, data_root) if isinstance(dataset, str) else dataset
+    dev = resolve_device(device)
     splits = list(splits)
     out: dict[str, dict[str, FeatureSplit]] = {}
-    for spec in backbones:
-        backbone = load_backbone(spec)
-        out[spec] = {}
-        for split in splits:
-            if not force:
-                try:
-                    fs = open_features(ds.name, spec, split, root)
-                except HadaError:
-                    fs = None  # missing, unfinished or damaged: extract_split resumes or says why
-                if fs is not None:
-                    _check_matches(backbone, ds, split, fs)
-                    out[spec][split] = fs
-                    continue
-            out[spec][split] = extract_split(backbone, ds, split, spec, root, force=force, progress=progress)
+    with distributed.session(dev):
+        for spec in backbones:
+            backbone = load_backbone(spec, device=str(dev))
+            out[spec] = {}
+            for split in splits:
+                fs = None if force else _complete_store(backbone, ds, spec, split, root)
+                out[spec][split] = fs or extract_split(
+                    backbone, ds, split, spec, root, force=force, progress=progress, jobs=jobs,
+                    image_batch=image_batch, text_batch=text_batch)
     return out
+
+
+def _complete_store(backbone, dataset, spec: str, split: str, root: Path | None) -> FeatureSplit | None:
+    """The complete store if there is one that matches (checked without an image forward), else None."""
+    try:
+        fs = open_features(dataset.name, spec, split, root)
+    except HadaError:
+        return None  # missing, unfinished or damaged: extract_split resumes or says why
+    _check_matches(backbone, dataset, split, fs)
+    return fs
 
 
 def _check_matches(backbone, dataset, split: str, fs: FeatureSplit) -> None:
