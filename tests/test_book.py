@@ -106,6 +106,17 @@ def test_chapter_parameters_are_what_hada_prepare_makes():
                 assert value == defaults[name], f"{chapter}: {name} = {value!r}, hada prepare uses {defaults[name]!r}"
 
 
+def test_papermill_sees_every_parameter_with_its_type(tmp_path):
+    """`papermill --help-notebook` lists each parameter of each chapter with a type (an "=" inside a comment, or
+    no annotation, used to hide parameters from it or show them as "Unknown type")."""
+    for chapter in CHAPTERS:
+        res = _run([str(BIN / "papermill"), "--help-notebook", str(_to_ipynb(chapter, tmp_path))])
+        assert res.returncode == 0, res.stderr
+        listed = dict(re.findall(r"^  (\w+): (\S+) \(default", res.stdout, re.M))
+        assert set(listed) == set(_parameters(chapter)), f"{chapter}: papermill sees {sorted(listed)}"
+        assert "Unknown" not in "".join(listed.values()), f"{chapter}: {listed}"
+
+
 @pytest.fixture(scope="session")
 def built_html() -> Path:
     """Builds the whole book exactly as `make book` does: `hada prepare` (data, backbones, features and

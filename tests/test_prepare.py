@@ -179,3 +179,26 @@ def test_cli_explains_itself_and_refuses_bad_input_in_one_line(hada_data, tiny_s
         out, err = capsys.readouterr()
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
         assert "steps for" not in out  # refused before planning or starting anything
+
+
+def test_params_file_is_the_chapters_parameters_and_typed_options_win(hada_data, tiny_synthetic, tmp_path,
+                                                                      monkeypatch, capsys):
+    """`hada prepare --params FILE` reads a papermill parameters file (the presets in book/params/ among them)."""
+    import hada.pipeline as pipeline
+    from hada.cli import main
+
+    seen = []
+    monkeypatch.setattr(pipeline, "prepare", lambda setting, **kw: seen.append(setting) or pipeline.StepLog())
+    params = tmp_path / "tiny.yaml"
+    params.write_text(f"data_root: {tiny_synthetic}\nbackbones: tiny-vit:random,tiny-rn:random\nepochs: 3\n"
+                      "pairs_per_epoch: null\nseed: 4\n")
+    assert main(["prepare", "--params", str(params), "--seed", "5"]) == 0
+    (setting,) = seen
+    assert (setting.epochs, setting.pairs_per_epoch, setting.seed) == (3, None, 5)
+    assert setting.backbones == ("tiny-vit:random", "tiny-rn:random") and setting.data_root == tiny_synthetic
+    for preset in sorted((Path(__file__).resolve().parents[1] / "book" / "params").glob("*.yaml")):
+        assert main(["prepare", "--params", str(preset)]) == 2  # the preset's placeholder folder is not here
+        assert "does not exist" in capsys.readouterr().err
+    params.write_text("epochz: 3\n")
+    assert main(["prepare", "--params", str(params)]) == 2
+    assert "unknown chapter parameters epochz" in capsys.readouterr().err

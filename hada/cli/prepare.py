@@ -29,16 +29,21 @@ def register(subparsers) -> None:
                       dataset_help="the chapters' `dataset`")
     add_backbones_flag(p, "the chapters' `backbones`: comma-separated specs, the first is the main one "
                           "(default: the embedded ones)")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="the chapters' `epochs` (default: %(default)s)")
-    p.add_argument("--pairs-per-epoch", type=int, default=defaults["pairs_per_epoch"],
-                   help="the chapters' `pairs_per_epoch`; 0 = the whole train split (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults["seed"], help="the chapters' `seed` (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help=f"the chapters' `epochs` (default: {defaults['epochs']})")
+    p.add_argument("--pairs-per-epoch", type=int,
+                   help=f"the chapters' `pairs_per_epoch`; 0 = the whole train split (default: "
+                        f"{defaults['pairs_per_epoch']})")
+    p.add_argument("--seed", type=int, help=f"the chapters' `seed` (default: {defaults['seed']})")
+    p.add_argument("--params", metavar="FILE",
+                   help="a papermill parameters file (YAML, e.g. book/params/flickr30k.yaml): the chapters' "
+                        "parameters for a rerun with `papermill -f FILE`; options typed here override it")
     add_jobs_flag(p, "steps at once, one process each, sharing the cores (default: the CPU cores, %(default)s)",
                   default=default_jobs())
     p.add_argument("--no-runs", action="store_true",
                    help="only the data, backbones and features (what `make data` makes), no training runs")
     add_device_flag(p)  # the chapters' `device`
-    p.set_defaults(handler=_prepare)
+    # None = not typed: the value then comes from --params, else the chapters' default
+    p.set_defaults(handler=_prepare, dataset=None, device=None)
 
 
 def _resolve():
@@ -47,11 +52,31 @@ def _resolve():
     return resolve
 
 
+def _params_file(path: str | None) -> dict:
+    """The chapters' parameters from a papermill parameters file; an unknown name is one clear error."""
+    if not path:
+        return {}
+    from hada.config import load_config_file
+    from hada.errors import HadaError
+
+    values = load_config_file(path)
+    known = set(inspect.signature(_resolve()).parameters)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise HadaError(f"{path}: unknown chapter parameters {', '.join(unknown)}; the chapters take "
+                        f"{', '.join(sorted(known))}")
+    if isinstance(values.get("backbones"), list):
+        values["backbones"] = ",".join(values["backbones"])
+    return values
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from hada.pipeline import prepare
 
-    setting = _resolve()(dataset=args.dataset, data_root=args.data_root, backbones=args.backbones or "default",
-                         epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, seed=args.seed, device=args.device)
+    typed = {"dataset": args.dataset, "data_root": args.data_root, "backbones": args.backbones,
+             "epochs": args.epochs, "pairs_per_epoch": args.pairs_per_epoch, "seed": args.seed, "device": args.device}
+    values = {**_params_file(args.params), **{k: v for k, v in typed.items() if v is not None}}
+    setting = _resolve()(**values)
     log = prepare(setting, jobs=args.jobs, runs=not args.no_runs)
     print(f"prepared in {log.wall:.0f} s wall ({sum(log.seconds.values()):.0f} s of steps)")
     return 0
