@@ -49,7 +49,7 @@ part() {
   "$PY" -c "import open_clip; print('open_clip', open_clip.__version__)" 2>/dev/null || echo "open_clip: not installed"
   gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 
-  part extraction 150 "$PY" benchmarks/bench_gpu_extract.py "${quick[@]}" --device "$device" --json "$rows"
+  part extraction 150 "$PY" benchmarks/bench_gpu_extract.py ${quick[@]+"${quick[@]}"} --device "$device" --json "$rows"
   if [ ${#quick[@]} -gt 0 ]; then
     part epoch 120 "$PY" benchmarks/bench_gpu_epoch.py --quick --device "$device" --json "$rows"
     part "epoch, 2 processes" 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
