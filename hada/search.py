@@ -47,7 +47,7 @@ def hits_table(hits: list[Hit], caption: str = ""):
     from hada.book.tables import Table
 
     known = any(h.correct is not None for h in hits)
-    rows = [{"name": str(h.rank), "score": f"{h.score:.4f}", "image_id": h.image_id, "path": str(h.path),
+    rows = [{"name": str(h.rank), "score": f"{h.score:.4f}", "image_id": str(h.image_id), "path": str(h.path),
              "caption": h.caption or "", "match": "" if h.correct is None else ("yes" if h.correct else "no")}
             for h in hits]
     columns = [("name", "rank"), ("score", "score")]
@@ -303,11 +303,11 @@ class TextToImageComparison:
         from hada.book.tables import Table
 
         a, b = self.methods
-        words = {1: f"{b} wins", -1: f"{b} loses", 0: "tie"}
+        words = {1: "wins", -1: "loses", 0: "tie"}
         rows = [{"name": self.captions[j], "a": int(self.ranks[a][j]) + 1, "b": int(self.ranks[b][j]) + 1,
                  "outcome": words[int(self.outcome[j])]} for j in self.shown]
         return Table(rows, columns=(("name", "query caption"), ("a", f"rank: {a}"), ("b", f"rank: {b}"),
-                                    ("outcome", "outcome")))
+                                    ("outcome", f"{b} vs {a}")))
 
 
 def compare_text_to_image(search: RunSearch, similarities: dict, n_random: int = 3, n_wins: int = 2,

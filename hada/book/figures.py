@@ -213,14 +213,14 @@ def retrieval_grid(queries: Sequence[Mapping], methods: Sequence[str], frame: st
                 for spine in ax.spines.values():
                     spine.set_edgecolor(frame if hit["correct"] else "#cccccc")
                     spine.set_linewidth(4.0 if hit["correct"] else 0.6)
-                ax.set_xlabel(f"{i + 1}. {hit['score']:.3f}", fontsize=7, labelpad=2)
+                ax.set_xlabel(f"{i + 1}. {hit['score']:.3f}", fontsize=9.5, labelpad=2)
                 if i == 0 and r == 0:
-                    ax.set_title(method, fontsize=10, loc="left", fontweight="bold", pad=34)
-        text = textwrap.shorten(f"“{query['caption']}”", int(14 * 1.2 * cols), placeholder=" …")
+                    ax.set_title(method, fontsize=12, loc="left", fontweight="bold", pad=44)
+        text = textwrap.shorten(f"“{query['caption']}”", int(11 * 1.2 * cols), placeholder=" …")
         first = axes[r, 0]
         first.text(0.0, 1.05, text + ("\n" + query["note"] if query.get("note") else ""),
-                   transform=first.transAxes, fontsize=8.5, va="bottom", ha="left", clip_on=False, linespacing=1.4)
-    height = 2.15 * len(queries) + 0.6
+                   transform=first.transAxes, fontsize=11, va="bottom", ha="left", clip_on=False, linespacing=1.35)
+    height = 2.3 * len(queries) + 0.7
     fig.set_size_inches(1.2 * cols + 0.4, height)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.03, hspace=0.75, wspace=0.06)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.95 / height, bottom=0.03, hspace=0.95, wspace=0.06)
     return fig
