@@ -56,7 +56,7 @@ def hits_table(hits: list[Hit], caption: str = ""):
     else:
         columns += [("image_id", "image"), ("path", "path")]
     if known:
-        columns.append(("match", "the query's"))
+        columns.append(("match", "query's own"))
     return Table(rows, columns=tuple(columns), caption=caption)
 
 

@@ -123,7 +123,7 @@ def test_cli_prints_the_table(tiny_run, monkeypatch, capsys):
     assert "top 3 images of the test split" in out and "score" in out and str(search.records[0].path.parent) in out
     assert main(["search", "--run", str(run.run_dir), "--image", str(search.records[1].path), "--k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "top 2 captions" in out and "the query's" in out
+    assert "top 2 captions" in out and "query's own" in out
 
 
 @pytest.mark.parametrize("args, message", [
