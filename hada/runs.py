@@ -30,9 +30,10 @@ from hada.io import write_json
 from hada.train import TrainedModel, load_trained
 
 #: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
-#: tables, figures, the command line, the step graph, this naming module) name, schedule or show results but
-#: compute none, so changing them must not retrain anything. Every other ``.py`` file under ``hada/`` counts.
-NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py")
+#: tables, figures, the command line, the step graph, this naming module, searching a finished run) name,
+#: schedule or show results but compute none, so changing them must not retrain anything. Every other ``.py``
+#: file under ``hada/`` counts.
+NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py", "search.py")
 
 _PACKAGE = Path(__file__).resolve().parent
 _STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image TokenStats, text TokenStats)

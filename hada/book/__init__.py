@@ -170,3 +170,44 @@ def attention_examples(setting: Setting, k: int = 2, n_correct: int = 2, n_failu
     dataset = load_dataset(setting.dataset, setting.data_root, check_images=False)
     return examples(run.load_model(), dataset, split="test", n_correct=n_correct, n_failures=n_failures,
                     seed=setting.seed)
+
+
+# ----------------------------------------------------------------------------------------- retrieval, seen
+def retrieval_seen(setting: Setting, k: int = 2, n_random: int = 3, n_wins: int = 2, n_losses: int = 2,
+                   top: int = 5):
+    """Test captions and their top images under the best single backbone and under HADA, from the runs the results
+    chapter trains: ``n_random`` captions drawn with the setting's seed, then ``n_wins`` that HADA ranks better and
+    ``n_losses`` that it ranks worse (the right image in the top ``top`` of one of the two, so the figure shows it).
+    Returns a :class:`hada.search.TextToImageComparison` (figure, table, win/loss counts)."""
+    from hada.baselines import backbone_similarity
+    from hada.experiments import baseline_table
+    from hada.search import compare_text_to_image
+
+    search = _run_search(setting, k)
+    names = search.specs  # the run's backbones, resolved as the baseline rows name them
+    rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=data_root_arg(setting),
+                          concat=False, config=base_config(setting, k))
+    best = max((r for r in rows if r["kind"] == "backbone"), key=lambda r: r["rsum"])
+    similarities = {best["name"]: backbone_similarity(search.data, names.index(best["name"])),
+                    f"HADA (K={k})": search.similarity()}
+    return compare_text_to_image(search, similarities, n_random, n_wins, n_losses, top, seed=setting.seed)
+
+
+def search(setting: Setting, query: str, k: int = 2, top: int = 5):
+    """``hada search`` on the default HADA run for K backbones: the test split's ``top`` images for a caption."""
+    from hada.search import hits_table
+
+    hits = _run_search(setting, k).text_to_image(query, top)
+    return hits_table(hits, caption=f"top {len(hits)} test images for “{query}”, HADA (K={k})")
+
+
+_SEARCHES: dict = {}  # run folder -> RunSearch of its test split: a chapter embeds the gallery once
+
+
+def _run_search(setting: Setting, k: int):
+    from hada.search import RunSearch
+
+    run = train_hada(setting, k)
+    if run.run_dir not in _SEARCHES:
+        _SEARCHES[run.run_dir] = RunSearch(run.load_model(), "test")
+    return _SEARCHES[run.run_dir]

@@ -182,3 +182,45 @@ def show_samples(records, n: int = 8, captions_per_image: int = 1, cols: int = 4
         ax.text(0.0, -0.04, text, transform=ax.transAxes, fontsize=7, va="top", ha="left")
     fig.subplots_adjust(hspace=0.75, wspace=0.08, left=0.02, right=0.98, top=0.98, bottom=0.12)
     return fig
+
+
+def retrieval_grid(queries: Sequence[Mapping], methods: Sequence[str], frame: str = "#2ca02c") -> plt.Figure:
+    """Text -> image retrieval, seen: one row per query caption, each method's top images side by side.
+
+    ``queries``: dicts with ``caption``, ``note`` (a line under it) and ``results``: per method name a list of
+    ``{"path", "score", "correct"}`` in rank order. Correct images (the caption's own) get a thick frame.
+    """
+    import textwrap
+
+    from PIL import Image
+
+    top = max(len(q["results"][m]) for q in queries for m in methods) if queries else 0
+    cols = len(methods) * top + (len(methods) - 1)  # one narrow gap between methods
+    ratios = ([1.0] * top + [0.25]) * (len(methods) - 1) + [1.0] * top
+    fig, axes = plt.subplots(len(queries), cols, figsize=(1.2 * cols + 0.4, 1.95 * len(queries) + 0.5),
+                             squeeze=False, gridspec_kw={"width_ratios": ratios})
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for r, query in enumerate(queries):
+        for m, method in enumerate(methods):
+            for i, hit in enumerate(query["results"][method]):
+                ax = axes[r, m * (top + 1) + i]
+                with Image.open(hit["path"]) as im:
+                    ax.imshow(im.convert("RGB"), interpolation="nearest")
+                ax.set_axis_on()
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(frame if hit["correct"] else "#cccccc")
+                    spine.set_linewidth(4.0 if hit["correct"] else 0.6)
+                ax.set_xlabel(f"{i + 1}. {hit['score']:.3f}", fontsize=9.5, labelpad=2)
+                if i == 0 and r == 0:
+                    ax.set_title(method, fontsize=12, loc="left", fontweight="bold", pad=44)
+        text = textwrap.shorten(f"“{query['caption']}”", int(11 * 1.2 * cols), placeholder=" …")
+        first = axes[r, 0]
+        first.text(0.0, 1.05, text + ("\n" + query["note"] if query.get("note") else ""),
+                   transform=first.transAxes, fontsize=11, va="bottom", ha="left", clip_on=False, linespacing=1.35)
+    height = 2.3 * len(queries) + 0.7
+    fig.set_size_inches(1.2 * cols + 0.4, height)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.95 / height, bottom=0.03, hspace=0.95, wspace=0.06)
+    return fig

@@ -13,7 +13,7 @@ import sys
 
 from hada.errors import HadaError
 
-GROUPS = ("data", "backbones", "features", "train", "evaluate", "prepare")
+GROUPS = ("data", "backbones", "features", "train", "evaluate", "search", "prepare")
 
 DESCRIPTION = """\
 HADA: fuse frozen image-text backbones with a graph attention network (Nguyen et al., ECIR 2023).
@@ -25,6 +25,7 @@ The pipeline, in order:
   hada features extract       store every backbone's token features (fp16, memory-mapped)
   hada train                  train a HADA model on stored features
   hada evaluate               score backbones, baselines and HADA on a split
+  hada search                 a trained run's top images for a caption, or top captions for an image
   hada prepare                all of the above that the book reads, several steps at once
 Run `hada <command> --help` for the options of each step."""
 
