@@ -8,6 +8,7 @@ executed; the rest of the page reads stored features and is run by the book buil
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def _cells(tag: str) -> list[str]:
     """Source of the chapter's code cells whose ``:tags:`` line names ``tag``, in page order."""
     return [code for meta, code in CELL.findall(CHAPTER.read_text())
             if re.search(rf":tags:\s*\[[^\]]*\b{re.escape(tag)}\b", meta)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the page trains (two threads on tiny tensors spend their time waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +88,17 @@ def _pair(page: dict, data: FeatureData, heads: int, seed: int = 0):
     return ours, theirs
 
 
-def test_the_method_fits_in_about_sixty_lines():
-    lines = [line for code in _cells("hada-in-60") for line in code.splitlines() if line.strip()]
-    assert 40 <= len(lines) <= 70, f"the method cells hold {len(lines)} non-blank lines"
+def test_the_method_fits_in_under_seventy_lines():
+    """What the page promises: under 70 lines of code, not counting imports, docstrings and blank lines."""
+    code = "\n".join(_cells("hada-in-60"))
+    skip = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            skip.update(range(node.lineno, node.end_lineno + 1))
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None:
+            skip.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    lines = [n for n, line in enumerate(code.splitlines(), 1) if line.strip() and n not in skip]
+    assert 40 <= len(lines) < 70, f"the method cells hold {len(lines)} lines of code"
 
 
 def test_page_graph_is_hada_model_graph(page):
@@ -115,8 +133,9 @@ def test_page_trains_and_stays_equal(page):
     rng = np.random.default_rng(0)
     losses = [page["train_epoch"](ours, itc, optimiser, PairLoader(data, batch_size=8, rng=rng)) for _ in range(3)]
     assert all(np.isfinite(losses)), losses
-    assert 0.001 <= float(itc.tau) <= 0.5 and 0.1 <= float(itc.w) <= 0.9
-    assert (float(itc.tau), float(itc.w)) != (0.07, 0.5)
+    tau, w = itc.tau.item(), itc.w.item()
+    assert 0.001 <= tau <= 0.5 and 0.1 <= w <= 0.9
+    assert (tau, w) != (pytest.approx(0.07), pytest.approx(0.5))
     assert all(not torch.equal(a, b) for a, b in zip(before, ours.parameters()))
     theirs.load_state_dict(page["to_hada"](ours.state_dict()))
     page["differences"](ours, theirs, data)
