@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,14 +96,15 @@ def test_clip_benchmark_build_reads_our_files(toy_world, capsys):
     run_file = run.run_dir / RUN_RESULTS_FILE
     assert json.loads(run_file.read_text())["pretrained"] == str(run.run_dir.resolve())
     out = toy_world / "eval"
-    assert main(["evaluate", "--backbones", "toy0,toy1", "--run", run.run_dir.name, "--out", str(out)]) == 0
-    assert "wrote 4 CLIP_benchmark result file(s)" in capsys.readouterr().out
+    assert main(["evaluate", "--backbones", "toy0,toy1", "--concat", "--run", run.run_dir.name,
+                 "--out", str(out)]) == 0
+    assert "wrote 5 CLIP_benchmark result file(s)" in capsys.readouterr().out
     files = [run_file, *sorted(out.glob("*.json"))]
     records = [read_record(p) for p in files]
 
     rows = clip_benchmark_build(files, toy_world / "benchmark.csv")
 
-    assert len(rows) == 5
+    assert len(rows) == 6
     by_name = {row["model_fullname"]: row for row in rows}
     for record in records:
         row = by_name[record["model"] + " " + record["pretrained"]]
@@ -111,7 +113,11 @@ def test_clip_benchmark_build_reads_our_files(toy_world, capsys):
         for key, value in record["metrics"].items():
             assert float(row[key]) == pytest.approx(value, abs=1e-12) and 0.0 <= value <= 1.0
     models = sorted(r["model"] for r in rows)
-    assert models == ["average(toy0 + toy1)", "hada(toy0 + toy1)", "hada(toy0 + toy1)", "toy0", "toy1"]
+    assert models == ["average(toy0 + toy1)", "concat(toy0 + toy1) + linear", "hada(toy0 + toy1)",
+                      "hada(toy0 + toy1)", "toy0", "toy1"]
+    concat = next(r for r in rows if r["model"].startswith("concat("))  # a trained baseline: its run folder
+    assert read_record(Path(concat["pretrained"]) / RUN_RESULTS_FILE)["metrics"] == pytest.approx(
+        {key: float(concat[key]) for key in records[0]["metrics"]})
     assert {r["dataset"] for r in rows} == {"synthetic"}
     # the run's own file and `hada evaluate --run` score the same model on the same test split
     ours = [r for r in rows if r["model"] == "hada(toy0 + toy1)"]
