@@ -59,10 +59,11 @@ def clip_benchmark_dataset(dataset: str, split: str = "test") -> str:
 
 
 def clip_benchmark_metrics(metrics: dict) -> dict:
-    """hada's recalls (percent) as CLIP_benchmark writes them: fractions, image then text for each k."""
+    """hada's recalls (percent) as CLIP_benchmark writes them: fractions (rounded to 15 decimals, so a hit
+    rate such as 0.372 reads as such), image then text for each k."""
     try:
-        return {f"{way}_retrieval_recall@{k}": float(metrics[f"{way}_retrieval_recall@{k}"]) / 100.0
-                for k in KS for way in ("image", "text")}
+        return {key: round(float(metrics[key]) / 100.0, 15)
+                for key in (f"{way}_retrieval_recall@{k}" for k in KS for way in ("image", "text"))}
     except KeyError as exc:
         raise HadaError(f"metrics lack {exc.args[0]}; expected the six recalls of hada.metrics") from None
 
