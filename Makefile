@@ -24,7 +24,9 @@ $(BIN)/python:
 # packages ship Python 2 fixtures) is just imported from source, so compileall's status is ignored.
 $(STAMP): $(BIN)/python pyproject.toml environment.yml
 	sed -n 's/^ *- *\([A-Za-z0-9_.-]*==[^ ]*\) *$$/\1/p' environment.yml > $(VENV)/pins.txt
-	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile -r $(VENV)/pins.txt
+	grep -v '^clip-benchmark==' $(VENV)/pins.txt > $(VENV)/pins-deps.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile -r $(VENV)/pins-deps.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile --no-deps $$(grep '^clip-benchmark==' $(VENV)/pins.txt)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	-$(BIN)/python -m compileall -qq -j 0 hada "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $@

@@ -233,7 +233,7 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
         shutil.rmtree(run_dir)
     distributed.barrier()  # under torchrun: rank 0 alone writes the folder
     if (run_dir / "metrics.json").exists():
-        return load_result(name, run_dir)
+        return _finished(name, run_dir)
     if (run_dir / "checkpoint.pt").exists() and distributed.is_main():
         history = run_dir / "history.json"
         done = len(json.loads(history.read_text())) if history.exists() else "?"
@@ -245,4 +245,15 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     stats = _stats(config)
     data = {split: shared_data(config, split, stats) for split in run_splits(config)}
     _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads, log=log)
-    return load_result(name, run_dir)
+    return _finished(name, run_dir)
+
+
+def _finished(name: str, run_dir: Path) -> RunResult:
+    """The finished run, with its test result in CLIP_benchmark's format beside metrics.json (written by rank 0
+    when missing, so a run finished before the file existed gets one too)."""
+    from hada.evaluate import RUN_RESULTS_FILE, write_run_results
+
+    result = load_result(name, run_dir)
+    if distributed.is_main() and not (run_dir / RUN_RESULTS_FILE).exists():
+        write_run_results(run_dir, result.config, result.test_metrics)
+    return result

@@ -103,11 +103,12 @@ def test_cli_train_then_evaluate(tiny_world, tmp_path, capsys):
     assert "Rsum" in capsys.readouterr().out
     assert main(["train", *args]) == 0
     assert "already trained" in capsys.readouterr().out
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval"
     assert main(["evaluate", "--backbones", "toy0,toy1", "--run", "cli", "--out", str(out)]) == 0
-    records = json.loads(out.read_text())
-    assert [r["model"] for r in records][:3] == ["toy0", "toy1", "average(toy0 + toy1)"]
-    assert records[-1]["model"].startswith("cli-") and records[-1]["task"] == "zeroshot_retrieval"
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]  # one CLIP_benchmark file per row
+    assert sorted(r["model"] for r in records) == ["average(toy0 + toy1)", "hada(toy0 + toy1)", "toy0", "toy1"]
+    run = next(r for r in records if r["model"] == "hada(toy0 + toy1)")
+    assert run["pretrained"].split("/")[-1].startswith("cli-") and run["task"] == "zeroshot_retrieval"
     assert main(["evaluate", "--run", "nope"]) == 2  # one line, exit 2
     assert "hada: error:" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""Recalls against a brute-force reference (ties, 4-6 captions per image), chunking, and COCO-sized splits."""
+"""Recalls against a brute-force reference (ties, 4-6 captions per image), chunking, COCO-sized splits, and the
+CLIP_benchmark records and files they are written to."""
 
 import json
 
@@ -9,7 +10,8 @@ import torch
 from hada.book.tables import metrics_table
 from hada.errors import HadaError
 from hada.io import write_json
-from hada.evaluate import clip_benchmark_record
+from hada.evaluate import (backbone_identity, clip_benchmark_record, percent_metrics, read_record,
+                           write_records)
 from hada.metrics import EmbeddingSimilarity, metrics_from_ranks, retrieval_metrics, retrieval_ranks
 
 
@@ -109,10 +111,48 @@ def test_bad_inputs_raise():
         retrieval_metrics(lambda r, c: None, [0, 1])  # a function without n_images
 
 
-def test_clip_benchmark_json(tmp_path):
+def test_clip_benchmark_record_is_exactly_what_clip_benchmark_writes(tmp_path):
+    """The keys and order of clip_benchmark/cli.py's dump, recalls as fractions under its names, no Rsum."""
     m = retrieval_metrics(torch.eye(3), [0, 1, 2])
-    rec = clip_benchmark_record(m, dataset="synthetic", model="hada")
-    path = write_json(tmp_path / "r.json", [rec])
-    back = json.loads(path.read_text())[0]
-    assert back["task"] == "zeroshot_retrieval" and back["metrics"]["rsum"] == 600.0
-    assert "hada" in str(metrics_table([("hada", m)]))
+    m["text_retrieval_recall@1"], m["rsum"] = 100.0 / 3, m["rsum"] - 200.0 / 3  # one of three images found
+    rec = clip_benchmark_record(m, dataset="coco", model="ViT-B-16", pretrained="openai")
+    assert list(rec) == ["dataset", "model", "pretrained", "task", "metrics", "language"]
+    assert rec["dataset"] == "mscoco_captions" and rec["task"] == "zeroshot_retrieval" and rec["language"] == "en"
+    assert list(rec["metrics"]) == [f"{way}_retrieval_recall@{k}" for k in (1, 5, 10) for way in ("image", "text")]
+    assert rec["metrics"]["text_retrieval_recall@1"] == pytest.approx(1 / 3)
+    assert rec["metrics"]["image_retrieval_recall@10"] == 1.0
+    assert clip_benchmark_record(m, "synthetic", "hada", "/runs/x", split="val")["dataset"] == "synthetic/val"
+    back = read_record(write_json(tmp_path / "r.json", rec))
+    assert back == rec
+    assert percent_metrics(back) == pytest.approx(m)
+    assert "ViT-B-16" in str(metrics_table([("ViT-B-16", percent_metrics(back))]))
+
+
+def test_clip_benchmark_record_names_its_weights(tmp_path):
+    m = retrieval_metrics(torch.eye(3), [0, 1, 2])
+    for missing in (None, ""):
+        with pytest.raises(HadaError, match="weights"):
+            clip_benchmark_record(m, "synthetic", "hada", missing)
+    with pytest.raises(HadaError, match="recall"):
+        clip_benchmark_record({"rsum": 1.0}, "synthetic", "hada", "x")
+    assert backbone_identity("ViT-B-16:/no/such/file.bin") == ("ViT-B-16", "ViT-B-16:/no/such/file.bin")
+
+
+def test_result_files_one_per_row(tmp_path):
+    m = retrieval_metrics(torch.eye(3), [0, 1, 2])
+    records = [clip_benchmark_record(m, "flickr30k", "ViT-B-16", "openai"),
+               clip_benchmark_record(m, "flickr30k", "average(a + b)", "/w/a/model.bin + /w/b/model.bin"),
+               clip_benchmark_record(m, "flickr30k", "hada(a + b)", "/data/runs/hada-k2-0123456789ab")]
+    paths = write_records(records, tmp_path / "eval")
+    assert [p.name for p in paths] == [
+        "flickr30k_openai_ViT-B-16_en_zeroshot_retrieval.json",
+        "flickr30k_model.bin-+-model.bin_average-a-+-b_en_zeroshot_retrieval.json",
+        "flickr30k_hada-k2-0123456789ab_hada-a-+-b_en_zeroshot_retrieval.json"]
+    assert [read_record(p) for p in paths] == records
+    with pytest.raises(HadaError, match="share"):
+        write_records(records[:1] * 2, tmp_path / "twice")
+    with pytest.raises(HadaError, match="is a file"):
+        write_records(records, paths[0])
+    (tmp_path / "list.json").write_text(json.dumps(records))  # the old format: a list of records
+    with pytest.raises(HadaError, match="not one CLIP_benchmark record"):
+        read_record(tmp_path / "list.json")

@@ -18,8 +18,10 @@ inference score: (1 - w) * its cosine + w * the main backbone's cosine). Runs ar
 train feature statistics and backbones. Ties count for the positive (rank = number of strictly higher
 scores). Needs the features of the split (`hada features extract`).
 
-Output: a table on stdout and a json list of CLIP_benchmark-style records ({"dataset", "model",
-"task": "zeroshot_retrieval", "metrics": {...}}), by default data/runs/eval/<dataset>-<split>.json."""
+Output: a table on stdout (percent) and one json file per row in CLIP_benchmark's exact format
+({"dataset", "model", "pretrained", "task": "zeroshot_retrieval", "metrics": {...}, "language"}, recalls as
+fractions under its names; `pretrained` is the backbone's tag or weights file, or the run's folder), by default
+in data/runs/eval/<dataset>-<split>/; `clip_benchmark build FOLDER/*.json` reads them into one CSV."""
 
 
 def register(subparsers) -> None:
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
                         help="add the concatenation + linear baseline (trains it once if not cached)")
     parser.add_argument("--no-baselines", action="store_true", help="score only the --run models")
     parser.add_argument("--out", type=Path, default=None,
-                        help="json output (default: data/runs/eval/<dataset>-<split>.json)")
+                        help="folder for the result files, one per row (default: data/runs/eval/<dataset>-<split>/)")
     add_jobs_flag(parser, "torch CPU threads for the similarity products (default: torch's choice)")
     add_device_flag(parser)
     parser.set_defaults(handler=_evaluate)
@@ -61,42 +63,70 @@ def resolve_run(spec: str) -> Path:
                     "give the full folder name")
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from hada.book.tables import METRIC_COLUMNS, metrics_table
+def _baseline_rows(args: argparse.Namespace) -> list[tuple[str, dict, tuple[str, str]]]:
+    """``(name, metrics, (model, pretrained))`` of each backbone, their average and (--concat) the concat run."""
     from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
-    from hada.devices import resolve_device
+    from hada.evaluate import backbone_identity, fusion_identity, run_identity
+    from hada.experiments import baseline_table, concat_run
+    from hada.book.tables import METRIC_COLUMNS
+    from hada.runs import run_folder
+
+    cfg = TrainConfig.from_dict({"data": {"dataset": args.dataset, "data_root": args.data_root,
+                                          "backbones": args.backbones or []}, "device": args.device}).resolved()
+    train_cfg = recipe(DEFAULT_RECIPE, device=args.device)
+    names = cfg.data.backbones
+    rows = []
+    for row in baseline_table(args.dataset, names, split=args.split, data_root=args.data_root,
+                              concat=args.concat, config=train_cfg):
+        if row["name"] in names:
+            identity = backbone_identity(row["name"])
+        elif row["name"].startswith("concat("):
+            concat_cfg, run_name = concat_run(args.dataset, names, args.data_root, train_cfg)
+            identity = run_identity(run_folder(concat_cfg, run_name), concat_cfg)
+        else:
+            identity = fusion_identity(row["name"], names)
+        rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}, identity))
+    return rows
+
+
+def _run_rows(args: argparse.Namespace, device) -> list[tuple[str, dict, tuple[str, str]]]:
+    """``(name, metrics, (model, pretrained))`` of each --run, scored on the split."""
     from hada.errors import HadaError
-    from hada.evaluate import clip_benchmark_record
-    from hada.experiments import baseline_table
-    from hada.io import write_json
+    from hada.evaluate import run_identity
     from hada.metrics import retrieval_metrics
-    from hada.paths import runs_dir
     from hada.train import load_trained
 
-    device = resolve_device(args.device)
-    if args.jobs:
-        torch.set_num_threads(args.jobs)
-    rows: list[tuple[str, dict]] = []
-    if not args.no_baselines:
-        cfg = TrainConfig.from_dict({"data": {"dataset": args.dataset, "data_root": args.data_root,
-                                              "backbones": args.backbones or []}, "device": args.device}).resolved()
-        for row in baseline_table(args.dataset, cfg.data.backbones, split=args.split, data_root=args.data_root,
-                                  concat=args.concat, config=recipe(DEFAULT_RECIPE, device=args.device)):
-            rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}))
+    rows = []
     for spec in args.run:
         run_dir = resolve_run(spec)
         model = load_trained(run_dir, device=device)
         if model.config.data.dataset != args.dataset:
             raise HadaError(f"run {run_dir.name} was trained on {model.config.data.dataset}, not {args.dataset}")
         data = model.load_data(args.split)
-        rows.append((run_dir.name, retrieval_metrics(model.similarity(data), data.caption_image_index)))
+        rows.append((run_dir.name, retrieval_metrics(model.similarity(data), data.caption_image_index),
+                     run_identity(run_dir, model.config)))
+    return rows
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from hada.book.tables import metrics_table
+    from hada.devices import resolve_device
+    from hada.errors import HadaError
+    from hada.evaluate import clip_benchmark_record, write_records
+    from hada.paths import runs_dir
+
+    device = resolve_device(args.device)
+    if args.jobs:
+        torch.set_num_threads(args.jobs)
+    rows = ([] if args.no_baselines else _baseline_rows(args)) + _run_rows(args, device)
     if not rows:
         raise HadaError("nothing to score: give --run or drop --no-baselines")
-    print(metrics_table(rows))
-    out = args.out or runs_dir() / "eval" / f"{args.dataset}-{args.split}.json"
-    records = [clip_benchmark_record(m, dataset=f"{args.dataset}/{args.split}", model=name) for name, m in rows]
-    write_json(out, records)
-    print(f"wrote {out}")
+    print(metrics_table([(name, m) for name, m, _ in rows]))
+    out = args.out or runs_dir() / "eval" / f"{args.dataset}-{args.split}"
+    records = [clip_benchmark_record(m, args.dataset, model, pretrained, args.split)
+               for _, m, (model, pretrained) in rows]
+    paths = write_records(records, out)
+    print(f"wrote {len(paths)} CLIP_benchmark result file(s) to {out}/")
     return 0
