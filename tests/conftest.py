@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -24,3 +30,30 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-synthetic") / "synthetic"
     generate(root, size="tiny", seed=0, progress=False)
     return root
+
+
+def _run_dirs() -> set[str]:
+    from hada.paths import runs_dir
+
+    runs = runs_dir()
+    return {p.name for p in runs.iterdir() if p.is_dir()} if runs.is_dir() else set()
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def built_html() -> Path:
+    """Builds the whole book exactly as `make book` does: `hada prepare` (data, backbones, features and
+    every run, in parallel), then `jupyter-book build` (cached execution, raise_on_error). The build must
+    train nothing itself: if it did, `hada prepare` and the chapters disagree about what the book reads.
+    Here, not in tests/test_book.py, so that every test module that reads the site shares one build."""
+    res = _run([str(BIN / "hada"), "prepare"], cwd=ROOT, env={**os.environ, "HADA_NO_PROGRESS": "1"})
+    assert res.returncode == 0, f"hada prepare failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    prepared = _run_dirs()
+    res = _run([str(BIN / "jupyter-book"), "build", str(ROOT / "book")], cwd=ROOT)
+    assert res.returncode == 0, f"book build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    trained_by_build = _run_dirs() - prepared - {"baselines"}
+    assert not trained_by_build, f"the chapters trained runs `hada prepare` did not: {sorted(trained_by_build)}"
+    return ROOT / "_build" / "html"  # the build folder sits beside _config.yml
