@@ -450,8 +450,7 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
         if show and (n_batches % 10 == 0 or n_batches == len(run.loader)):
             rate = n_pairs / max(time.perf_counter() - t_start, 1e-9)
             steps.set_postfix(loss=f"{_sum_losses(losses)[0] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
-    steps.close()
-    objective.progress = epoch
+    steps.close()  # progress stays at the last step's: validation and best.pt belong to that step's stage
     sums = dict(zip(("loss", "itc", "itm"), _sum_losses(losses)), itm_acc=itm_acc)
     train_time = time.perf_counter() - t_start
     if distributed.active():  # every rank's pairs; the losses as the mean of the ranks' means

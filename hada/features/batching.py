@@ -2,8 +2,9 @@
 
 Tokens are L2-normalised per token, then standardised with one global mean and std per
 backbone and modality (or one over all of them: ``compute_stats(..., pooled=True)``, the published).
-Training batches can use augmented image views stored ahead (``FeatureData(augment_p=...)``). The statistics come from the *train* split (:func:`compute_stats`) and travel
-with the run and its checkpoint, so val and test are normalised with the train statistics.
+The statistics come from the *train* split (:func:`compute_stats`) and travel with the run and its
+checkpoint, so val and test are normalised with the train statistics. Training batches can use augmented
+image views stored ahead (``FeatureData(augment_p=...)``, ``hada features extract --augment N``).
 
 The backbones' own projected embeddings pass through unchanged (fp32): the model and the loss
 L2-normalise them, and any shift would change the main backbone's cosine that HADA mixes in.
