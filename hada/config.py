@@ -25,6 +25,15 @@ BACKENDS = ("auto", "dense", "pyg")
 #: the loss stay float32). "auto": bf16 on a CUDA device that supports it and where the CPU multiplies bfloat16
 #: natively, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16")
+INITS = ("default", "kaiming")
+SELF_LOOPS = ("fixed", "mean")
+NORMS = ("node", "graph")
+EMBED_NORMS = ("unit", "standardise")
+TOKEN_STATS = ("backbone", "global")
+ITM_HEADS = ("mlp", "linear")
+ITM_NEGATIVES = ("mixed", "hada")
+QUEUE_INITS = ("empty", "random")
+SCHEDULE_STEPS = ("epoch", "iteration")
 
 
 def _opt(default: Any, help: str, **kw) -> Any:
@@ -43,8 +52,14 @@ class EdgeWeights:
     w_fcx: float = _opt(0.7, "edge weight feature -> another backbone's CLS")
     w_cc: float = _opt(1.1, "edge weight CLS <-> CLS")
     w_ffx: float | None = _opt(None, "edge weight feature <-> feature across backbones ('none': no such edges)")
-    w_self: float = _opt(1.0, "self-loop weight")
+    w_self: float = _opt(1.0, "self-loop weight (with --self-loops fixed)")
+    self_loops: str = _opt("fixed", "fixed: every self loop has weight w_self; mean: a node's self-loop weight is "
+                                    "the mean of its incoming edge weights, 0 without any (what the published "
+                                    "GATv2Conv did with fill_value='mean')", choices=SELF_LOOPS)
     directed: bool = _opt(True, "directed feature -> CLS edges (the published graph)")
+
+    def __post_init__(self) -> None:
+        _choose(self, "self_loops", SELF_LOOPS)
 
     def as_tuple(self) -> tuple[float, ...]:
         """Weight of each edge type, indexed by type code (``ffx`` is 0 when absent; it has no edges then)."""
@@ -77,7 +92,21 @@ class ModelConfig:
     head_dim: int | None = _opt(None, "channels per attention head ('none': --width, the paper's setting: the "
                                       "heads concatenate heads x width channels)")
     layers: int = _opt(1, "graph layers (more than one adds GELU, a skip connection and LayerNorm)")
+    norm: str = _opt("node", "with several layers: node (LayerNorm of each node after every layer) or graph "
+                             "(the published x + conv(x), GELU, then LayerNorm over each graph's nodes, between "
+                             "layers only)", choices=NORMS)
     dropout: float = _opt(0.3, "dropout before the readout layer")
+    attention_dropout: float = _opt(0.0, "dropout on the attention coefficients (GATv2Conv's own dropout)")
+    post_dropout: float = _opt(0.0, "dropout before each layer's heads -> width linear")
+    init: str = _opt("default", "initialisation of the encoders' linear layers: PyTorch's default or kaiming "
+                                "(Kaiming-normal weights, std sqrt(2 / fan_in), the published code's)",
+                     choices=INITS)
+    embed_norm: str = _opt("unit", "the backbones' own embeddings entering the readout (and a single-node "
+                                   "backbone's node): unit (L2-normalised) or standardise (L2-normalised, then "
+                                   "standardised with the token statistics, as published)", choices=EMBED_NORMS)
+    single_node: list[int] = _opt([], "comma-separated backbone positions (0 = main) that enter the graph as ONE "
+                                      "node, their pooled projected embedding, instead of their tokens (CLIP in "
+                                      "HADA-LAVIS)", metavar="K,...")
     edges: EdgeWeights = field(default_factory=EdgeWeights)
     backend: str = _opt("auto", "dense (CLS-only, fast; needs the published graph), pyg (torch-geometric on "
                                 "the full graph) or auto", choices=BACKENDS)
@@ -92,22 +121,35 @@ class ModelConfig:
         _choose(self, "gnn", GNN_TYPES)
         _choose(self, "backend", BACKENDS)
         _choose(self, "precision", PRECISIONS)
+        _choose(self, "norm", NORMS)
+        _choose(self, "init", INITS)
+        _choose(self, "embed_norm", EMBED_NORMS)
         _at_least_one(self, "width", "out_dim", "heads", "layers", "head_dim")
-        if not 0.0 <= self.dropout < 1.0:
-            raise HadaError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.backend == "dense" and not self.edges.published_topology:
-            raise HadaError("the dense backend needs the published graph (directed, w_ffx none); "
-                            "use backend pyg or auto")
+        for name in ("dropout", "attention_dropout", "post_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise HadaError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if isinstance(self.single_node, (str, int)):
+            self.single_node = [p for p in str(self.single_node).split(",") if p.strip()]
+        try:
+            self.single_node = sorted({int(k) for k in self.single_node})
+        except (TypeError, ValueError):
+            raise HadaError(f"single_node must be backbone positions (0, 1, ...), got {self.single_node!r}") from None
+        if any(k < 0 for k in self.single_node):
+            raise HadaError(f"single_node positions must be >= 0, got {self.single_node}")
+        if self.backend == "dense":
+            self.resolve_backend()  # a graph the dense path cannot compute is one clear error
 
     def resolve_backend(self, backend: str | None = None) -> str:
         """"dense" or "pyg": ``backend`` (or the config's), with "auto" -> dense when the graph allows it."""
         backend = backend or self.backend
         if backend not in BACKENDS:
             raise HadaError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dense_ok = self.edges.published_topology and (self.edges.self_loops == "fixed" or self.gnn == "gatv2")
         if backend == "auto":
-            return "dense" if self.edges.published_topology else "pyg"
-        if backend == "dense" and not self.edges.published_topology:
-            raise HadaError("the dense backend needs the published graph (directed, w_ffx none)")
+            return "dense" if dense_ok else "pyg"
+        if backend == "dense" and not dense_ok:
+            raise HadaError("the dense backend needs the published graph (directed, w_ffx none) and, with mean "
+                            "self loops, GATv2")
         return backend
 
 
@@ -126,22 +168,44 @@ class LossConfig:
     i2t_weight: float = _opt(0.3, "weight of the image->text contrastive loss")
     t2i_weight: float = _opt(0.7, "weight of the text->image contrastive loss")
     queue_size: int = _opt(1024, "negatives kept in the queue (0: in-batch only)")
+    queue_init: str = _opt("empty", "empty: only filled slots are used; random: the queue starts full of random "
+                                    "unit vectors whose ids match nothing and is used whole from the first step "
+                                    "(ALBEF's, the published)", choices=QUEUE_INITS)
     momentum: float = _opt(0.995, "EMA momentum of the momentum encoders")
     use_momentum: bool = _opt(True, "fill the queue from momentum encoders (off: from the trained encoders)")
     distill: bool = _opt(False, "momentum distillation of the contrastive targets")
     alpha: float = _opt(0.4, "distillation weight")
+    distill_source: str = _opt("mixed", "similarity the distillation targets come from: mixed (with w) or hada (the "
+                                        "HADA-only momentum similarity, as published)", choices=ITM_NEGATIVES)
+    alpha_ramp: bool = _opt(False, "ramp the distillation weight from 0 to alpha over the first epoch (ALBEF's)")
+    mix_from_epoch: int = _opt(0, "two-stage training (HADA-LAVIS): the HADA similarity alone (w = 0) for this "
+                                  "many epochs, then the learned mix (0: the mix from the start)")
     itm: bool = _opt(True, "add the image-text matching loss with hard negatives")
     itm_weight: float = _opt(1.0, "weight of the matching loss")
     itm_hidden: int = _opt(0, "width of the matching head's hidden layer (0: the embedding width)")
+    itm_head: str = _opt("mlp", "matching head: mlp (Linear, GELU, Linear) or linear (Dropout, Linear(4 x dim -> "
+                                "1): the published 2,049 parameters)", choices=ITM_HEADS)
+    itm_dropout: float = _opt(0.0, "dropout before the linear matching head's linear")
+    itm_negatives: str = _opt("mixed", "similarity the hard negatives are drawn from: mixed (with w) or hada "
+                                       "(the HADA-only similarity, as published)", choices=ITM_NEGATIVES)
 
     def __post_init__(self) -> None:
         if self.queue_size < 0:
             raise HadaError(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.mix_from_epoch < 0:
+            raise HadaError(f"mix_from_epoch must be >= 0, got {self.mix_from_epoch}")
+        _choose(self, "queue_init", QUEUE_INITS)
+        _choose(self, "itm_head", ITM_HEADS)
+        _choose(self, "itm_negatives", ITM_NEGATIVES)
+        _choose(self, "distill_source", ITM_NEGATIVES)
+        if not 0.0 <= self.itm_dropout < 1.0:
+            raise HadaError(f"itm_dropout must be in [0, 1), got {self.itm_dropout}")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with cosine warm restarts (stepped once per epoch) and early stopping on the validation Rsum."""
+    """AdamW with cosine warm restarts (stepped once per epoch, or every iteration with the fractional epoch) and
+    early stopping on the validation Rsum."""
 
     epochs: int = _opt(10, "maximum epochs")
     batch_size: int = _opt(64, "caption-image pairs per batch")
@@ -152,11 +216,23 @@ class OptimConfig:
     fused: bool = _opt(True, "torch's fused AdamW kernel (the same update as the per-tensor loop, faster)")
     t0: int | None = _opt(None, "epochs per cosine cycle (CosineAnnealingWarmRestarts T_0; 'none': one cycle over "
                                 "--epochs)")
+    t_mult: int = _opt(1, "factor by which each cosine cycle is longer than the last (T_mult)")
     eta_min: float = _opt(0.0, "lowest learning rate of the cosine schedule")
+    schedule_step: str = _opt("epoch", "step the cosine schedule once per epoch, or every iteration with the "
+                                       "fractional epoch (epoch + i / iterations, as published)",
+                              choices=SCHEDULE_STEPS)
     patience: int = _opt(5, "stop after this many epochs without a better validation Rsum")
+    min_delta: float = _opt(0.0, "a validation Rsum counts as better only when it beats the best by more than this")
+    init_from: str | None = _opt(None, "warm start: a finished run's folder (or its best.pt) whose trained weights "
+                                       "the model starts from ('none': a fresh init)", metavar="RUN")
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "epochs", "batch_size", "pairs_per_epoch", "t0", "patience")
+        _at_least_one(self, "epochs", "batch_size", "pairs_per_epoch", "t0", "patience", "t_mult")
+        _choose(self, "schedule_step", SCHEDULE_STEPS)
+        if self.min_delta < 0:
+            raise HadaError(f"min_delta must be >= 0, got {self.min_delta}")
+        if self.init_from is not None:
+            self.init_from = str(self.init_from)
 
 
 @dataclass
@@ -172,8 +248,16 @@ class DataConfig:
     val_split: str = _opt("val", "split for early stopping")
     test_split: str = _opt("test", "split for the final metrics")
     eval_batch_size: int = _opt(256, "batch size when embedding a split for evaluation")
+    token_stats: str = _opt("backbone", "token standardisation: one mean/std per backbone and modality, or one "
+                                        "global mean/std over all backbones and modalities (the published)",
+                            choices=TOKEN_STATS)
+    augment_p: float = _opt(0.0, "probability that a training image uses one of its augmented views stored by "
+                                 "hada features extract --augment N (published: 0.75)")
 
     def __post_init__(self) -> None:
+        _choose(self, "token_stats", TOKEN_STATS)
+        if not 0.0 <= self.augment_p <= 1.0:
+            raise HadaError(f"augment_p must be in [0, 1], got {self.augment_p}")
         if isinstance(self.backbones, str):
             self.backbones = [b.strip() for b in self.backbones.split(",") if b.strip()]
         self.backbones = list(self.backbones)
@@ -253,6 +337,36 @@ RECIPES: dict[str, dict] = {
     "miniature": {"model": {"width": 128, "out_dim": 128, "heads": 4, "head_dim": 32, "precision": "auto"},
                   "optim": {"epochs": 10, "pairs_per_epoch": 3000}},
 }
+
+#: The published recipe (HADA_m_extend with its C5 config; shared/DESIGN.md section 1a, item by item): every
+#: setting where the paper's code departs from our defaults. The widths, heads and one layer are the defaults.
+RECIPES["paper"] = {
+    "data": {"token_stats": "global", "augment_p": 0.75},
+    "model": {"dropout": 0.7, "attention_dropout": 0.7, "post_dropout": 0.7, "init": "kaiming",
+              "embed_norm": "standardise", "norm": "graph", "edges": {"self_loops": "mean"}},
+    "loss": {"queue_size": 64000, "queue_init": "random", "itm_head": "linear", "itm_dropout": 0.7,
+             "itm_negatives": "hada", "distill_source": "hada", "alpha_ramp": True},
+    "optim": {"lr": 5e-5, "batch_size": 20, "t0": 30, "t_mult": 2, "eta_min": 5e-6, "schedule_step": "iteration",
+              "patience": 5, "min_delta": 0.1},
+}
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s nested values on top (a recipe built on another)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in over.items():
+        out[key] = _merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+#: The follow-up (HADA-LAVIS, BLIP + CLIP ViT-L/14-336): the paper's recipe with the second backbone as ONE node
+#: (its pooled embedding), ITC 0.5 / 0.5, the two stages (HADA similarity alone for the first epochs, then the
+#: learned mix), lr 1e-4, dropout 0.4, batch 40, min lr 1e-5.
+RECIPES["lavis"] = _merged(RECIPES["paper"], {
+    "model": {"single_node": [1], "dropout": 0.4, "attention_dropout": 0.4, "post_dropout": 0.4},
+    "loss": {"i2t_weight": 0.5, "t2i_weight": 0.5, "itm_dropout": 0.4, "mix_from_epoch": 5},
+    "optim": {"lr": 1e-4, "batch_size": 40, "eta_min": 1e-5},
+})
 
 
 #: The recipe a command or a library call uses when none is named: the one that trains in minutes on a CPU.

@@ -28,6 +28,7 @@ The objective wraps any *pair* module with ``.image`` and ``.text`` encoders map
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,14 @@ def sample_hard_negatives(sim: Tensor, positive: Tensor) -> tuple[Tensor, Tensor
 
 
 class ItmHead(nn.Module):
-    """Binary image-text matching discriminator on ``[a, b, |a-b|, a*b]``."""
+    """Binary image-text matching discriminator on ``[a, b, |a-b|, a*b]``: an MLP (``kind="mlp"``), or the
+    published Dropout + Linear(4 dim -> 1) (``kind="linear"``: 2,049 parameters at dim 512)."""
 
-    def __init__(self, dim: int, hidden: int = 0):
+    def __init__(self, dim: int, hidden: int = 0, kind: str = "mlp", dropout: float = 0.0):
         super().__init__()
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * dim, 1))
+            return
         hidden = hidden or dim
         self.net = nn.Sequential(nn.Linear(4 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
@@ -78,23 +83,29 @@ class ItmHead(nn.Module):
         return self.net(torch.cat([a, b, (a - b).abs(), a * b], dim=-1)).squeeze(-1)
 
 
+#: The image id of a random queue slot: no image has it, so a random slot is never a positive.
+RANDOM_ID = -2
+
+
 class FeatureQueue(nn.Module):
     """Ring buffer of momentum features (HADA and main backbone, both modalities) and their image ids.
 
-    Kept as buffers, so the queue is part of the state dict and of every checkpoint. Only filled slots
-    are used: an empty queue adds no random negatives (ALBEF starts from random vectors instead).
+    Kept as buffers, so the queue is part of the state dict and of every checkpoint. With ``init="empty"`` only
+    filled slots are used: an empty queue adds no random negatives. With ``init="random"`` (ALBEF's, the
+    published) every slot starts as a random unit vector with an id that matches nothing, and the whole queue
+    is used from the first step.
     """
 
-    def __init__(self, size: int, dim: int, main_dim: int):
+    def __init__(self, size: int, dim: int, main_dim: int, init: str = "empty"):
         super().__init__()
         self.size = int(size)
-        self.register_buffer("image", torch.zeros(self.size, dim))
-        self.register_buffer("text", torch.zeros(self.size, dim))
-        self.register_buffer("image_main", torch.zeros(self.size, main_dim))
-        self.register_buffer("text_main", torch.zeros(self.size, main_dim))
-        self.register_buffer("ids", torch.full((self.size,), -1, dtype=torch.long))
+        random = init == "random"
+        for name, width in (("image", dim), ("text", dim), ("image_main", main_dim), ("text_main", main_dim)):
+            value = F.normalize(torch.randn(self.size, width), dim=1) if random else torch.zeros(self.size, width)
+            self.register_buffer(name, value)
+        self.register_buffer("ids", torch.full((self.size,), RANDOM_ID if random else -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.full((), self.size if random else 0, dtype=torch.long))
 
     def filled(self) -> dict[str, Tensor]:
         n = int(self.count)
@@ -133,7 +144,7 @@ class HadaObjective(nn.Module):
     ``normalize(batch.embeds[0])`` (batching keeps embeddings cosine-preserving for that reason).
     """
 
-    def __init__(self, pair: nn.Module, config: LossConfig, dim: int, main_dim: int):
+    def __init__(self, pair: nn.Module, config: LossConfig, dim: int, main_dim: int, init: str = "default"):
         super().__init__()
         self.config = config
         self.pair = pair
@@ -147,17 +158,37 @@ class HadaObjective(nn.Module):
             self.pair_m = copy.deepcopy(pair)
             for p in self.pair_m.parameters():
                 p.requires_grad_(False)
-        self.itm_head = ItmHead(dim, config.itm_hidden) if config.itm else None
-        self.queue = FeatureQueue(config.queue_size, dim, main_dim)
+        self.itm_head = ItmHead(dim, config.itm_hidden, config.itm_head, config.itm_dropout) if config.itm else None
+        if self.itm_head is not None and init == "kaiming":
+            from hada.model.encoder import kaiming_init
+
+            kaiming_init(self.itm_head)
+        self.queue = FeatureQueue(config.queue_size, dim, main_dim, config.queue_init)
+        #: Epochs of training done, fractional within an epoch (the trainer sets it before every step): the
+        #: distillation ramp and the two stages read it. Outside training, after all of it.
+        self.progress = math.inf
 
     # -- learned scalars ---------------------------------------------------------------------------
     def tau(self) -> Tensor:
         return self.temp.clamp(self.config.tau_min, self.config.tau_max)
 
+    def mixing(self) -> bool:
+        """Whether the main backbone's similarity is mixed in now: with ``mix``, from epoch ``mix_from_epoch``
+        on (before it the HADA similarity alone: the first of HADA-LAVIS's two stages)."""
+        return self.config.mix and self.progress >= self.config.mix_from_epoch
+
     def w(self) -> Tensor:
         if not self.config.mix:
             return self.mix_weight
+        if not self.mixing():
+            return torch.zeros_like(self.mix_weight)
         return self.mix_weight.clamp(self.config.w_min, self.config.w_max)
+
+    def alpha(self) -> float:
+        """The distillation weight now: ``alpha``, ramped up linearly over the first epoch with ``alpha_ramp``."""
+        if not self.config.alpha_ramp:
+            return self.config.alpha
+        return self.config.alpha * min(1.0, self.progress)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -186,7 +217,7 @@ class HadaObjective(nn.Module):
         return F.normalize(batch.embeds[0].float(), dim=-1)
 
     def _mixed(self, hada: Tensor, main: Tensor, w: Tensor) -> Tensor:
-        if not self.config.mix:
+        if not self.mixing():
             return hada
         return (1.0 - w) * hada + w * main
 
@@ -210,6 +241,7 @@ class HadaObjective(nn.Module):
                 img_m, txt_m = img.detach(), txt.detach()
             keys, offset, share = self._batch_keys(img_m, txt_m, img_main, txt_main, image_ids)
             q = self.queue.filled()
+            alpha = self.alpha()
             img_all = torch.cat([keys[0], q["image"]])
             txt_all = torch.cat([keys[1], q["text"]])
             img_main_all = torch.cat([keys[2], q["image_main"]])
@@ -218,10 +250,13 @@ class HadaObjective(nn.Module):
             targets = multi_positive_targets(image_ids, ids_all)
             targets_i2t = targets_t2i = targets
             if cfg.distill:
-                sim_i2t_m = self._mixed(img_m @ txt_all.T, img_main @ txt_main_all.T, w) / tau
-                sim_t2i_m = self._mixed(txt_m @ img_all.T, txt_main @ img_main_all.T, w) / tau
-                targets_i2t = cfg.alpha * F.softmax(sim_i2t_m, dim=1) + (1 - cfg.alpha) * targets
-                targets_t2i = cfg.alpha * F.softmax(sim_t2i_m, dim=1) + (1 - cfg.alpha) * targets
+                if cfg.distill_source == "hada":  # the HADA-only momentum similarity (published)
+                    sim_i2t_m, sim_t2i_m = img_m @ txt_all.T / tau, txt_m @ img_all.T / tau
+                else:
+                    sim_i2t_m = self._mixed(img_m @ txt_all.T, img_main @ txt_main_all.T, w) / tau
+                    sim_t2i_m = self._mixed(txt_m @ img_all.T, txt_main @ img_main_all.T, w) / tau
+                targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
+                targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
 
         sim_i2t = self._mixed(img @ txt_all.T, img_main @ txt_main_all.T, w) / tau
         sim_t2i = self._mixed(txt @ img_all.T, txt_main @ img_main_all.T, w) / tau
@@ -233,7 +268,12 @@ class HadaObjective(nn.Module):
         itm_acc = float("nan")
         if self.itm_head is not None:
             local = slice(offset, offset + img.shape[0])  # this rank's own columns
-            itm, itm_acc = self._itm(img, txt, sim_i2t[:, local], sim_t2i[:, local], image_ids)
+            if cfg.itm_negatives == "hada":  # the HADA-only similarity of the local batch (published)
+                hard_i2t = img @ txt.T / tau
+                hard_t2i = hard_i2t.T
+            else:
+                hard_i2t, hard_t2i = sim_i2t[:, local], sim_t2i[:, local]
+            itm, itm_acc = self._itm(img, txt, hard_i2t, hard_t2i, image_ids)
         loss = itc + cfg.itm_weight * itm if self.itm_head is not None else itc
         if share != 1.0:  # a short last batch split unevenly: weigh each rank by its rows (see _batch_keys)
             loss, itc, itm = loss * share, itc * share, itm * share

@@ -1,8 +1,9 @@
 """Training HADA (or the no-graph concatenation baseline) on stored features, resumable to the bit.
 
-:func:`train` runs AdamW with cosine warm restarts (stepped once per epoch), evaluates the validation
-Rsum after every epoch, keeps the best model (``best.pt``) and stops early after ``patience`` epochs
-without improvement. After every epoch it writes ``checkpoint.pt`` atomically with everything the rest
+:func:`train` runs AdamW with cosine warm restarts (stepped once per epoch, or every iteration with the
+fractional epoch), evaluates the validation Rsum after every epoch, keeps the best model (``best.pt``) and
+stops early after ``patience`` epochs without an improvement of more than ``min_delta``. ``init_from`` starts
+the model from a finished run's weights (:func:`warm_start`). After every epoch it writes ``checkpoint.pt`` atomically with everything the rest
 of the run depends on: model, momentum encoders and queue (all in the objective's state dict),
 optimiser, scheduler, the torch (and, on a GPU, CUDA) / numpy / python RNG states and the data-order
 generator, the history, and the early-stopping state. Resuming from it gives exactly the run an uninterrupted
@@ -90,8 +91,10 @@ def open_splits(config: TrainConfig, split: str) -> list:
     return [open_features(config.data.dataset, b, split) for b in config.data.backbones]
 
 
-def build_objective(config: TrainConfig, dims: dict):
-    """The trained pair wrapped in its loss. ``dims``: image/text token and embed dims per backbone."""
+def build_objective(config: TrainConfig, dims: dict, stats=None):
+    """The trained pair wrapped in its loss. ``dims``: image/text token and embed dims per backbone; ``stats``
+    (the train :class:`~hada.features.batching.FeatureStats`) standardise the readout's embeddings when the
+    model says so (a loaded state dict carries them too)."""
     from hada.losses import HadaObjective
     from hada.model.encoder import FeatureDims
 
@@ -108,7 +111,14 @@ def build_objective(config: TrainConfig, dims: dict):
     if dims.image_embed_dims[0] != dims.text_embed_dims[0]:
         raise HadaError("the main backbone's image and text embeddings have different widths; "
                         "its cosine similarity is undefined")
-    return HadaObjective(pair, config.loss, model.out_dim, dims.image_embed_dims[0])
+    objective = HadaObjective(pair, config.loss, model.out_dim, dims.image_embed_dims[0], init=model.init)
+    if stats is not None:
+        for p in (objective.pair, objective.pair_m):
+            for modality in ("image", "text"):
+                encoder = getattr(p, modality, None) if p is not None else None
+                if hasattr(encoder, "set_embed_stats"):
+                    encoder.set_embed_stats([(s.mean, s.std) for s in getattr(stats, modality)])
+    return objective
 
 
 def feature_dims(splits: list) -> dict:
@@ -178,6 +188,7 @@ def load_trained(run_dir: str | os.PathLike, which: str = "best", device="cpu") 
     config = TrainConfig.from_dict(state["config"])
     objective = build_objective(config, state["dims"]).to(device)
     objective.load_state_dict(state["model"])
+    objective.progress = state.get("progress", math.inf)  # the training stage the weights were saved in
     objective.eval()
     return TrainedModel(objective, FeatureStats.from_dict(state["stats"]), config)
 
@@ -256,6 +267,8 @@ class _Run:
     def snapshot(self, kind: str) -> dict:
         out = {"config": self.config.to_dict(), "dims": self.dims, "stats": self.stats.to_dict(),
                "model": self.objective.state_dict(), "state": self.state}
+        if not math.isinf(self.objective.progress):
+            out["progress"] = self.objective.progress
         if kind == "checkpoint":
             out.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                        rng=rng_state(self.order_rng, self.device))
@@ -305,6 +318,7 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     from hada.features.batching import FeatureData, FeatureStats, compute_stats
 
     tokens = config.model.arch == "hada"
+    pooled = config.data.token_stats == "global"
     data = {split: d for split, d in (data or {}).items() if d.device == device}
     train_split = config.data.train_split
     train_splits = open_splits(config, train_split)
@@ -312,9 +326,15 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     if stats_path.exists():
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
-        stats = data[train_split].stats if train_split in data else compute_stats(train_splits)
+        stats = data[train_split].stats if train_split in data and not pooled else \
+            compute_stats(train_splits, pooled=pooled)
         if distributed.is_main():
             write_json(stats_path, stats.to_dict())
+    data = {split: d for split, d in data.items() if d.stats == stats}  # global statistics: our own data
+    if config.data.augment_p > 0:  # the training data with its augmented views
+        data.pop(train_split, None)
+        data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device,
+                                        augment_p=config.data.augment_p)
     if train_split not in data:
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device)
     for split in (config.data.val_split, config.data.test_split):
@@ -336,13 +356,15 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, 
     data, stats, dims = _load_data(config, run_dir, data, device)
     if device.type != "cpu":
         log(f"training on {device}: {data[config.data.train_split].describe()}")
-    objective = build_objective(config, dims).to(device)
+    objective = build_objective(config, dims, stats).to(device)
     optim = config.optim
+    if optim.init_from is not None:
+        warm_start(objective, optim.init_from)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
                                   fused=True if optim.fused else None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=optim.t0 or optim.epochs,
-                                                                     eta_min=optim.eta_min)
+                                                                     T_mult=optim.t_mult, eta_min=optim.eta_min)
     order_rng = np.random.default_rng(config.seed)
     ranks = distributed.world_size()
     loader = PairLoader(data[config.data.train_split], optim.batch_size, shuffle=True, rng=order_rng,
@@ -365,6 +387,37 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, 
                 state, model=_data_parallel(objective))
 
 
+def find_run(run: str | os.PathLike) -> Path:
+    """The ``best.pt`` of a finished run: its folder, the file itself, or a folder name under ``runs_dir()``."""
+    from hada.paths import runs_dir
+
+    path = Path(run).expanduser()
+    for candidate in (path, runs_dir() / str(run)):
+        if candidate.is_file():
+            return candidate
+        if (candidate / "best.pt").is_file():
+            return candidate / "best.pt"
+    raise HadaError(f"no finished run at {run} (a run folder with best.pt, or its name under {runs_dir()})")
+
+
+def warm_start(objective, run: str | os.PathLike) -> list[str]:
+    """Start ``objective`` from a finished run's best weights (the published C5 starts from an earlier run):
+    every trained tensor of the same name and shape (encoders, momentum encoders, tau, w, ITM head); the queue
+    starts afresh. Returns the names loaded; a run whose encoders do not fit is one HadaError."""
+    import torch
+
+    source = torch.load(find_run(run), map_location="cpu", weights_only=False)["model"]
+    own = objective.state_dict()
+    loaded = {k: v for k, v in source.items()
+              if k in own and not k.startswith("queue.") and own[k].shape == v.shape}
+    missing = [k for k in own if k.startswith("pair.") and k not in loaded]
+    if missing:
+        raise HadaError(f"{run} does not fit this model: {len(missing)} encoder tensors missing or of another "
+                        f"shape (first: {missing[0]})")
+    objective.load_state_dict(loaded, strict=False)
+    return sorted(loaded)
+
+
 def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     """One pass over the loader; the epoch's mean losses, pair count and timing."""
     import torch
@@ -378,7 +431,10 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     n_batches, n_pairs = 0, 0
     lr = optimizer.param_groups[0]["lr"]
     steps = tqdm(run.loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
+    iters = max(len(run.loader), 1)
+    per_iteration = run.config.optim.schedule_step == "iteration"
     for image, text, image_index in steps:
+        objective.progress = epoch - 1 + n_batches / iters  # the distillation ramp and the stages read it
         image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
         out = run.model(image, text, image_index.to(run.device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
@@ -386,13 +442,15 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
         optimizer.step()
         objective.clamp_()
         n_batches += 1
+        if per_iteration:  # the fractional epoch, as the published code steps it
+            run.scheduler.step(epoch - 1 + n_batches / iters)
         n_pairs += len(image_index)
         losses.append(torch.stack([out.loss.detach(), out.itc, out.itm]))
         itm_acc += 0.0 if math.isnan(out.itm_accuracy) else out.itm_accuracy
         if show and (n_batches % 10 == 0 or n_batches == len(run.loader)):
             rate = n_pairs / max(time.perf_counter() - t_start, 1e-9)
             steps.set_postfix(loss=f"{_sum_losses(losses)[0] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
-    steps.close()
+    steps.close()  # progress stays at the last step's: validation and best.pt belong to that step's stage
     sums = dict(zip(("loss", "itc", "itm"), _sum_losses(losses)), itm_acc=itm_acc)
     train_time = time.perf_counter() - t_start
     if distributed.active():  # every rank's pairs; the losses as the mean of the ranks' means
@@ -422,7 +480,8 @@ def _end_epoch(run: _Run, entry: dict) -> None:
     """Validate, record the epoch, keep the best model and write the checkpoint (atomically).
 
     Under DDP rank 0 does this alone; the other ranks receive its state (history, early stopping) when done."""
-    run.scheduler.step()
+    if run.config.optim.schedule_step == "epoch":
+        run.scheduler.step()
     if not distributed.is_main():
         run.state.update(distributed.broadcast_object(None))
         return
@@ -433,7 +492,7 @@ def _end_epoch(run: _Run, entry: dict) -> None:
                  mix_weight=run.objective.inference_weights()[1], time_s=time.perf_counter() - t_start)
     state = run.state
     state["history"].append(_ordered(entry))
-    if val["rsum"] > state["best_rsum"]:
+    if improves(val["rsum"], state["best_rsum"], run.config.optim.min_delta):
         state.update(best_rsum=val["rsum"], best_epoch=entry["epoch"], bad_epochs=0)
         torch_save(run.snapshot("best"), run.run_dir / "best.pt")
     else:
@@ -443,6 +502,12 @@ def _end_epoch(run: _Run, entry: dict) -> None:
     torch_save(run.snapshot("checkpoint"), run.run_dir / "checkpoint.pt")
     write_json(run.run_dir / "history.json", state["history"])
     distributed.broadcast_object(state)
+
+
+def improves(rsum: float, best: float, min_delta: float) -> bool:
+    """Whether a validation Rsum is a new best for early stopping: better than ``best`` by more than
+    ``min_delta`` (the published 0.1 Rsum points; 0: any improvement)."""
+    return rsum > best + min_delta
 
 
 _HISTORY_KEYS = ("epoch", "loss", "loss_itc", "loss_itm", "itm_accuracy", "val_rsum", "val", "tau", "mix_weight",

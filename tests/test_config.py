@@ -15,7 +15,8 @@ def test_every_setting_is_defined_once():
     names = [path.rsplit(".", 1)[-1] for path, _ in leaf_fields()]
     assert len(names) == len(set(names))
     edge_fields = [path for path, _ in leaf_fields() if path.startswith("model.edges.")]
-    assert [p.rsplit(".", 1)[-1] for p in edge_fields] == ["w_fc", "w_fcx", "w_cc", "w_ffx", "w_self", "directed"]
+    assert [p.rsplit(".", 1)[-1] for p in edge_fields] == ["w_fc", "w_fcx", "w_cc", "w_ffx", "w_self", "self_loops",
+                                                             "directed"]
 
 
 def test_dict_round_trip_and_unknown_keys():

@@ -12,7 +12,8 @@ Train a HADA model on the token features stored by `hada features extract` (the 
 The loss is the paper's: image-text contrastive learning over the batch and a queue filled by momentum
 encoders, multi-positive targets (captions of the same image), a learned temperature tau and a learned
 weight w that mixes the main backbone's own similarity in (the first of --backbones is the main one),
-plus image-text matching on hard negatives. AdamW, cosine annealing with warm restarts (per epoch), early
+plus image-text matching on hard negatives. AdamW, cosine annealing with warm restarts (per epoch or per
+iteration), early
 stopping on the validation Rsum; the best epoch is evaluated on the test split.
 
 Output: data/runs/<name>-<key>/ (or $HADA_DATA/runs/...), where <key> hashes every option below and the
@@ -79,7 +80,7 @@ def _lookup(tree: dict, path: str):
 def _kind(annotation: str):
     """The parser of a field's type: 'none' reads as None where the field allows it."""
     text = str(annotation)
-    base = {"int": int, "float": float, "str": str, "list[str]": str}[text.replace("| None", "").strip()]
+    base = {"int": int, "float": float, "str": str, "list[str]": str, "list[int]": str}[text.replace("| None", "").strip()]
     if "None" not in text:
         return base
 

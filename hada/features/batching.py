@@ -1,8 +1,10 @@
 """Stored token features -> normalised :class:`~hada.model.encoder.ModalityBatch` tensors, without per-sample Python.
 
 Tokens are L2-normalised per token, then standardised with one global mean and std per
-backbone and modality. The statistics come from the *train* split (:func:`compute_stats`) and travel
-with the run and its checkpoint, so val and test are normalised with the train statistics.
+backbone and modality (or one over all of them: ``compute_stats(..., pooled=True)``, the published).
+The statistics come from the *train* split (:func:`compute_stats`) and travel with the run and its
+checkpoint, so val and test are normalised with the train statistics. Training batches can use augmented
+image views stored ahead (``FeatureData(augment_p=...)``, ``hada features extract --augment N``).
 
 The backbones' own projected embeddings pass through unchanged (fp32): the model and the loss
 L2-normalise them, and any shift would change the main backbone's cosine that HADA mixes in.
@@ -78,17 +80,27 @@ def _token_moments(tokens, lengths: np.ndarray | None) -> tuple[float, float, in
     return total, total_sq, count
 
 
-def compute_stats(splits: Sequence) -> FeatureStats:
-    """Mean/std per backbone and modality of per-token L2-normalised features (valid tokens only)."""
-    image, text = [], []
+def _stats_of(s: float, sq: float, n: int) -> TokenStats:
+    if n == 0:
+        raise HadaError("cannot compute feature statistics of an empty split")
+    mean = s / n
+    std = math.sqrt(max(sq / n - mean * mean, 0.0))
+    return TokenStats(mean, std if std > 1e-12 else 1.0)
+
+
+def compute_stats(splits: Sequence, pooled: bool = False) -> FeatureStats:
+    """Mean/std per backbone and modality of per-token L2-normalised features (valid tokens only); with
+    ``pooled`` one global mean/std over every backbone and both modalities (the published standardisation),
+    repeated in every entry."""
+    image, text, totals = [], [], np.zeros(3)
     for fs in splits:
         for out, (tokens, lengths) in ((image, (fs.image_tokens, None)), (text, (fs.text_tokens, fs.text_lengths))):
-            s, sq, n = _token_moments(tokens, lengths)
-            if n == 0:
-                raise HadaError("cannot compute feature statistics of an empty split")
-            mean = s / n
-            std = math.sqrt(max(sq / n - mean * mean, 0.0))
-            out.append(TokenStats(mean, std if std > 1e-12 else 1.0))
+            moments = _token_moments(tokens, lengths)
+            totals += moments
+            out.append(_stats_of(*moments))
+    if pooled:
+        pool = _stats_of(float(totals[0]), float(totals[1]), int(totals[2]))
+        return FeatureStats([pool] * len(image), [pool] * len(text))
     return FeatureStats(image, text)
 
 
@@ -175,7 +187,7 @@ class FeatureData:
     """
 
     def __init__(self, splits: Sequence, stats: FeatureStats, resident: bool | None = None,
-                 with_tokens: bool = True, device: torch.device | str = "cpu"):
+                 with_tokens: bool = True, device: torch.device | str = "cpu", augment_p: float = 0.0):
         if len(splits) < 1:
             raise HadaError("FeatureData needs at least one backbone's features")
         if len(stats.image) != len(splits) or len(stats.text) != len(splits):
@@ -208,6 +220,8 @@ class FeatureData:
                              for fs in splits]
         self.text_embeds = [torch.from_numpy(np.array(fs.text_embeds, dtype=np.float32)).to(self.device)
                             for fs in splits]
+        self.augment_p = float(augment_p)
+        self.views = _augmented_views(splits, with_tokens, self.device, rows) if augment_p > 0 else None
 
     def describe(self) -> str:
         """One line: where the token features are, for the training log."""
@@ -237,16 +251,31 @@ class FeatureData:
         """``x`` on the batches' device (a no-op where it already is; non-blocking from pinned memory)."""
         return x.to(self.device, non_blocking=True)
 
-    def image_batch(self, rows: np.ndarray) -> ModalityBatch:
+    def image_batch(self, rows: np.ndarray, augment: bool = False) -> ModalityBatch:
+        """Images ``rows``; with ``augment`` (training) each one is, with probability ``augment_p``, one of its
+        stored augmented views (drawn from torch's RNG, which a checkpoint keeps), its embedding too."""
         rows = np.asarray(rows, dtype=np.int64)
         idx = self.to_device(torch.from_numpy(rows))
+        view = self._draw_views(len(rows)) if augment and self.views is not None else None
         tokens, lengths = [], []
         for k, store in enumerate(self.image_tokens):
-            t = self._normalise(self.to_device(store.take(rows)), self.stats.image[k], None)
+            raw = store.take(rows)
+            if view is not None and self.views[k] is not None:
+                raw = self.views[k].tokens(raw, rows, view)
+            t = self._normalise(self.to_device(raw), self.stats.image[k], None)
             tokens.append(t)
             lengths.append(torch.full((len(rows),), t.shape[1], dtype=torch.long, device=self.device))
         embeds = [e.index_select(0, idx) for e in self.image_embeds]
+        if view is not None:
+            embeds = [e if v is None else v.embeds(e, rows, view) for e, v in zip(embeds, self.views)]
         return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+
+    def _draw_views(self, n: int) -> np.ndarray:
+        """Per image: -1 (the plain view) or the index of one of its augmented views."""
+        use = torch.rand(n) < self.augment_p
+        count = next(v.count for v in self.views if v is not None)
+        view = torch.randint(count, (n,))
+        return torch.where(use, view, torch.full_like(view, -1)).numpy()
 
     def text_batch(self, caps: np.ndarray) -> ModalityBatch:
         caps = np.asarray(caps, dtype=np.int64)
@@ -276,6 +305,49 @@ class FeatureData:
     def main_embeddings(self, k: int = 0) -> tuple[Tensor, Tensor]:
         """Backbone k's own L2-normalised (image [n_img, E], text [n_cap, E]) embeddings."""
         return F.normalize(self.image_embeds[k], dim=-1), F.normalize(self.text_embeds[k], dim=-1)
+
+
+class _Views:
+    """One backbone's augmented image views (``hada features extract --augment N``): tokens [V, N, T, D] and
+    embeddings [V, N, E], read as rows ``view * N + image``."""
+
+    def __init__(self, tokens, embeds, with_tokens: bool, device: torch.device, rows: dict):
+        self.count, self.n = int(tokens.shape[0]), int(tokens.shape[1])
+        flat = tokens.reshape((-1,) + tuple(tokens.shape[2:]))
+        self.rows = _Rows(flat, resident=False, pin=rows["pin"]) if with_tokens else None
+        self.embed_rows = torch.from_numpy(np.array(embeds, dtype=np.float32).reshape(-1, embeds.shape[-1]))
+        self.embed_rows = self.embed_rows.to(device)
+
+    def tokens(self, plain: Tensor, rows: np.ndarray, view: np.ndarray) -> Tensor:
+        chosen = np.nonzero(view >= 0)[0]
+        if not len(chosen):
+            return plain
+        out = plain.clone()
+        aug = self.rows.take(view[chosen] * self.n + rows[chosen]).to(out.device)
+        out[torch.from_numpy(chosen).to(out.device)] = aug.to(out.dtype)
+        return out
+
+    def embeds(self, plain: Tensor, rows: np.ndarray, view: np.ndarray) -> Tensor:
+        chosen = np.nonzero(view >= 0)[0]
+        if not len(chosen):
+            return plain
+        flat = torch.from_numpy(view[chosen] * self.n + rows[chosen]).to(plain.device)
+        return plain.index_copy(0, torch.from_numpy(chosen).to(plain.device), self.embed_rows.index_select(0, flat))
+
+
+def _augmented_views(splits: Sequence, with_tokens: bool, device: torch.device, rows: dict) -> list:
+    """Each backbone's :class:`_Views` (None for a backbone without stored views: its plain view is used)."""
+    views = []
+    for fs in splits:
+        stored = getattr(fs, "augmented", None)
+        views.append(None if stored is None else _Views(*stored, with_tokens, device, rows))
+    counts = {v.count for v in views if v is not None}
+    if not counts:
+        raise HadaError("augment_p > 0 needs augmented image views of the training split: run "
+                        "`hada features extract --augment N` (or set augment_p 0)")
+    if len(counts) > 1:
+        raise HadaError(f"the backbones store different numbers of augmented views ({sorted(counts)})")
+    return views
 
 
 class PairLoader:
@@ -321,7 +393,8 @@ class PairLoader:
         for b in range(len(self)):
             caps = self._shard(order[b * self.global_batch:(b + 1) * self.global_batch])
             rows = self.data.caption_image_index[caps]
-            yield self.data.image_batch(rows), self.data.text_batch(caps), self.data.to_device(torch.from_numpy(rows))
+            yield (self.data.image_batch(rows, augment=True), self.data.text_batch(caps),
+                   self.data.to_device(torch.from_numpy(rows)))
 
 
 # ------------------------------------------------------------------------------------- in-memory stand-in
@@ -338,3 +411,4 @@ class ArraySplit:
     caption_ids: np.ndarray
     caption_image_index: np.ndarray
     manifest: dict
+    augmented: tuple | None = None  # (image tokens [V, N_img, T, D], image embeds [V, N_img, E]) or None

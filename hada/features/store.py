@@ -94,6 +94,7 @@ class FeatureSplit:
     image_ids: np.ndarray
     caption_ids: np.ndarray
     caption_image_index: np.ndarray
+    augmented: tuple | None = None  # (image tokens [V, N, T, D], image embeds [V, N, E]): --augment views
 
     @property
     def n_images(self) -> int:
@@ -159,7 +160,9 @@ def open_features(dataset: str, backbone: str, split: str, root: Path | None = N
             raise HadaError(f"feature store {path}: {name} has shape {list(arr.shape)} {arr.dtype}, "
                             f"manifest says {want['shape']} {want['dtype']}; rebuild with --force")
         arrays[name] = arr
-    return FeatureSplit(path=path, manifest=manifest, **arrays)
+    return FeatureSplit(path=path, manifest=manifest, augmented=_open_augmented(path, manifest), **arrays)
+
+
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -518,12 +521,14 @@ def ensure_features(
     jobs: int | None = None,
     image_batch: int | None = None,
     text_batch: int | None = None,
+    augment: int = 0,
 ) -> dict[str, dict[str, FeatureSplit]]:
     """Extract whatever is missing (resuming unfinished stores) and return ``{backbone: {split: FeatureSplit}}``.
 
     ``dataset`` is a name ("synthetic", "flickr30k", "coco") or a loaded :class:`hada.data.datasets.Dataset`;
     ``data_root`` its folder (default: the dataset's folder under ``data/``). ``device``: see
     :func:`hada.devices.resolve_device`. Under torchrun every process calls this and shares the work.
+    ``augment``: also store that many augmented views of every train image (:func:`extract_augmented`).
     """
     from hada.backbones import load_backbone
     from hada.data.datasets import load_dataset
@@ -542,6 +547,9 @@ def ensure_features(
                 out[spec][split] = fs or extract_split(
                     backbone, ds, split, spec, root, force=force, progress=progress, jobs=jobs,
                     image_batch=image_batch, text_batch=text_batch)
+                if augment and split == "train" and distributed.is_main():
+                    out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
+                                                         jobs=jobs or 0, progress=progress)
     return out
 
 
@@ -636,3 +644,77 @@ def projected_store_size(dataset: str = "flickr30k", backbones=("ViT-B-16",), n_
     cols = (("name", "backbone"), ("image_tokens", "image tokens"), ("text_tokens", "text tokens (padded)"),
             ("image_gb", "images GB"), ("caption_gb", "captions GB"), ("total_gb", "total GB"))
     return Table(rows, columns=cols, caption=f"{dataset}: {n_img:,} images, {n_cap:,} captions, fp16 tokens")
+
+
+# ------------------------------------------------------------------------------------ augmented views
+AUGMENT_DIR = "augment"  # beside the plain view: <store>/augment/{image_tokens,image_embeds}.npy + manifest
+AUGMENT_SEED = 0
+
+
+def _open_augmented(path: Path, manifest: dict) -> tuple | None:
+    """The complete augmented views of a store made from its current arrays, memory-mapped, else None."""
+    aug = _read_json(path / AUGMENT_DIR / MANIFEST)
+    if not aug or not aug.get("complete") or aug.get("store_sha256") != manifest["checksums"]["image_tokens"]["sha256"]:
+        return None
+    return tuple(np.load(path / AUGMENT_DIR / f"{n}.npy", mmap_mode="r") for n in ("image_tokens", "image_embeds"))
+
+
+class _AugmentedFiles(_ImageFiles):
+    """Image i's view v: RandAugment (torchvision's defaults) under a seed of (v, i), then the model's transform,
+    so a view is the same whatever the batch or the worker that decodes it."""
+
+    def __init__(self, paths, transform, grayscale: bool, view: int):
+        super().__init__(paths, transform, grayscale)
+        self.view = view
+
+    def __getitem__(self, i: int):
+        import torch
+        from torchvision.transforms import RandAugment
+
+        from hada.backbones.backbone import preprocess_image
+        from hada.data.images import open_rgb
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(AUGMENT_SEED + self.view * len(self.paths) + i)
+            image = RandAugment()(open_rgb(self.paths[i]))
+        return preprocess_image(image, self.transform, self.grayscale)
+
+
+def extract_augmented(backbone, dataset, split: str, views: int, spec: str | None = None,
+                      root: Path | None = None, *, jobs: int = 0, progress: bool = True) -> FeatureSplit:
+    """Store ``views`` RandAugment views of every image of a complete store (``hada features extract
+    --augment N``): the published recipe trains 75% of its samples on one of them. Written in one pass (not
+    resumable; a rerun redoes it), on one process; a complete set with the same count is reused."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    spec = spec or backbone.name
+    fs = open_features(dataset.name, spec, split, root)
+    out = fs.path / AUGMENT_DIR
+    made = _read_json(out / MANIFEST) or {}
+    if fs.augmented is not None and made.get("views") == views:
+        return fs
+    out.mkdir(exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    n, step = fs.n_images, _store_batch(fs.manifest)["images"]
+    tokens = np.lib.format.open_memmap(out / "image_tokens.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_tokens.shape)
+    embeds = np.lib.format.open_memmap(out / "image_embeds.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_embeds.shape)
+    records = dataset.split(split)
+    bar = _bar(views * n, 0, "img", f"{spec} {split} augmented views", not progress_enabled(progress))
+    for v in range(views):
+        files = _AugmentedFiles([r.path for r in records], backbone.transform, backbone.grayscale, v)
+        loader = DataLoader(files, batch_sampler=[list(range(s, min(n, s + step))) for s in range(0, n, step)],
+                            num_workers=jobs)
+        for s, pixels in zip(range(0, n, step), loader):
+            with torch.no_grad(), backbone.autocast():
+                enc = backbone.encode_image_tokens(pixels.to(backbone.device))
+            tokens[v, s:s + len(pixels)] = enc.tokens.to(torch.float16).cpu().numpy()
+            embeds[v, s:s + len(pixels)] = enc.embeds.to(torch.float16).cpu().numpy()
+            bar.update(len(pixels))
+    bar.close()
+    tokens.flush()
+    embeds.flush()
+    write_json(out / MANIFEST, {"views": views, "seed": AUGMENT_SEED, "augment": "torchvision RandAugment()",
+                                "store_sha256": fs.manifest["checksums"]["image_tokens"]["sha256"],
+                                "complete": True}, indent=1)
+    return open_features(dataset.name, spec, split, root)

@@ -98,18 +98,23 @@ class FeatureDims:
 # Convolutions (torch_geometric modules; their parameters are also what hada.model.fast reads)
 
 
-def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None) -> tuple[nn.Module, int]:
+def make_conv(gnn: str, width: int, heads: int, head_dim: int | None = None,
+              attention_dropout: float = 0.0) -> tuple[nn.Module, int]:
     """One GNN layer and its output width (``heads * head_dim``; ``head_dim`` None = ``width``, the paper's).
-    Self loops are explicit edges (hada.model.graph), never added here."""
+    Self loops are explicit edges (hada.model.graph), never added here. ``attention_dropout`` is the conv's own
+    dropout of its attention coefficients (training mode only; GCN has none)."""
     from torch_geometric.nn import GATv2Conv, GCNConv, TransformerConv
 
     C = head_dim or width
     if gnn == "gatv2":
-        return GATv2Conv(width, C, heads=heads, concat=True, edge_dim=1, add_self_loops=False), heads * C
+        conv = GATv2Conv(width, C, heads=heads, concat=True, edge_dim=1, add_self_loops=False,
+                         dropout=attention_dropout)
+        return conv, heads * C
     if gnn == "gcn":  # GCN has no heads: one "head" of ``width`` channels
         return GCNConv(width, width, add_self_loops=False, normalize=True), width
     if gnn == "transformer":
-        conv = TransformerConv(width, C, heads=heads, concat=True, beta=False, edge_dim=1, root_weight=True)
+        conv = TransformerConv(width, C, heads=heads, concat=True, beta=False, edge_dim=1, root_weight=True,
+                               dropout=attention_dropout)
         return conv, heads * C
     raise HadaError(f"unknown gnn {gnn!r}; choose from {GNN_TYPES}")
 
@@ -130,18 +135,33 @@ class HadaEncoder(nn.Module):
         token_dims, embed_dims = dims.of(modality)
         self.token_dims, self.embed_dims = token_dims, embed_dims
         W, K = config.width, dims.num_backbones
-        self.proj = nn.ModuleList(nn.Linear(d, W) for d in token_dims)
+        if any(k >= K for k in config.single_node):
+            raise HadaError(f"single_node {config.single_node} names a backbone beyond the {K} of the features")
+        self.single_node = tuple(config.single_node)
+        # a single-node backbone's one node is its embedding: its map reads the embedding's width
+        node_dims = [embed_dims[k] if k in self.single_node else d for k, d in enumerate(token_dims)]
+        self.proj = nn.ModuleList(nn.Linear(d, W) for d in node_dims)
         convs, posts = [], []
         for _ in range(config.layers):
-            conv, conv_out = make_conv(config.gnn, W, config.heads, config.head_dim)
+            conv, conv_out = make_conv(config.gnn, W, config.heads, config.head_dim, config.attention_dropout)
             convs.append(conv)
             posts.append(nn.Linear(conv_out, W))
         self.convs, self.post = nn.ModuleList(convs), nn.ModuleList(posts)
         self.residual = config.layers > 1
-        self.norms = nn.ModuleList(nn.LayerNorm(W) for _ in range(config.layers)) if self.residual else None
+        self.norms = _norms(config) if self.residual else None
         self.dropout = nn.Dropout(config.dropout)
+        self.post_dropout = nn.Dropout(config.post_dropout)
         self.readout = nn.Linear(K * W + sum(embed_dims), config.out_dim)
         self.edge_weights = config.edges
+        if config.embed_norm == "standardise":  # (mean, std) per backbone, set from the train statistics
+            self.register_buffer("embed_stats", torch.tensor([[0.0, 1.0]] * K))
+        if config.init == "kaiming":
+            kaiming_init(self)
+
+    def set_embed_stats(self, stats: list[tuple[float, float]]) -> None:
+        """The (mean, std) of each backbone's tokens in this modality, used to standardise its embeddings."""
+        if hasattr(self, "embed_stats"):
+            self.embed_stats.copy_(torch.tensor(stats, dtype=torch.float32))
 
     # -- shared pieces -------------------------------------------------------------------------------------
 
@@ -151,8 +171,9 @@ class HadaEncoder(nn.Module):
             raise HadaError(f"{self.modality} batch has {len(batch.tokens)} token / {len(batch.lengths)} length /"
                             f" {len(batch.embeds)} embed entries; the model expects {K} backbones")
         for k, (t, e) in enumerate(zip(batch.tokens, batch.embeds)):
-            if t.dim() != 3 or t.shape[-1] != self.token_dims[k]:
-                raise HadaError(f"{self.modality} tokens of backbone {k}: expected [B, N, {self.token_dims[k]}],"
+            width = self.proj[k].in_features
+            if t.dim() != 3 or t.shape[-1] != width:
+                raise HadaError(f"{self.modality} tokens of backbone {k}: expected [B, N, {width}],"
                                 f" got {list(t.shape)}")
             if e.dim() != 2 or e.shape[-1] != self.embed_dims[k]:
                 raise HadaError(f"{self.modality} embeds of backbone {k}: expected [B, {self.embed_dims[k]}],"
@@ -169,19 +190,47 @@ class HadaEncoder(nn.Module):
         return torch.cat([torch.arange(t.shape[1], device=t.device) < n.to(t.device).view(-1, 1)
                           for t, n in zip(batch.tokens, batch.lengths)], dim=1)
 
-    def _block(self, layer: int, conv_out: Tensor, x_in: Tensor) -> Tensor:
-        """Heads -> width linear; with several layers also GELU, skip connection and LayerNorm."""
+    def _block(self, layer: int, conv_out: Tensor, x_in: Tensor, groups=None) -> Tensor:
+        """(Dropout and) heads -> width linear; with several layers also GELU, skip connection and LayerNorm:
+        per node after every layer (``norm="node"``), or the published ``x + conv(x)``, GELU, graph LayerNorm
+        between layers (``norm="graph"``; ``groups``: the graph of each row, see :func:`graph_layer_norm`)."""
+        if self.post_dropout.p > 0:
+            conv_out = self.post_dropout(conv_out)
         h = self.post[layer](conv_out)
-        if self.residual:
-            h = self.norms[layer](x_in + F.gelu(h))
-        return h
+        if not self.residual:
+            return h
+        if self.config.norm == "node":
+            return self.norms[layer](x_in + F.gelu(h))
+        h = x_in + h
+        if layer == len(self.convs) - 1:
+            return h
+        return graph_layer_norm(self.norms[layer], F.gelu(h), groups)
+
+    def embed_input(self, e: Tensor, k: int) -> Tensor:
+        """Backbone k's own embedding as the readout (and a single node) reads it: L2-normalised, and with
+        ``embed_norm="standardise"`` standardised with the token statistics."""
+        e = F.normalize(e, dim=-1)
+        if hasattr(self, "embed_stats"):
+            e = (e - self.embed_stats[k, 0]) / self.embed_stats[k, 1]
+        return e
 
     def _readout(self, cls: Tensor, embeds: list[Tensor]) -> Tensor:
         """[g_1..g_K, e_1..e_K] -> dropout -> linear -> L2 norm, in float32 (a bfloat16 ``cls`` is widened)."""
         cls = cls.float() if cls.dtype in (torch.bfloat16, torch.float16) else cls
-        own = [F.normalize(e.to(cls.dtype), dim=-1) for e in embeds]
+        own = [self.embed_input(e.to(cls.dtype), k) for k, e in enumerate(embeds)]
         h = torch.cat([cls.flatten(1), *own], dim=-1)
         return F.normalize(self.readout(self.dropout(h)), dim=-1)
+
+    def _as_nodes(self, batch: ModalityBatch) -> ModalityBatch:
+        """The batch with each single-node backbone's tokens replaced by its one node (its embedding)."""
+        if not self.single_node:
+            return batch
+        tokens, lengths = list(batch.tokens), list(batch.lengths)
+        for k in self.single_node:
+            e = batch.embeds[k].float()
+            tokens[k] = self.embed_input(e, k).unsqueeze(1)
+            lengths[k] = torch.ones(e.shape[0], dtype=torch.long, device=e.device)
+        return ModalityBatch(tokens, lengths, list(batch.embeds))
 
     # -- the torch_geometric path --------------------------------------------------------------------------
 
@@ -215,7 +264,7 @@ class HadaEncoder(nn.Module):
             att = torch.zeros(B, len(self.token_dims), N, H, device=x.device, dtype=alpha.dtype)
             att = att.index_put(where, alpha[to_cls])
             attention.append(att.permute(0, 1, 3, 2))
-            h = self._block(layer, out, h)
+            h = self._block(layer, out, h, graph.batch)
         return h[graph.cls_index], attention
 
     # -- public --------------------------------------------------------------------------------------------
@@ -228,6 +277,7 @@ class HadaEncoder(nn.Module):
         ``node_token`` [N]: which backbone's token (index into ``batch.tokens[k]``, 0 = CLS) node n is;
         ``node_mask`` [B, N]: valid nodes.
         """
+        batch = self._as_nodes(batch)
         self._check(batch)
         device = batch.tokens[0].device
         cls_pos, node_backbone, node_token = padded_nodes(tuple(t.shape[1] for t in batch.tokens), device)
@@ -244,6 +294,40 @@ class HadaEncoder(nn.Module):
             return out
         return out, {"attention": attention, "node_backbone": node_backbone, "node_token": node_token,
                      "node_mask": mask}
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """Kaiming-normal weights (std sqrt(2 / fan_in)) for every ``nn.Linear`` in ``module``, biases as PyTorch's:
+    the published code's init of the token maps, the heads -> width linears, the readout and the ITM linear
+    (torch_geometric's own linears inside the convolutions keep theirs)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight)
+
+
+def _norms(config: ModelConfig) -> nn.ModuleList:
+    """LayerNorms of a deeper model: one per layer over each node, or torch_geometric's graph-mode LayerNorm
+    between layers (after every layer but the last)."""
+    if config.norm == "node":
+        return nn.ModuleList(nn.LayerNorm(config.width) for _ in range(config.layers))
+    from torch_geometric.nn import LayerNorm
+
+    return nn.ModuleList(LayerNorm(config.width, mode="graph") for _ in range(config.layers - 1))
+
+
+def graph_layer_norm(norm: nn.Module, x: Tensor, groups) -> Tensor:
+    """torch_geometric's graph-mode LayerNorm (mean and variance over every node and channel of each graph, then
+    the per-channel affine map) on flat nodes [N, W] with ``groups`` their graph ids (the pyg path) or on padded
+    nodes [B, N, W] with ``groups`` the [B, N] validity mask (the dense path); padding stays zero."""
+    if x.dim() == 2:
+        return norm(x, groups)
+    mask = groups.unsqueeze(-1).to(x.dtype)
+    count = (mask.sum(1, keepdim=True) * x.shape[-1]).clamp_min(1)
+    mean = (x * mask).sum((1, 2), keepdim=True) / count
+    centred = (x - mean) * mask
+    var = (centred * centred).sum((1, 2), keepdim=True) / count
+    out = centred / (var + norm.eps).sqrt()
+    return (out * norm.weight + norm.bias) * mask
 
 
 class HadaPair(nn.Module):

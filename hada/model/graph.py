@@ -14,7 +14,10 @@ type                   weight       edges
 =====================  ===========  =====================================================
 
 Self loops are explicit edges with their own weight; the convolutions must therefore run with
-``add_self_loops=False`` (the public code let GATv2 overwrite the hand-set weight with its fill value).
+``add_self_loops=False``. With ``self_loops="mean"`` a node's self-loop weight is the mean of its other
+incoming edges' weights (0 for a node without any): what the public code's GATv2Conv did with its defaults
+(``add_self_loops=True, fill_value='mean'``), which overwrote the hand-set self loops and produced the
+published numbers.
 With ``directed=False`` every ``fc``/``fcx`` edge also gets its reverse, with the same type and weight
 (``cc``, ``ffx`` and self loops are already symmetric).
 
@@ -122,7 +125,19 @@ def build_edges(counts: Sequence[int], weights: EdgeWeights = EdgeWeights()) -> 
     src, dst, typ = torch.cat(src), torch.cat(dst), torch.cat(typ)
     order = torch.argsort(dst * nodes.numel() + src)
     src, dst, typ = src[order], dst[order], typ[order]
-    return torch.stack([src, dst]), weights.by_type()[typ], typ
+    weight = weights.by_type()[typ]
+    if weights.self_loops == "mean":
+        weight = _mean_self_loops(dst, typ, weight, nodes.numel())
+    return torch.stack([src, dst]), weight, typ
+
+
+def _mean_self_loops(dst: Tensor, typ: Tensor, weight: Tensor, n: int) -> Tensor:
+    """``weight`` with each self loop set to the mean weight of its node's other incoming edges (0 without)."""
+    other = typ != EDGE_SELF
+    total = torch.zeros(n).index_add_(0, dst[other], weight[other])
+    count = torch.zeros(n).index_add_(0, dst[other], torch.ones(int(other.sum())))
+    mean = torch.where(count > 0, total / count.clamp_min(1), torch.zeros(n))
+    return torch.where(other, weight, mean[dst])
 
 
 @lru_cache(maxsize=4096)
@@ -183,14 +198,15 @@ def batch_graphs(lengths_per_backbone: Sequence[Tensor] | Tensor,
     E = int(per_sample.sum())
     edge_index = torch.empty(2, E, dtype=torch.long)
     edge_type = torch.empty(E, dtype=torch.long)
+    edge_weight = torch.empty(E, dtype=torch.float32)
     for u, t in enumerate(templates):
         samples = (inverse == u).nonzero().view(-1)
         pos = (edge_ptr[samples, None] + torch.arange(t.num_edges)).view(-1)
         offsets = ptr[samples].view(1, -1, 1)
         edge_index[:, pos] = (t.edge_index.view(2, 1, -1) + offsets).reshape(2, -1)
         edge_type[pos] = t.edge_type.repeat(samples.numel())
-    out = GraphBatch(edge_index, weights.by_type()[edge_type], edge_type, ptr, batch, node_backbone,
-                     node_token, cls_index)
+        edge_weight[pos] = t.edge_weight.repeat(samples.numel())
+    out = GraphBatch(edge_index, edge_weight, edge_type, ptr, batch, node_backbone, node_token, cls_index)
     if device is not None:
         out = GraphBatch(*(getattr(out, f).to(device) for f in out.__dataclass_fields__))
     return out
@@ -211,8 +227,9 @@ def to_networkx(counts: Sequence[int], weights: EdgeWeights = EdgeWeights()):
         for t in range(n):
             g.add_node(node, backbone=k, token=t, is_cls=t == 0)
             node += 1
-    edge_index, _, edge_type = build_edges(counts, weights)
+    edge_index, edge_weight, edge_type = build_edges(counts, weights)
     by_type = weights.as_tuple()
-    for (s, d), t in zip(edge_index.t().tolist(), edge_type.tolist()):
-        g.add_edge(s, d, type=EDGE_TYPES[t], weight=by_type[t])
+    for (s, d), w, t in zip(edge_index.t().tolist(), edge_weight.tolist(), edge_type.tolist()):
+        g.add_edge(s, d, type=EDGE_TYPES[t], weight=by_type[t] if t != EDGE_SELF or weights.self_loops == "fixed"
+                   else w)
     return g

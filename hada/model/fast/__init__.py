@@ -39,7 +39,7 @@ def encode_cls(encoder, tokens: list[Tensor], mask: Tensor) -> tuple[Tensor, lis
         attention.append(out.attention)
         if last:
             return encoder._block(layer, out.cls, x.cls(layout.cls_pos)), attention
-        x = MaterialisedNodes(encoder._block(layer, out.all, x.x))
+        x = MaterialisedNodes(encoder._block(layer, out.all, x.x, mask))
     raise AssertionError("unreachable: an encoder has at least one layer")
 
 

@@ -191,6 +191,7 @@ class DenseLayout:
     blocks: list[tuple[int, int]]  # [start, end) of each backbone's tokens on the node axis
     block_weight: Tensor  # [K, M=K] weight of a feature edge from backbone m to CLS k (w_fc on the diagonal)
     cls_weight: Tensor  # [K, M=K] weight of the edge CLS m -> CLS k (w_self on the diagonal, else w_cc)
+    mean_self_loops: bool = False  # a CLS node's self loop weighs the mean of its other incoming edges
 
     @classmethod
     def build(cls, sizes: list[int], weights: EdgeWeights, device) -> "DenseLayout":
@@ -205,7 +206,7 @@ class DenseLayout:
         block_weight = torch.where(eye, weights.w_fc, weights.w_fcx).float()
         cls_weight = torch.where(eye, weights.w_self, weights.w_cc).float()
         return cls(starts, node_backbone, node_token, w.float(), float(weights.w_self), blocks, block_weight,
-                   cls_weight)
+                   cls_weight, weights.self_loops == "mean")
 
 
 @lru_cache(maxsize=256)
@@ -503,8 +504,9 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     B = xr.shape[0]
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
-    q_cls = xr.unsqueeze(2) + layout.cls_weight.unsqueeze(-1) * w_edge
-    fused = use_fused_kernels(xr.device)
+    q_cls = xr.unsqueeze(2) + cls_weights(layout, mask).unsqueeze(-1) * w_edge
+    drop = conv.training and conv.dropout > 0  # dropout of alpha: the PyTorch ops (the kernels have none)
+    fused = use_fused_kernels(xr.device) and not drop
     xl = x.linear(conv.lin_l) if need_all or not fused else None  # [B, N, H*C]
     # the score function computes in q's dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
     # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
@@ -526,12 +528,26 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
         N = xl.shape[1]
         scores = GatV2ClsScores.apply(*args, xl, conv.att[0].to(dt), layout.blocks, conv.negative_slope)
         alpha = _masked_softmax(scores, mask)
-        messages = torch.einsum("bknh,bnhc->bkhc", alpha, xl.view(B, N, H, C)).reshape(B, K, H * C)
+        weights = F.dropout(alpha, conv.dropout, training=True) if drop else alpha
+        messages = torch.einsum("bknh,bnhc->bkhc", weights, xl.view(B, N, H, C)).reshape(B, K, H * C)
     out_cls = messages + conv.bias
     out_all = None
     if need_all:
         out_all = _with_cls(xl + conv.bias, out_cls, layout.cls_pos)
     return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
+
+
+def cls_weights(layout: DenseLayout, mask: Tensor) -> Tensor:
+    """Weight of the edge CLS m -> CLS k: [K, M], or [B, K, M] with mean-filled self loops, where CLS k's self
+    loop weighs the mean of its other incoming edges, which depends on the sample's valid nodes
+    (:mod:`hada.model.graph`)."""
+    if not layout.mean_self_loops:
+        return layout.cls_weight
+    K = layout.cls_pos.numel()
+    incoming = (layout.edge_weight.unsqueeze(0) * mask.unsqueeze(1)).sum(-1) - layout.w_self  # [B, K]
+    mean = incoming / (mask.sum(1, keepdim=True) - 1).clamp_min(1)
+    eye = torch.eye(K, dtype=torch.bool, device=mask.device)
+    return torch.where(eye, mean.unsqueeze(-1), layout.cls_weight)
 
 
 def dense_gcn(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
@@ -573,10 +589,11 @@ def dense_transformer(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, 
     score = score + torch.einsum("bkhc,hc->bkh", q, b_key).unsqueeze(2)
     score = score + layout.edge_weight[None, :, :, None] * torch.einsum("bkhc,hc->bkh", q, e).unsqueeze(2)
     alpha = _masked_softmax(score / math.sqrt(C), mask)  # [B, K, N, H]
-    pooled = x.pool(alpha)
+    weights = F.dropout(alpha, conv.dropout, training=True) if conv.training and conv.dropout > 0 else alpha
+    pooled = x.pool(weights)
     value = torch.einsum("bkhw,hcw->bkhc", pooled, conv.lin_value.weight.view(H, C, W))
-    value = value + alpha.sum(2).unsqueeze(-1) * conv.lin_value.bias.view(H, C)
-    value = value + torch.einsum("bknh,kn->bkh", alpha, layout.edge_weight).unsqueeze(-1) * e
+    value = value + weights.sum(2).unsqueeze(-1) * conv.lin_value.bias.view(H, C)
+    value = value + torch.einsum("bknh,kn->bkh", weights, layout.edge_weight).unsqueeze(-1) * e
     out_cls = value.reshape(B, K, H * C) + conv.lin_skip(x_cls)
     out_all = None
     if need_all:

@@ -1,0 +1,299 @@
+"""The published recipe (shared/DESIGN.md section 1a) as configuration: the `paper` and `lavis` recipes, the
+parameter counts at the paper's widths, and one behaviour test per recipe item."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hada.train as ht
+from fixtures.toy_features import toy_splits
+from hada.config import EdgeWeights, LossConfig, ModelConfig, TrainConfig, recipe
+from hada.features.batching import FeatureData, PairLoader, compute_stats
+from hada.losses import RANDOM_ID, FeatureQueue, HadaObjective, ItmHead
+from hada.model.encoder import FeatureDims, HadaEncoder, HadaPair, ModalityBatch, count_parameters
+from hada.model.graph import EDGE_SELF, batch_graphs, build_edges
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def hada_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hada", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_print_config_of_both_recipes():
+    out = hada_cli("train", "--recipe", "paper", "--print-config", "--init-from", "runs/earlier")
+    assert out.returncode == 0, out.stderr
+    paper = json.loads(out.stdout)
+    assert paper["model"]["attention_dropout"] == paper["model"]["post_dropout"] == paper["model"]["dropout"] == 0.7
+    assert paper["model"]["edges"]["self_loops"] == "mean" and paper["model"]["init"] == "kaiming"
+    assert paper["loss"]["queue_size"] == 64000 and paper["loss"]["itm_head"] == "linear"
+    assert (paper["optim"]["lr"], paper["optim"]["batch_size"], paper["optim"]["t_mult"]) == (5e-5, 20, 2)
+    assert paper["optim"]["init_from"] == "runs/earlier" and paper["data"]["token_stats"] == "global"
+    lavis = recipe("lavis").to_dict()
+    assert lavis["model"]["single_node"] == [1] and lavis["loss"]["i2t_weight"] == 0.5
+    assert (lavis["optim"]["lr"], lavis["optim"]["batch_size"], lavis["optim"]["eta_min"]) == (1e-4, 40, 1e-5)
+    assert lavis["model"]["dropout"] == 0.4 and lavis["loss"]["mix_from_epoch"] > 0
+
+
+def test_paper_recipe_counts_at_the_papers_widths():
+    cfg = recipe("paper")
+    pair = HadaPair(cfg.model, FeatureDims.paper())
+    assert count_parameters(pair) == 9_986_048
+    loss = cfg.override(queue_size=0, use_momentum=False).loss  # the head alone (the 64k queue: tested below)
+    objective = HadaObjective(pair, loss, cfg.model.out_dim, 256, init="kaiming")
+    assert count_parameters(objective.itm_head) == 2_049
+    assert count_parameters(objective) == 9_986_048 + 2_049 + 2  # plus tau and w
+
+
+# ------------------------------------------------------------------------------------------ the model
+TOKEN_DIMS, EMBED_DIMS, SIZES = (12, 10), (6, 5), (6, 4)
+
+
+def rand_batch(batch: int = 5, seed: int = 0) -> ModalityBatch:
+    g = torch.Generator().manual_seed(seed)
+    tokens, lengths, embeds = [], [], []
+    for n, d, e in zip(SIZES, TOKEN_DIMS, EMBED_DIMS):
+        length = torch.randint(1, n + 1, (batch,), generator=g)
+        length[0] = n
+        tokens.append(torch.randn(batch, n, d, generator=g) * (torch.arange(n)[None, :, None] < length[:, None, None]))
+        lengths.append(length)
+        embeds.append(torch.randn(batch, e, generator=g))
+    return ModalityBatch(tokens, lengths, embeds)
+
+
+def encoder(**kw) -> HadaEncoder:
+    edges = EdgeWeights(self_loops=kw.pop("self_loops", "fixed"))
+    torch.manual_seed(0)
+    return HadaEncoder(ModelConfig(**{"width": 16, "out_dim": 8, "heads": 2, "dropout": 0.0, **kw}, edges=edges),
+                       FeatureDims.same(TOKEN_DIMS, EMBED_DIMS))
+
+
+@pytest.mark.parametrize("option", ["attention_dropout", "post_dropout", "dropout"])
+@pytest.mark.parametrize("backend", ["dense", "pyg"])
+def test_each_dropout_acts_in_training_only(option, backend):
+    model, batch = encoder(**{option: 0.5}), rand_batch()
+    assert not torch.equal(model.train()(batch, backend=backend), model(batch, backend=backend))
+    assert torch.equal(model.eval()(batch, backend=backend), model(batch, backend=backend))
+
+
+def test_itm_head_dropout_acts_in_training_only():
+    head, a, b = ItmHead(8, kind="linear", dropout=0.7), torch.randn(6, 8), torch.randn(6, 8)
+    assert count_parameters(head) == 4 * 8 + 1
+    assert not torch.equal(head.train()(a, b), head(a, b))
+    assert torch.equal(head.eval()(a, b), head(a, b))
+
+
+def test_mean_self_loop_is_the_mean_of_incoming_weights_as_gatv2conv_fills_it():
+    from torch_geometric.nn import GATv2Conv
+
+    counts = (4, 3)
+    index, weight, kind = build_edges(counts, EdgeWeights(self_loops="mean"))
+    for node in range(sum(counts)):
+        incoming = (index[1] == node) & (kind != EDGE_SELF)
+        loop = (index[1] == node) & (kind == EDGE_SELF)
+        expected = weight[incoming].mean() if incoming.any() else torch.tensor(0.0)
+        torch.testing.assert_close(weight[loop], expected.view(1))
+    assert weight[(index[1] == 0) & (kind == EDGE_SELF)].item() == pytest.approx((3 * 0.9 + 2 * 0.7 + 1.1) / 6)
+    # the published GATv2Conv (its own mean-filled loops) == ours (explicit loops, add_self_loops=False)
+    torch.manual_seed(0)
+    ours = GATv2Conv(5, 3, heads=2, edge_dim=1, add_self_loops=False)
+    theirs = GATv2Conv(5, 3, heads=2, edge_dim=1, add_self_loops=True, fill_value="mean")
+    theirs.load_state_dict(ours.state_dict())
+    x, no_loops = torch.randn(sum(counts), 5), kind != EDGE_SELF
+    expected = theirs(x, index[:, no_loops], weight[no_loops].unsqueeze(-1))
+    torch.testing.assert_close(ours(x, index, weight.unsqueeze(-1)), expected)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_dense_equals_pyg_with_mean_self_loops_and_graph_layernorm(layers):
+    model, batch = encoder(self_loops="mean", layers=layers, norm="graph").eval(), rand_batch(seed=3)
+    assert model.config.resolve_backend() == "dense"
+    torch.testing.assert_close(model(batch, backend="dense"), model(batch, backend="pyg"), atol=1e-5, rtol=1e-5)
+    grads = {}
+    for backend in ("dense", "pyg"):
+        model.zero_grad()
+        model(batch, backend=backend).pow(3).sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(g, grads["pyg"][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert ModelConfig(gnn="gcn", edges=EdgeWeights(self_loops="mean")).resolve_backend() == "pyg"
+
+
+def test_graph_layernorm_normalises_over_each_graphs_nodes():
+    from torch_geometric.nn import LayerNorm
+
+    from hada.model.encoder import graph_layer_norm
+
+    norm = LayerNorm(4, mode="graph")
+    x, mask = torch.randn(3, 5, 4), torch.arange(5)[None, :] < torch.tensor([[5], [2], [3]])
+    dense = graph_layer_norm(norm, x * mask.unsqueeze(-1), mask)
+    flat = graph_layer_norm(norm, x[mask], torch.arange(3).repeat_interleave(mask.sum(1)))
+    torch.testing.assert_close(dense[mask], flat)
+    assert dense[mask][:5].mean().abs() < 1e-5 and (dense[~mask] == 0).all()
+
+
+def test_kaiming_init_of_every_linear():
+    torch.manual_seed(0)
+    model = HadaEncoder(ModelConfig(width=256, out_dim=128, heads=1, init="kaiming"), FeatureDims.same((384, 384),
+                                                                                                      (64, 64)))
+    for lin in (model.proj[0], model.post[0], model.readout):
+        assert lin.weight.std().item() == pytest.approx((2 / lin.in_features) ** 0.5, rel=0.05)
+    torch.manual_seed(0)
+    head = HadaObjective(HadaPair(ModelConfig(width=16, out_dim=64), FeatureDims.same((8, 8), (4, 4))),
+                         LossConfig(itm_head="linear"), 64, 4, init="kaiming").itm_head
+    assert head.net[1].weight.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.15)
+
+
+def test_readout_embeddings_standardised_with_the_token_statistics():
+    model, batch = encoder(embed_norm="standardise").eval(), rand_batch()
+    model.set_embed_stats([(0.01, 0.05), (-0.02, 0.1)])
+    e = batch.embeds[1]
+    torch.testing.assert_close(model.embed_input(e, 1), (F.normalize(e, dim=-1) + 0.02) / 0.1)
+    assert not torch.allclose(model(batch), encoder().eval()(batch))
+
+
+def test_single_node_backbone_enters_as_its_embedding():
+    model, batch = encoder(single_node=[1]).eval(), rand_batch()
+    assert model.proj[1].in_features == EMBED_DIMS[1]
+    out = model(batch, backend="dense")
+    torch.testing.assert_close(out, model(batch, backend="pyg"), atol=1e-5, rtol=1e-5)
+    other = ModalityBatch(list(batch.tokens), list(batch.lengths), batch.embeds)
+    other.tokens[1] = torch.randn_like(other.tokens[1])  # its tokens are never read
+    torch.testing.assert_close(model(other), out)
+
+
+# ------------------------------------------------------------------------------------------- the loss
+def tiny_objective(**loss) -> HadaObjective:
+    torch.manual_seed(0)
+    pair = HadaPair(ModelConfig(width=16, out_dim=8, heads=2), FeatureDims.same(TOKEN_DIMS, EMBED_DIMS))
+    return HadaObjective(pair, LossConfig(**loss), 8, EMBED_DIMS[0])
+
+
+def test_random_queue_starts_full_of_unit_vectors_that_match_nothing(monkeypatch):
+    import hada.losses as hl
+
+    queue = FeatureQueue(50, 8, 6, init="random")
+    filled = queue.filled()
+    assert len(filled["ids"]) == 50 and (filled["ids"] == RANDOM_ID).all()
+    for name in ("image", "text", "image_main", "text_main"):
+        torch.testing.assert_close(filled[name].norm(dim=1), torch.ones(50))
+    objective, batch = tiny_objective(queue_size=50, queue_init="random"), rand_batch(4)
+    seen, original = {}, hl.multi_positive_targets
+    monkeypatch.setattr(hl, "multi_positive_targets", lambda ids, all_ids: seen.setdefault("t", original(ids, all_ids)))
+    objective(batch, batch, torch.arange(4))
+    assert seen["t"].shape == (4, 4 + 50) and (seen["t"][:, 4:] == 0).all()  # the whole queue, no positive
+
+
+def test_hard_negatives_from_the_hada_only_similarity(monkeypatch):
+    import hada.losses as hl
+
+    objective, batch = tiny_objective(itm_negatives="hada", queue_size=0), rand_batch(4)
+    sims = []
+    original = hl.sample_hard_negatives
+    monkeypatch.setattr(hl, "sample_hard_negatives", lambda sim, pos: (sims.append(sim), original(sim, pos))[1])
+    torch.manual_seed(0)
+    objective.eval()
+    objective(batch, batch, torch.arange(4))
+    img, txt = objective.pair.image(batch), objective.pair.text(batch)
+    hada = img @ txt.T / objective.tau()
+    torch.testing.assert_close(sims[1], hada.detach())  # per image, a text
+    torch.testing.assert_close(sims[0], hada.T.detach())
+
+
+def test_distillation_ramp_and_two_stages():
+    objective = tiny_objective(distill=True, alpha_ramp=True, mix_from_epoch=1)
+    objective.progress = 0.25
+    assert objective.alpha() == pytest.approx(0.1) and float(objective.w()) == 0.0
+    objective.progress = 1.0
+    assert objective.alpha() == pytest.approx(0.4) and float(objective.w().detach()) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------- data and training
+def test_global_standardisation_is_one_mean_and_std():
+    splits = toy_splits(n_images=8, seed=0)
+    stats = compute_stats(splits, pooled=True)
+    assert len({(s.mean, s.std) for s in stats.image + stats.text}) == 1
+    values = []
+    for s in splits:
+        values.append(F.normalize(torch.from_numpy(s.image_tokens.astype(np.float32)), dim=-1).reshape(-1))
+        text = F.normalize(torch.from_numpy(s.text_tokens.astype(np.float32)), dim=-1)
+        values.append(text[torch.arange(text.shape[1])[None, :] < torch.from_numpy(s.text_lengths)[:, None]].reshape(-1))
+    values = torch.cat(values).double()
+    assert stats.image[0].mean == pytest.approx(values.mean().item(), abs=1e-9)
+    assert stats.image[0].std == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
+
+
+def test_augmented_views_used_with_probability_075():
+    splits = toy_splits(n_images=40, seed=0)
+    views = 3
+    for s in splits:  # view v of every image: its tokens and embedding filled with v + 10
+        tok = np.stack([np.full_like(s.image_tokens, v + 10) for v in range(views)])
+        emb = np.stack([np.full_like(s.image_embeds, v + 10) for v in range(views)])
+        s.augmented = (tok, emb)
+    data = FeatureData(splits, compute_stats(splits), augment_p=0.75)
+    torch.manual_seed(0)
+    rows = np.tile(np.arange(40), 50)
+    batch = data.image_batch(rows, augment=True)
+    used = batch.embeds[0][:, 0] >= 10
+    assert abs(used.float().mean().item() - 0.75) < 0.03  # 2,000 seeded draws
+    assert torch.equal(used, batch.embeds[1][:, 0] >= 10)  # the same view in every backbone
+    plain = data.image_batch(rows)
+    assert torch.equal(plain.embeds[0], data.image_embeds[0][torch.from_numpy(rows)])
+    _, txt, _ = next(iter(PairLoader(data, 8)))
+    assert txt.batch_size == 8
+
+
+@pytest.fixture
+def toy_world(monkeypatch, tmp_path):
+    monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
+    cache = {}
+
+    def fake_open(config, split):
+        if split not in cache:
+            cache[split] = toy_splits(n_images=24 if split == "train" else 12, seed=SPLITS[split])
+        return cache[split][: len(config.data.backbones)]
+
+    monkeypatch.setattr(ht, "open_splits", fake_open)
+    return tmp_path
+
+
+def tiny_paper(**kw) -> TrainConfig:
+    base = dict(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, head_dim=8, epochs=2, batch_size=16,
+                queue_size=32, eval_batch_size=64, augment_p=0.0, lr=1e-3)
+    return recipe("paper").override(**{**base, **kw})
+
+
+def test_scheduler_steps_every_iteration_with_the_fractional_epoch(toy_world, monkeypatch):
+    calls = []
+    step = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts.step
+    monkeypatch.setattr(torch.optim.lr_scheduler.CosineAnnealingWarmRestarts, "step",
+                        lambda self, epoch=None: (calls.append(epoch), step(self, epoch))[1])
+    result = ht.train(tiny_paper(), toy_world / "run")
+    assert calls[0] is None  # the constructor's own step
+    calls, iters = calls[1:], (len(calls) - 1) // 2
+    assert calls == [e + k / iters for e in range(2) for k in range(1, iters + 1)]
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference, T_0=30, T_mult=2, eta_min=5e-6)
+    scheduler.step(1.0)
+    assert result.history[1]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-12)
+    # init-from: a new run starts from this one's best weights
+    config = tiny_paper(init_from=str(result.run_dir), seed=5).resolved()
+    (toy_world / "warm").mkdir()
+    run = ht._start(config, toy_world / "warm", True, None)
+    best = torch.load(result.run_dir / "best.pt", weights_only=False)["model"]
+    for name, value in run.objective.state_dict().items():
+        if name.startswith(("pair.", "itm_head.")):
+            torch.testing.assert_close(value, best[name], msg=name)
+
+
+def test_early_stopping_threshold():
+    assert not ht.improves(100.05, 100.0, 0.1)
+    assert ht.improves(100.15, 100.0, 0.1)
+    assert ht.improves(100.05, 100.0, 0.0)
+    assert recipe("paper").optim.min_delta == 0.1
