@@ -55,6 +55,26 @@ def plot_rsum_bars(rows: Sequence[Mapping], title: str = "", highlight: str = "H
     return fig
 
 
+def plot_rsum_bars_with_band(rows: Sequence[Mapping], centre: float, spread: float, seed_values: Sequence[float] = (),
+                             title: str = "", highlight: str = "default") -> plt.Figure:
+    """:func:`plot_rsum_bars` with a shaded band ``centre +- spread`` (the seed noise of the highlighted row) and
+    its seeds' values as ticks on that row, so a bar ending outside the band reads as a real difference."""
+    fig = plot_rsum_bars(rows, title=title, highlight=highlight)
+    ax = fig.axes[0]
+    if spread == spread and spread > 0:  # not nan: at least two seeds
+        ax.axvspan(centre - spread, centre + spread, color="#1f77b4", alpha=0.18, zorder=0,
+                   label=f"default ± {spread:.1f} (2 std over {len(seed_values)} seeds)")
+    row = next((i for i, r in enumerate(rows) if highlight in r["name"]), 0)
+    if seed_values:
+        ax.plot(list(seed_values), [row] * len(seed_values), "|", color="black", ms=14, mew=1.5,
+                label="default, each seed")
+    lo = min([r["rsum"] for r in rows] + [centre - spread if spread == spread else centre])
+    ax.set_xlim(max(0.0, lo - 0.15 * (ax.get_xlim()[1] - lo)), ax.get_xlim()[1])
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
 def _node_positions(graph) -> dict:
     """Each backbone's feature tokens on an arc around its CLS node; the CLS nodes in the middle."""
     backbones = sorted({d["backbone"] for _, d in graph.nodes(data=True)})
