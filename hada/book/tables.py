@@ -237,6 +237,10 @@ class AblationTable(Table):
         """The variants whose Rsum differs from the default's by more than :attr:`spread`."""
         return [r for r in self.variants if abs(r["delta"]) > self.spread]
 
+    def beyond_text(self) -> str:
+        """The variants beyond the seed spread as ``name (+delta)``, for the page; "none" when there are none."""
+        return "; ".join(f"{r['name']} ({r['delta']:+.1f})" for r in self.beyond_spread()) or "none"
+
     def mark_spread(self) -> "AblationTable":
         """Add the column saying, per variant, whether it lies outside the default's seed band."""
         if self.seed_rsums and "beyond" not in dict(self.columns):
