@@ -7,7 +7,7 @@ live in :mod:`hada.runs`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hada.paths import runs_dir
@@ -160,12 +160,36 @@ def data_root_arg(setting: Setting):
     return None if setting.data_root == default_root(setting.dataset) else str(setting.data_root)
 
 
+#: How many seeds the results chapter trains each fusion row with, per K: the chapter's seed and the next ones.
+#: K=3 keeps one seed to save build time (the chapter says so).
+RESULT_SEEDS: dict[int, int] = {2: 3, 3: 1}
+
+
+def result_seeds(setting: Setting, k: int = 2) -> tuple[int, ...]:
+    """The seeds of the results' fusion runs for K backbones: ``setting.seed``, ``setting.seed + 1``, ..."""
+    return tuple(setting.seed + i for i in range(RESULT_SEEDS.get(k, 1)))
+
+
+def _seeded(name: str, setting: Setting, seed: int) -> str:
+    """The chapter seed's run keeps its plain name (the ablations' default is that run); others add the seed."""
+    return name if seed == setting.seed else f"{name}-seed{seed}"
+
+
 def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
-    """``(run name, TrainConfig)`` of the two runs ``results`` trains: concat + linear, and HADA."""
-    config = base_config(setting, k)
-    concat_config, concat_name = concat_run(setting.dataset, list(setting.backbones_for(k)), data_root_arg(setting),
-                                            config)
-    return [(concat_name, concat_config), (f"hada-k{k}", config)]
+    """``(run name, TrainConfig)`` of the runs ``results`` trains: concat + linear, and HADA, for each seed of
+    :func:`result_seeds`."""
+    runs = []
+    for seed in result_seeds(setting, k):
+        config = base_config(replace(setting, seed=seed), k)
+        concat_config, concat_name = concat_run(setting.dataset, list(setting.backbones_for(k)),
+                                                data_root_arg(setting), config)
+        runs += [(_seeded(concat_name, setting, seed), concat_config), (_seeded(f"hada-k{k}", setting, seed), config)]
+    return runs
+
+
+def hada_seed_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
+    """The HADA runs among :func:`result_runs`, one per seed (the first is the ablations' default)."""
+    return [(name, config) for name, config in result_runs(setting, k) if config.model.arch == "hada"]
 
 
 #: One change each against the default K=2 model, same budget and seed: the ablation chapter's rows.
@@ -203,3 +227,106 @@ def book_runs(setting: Setting) -> list[tuple[str, object]]:
         unique.setdefault((name, json.dumps(config.resolved().to_dict(), sort_keys=True)), (name, config))
     return list(unique.values())
 
+
+
+# --------------------------------------------------------------------- every result row, with its seeds
+@dataclass
+class SystemResult:
+    """One row of the results: its test metrics and per-query ranks, one entry per seed (one for an untrained
+    row). The ranks are what :func:`hada.metrics.paired_bootstrap` resamples."""
+
+    name: str
+    kind: str  # backbone, fusion or hada
+    metrics: list[dict]
+    ranks: list[tuple]  # (image_to_text [n_img], text_to_image [n_cap]) per seed
+    seeds: tuple[int, ...] = ()  # empty for an untrained row
+
+    def mean(self) -> dict:
+        """Every metric averaged over the seeds."""
+        return {key: sum(m[key] for m in self.metrics) / len(self.metrics) for key in self.metrics[0]}
+
+    def std(self, key: str = "rsum") -> float:
+        """Sample standard deviation (n - 1) of a metric over the seeds; nan with one seed."""
+        import numpy as np
+
+        values = [m[key] for m in self.metrics]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _cached_ranks(path: Path, compute) -> tuple:
+    """Test ranks kept as ``.npz`` under ``runs_dir()/ranks``; ``path``'s name carries the key of their inputs."""
+    import numpy as np
+
+    if not path.exists():
+        i2t, t2i = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, i2t=i2t.numpy(), t2i=t2i.numpy())
+        tmp.replace(path)
+    with np.load(path) as f:
+        return f["i2t"], f["t2i"]
+
+
+def run_test_ranks(run) -> tuple:
+    """Per-query test ranks of a finished run (``hada.runs.RunResult``), computed once from its best model."""
+    from hada.metrics import retrieval_ranks
+
+    config = run.config.resolved()
+    split = config.data.test_split
+
+    def compute():
+        data = shared_data(config, split)
+        return retrieval_ranks(run.load_model(config.device).similarity(data), data.caption_image_index)
+
+    return _cached_ranks(runs_dir() / "ranks" / f"{run.run_dir.name}-{split}.npz", compute)
+
+
+def _untrained_systems(config, split: str) -> list[SystemResult]:
+    """Each backbone alone and their similarity average on ``split`` (no training, no seed)."""
+    from hada.baselines import averaging_similarity, backbone_similarity
+    from hada.metrics import metrics_from_ranks, retrieval_ranks
+
+    names = config.data.backbones
+    key = content_key({"dataset": config.data.dataset, "root": config.data.data_root, "backbones": names,
+                       "split": split, "features": features_fingerprint(config)})
+    sources = [(name, "backbone", lambda data, k=k: backbone_similarity(data, k)) for k, name in enumerate(names)]
+    sources.append(("average(" + " + ".join(names) + ")", "fusion", averaging_similarity))
+    out = []
+    for i, (name, kind, similarity) in enumerate(sources):
+        def compute(similarity=similarity):
+            data = shared_data(config, split)
+            return retrieval_ranks(similarity(data), data.caption_image_index)
+
+        ranks = _cached_ranks(runs_dir() / "ranks" / f"untrained-{key}-{i}-{split}.npz", compute)
+        out.append(SystemResult(name, kind, [metrics_from_ranks(*map(_tensor, ranks))], [ranks]))
+    return out
+
+
+def _tensor(array):
+    import torch
+
+    return torch.from_numpy(array)
+
+
+def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -> tuple[list[SystemResult], object]:
+    """Every row of the results for K backbones on the test split (each backbone, their average, concat +
+    linear, HADA; the trained rows once per seed of :func:`result_seeds`), and the split's caption -> image
+    index. Trains (or loads) the runs of :func:`result_runs`."""
+    import numpy as np
+
+    runs = result_runs(setting, k)
+    concat_config = runs[0][1].resolved()
+    split = concat_config.data.test_split
+    systems = _untrained_systems(concat_config, split)
+    labels = {"concat": ("concat(" + " + ".join(concat_config.data.backbones) + ") + linear", "fusion"),
+              "hada": (f"HADA (K={k})", "hada")}
+    for arch, (label, kind) in labels.items():
+        row = SystemResult(label, kind, [], [])
+        for name, config in runs:
+            if config.model.arch == arch:
+                run = run_experiment(config, name, progress=progress)
+                row.metrics.append(run.test_metrics)
+                row.ranks.append(run_test_ranks(run))
+                row.seeds += (config.seed,)
+        systems.append(row)
+    return systems, np.asarray(shared_data(concat_config, split).caption_image_index)

@@ -91,16 +91,39 @@ def train_hada(setting: Setting, k: int = 2, **overrides):
 
 
 def results(setting: Setting, k: int = 2):
-    """Every backbone alone, similarity averaging, concat + linear and HADA, on the test split."""
-    from hada.experiments import baseline_table
-    from hada.book.tables import ResultsTable, metric_row
+    """Every backbone alone, similarity averaging, concat + linear and HADA, on the test split; the trained rows
+    as the mean (and std) over the seeds of ``hada.experiments.result_seeds``."""
+    from hada.experiments import result_seeds, result_systems
+    from hada.book.tables import ResultsTable, system_row
 
-    config = base_config(setting, k)
-    rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=data_root_arg(setting),
-                          config=config)
-    run = train_hada(setting, k)
-    rows.append(metric_row(f"HADA (K={k})", run.test_metrics, kind="hada"))
-    return ResultsTable(rows, caption=f"Test split of {setting.dataset}, K={k} backbones (Rsum max 600)")
+    systems, caption_image_index = result_systems(setting, k)
+    seeds = result_seeds(setting, k)
+    trained = f"trained rows: mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else \
+        f"trained rows: seed {seeds[0]} only"
+    return ResultsTable([system_row(s) for s in systems], systems=systems, caption_image_index=caption_image_index,
+                        caption=f"Test split of {setting.dataset}, K={k} backbones (Rsum max 600; {trained})")
+
+
+def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
+    """HADA's Rsum gain over the best backbone, similarity averaging and concat + linear (``table`` from
+    ``results``), each with a paired bootstrap interval over test images (``hada.metrics.paired_bootstrap``)."""
+    from hada.book.tables import GainTable, gain_row
+    from hada.metrics import paired_bootstrap
+
+    by_name = {s.name: s for s in table.systems}
+    hada = by_name[table.hada["name"]]
+    references = [("best", f"the best backbone ({table.best_backbone['name']})", table.best_backbone["name"]),
+                  ("average", "similarity averaging", next(r["name"] for r in table.rows
+                                                            if r["name"].startswith("average("))),
+                  ("concat", "concatenation + linear", next(r["name"] for r in table.rows
+                                                             if r["name"].startswith("concat(")))]
+    rows = []
+    for key, label, name in references:
+        boot = paired_bootstrap(hada.ranks, by_name[name].ranks, table.caption_image_index, n_boot=n_boot,
+                                level=level, seed=seed)
+        rows.append(gain_row(key, label, table.row(name)["rsum"], table.hada["rsum"], boot))
+    return GainTable(rows, caption=f"HADA's Rsum gain, {100 * level:.0f}% paired bootstrap interval over "
+                                   f"{len(hada.ranks[0][0]):,} test images ({n_boot:,} resamples, seed {seed})")
 
 
 def claim_table(table, setting: Setting):
@@ -128,6 +151,7 @@ def backbone_table(setting: Setting):
 def ablations(setting: Setting, variants=ABLATIONS):
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
     from hada.book.tables import AblationTable, metric_row
+    from hada.experiments import hada_seed_runs
     from hada.runs import run_experiment
 
     rows = []
@@ -136,7 +160,8 @@ def ablations(setting: Setting, variants=ABLATIONS):
         rows.append(metric_row(label, run.test_metrics, epochs=len(run.history)))
     for row in rows:
         row["delta"] = row["rsum"] - rows[0]["rsum"]
-    return AblationTable(rows)
+    seed_rsums = [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, 2)]
+    return AblationTable(rows, seed_rsums=seed_rsums).mark_spread()
 
 
 # --------------------------------------------------------------------------------------- node graphs

@@ -55,6 +55,47 @@ def plot_rsum_bars(rows: Sequence[Mapping], title: str = "", highlight: str = "H
     return fig
 
 
+def _clip_limit(values: Sequence[float], centre: float, spread: float) -> float | None:
+    """Where to cut the axis so that one far-off bar (K=3 beside K=2 variants) does not flatten the others: past
+    1.5 times the largest other distance from ``centre`` when the farthest is over 3 times that; else None."""
+    distances = sorted(abs(v - centre) for v in values)
+    if len(distances) < 3 or distances[-1] <= 3 * max(distances[-2], spread if spread == spread else 0, 1e-9):
+        return None
+    return centre + 1.5 * max(distances[-2], spread if spread == spread else 0)
+
+
+def plot_rsum_bars_with_band(rows: Sequence[Mapping], centre: float, spread: float, seed_values: Sequence[float] = (),
+                             title: str = "", highlight: str = "default") -> plt.Figure:
+    """:func:`plot_rsum_bars` zoomed on the highlighted row, with a shaded band ``centre +- spread`` (its seed
+    noise) and its seeds' values as ticks, so a bar ending outside the band reads as a real difference. A bar far
+    beyond the others is cut at the axis edge and keeps its value as a label."""
+    values = [r["rsum"] for r in rows]
+    limit = _clip_limit(values, centre, spread)
+    shown = [dict(r, rsum=min(r["rsum"], limit)) if limit else r for r in rows]
+    fig = plot_rsum_bars(shown, title=title, highlight=highlight)
+    fig.set_size_inches(7.5, 0.42 * len(rows) + 1.8)
+    ax = fig.axes[0]
+    for text in list(ax.texts):
+        text.remove()
+    for i, v in enumerate(values):
+        cut = limit is not None and v > limit
+        ax.text(min(v, limit) if cut else v, i, f" {v:.1f}" + (" (axis cut)" if cut else ""), va="center",
+                fontsize=8)
+    if spread == spread and spread > 0:  # not nan: at least two seeds
+        ax.axvspan(centre - spread, centre + spread, color="#1f77b4", alpha=0.18, zorder=0,
+                   label=f"default ± {spread:.1f} (2 std over {len(seed_values)} seeds)")
+    if seed_values:
+        row = next((i for i, r in enumerate(rows) if highlight in r["name"]), 0)
+        ax.plot(list(seed_values), [row] * len(seed_values), "|", color="black", ms=14, mew=1.5,
+                label="default, each seed")
+    reach = max(min(v, limit) if limit else v for v in values)
+    low = min(values + [centre - (spread if spread == spread else 0)])
+    ax.set_xlim(max(0.0, low - 0.3 * (reach - low)), reach + 0.22 * (reach - low))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.13), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def _node_positions(graph) -> dict:
     """Each backbone's feature tokens on an arc around its CLS node; the CLS nodes in the middle."""
     backbones = sorted({d["backbone"] for _, d in graph.nodes(data=True)})

@@ -79,9 +79,20 @@ class Table:
         return max(self.rows, key=lambda r: r[key])
 
 
+#: The results' columns: the seed-mean recalls and Rsum, then the Rsum's spread over the seeds.
+RESULT_COLUMNS = (("name", "method"),) + METRIC_COLUMNS + (("rsum_std", "± std"), ("seeds", "seeds"))
+
+
 @dataclass(repr=False)
 class ResultsTable(Table):
-    """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` in {backbone, fusion, hada}."""
+    """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` in {backbone, fusion, hada};
+    a trained row's metrics are the mean over its seeds, ``rsum_std`` their standard deviation. ``systems`` and
+    ``caption_image_index`` (from ``hada.experiments.result_systems``) keep the per-query ranks the gains'
+    bootstrap reads."""
+
+    columns: Sequence[tuple[str, str]] = RESULT_COLUMNS
+    systems: Sequence = ()
+    caption_image_index: object = None
 
     def of_kind(self, kind: str) -> list[dict]:
         return [r for r in self.rows if r.get("kind") == kind]
@@ -104,6 +115,15 @@ class ResultsTable(Table):
     def gain_over(self, name_contains: str) -> float:
         reference = next(r for r in self.rows if name_contains in r["name"] and r.get("kind") == "fusion")
         return relative_gain(self.hada["rsum"], reference["rsum"])
+
+
+def system_row(system) -> dict:
+    """A results row from a ``hada.experiments.SystemResult``: seed-mean metrics, Rsum std and the seeds (blank
+    for a row that trains nothing; the std shows only with two seeds or more)."""
+    std = system.std("rsum")
+    return metric_row(system.name, system.mean(), kind=system.kind,
+                      rsum_std="" if std != std else f"{std:.1f}",
+                      seeds=", ".join(str(s) for s in system.seeds))
 
 
 def metric_row(name: str, metrics: Mapping[str, float], **extra) -> dict:
@@ -141,15 +161,93 @@ class ClaimTable(Table):
         return cls([PAPER_CLAIM, measured], measured_gain=gain)
 
 
+# ---------------------------------------------------------------------------- gains with their intervals
+GAIN_COLUMNS = (("name", "HADA's gain over"), ("reference", "its Rsum"), ("hada", "HADA Rsum"),
+                ("difference_text", "Δ Rsum [95% interval]"), ("relative_text", "relative [95% interval]"),
+                ("verdict", "claim"))
+
+VERDICT_PHRASES = {"holds": "holds (its interval lies above zero)",
+                   "within noise": "is within noise (its interval contains zero)",
+                   "reversed": "is reversed (its interval lies below zero)"}
+
+
+def gain_row(key: str, name: str, reference_rsum: float, hada_rsum: float, boot) -> dict:
+    """One comparison from a ``hada.metrics.PairedBootstrap``: numbers for glue, formatted cells for the page."""
+    (low, high), (rel_low, rel_high) = boot.difference_interval, boot.relative_interval
+    return {"key": key, "name": name, "reference": reference_rsum, "hada": hada_rsum,
+            "difference": boot.difference, "low": low, "high": high,
+            "relative": boot.relative, "relative_low": rel_low, "relative_high": rel_high,
+            "difference_text": f"{boot.difference:+.1f} [{low:+.1f}, {high:+.1f}]",
+            "relative_text": f"{boot.relative:+.1f}% [{rel_low:+.1f}, {rel_high:+.1f}]",
+            "verdict": boot.verdict, "phrase": VERDICT_PHRASES[boot.verdict]}
+
+
+@dataclass(repr=False)
+class GainTable(Table):
+    """HADA's Rsum gain over each reference with its paired bootstrap interval over test images; ``gain(key)``
+    is the row of a comparison (best, average, concat) for glue."""
+
+    columns: Sequence[tuple[str, str]] = GAIN_COLUMNS
+
+    def gain(self, key: str) -> dict:
+        return next(r for r in self.rows if r["key"] == key)
+
+    def summary(self) -> str:
+        """Which gains hold and which do not, as one clause for the page (from the computed intervals)."""
+        groups: dict[str, list[str]] = {}
+        for row in self.rows:
+            groups.setdefault(row["verdict"], []).append(row["name"])
+        words = {"holds": "hold", "within noise": "are within noise", "reversed": "are reversed"}
+        parts = []
+        for verdict in ("holds", "within noise", "reversed"):
+            names = groups.get(verdict, [])
+            if names:
+                listed = " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
+                verb = words[verdict] if len(names) > 1 else VERDICT_PHRASES[verdict].split(" (")[0]
+                parts.append(f"the gain{'s' if len(names) > 1 else ''} over {listed} {verb}")
+        return "; ".join(parts)
+
+
 # ------------------------------------------------------------------------------------------ ablations
 ABLATION_COLUMNS = (("name", "variant"),) + METRIC_COLUMNS + (("delta", "Δ Rsum"), ("epochs", "epochs run"))
 
 
 @dataclass(repr=False)
 class AblationTable(Table):
-    """One row per variant, the default first; ``delta`` is each row's Rsum change from the default."""
+    """One row per variant, the default first; ``delta`` is each row's Rsum change from the default.
+    ``seed_rsums`` are the test Rsums of the default trained with other seeds (the first is the default's own);
+    a variant differs by more than the seed spread when ``|delta|`` exceeds :attr:`spread`."""
 
     columns: Sequence[tuple[str, str]] = ABLATION_COLUMNS
+    seed_rsums: Sequence[float] = ()
+
+    @property
+    def seed_std(self) -> float:
+        """Sample standard deviation (n - 1) of the default's Rsum over its seeds."""
+        import statistics
+
+        return statistics.stdev(self.seed_rsums) if len(self.seed_rsums) > 1 else float("nan")
+
+    @property
+    def spread(self) -> float:
+        """Twice the seed std: the band around the default within which a variant is not told apart from it."""
+        return 2.0 * self.seed_std
+
+    def beyond_spread(self) -> list[dict]:
+        """The variants whose Rsum differs from the default's by more than :attr:`spread`."""
+        return [r for r in self.variants if abs(r["delta"]) > self.spread]
+
+    def beyond_text(self) -> str:
+        """The variants beyond the seed spread as ``name (+delta)``, for the page; "none" when there are none."""
+        return "; ".join(f"{r['name']} ({r['delta']:+.1f})" for r in self.beyond_spread()) or "none"
+
+    def mark_spread(self) -> "AblationTable":
+        """Add the column saying, per variant, whether it lies outside the default's seed band."""
+        if self.seed_rsums and "beyond" not in dict(self.columns):
+            self.columns = tuple(self.columns) + (("beyond", f"beyond ±{self.spread:.1f}"),)
+            for row in self.variants:
+                row["beyond"] = "yes" if abs(row["delta"]) > self.spread else "no"
+        return self
 
     @property
     def default(self) -> dict:
