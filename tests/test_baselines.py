@@ -12,23 +12,18 @@ import hada.runs as hr
 import hada.train as ht
 from hada.config import TrainConfig
 from hada.baselines import ConcatPair, averaging_similarity, backbone_similarity, untrained_baselines
-from fixtures.toy_features import toy_splits
+from fixtures.toy_features import use_toy_stores
 from hada.features.batching import FeatureData, compute_stats
 from hada.cli import main
 from hada.metrics import retrieval_metrics
 from hada.model.encoder import ModalityBatch
 from hada.paths import runs_dir
 
-SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
 @pytest.fixture(autouse=True)
 def tiny_world(monkeypatch, tmp_path):
-    monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
-    stores = {s: toy_splits(n_images=20 if s == "train" else 10, seed=seed) for s, seed in SEEDS.items()}
-    monkeypatch.setattr(ht, "open_splits", lambda config, split: stores[split][: len(config.data.backbones)])
-    hr.clear_cache()
+    stores = use_toy_stores(monkeypatch, tmp_path, n_train=20, n_eval=10)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield stores

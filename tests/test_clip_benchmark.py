@@ -21,8 +21,7 @@ import pytest
 import torch
 
 import hada.runs as hr
-import hada.train as ht
-from fixtures.toy_features import toy_splits
+from fixtures.toy_features import use_toy_stores
 from hada.book.results_all import gather, results_table
 from hada.cli import main
 from hada.config import TrainConfig
@@ -30,7 +29,6 @@ from hada.evaluate import RUN_RESULTS_FILE, percent_metrics, read_record
 
 pytest.importorskip("clip_benchmark", reason="clip-benchmark is a test dependency (environment.yml)")
 
-SEEDS = {"train": 0, "val": 1, "test": 2}
 
 RUNNER = textwrap.dedent("""
     import importlib.abc, importlib.util, sys, types
@@ -65,11 +63,7 @@ RUNNER = textwrap.dedent("""
 @pytest.fixture
 def toy_world(monkeypatch, tmp_path):
     """Toy feature stores for two backbones ``toy0``/``toy1`` in a fresh HADA_DATA (as tests/test_baselines.py)."""
-    monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
-    stores = {s: toy_splits(n_images=20 if s == "train" else 10, seed=seed) for s, seed in SEEDS.items()}
-    monkeypatch.setattr(ht, "open_splits", lambda config, split: stores[split][: len(config.data.backbones)])
-    hr.clear_cache()
+    use_toy_stores(monkeypatch, tmp_path, n_train=20, n_eval=10)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield tmp_path

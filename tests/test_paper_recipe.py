@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import hada.train as ht
-from fixtures.toy_features import toy_splits
+from fixtures.toy_features import toy_splits, use_toy_stores
 from hada.config import EdgeWeights, LossConfig, ModelConfig, TrainConfig, recipe
 from hada.features.batching import FeatureData, PairLoader, compute_stats
 from hada.losses import RANDOM_ID, FeatureQueue, HadaObjective, ItmHead
 from hada.model.encoder import FeatureDims, HadaEncoder, HadaPair, ModalityBatch, count_parameters
-from hada.model.graph import EDGE_SELF, batch_graphs, build_edges
+from hada.model.graph import EDGE_SELF, build_edges
 
-SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 def hada_cli(*args: str) -> subprocess.CompletedProcess:
@@ -250,16 +249,7 @@ def test_augmented_views_used_with_probability_075():
 
 @pytest.fixture
 def toy_world(monkeypatch, tmp_path):
-    monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
-    cache = {}
-
-    def fake_open(config, split):
-        if split not in cache:
-            cache[split] = toy_splits(n_images=24 if split == "train" else 12, seed=SPLITS[split])
-        return cache[split][: len(config.data.backbones)]
-
-    monkeypatch.setattr(ht, "open_splits", fake_open)
+    use_toy_stores(monkeypatch, tmp_path)
     return tmp_path
 
 

@@ -8,27 +8,17 @@ import torch
 
 import hada.config as hc
 import hada.train as ht
-from fixtures.toy_features import toy_splits
+from fixtures.toy_features import toy_splits, use_toy_stores
 from hada.config import DataConfig, ModelConfig, TrainConfig
 from hada.features.batching import FeatureData, PairLoader, compute_stats
 from hada.errors import HadaError
 
-SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 @pytest.fixture(autouse=True)
 def tiny_world(monkeypatch, tmp_path):
     """HADA_DATA in a temp dir, toy features instead of a store, one torch thread."""
-    monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
-    cache = {}
-
-    def fake_open(config, split):
-        if split not in cache:
-            cache[split] = toy_splits(n_images=24 if split == "train" else 12, seed=SPLITS[split])
-        return cache[split][: len(config.data.backbones)]
-
-    monkeypatch.setattr(ht, "open_splits", fake_open)
+    use_toy_stores(monkeypatch, tmp_path)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
