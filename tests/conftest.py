@@ -32,6 +32,11 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     return root
 
 
+#: Folders under data/runs that hold derived caches a chapter may write (untrained baseline rows, each run's
+#: per-query test ranks for the bootstrap), not training runs.
+CACHES_NOT_RUNS = {"baselines", "ranks"}
+
+
 def _run_dirs() -> set[str]:
     from hada.paths import runs_dir
 
@@ -54,6 +59,6 @@ def built_html() -> Path:
     prepared = _run_dirs()
     res = _run([str(BIN / "jupyter-book"), "build", str(ROOT / "book")], cwd=ROOT)
     assert res.returncode == 0, f"book build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
-    trained_by_build = _run_dirs() - prepared - {"baselines"}
+    trained_by_build = _run_dirs() - prepared - CACHES_NOT_RUNS
     assert not trained_by_build, f"the chapters trained runs `hada prepare` did not: {sorted(trained_by_build)}"
     return ROOT / "_build" / "html"  # the build folder sits beside _config.yml
