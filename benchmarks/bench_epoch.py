@@ -164,7 +164,7 @@ def worker(spec: dict) -> dict:
         TrainedModel(row["objective"], None, row["cfg"]).evaluate(val_data)
         result.append({"row": row["row"], "steps": row["steps"], "cpu": row["cpu"],
                        "eval_s": time.perf_counter() - start, "n_batches": row["n_batches"],
-                       "batch_size": row["cfg"].batch_size})
+                       "batch_size": row["cfg"].optim.batch_size})
     return {"source": source, "pairs": train_data.n_captions, "results": result, "load": os.getloadavg()}
 
 
