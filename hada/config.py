@@ -457,11 +457,33 @@ def _build(cls, values: dict):
     kwargs = {}
     for name, value in values.items():
         kind = _dataclass_type(known[name].type)
-        kwargs[name] = _build(kind, value) if kind is not None and isinstance(value, dict) else value
+        if kind is not None:
+            kwargs[name] = _build(kind, value)
+        else:
+            kwargs[name] = _checked(cls.__name__, name, str(known[name].type), value)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise HadaError(f"{cls.__name__}: {exc}") from None
+
+
+_SCALARS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _checked(owner: str, name: str, annotation: str, value):
+    """``value`` when it has the field's type (a whole number passes as a float, a list as ``list[str]``), else one
+    clear error: a config file with ``width: wide`` must not end in a comparison deep inside a dataclass."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    if value is not None:
+        for kind in kinds:
+            if kind.startswith("list") and isinstance(value, (list, tuple, str, int)):
+                return value
+            expected = _SCALARS.get(kind)
+            if expected and isinstance(value, expected) and not (kind != "bool" and isinstance(value, bool)):
+                return float(value) if kind == "float" else value
+    raise HadaError(f"{owner}.{name} must be {' or '.join(kinds)}, got {value!r}")
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -84,3 +84,11 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
     typo.write_text('{"model": {"widht": 3}}')
     assert main(["train", "--config", str(typo), "--print-config"]) == 2
     assert "unknown setting 'model.widht'" in capsys.readouterr().err
+    for text, message in (('{"model": [1, 2]}', "ModelConfig needs a mapping of settings"),
+                          ('{"data": 3}', "DataConfig needs a mapping of settings"),
+                          ('{"model": {"width": "wide"}}', "ModelConfig.width must be int, got 'wide'"),
+                          ('{"loss": {"itm": "yes"}}', "LossConfig.itm must be bool")):
+        typo.write_text(text)
+        assert main(["train", "--config", str(typo), "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
