@@ -146,7 +146,7 @@ def worker(spec: dict) -> dict:
         row["opt"].zero_grad(set_to_none=True)
         out.loss.backward()
         row["opt"].step()
-        row["objective"].clamp_()
+        row["objective"].end_step()
         return time.perf_counter() - start, time.process_time() - cpu
 
     for _ in range(spec["warmup"]):

@@ -142,16 +142,15 @@ def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epo
 BOOK_RECIPE = "miniature"
 
 
-def base_config(setting: Setting, k: int = 2, **overrides):
-    """The book's default HADA configuration for the first ``k`` backbones (chapter parameters applied);
-    ``overrides`` by a setting's own name (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``)."""
-    from hada.config import recipe
-
+def base_config(setting: Setting, k: int = 2, recipe_name: str = BOOK_RECIPE, backbones=None, **overrides):
+    """The book's default HADA configuration for the first ``k`` backbones (or ``backbones``), chapter parameters
+    (data, budget, seed, device) applied to the recipe ``recipe_name``; ``overrides`` by a setting's own name
+    (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``)."""
     chapter = {"data": {"dataset": setting.dataset, "data_root": data_root_arg(setting),
-                        "backbones": list(setting.backbones_for(k))},
+                        "backbones": list(backbones or setting.backbones_for(k))},
                "optim": {"epochs": setting.epochs, "pairs_per_epoch": setting.pairs_per_epoch},
                "seed": setting.seed, "device": setting.device}
-    return recipe(BOOK_RECIPE, chapter, **overrides)
+    return recipe(recipe_name, chapter, **overrides)
 
 
 def data_root_arg(setting: Setting):
@@ -187,6 +186,45 @@ def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
     return runs
 
 
+#: HADA-LAVIS's departures from the published graph and loss (a backbone as ONE node, ITC 0.5 / 0.5, the two
+#: stages), taken from the ``lavis`` recipe; the results chapter trains them on top of the book's recipe.
+LAVIS_GRAPH_SETTINGS = ("model.single_node", "loss.i2t_weight", "loss.t2i_weight", "loss.mix_from_epoch")
+
+
+def lavis_graph_overrides() -> dict:
+    """The ``lavis`` recipe's value of each of :data:`LAVIS_GRAPH_SETTINGS`."""
+    values = recipe("lavis").to_dict()
+    out = {}
+    for path in LAVIS_GRAPH_SETTINGS:
+        node = values
+        for part in path.split("."):
+            node = node[part]
+        out[path] = node
+    return out
+
+
+def lavis_graph_runs(setting: Setting) -> list[tuple[str, object]]:
+    """``(run name, TrainConfig)`` of the K=2 HADA-LAVIS-graph row, one per seed of :func:`result_seeds`: the
+    book's recipe with the second backbone entering the graph as one node (:func:`lavis_graph_overrides`)."""
+    return [(_seeded("hada-k2-lavis-graph", setting, seed),
+             base_config(replace(setting, seed=seed), 2, **lavis_graph_overrides()))
+            for seed in result_seeds(setting, 2)]
+
+
+#: Recipes the results chapter trains beside the book's own on the same data, budget and seed (one seed each).
+OTHER_RECIPES: tuple[str, ...] = ("paper",)
+
+#: Augmented views per training image extracted ahead for a recipe that uses them (the published recipe: 3).
+AUGMENT_VIEWS = 3
+
+
+def recipe_runs(setting: Setting, k: int = 2) -> list[tuple[str, str, object]]:
+    """``(recipe, run name, TrainConfig)``: the book's recipe (its ``hada-k{k}`` run) and each of
+    :data:`OTHER_RECIPES`, all with the chapter's data, budget and seed."""
+    runs = [(BOOK_RECIPE, f"hada-k{k}", base_config(setting, k))]
+    return runs + [(name, f"{name}-k{k}", base_config(setting, k, recipe_name=name)) for name in OTHER_RECIPES]
+
+
 def hada_seed_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
     """The HADA runs among :func:`result_runs`, one per seed (the first is the ablations' default)."""
     return [(name, config) for name, config in result_runs(setting, k) if config.model.arch == "hada"]
@@ -217,10 +255,36 @@ def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, 
     return runs
 
 
+# ------------------------------------------------------------------------------ when does fusion help?
+#: Pretraining epochs whose snapshots stand in for weaker backbones (``hada/backbones/embedded.json``).
+STRENGTH_EPOCHS: tuple[int, ...] = (1, 2, 3)
+
+
+def strength_pairs(setting: Setting) -> list[tuple[str, str]]:
+    """The backbone pairs of "When does fusion help?": the setting's two main backbones with one of them (or
+    both) replaced by a snapshot of its pretraining (``tiny-vit@1``), weakest first. Empty unless both are
+    embedded backbones (real backbones have no snapshots)."""
+    from hada.backbones import EMBEDDED_BACKBONES
+
+    a, b = setting.backbones_for(2)
+    if a not in EMBEDDED_BACKBONES or b not in EMBEDDED_BACKBONES:
+        return []
+    pairs = [(f"{a}@{e}", b) for e in STRENGTH_EPOCHS] + [(a, f"{b}@{e}") for e in STRENGTH_EPOCHS]
+    return pairs + [(f"{a}@{e}", f"{b}@{e}") for e in STRENGTH_EPOCHS[:1]]
+
+
+def strength_runs(setting: Setting) -> list[tuple[str, object]]:
+    """``(run name, TrainConfig)``: the book's K=2 HADA on each pair of :func:`strength_pairs`."""
+    return [("hada-k2-" + "+".join(_short(n) for n in pair), base_config(setting, 2, backbones=pair))
+            for pair in strength_pairs(setting)]
+
+
 def book_runs(setting: Setting) -> list[tuple[str, object]]:
-    """Every training run the chapters read (results for K=2 and K=3, the ablations), each once: what
-    ``hada prepare`` trains ahead of a build."""
+    """Every training run the chapters read (results for K=2 and K=3 with the other recipes, the HADA-LAVIS
+    graph and the strength pairs, the ablations), each once: what ``hada prepare`` trains ahead of a build."""
     runs = [run for k in (2, 3) if k <= len(setting.backbones) for run in result_runs(setting, k)]
+    runs += [(name, config) for _, name, config in recipe_runs(setting)[1:]]
+    runs += lavis_graph_runs(setting) + strength_runs(setting)
     runs += [(name, config) for _, name, config in ablation_runs(setting)]
     unique: dict = {}
     for name, config in runs:
@@ -321,12 +385,92 @@ def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -
     labels = {"concat": ("concat(" + " + ".join(concat_config.data.backbones) + ") + linear", "fusion"),
               "hada": (f"HADA (K={k})", "hada")}
     for arch, (label, kind) in labels.items():
-        row = SystemResult(label, kind, [], [])
-        for name, config in runs:
-            if config.model.arch == arch:
-                run = run_experiment(config, name, progress=progress)
-                row.metrics.append(run.test_metrics)
-                row.ranks.append(run_test_ranks(run))
-                row.seeds += (config.seed,)
-        systems.append(row)
+        systems.append(trained_system(label, kind, [(n, c) for n, c in runs if c.model.arch == arch], progress))
+    if k == 2:
+        one_node = concat_config.data.backbones[1]
+        systems.append(trained_system(f"HADA-LAVIS graph (K=2, {one_node} as one node)", "variant",
+                                      lavis_graph_runs(setting), progress))
     return systems, np.asarray(shared_data(concat_config, split).caption_image_index)
+
+
+def trained_system(label: str, kind: str, runs: list[tuple[str, object]], progress: bool | None = None) -> SystemResult:
+    """A results row from ``(run name, TrainConfig)`` runs, one per seed (each trained or loaded)."""
+    row = SystemResult(label, kind, [], [])
+    for name, config in runs:
+        run = run_experiment(config, name, progress=progress)
+        row.metrics.append(run.test_metrics)
+        row.ranks.append(run_test_ranks(run))
+        row.seeds += (config.seed,)
+    return row
+
+
+@dataclass
+class RecipeResult:
+    """One recipe trained on the chapter's data and budget: its test metrics, epochs run, training speed and size."""
+
+    recipe: str
+    run_name: str
+    metrics: dict
+    epochs: int
+    pairs_per_second: float  # training pairs per second of training time (evaluation excluded), on this machine
+    parameters: int  # trained parameters of the encoders and heads (momentum copies and queue excluded)
+
+
+def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -> list[RecipeResult]:
+    """The runs of :func:`recipe_runs`, trained (or loaded)."""
+    out = []
+    for name, run_name, config in recipe_runs(setting, k):
+        run = run_experiment(config, run_name, progress=progress)
+        seconds = sum(e["train_time_s"] for e in run.history)
+        pairs = sum(e.get("pairs", 0) for e in run.history)
+        model = run.load_model("cpu")
+        out.append(RecipeResult(name, run.run_dir.name, run.test_metrics, len(run.history),
+                                pairs / seconds if seconds else float("nan"), trained_parameters(model)))
+    return out
+
+
+def trained_parameters(model) -> int:
+    """Parameters a run trains: the objective's, less the momentum encoders' frozen copies."""
+    objective = getattr(model, "objective", model)
+    return sum(p.numel() for p in objective.parameters() if p.requires_grad)
+
+
+@dataclass
+class StrengthPoint:
+    """One pair of "When does fusion help?": each backbone alone, HADA on the pair, and how differently the two
+    backbones fail."""
+
+    pair: tuple[str, str]
+    rsums: tuple[float, float]  # test Rsum of each backbone alone
+    hada: float  # test Rsum of HADA (K=2) on the pair
+    disagreement: float  # % of test captions whose image exactly one of the two ranks in its top 5
+
+    @property
+    def best(self) -> float:
+        return max(self.rsums)
+
+    @property
+    def ratio(self) -> float:
+        """The weaker backbone's Rsum over the stronger's (1: equally strong)."""
+        return min(self.rsums) / max(self.rsums)
+
+    @property
+    def gain(self) -> float:
+        """HADA's Rsum minus the better backbone's."""
+        return self.hada - self.best
+
+
+def strength_points(setting: Setting, progress: bool | None = None) -> list[StrengthPoint]:
+    """The pairs of :func:`strength_pairs` and the setting's own two backbones, each scored alone and fused."""
+    runs = [(tuple(setting.backbones_for(2)), "hada-k2", base_config(setting, 2))]
+    runs += [(tuple(c.data.backbones), name, c) for name, c in strength_runs(setting)]
+    points = []
+    for pair, name, config in runs:
+        config = config.resolved()
+        alone = _untrained_systems(config, config.data.test_split)[:2]
+        t2i = [s.ranks[0][1] for s in alone]
+        hit_a, hit_b = t2i[0] < 5, t2i[1] < 5
+        run = run_experiment(config, name, progress=progress)
+        points.append(StrengthPoint(pair, (alone[0].metrics[0]["rsum"], alone[1].metrics[0]["rsum"]),
+                                    run.test_metrics["rsum"], 100.0 * float((hit_a != hit_b).mean())))
+    return points

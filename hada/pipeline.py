@@ -241,12 +241,12 @@ def _pretrain(name: str, device: str = "auto") -> None:
     pretrain([name], workers=1, progress=not _IN_WORKER, log=log, device=device)
 
 
-def _features(dataset: str, data_root: str, spec: str, device: str = "auto") -> None:
+def _features(dataset: str, data_root: str, spec: str, device: str = "auto", augment: int = 0) -> None:
     from hada.experiments import FEATURE_SPLITS
     from hada.features.store import ensure_features
 
     ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER,
-                    device=device)
+                    device=device, augment=augment)
 
 
 def _train(config: dict, name: str) -> None:
@@ -256,31 +256,43 @@ def _train(config: dict, name: str) -> None:
     run_experiment(TrainConfig.from_dict(config), name, progress=False if _IN_WORKER else None)
 
 
-def book_steps(setting, runs: bool = True) -> list[Step]:
-    """The steps behind a ``hada.experiments.Setting``: pretrain its embedded backbones, extract every backbone's
-    features, and (``runs``) train every run the chapters read (``hada.experiments.book_runs``)."""
-    from hada.backbones import EMBEDDED_BACKBONES
-    from hada.backbones.spec import resolve_spec
-    from hada.experiments import book_runs
+def run_cost(config) -> float:
+    """A run's rough relative cost (it only orders the ready steps): graph layers and backbones, times how much
+    wider the attention is than the miniature's 4 x 32 channels at width 128; concat + linear is cheap."""
+    model = config.model
+    if model.arch == "concat":
+        return 0.2 * len(config.data.backbones) / 2
+    channels = model.heads * (model.head_dim or model.width) * model.width
+    return model.layers * len(config.data.backbones) / 2 * max(1.0, channels / (4 * 32 * 128) / 2)
 
+
+def book_steps(setting, runs: bool = True) -> list[Step]:
+    """The steps behind a ``hada.experiments.Setting``: pretrain its embedded backbones, extract the features of
+    every backbone a run reads (pretraining snapshots such as ``tiny-vit@1`` included, with augmented views
+    where a run uses them), and (``runs``) train every run the chapters read (``hada.experiments.book_runs``)."""
+    from hada.backbones import EMBEDDED_BACKBONES
+    from hada.backbones.spec import resolve_spec, split_snapshot
+    from hada.experiments import AUGMENT_VIEWS, book_runs
+
+    configs = [(name, config.resolved()) for name, config in book_runs(setting)]
+    specs = list(dict.fromkeys([*setting.backbones, *(b for _, c in configs for b in c.data.backbones)]))
+    augmented = {b for _, c in configs if c.data.augment_p > 0 for b in c.data.backbones}
     steps = []
-    for spec in setting.backbones:
-        after = ()
-        if spec not in EMBEDDED_BACKBONES:
-            resolve_spec(spec)  # a bad spec or missing weights: one error now, before any step starts
+    for name in dict.fromkeys(split_snapshot(spec)[0] for spec in specs):
+        if name in EMBEDDED_BACKBONES:
+            steps.append(Step(f"pretrain {name}", _pretrain, (name, setting.device), cost=8.0))
         else:
-            steps.append(Step(f"pretrain {spec}", _pretrain, (spec, setting.device), cost=8.0))
-            after = (f"pretrain {spec}",)
+            resolve_spec(name)  # a bad spec or missing weights: one error now, before any step starts
+    pretrained = {s.name for s in steps}
+    for spec in specs:
+        after = tuple(p for p in (f"pretrain {split_snapshot(spec)[0]}",) if p in pretrained)
         steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec,
-                                                          setting.device), after,
-                          cost=1.0))
+                                                          setting.device, AUGMENT_VIEWS if spec in augmented else 0),
+                          after, cost=1.0))
     if runs:
-        for name, config in book_runs(setting):
-            config = config.resolved()
-            model = config.model
-            cost = model.layers * len(config.data.backbones) / 2 * (0.2 if model.arch == "concat" else 1.0)
+        for name, config in configs:
             steps.append(Step(f"train {name}", _train, (config.to_dict(), name),
-                              tuple(f"features {b}" for b in config.data.backbones), cost=cost))
+                              tuple(f"features {b}" for b in config.data.backbones), cost=run_cost(config)))
     return steps
 
 

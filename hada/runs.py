@@ -91,12 +91,18 @@ def _manifest_hash(split) -> str:
 
 
 def features_fingerprint(config: TrainConfig) -> dict:
-    """``{backbone: {split: manifest sha256}}`` of every store the run reads."""
+    """``{backbone: {split: manifest sha256}}`` of every store the run reads (and of the augmented views of the
+    train split, for a run that uses them)."""
+    from hada.features.store import AUGMENT_DIR, MANIFEST
+
     config = config.resolved()
     out: dict = {b: {} for b in config.data.backbones}
     for split in run_splits(config):
         for b, fs in zip(config.data.backbones, _train.open_splits(config, split)):
             out[b][split] = _manifest_hash(fs)
+            augmented = fs.path / AUGMENT_DIR / MANIFEST
+            if config.data.augment_p > 0 and split == config.data.train_split and augmented.is_file():
+                out[b]["augmented"] = hashlib.sha256(augmented.read_bytes()).hexdigest()
     return out
 
 

@@ -440,7 +440,7 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        objective.clamp_()
+        objective.end_step()
         n_batches += 1
         if per_iteration:  # the fractional epoch, as the published code steps it
             run.scheduler.step(epoch - 1 + n_batches / iters)

@@ -259,3 +259,38 @@ def test_random_weights_spec_is_seeded():
     ims = _images(1)
     assert torch.equal(a.encode_image_tokens(ims).embeds, b.encode_image_tokens(ims).embeds)
     assert a.describe()["weights_source"] == "random-init:seed0"
+
+
+def test_pretraining_keeps_snapshots_that_resolve_as_weaker_backbones_and_change_nothing(hada_data, tiny_synthetic):
+    from dataclasses import replace
+
+    from hada.backbones import load_backbone
+    from hada.backbones.pretrain import Recipe, pretrain, train_backbone
+    from hada.backbones.spec import SNAPSHOT_DIR, WEIGHTS_FILE, resolve_spec
+    from hada.data.datasets import load_dataset
+    from hada.errors import HadaError
+    from hada.paths import backbones_dir
+
+    name = "tiny-rn"
+    record = pretrain([name], tiny_synthetic, max_steps=6, batch_size=16, log=lambda m: None)[name]
+    assert record["steps_per_epoch"] == 2 and record["snapshot_epochs"] == [1, 2]  # epoch 3 is the end itself
+    folder = backbones_dir() / name / SNAPSHOT_DIR
+    weights = {e: (folder / f"epoch{e}" / WEIGHTS_FILE).read_bytes() for e in (1, 2)}
+    assert len({*weights.values(), (backbones_dir() / name / WEIGHTS_FILE).read_bytes()}) == 3
+
+    snapshot = resolve_spec(f"{name}@1")
+    assert snapshot.spec == f"{name}@1" and snapshot.weights == folder / "epoch1" / WEIGHTS_FILE
+    a, b = load_backbone(f"{name}@1"), load_backbone(name)
+    ims = _images(2)
+    assert not torch.equal(a.encode_image_tokens(ims).embeds, b.encode_image_tokens(ims).embeds)
+    with pytest.raises(HadaError, match="no snapshot after epoch 7"):
+        resolve_spec(f"{name}@7")
+
+    # keeping snapshots does not touch the training: the same recipe without them ends in the same weights
+    records = load_dataset("synthetic", tiny_synthetic).split("pretrain")
+    recipe = Recipe.for_backbone(name, batch_size=16)
+    with_snaps, _, rec = train_backbone(name, recipe, records, max_steps=6, progress=False)
+    without, _, _ = train_backbone(name, replace(recipe, snapshots=[]), records, max_steps=6, progress=False)
+    assert sorted(rec["snapshots"]) == [1, 2]
+    for (key, x), y in zip(with_snaps.state_dict().items(), without.state_dict().values()):
+        assert torch.equal(x, y), key

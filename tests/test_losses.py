@@ -138,3 +138,25 @@ def test_weights_and_itm():
     assert torch.isclose(out.loss, out.itc + out.itm)
     grads = torch.autograd.grad(out.loss, [obj.temp, obj.mix_weight])
     assert all(torch.isfinite(g) for g in grads)
+
+
+def test_scores_against_the_queue_without_copying_it_and_enqueue_after_the_step():
+    from hada.losses import against
+
+    g = torch.Generator().manual_seed(0)
+    x, keys, queued = (torch.randn(n, 8, generator=g) for n in (3, 4, 50))
+    assert torch.allclose(against(x, (keys, queued)), x @ torch.cat([keys, queued]).T)
+
+    # a full (random) queue is scored in place: the keys go in only after the backward pass, at end_step
+    obj = objective(queue_size=50, queue_init="random")
+    img, txt, ids = toy_pairs()
+    opt = torch.optim.SGD([p for p in obj.parameters() if p.requires_grad], lr=0.1)
+    before = obj.queue.image.clone()
+    for step in range(2):
+        out = obj(img, txt, ids)
+        assert torch.equal(obj.queue.image, before)  # nothing enqueued during the step
+        out.loss.backward()  # an in-place write before this would fail: the scores keep the queue for it
+        opt.step()
+        obj.end_step()
+        assert int(obj.queue.ptr) == 12 * (step + 1) and not torch.equal(obj.queue.image, before)
+        before = obj.queue.image.clone()

@@ -287,3 +287,24 @@ def test_early_stopping_threshold():
     assert ht.improves(100.15, 100.0, 0.1)
     assert ht.improves(100.05, 100.0, 0.0)
     assert recipe("paper").optim.min_delta == 0.1
+
+
+def test_departure_table_has_a_reason_for_every_setting_where_the_recipes_differ(monkeypatch):
+    from hada.book import departures
+    from hada.errors import HadaError
+
+    differing = departures.differing_settings()
+    paths = {p for p, _, _ in differing}
+    assert {"loss.queue_size", "model.width", "optim.lr", "model.embed_norm"} <= paths
+    table = departures.departure_table(train_captions=15_000)
+    listed = [p for row in table.rows for p in row["name"].split(", ")]
+    assert sorted(listed) == sorted(paths)  # every differing setting once, nothing that agrees
+    queue = next(r for r in table.rows if "loss.queue_size" in r["name"])
+    assert queue["paper"] == "64,000 / random" and "15,000 captions" in queue["why"] and "4.3 times" in queue["why"]
+    assert "{" not in "".join(r["why"] for r in table.rows)  # every number filled in
+
+    # a recipe change without its reason cannot slip through
+    trimmed = {group: why for group, why in departures.DEPARTURES.items() if "optim.lr" not in group}
+    monkeypatch.setattr(departures, "DEPARTURES", trimmed)
+    with pytest.raises(HadaError, match="optim.lr"):
+        departures.departure_table(train_captions=15_000)

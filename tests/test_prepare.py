@@ -202,3 +202,23 @@ def test_params_file_is_the_chapters_parameters_and_typed_options_win(hada_data,
     params.write_text("epochz: 3\n")
     assert main(["prepare", "--params", str(params)]) == 2
     assert "unknown chapter parameters epochz" in capsys.readouterr().err
+
+
+def test_steps_extract_snapshots_after_their_pretraining_and_augmented_views_for_the_paper_run(hada_data,
+                                                                                               tiny_synthetic):
+    import hada.book as hb
+    from hada.experiments import AUGMENT_VIEWS, strength_pairs
+
+    setting = hb.resolve(data_root=tiny_synthetic)
+    steps = {s.name: s for s in book_steps(setting)}
+    assert steps["features tiny-vit@1"].after == ("pretrain tiny-vit",)
+    assert steps["features tiny-rn@3"].after == ("pretrain tiny-rn",)
+    assert "pretrain tiny-vit@1" not in steps
+    assert steps["features tiny-vit"].args[-1] == AUGMENT_VIEWS  # the paper recipe trains on augmented views
+    assert steps["features tiny-vit-gray"].args[-1] == 0  # no run with augmentation reads it
+    assert steps["train paper-k2"].cost > 10 * steps["train hada-k2"].cost  # the slow run starts first
+    for pair in strength_pairs(setting):
+        assert steps[f"train hada-k2-{pair[0].replace('@', '_')}+{pair[1].replace('@', '_')}"].after == \
+            tuple(f"features {b}" for b in pair)
+    random = hb.resolve(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random")
+    assert strength_pairs(random) == []  # only embedded backbones have pretraining snapshots

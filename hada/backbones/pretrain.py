@@ -7,6 +7,8 @@ then frozen and saved as an open_clip ``local-dir`` folder under ``backbones_dir
 * ``open_clip_config.json``: ``model_cfg`` + ``preprocess_cfg`` (+ a ``hada`` block: grayscale input, recipe)
 * ``open_clip_model.safetensors``: the frozen weights
 * ``hada_backbone.json``: recipe, seed, dataset hash, fingerprint, loss curve, wall time
+* ``snapshots/epoch<N>/``: the same two open_clip files after epoch N of the recipe's ``snapshots`` (weaker
+  backbones along the way, read as the spec ``<name>@<N>``; saving them changes nothing in the training)
 
 A rerun with the same fingerprint (model config + recipe + seed + dataset json sha256) is skipped.
 """
@@ -19,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from hada.backbones.spec import (
     CONFIG_FILE,
     MODEL_CONFIG_DIR,
     RECORD_FILE,
+    SNAPSHOT_DIR,
     WEIGHTS_FILE,
     load_recipes,
     register_model_configs,
@@ -53,6 +56,7 @@ class Recipe:
     hflip: bool = False  # coarse captions carry no position, so a flip keeps the pair true
     seed: int = 0
     threads: int = 2  # torch threads; part of the recipe because it can change float summation order
+    snapshots: list = field(default_factory=list)  # epochs after which the weights are kept as well
 
     @classmethod
     def for_backbone(cls, name: str, **overrides) -> "Recipe":
@@ -189,9 +193,10 @@ def _optimizer(model, recipe: Recipe):
 
 
 def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_per_epoch: int, bar,
-                 device=None) -> list[float]:
+                 device=None, snapshots: dict | None = None) -> list[float]:
     """``total`` contrastive steps over shuffled epochs on ``device`` (the model's; batches are drawn on the host
-    with the seeded generators and copied there); returns the loss of every step."""
+    with the seeded generators and copied there); returns the loss of every step. After each epoch named in
+    ``recipe.snapshots`` a CPU copy of the weights goes into ``snapshots[epoch]``."""
     import torch
     from open_clip.loss import ClipLoss
 
@@ -223,6 +228,9 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(round(loss.item(), 5))
             step += 1
+            if snapshots is not None and step % steps_per_epoch == 0 and step // steps_per_epoch in recipe.snapshots \
+                    and step < total:
+                snapshots[step // steps_per_epoch] = _cpu_state(model)
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{step * recipe.batch_size / elapsed:.0f}",
                             epoch=step // steps_per_epoch)
@@ -231,10 +239,15 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
     return losses
 
 
+def _cpu_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
 def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None = None, progress: bool = True,
                    position: int = 0, device: str = "cpu"):
     """Pretrain one model from scratch on ``device``; returns (model, preprocess_cfg, record dict). Deterministic
-    for a seed on one device type."""
+    for a seed on one device type. The record's ``snapshots`` maps each snapshot epoch to its weights (popped by
+    :func:`save_backbone`)."""
     import torch
     import open_clip
     from tqdm import tqdm  # plain text bars: readable in terminals, notebooks and logs
@@ -262,8 +275,9 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
                    dynamic_ncols=True, position=position, leave=True)
         if device.type != "cpu":
             model.to(device)
+        snapshots: dict = {}
         losses = _train_steps(model, data, recipe, total, steps_per_epoch, bar,
-                              device if device.type != "cpu" else None)
+                              device if device.type != "cpu" else None, snapshots)
         bar.close()
         seconds = time.perf_counter() - t0
     finally:
@@ -285,6 +299,7 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
     }
     if device.type != "cpu":  # a CPU record stays what it was
         record["device"] = device.type
+    record["snapshots"] = snapshots
     return model.cpu(), preprocess_cfg, record
 
 
@@ -299,14 +314,25 @@ def save_backbone(name: str, model, preprocess_cfg: dict, recipe: Recipe, record
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE))
+    snapshots = record.pop("snapshots", {})
     cfg = {
         "model_cfg": model_config(recipe.model),
         "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()},
         "hada": {"model": recipe.model, "grayscale": recipe.grayscale, "name": name},
     }
+    save_file(_cpu_state(model), str(tmp / WEIGHTS_FILE))
     (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    spe = record.get("steps_per_epoch", 1)
+    record["snapshot_epochs"] = sorted(snapshots)
+    for epoch, state in sorted(snapshots.items()):
+        folder = tmp / SNAPSHOT_DIR / f"epoch{epoch}"
+        folder.mkdir(parents=True)
+        save_file(state, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps({**cfg, "hada": {**cfg["hada"], "name": f"{name}@{epoch}"}},
+                                                     indent=2))
+        losses = record["loss_curve"][max(0, epoch * spe - max(1, spe // 4)):epoch * spe]
+        (folder / RECORD_FILE).write_text(json.dumps({"name": f"{name}@{epoch}", "epoch": epoch, "step": epoch * spe,
+                                                      "loss": float(np.mean(losses))}, indent=1))
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
     return replace_folder(tmp, final)
 

@@ -3,6 +3,7 @@
 Nothing here downloads. A spec is one of
 
 * an embedded name (``tiny-vit``): weights in ``backbones_dir()/<name>/`` (written by ``hada backbones pretrain``);
+* ``<embedded name>@<epoch>`` (``tiny-vit@1``): the snapshot pretraining kept after that epoch (a weaker model);
 * ``MODEL:TAG``: an open_clip pretrained tag, looked up only in local caches;
 * ``MODEL:/path/to/weights.bin`` (or ``.pt``/``.pth``/``.safetensors``): a local weights file;
 * ``local-dir:/path``: an open_clip folder with ``open_clip_config.json`` and a weights file.
@@ -29,6 +30,7 @@ RECIPES_FILE = PACKAGE_DIR / "embedded.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # name open_clip's local-dir loader prefers
 CONFIG_FILE = "open_clip_config.json"
 RECORD_FILE = "hada_backbone.json"
+SNAPSHOT_DIR = "snapshots"  # inside an embedded backbone's folder: epoch<N>/ per kept epoch
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 
 
@@ -116,6 +118,25 @@ def _resolve_embedded(name: str) -> ResolvedSpec:
     )
 
 
+def split_snapshot(spec: str) -> tuple[str, int | None]:
+    """``"tiny-vit@2"`` -> ``("tiny-vit", 2)``; any other spec -> ``(spec, None)``."""
+    name, at, epoch = spec.partition("@")
+    if at and name in EMBEDDED_BACKBONES and epoch.isdigit():
+        return name, int(epoch)
+    return spec, None
+
+
+def _resolve_snapshot(name: str, epoch: int) -> ResolvedSpec:
+    resolved = _resolve_embedded(name)  # the finished backbone must exist: its pretraining wrote the snapshots
+    folder = resolved.local_dir / SNAPSHOT_DIR / f"epoch{epoch}"
+    if not (folder / WEIGHTS_FILE).is_file():
+        kept = sorted(p.name.removeprefix("epoch") for p in (resolved.local_dir / SNAPSHOT_DIR).glob("epoch*"))
+        raise HadaError(f"backbone '{name}' has no snapshot after epoch {epoch} ({folder} is missing; kept: "
+                        f"{', '.join(kept) or 'none'}; the epochs are the 'snapshots' of its recipe)")
+    return ResolvedSpec(spec=f"{name}@{epoch}", kind="embedded", model_name=resolved.model_name,
+                        weights=folder / WEIGHTS_FILE, hada=dict(resolved.hada), local_dir=folder)
+
+
 def _resolve_local_dir(spec: str, path: str) -> ResolvedSpec:
     folder = Path(path).expanduser()
     cfg_path = folder / CONFIG_FILE
@@ -184,14 +205,17 @@ def resolve_spec(spec: str) -> ResolvedSpec:
         raise HadaError("empty backbone spec")
     if spec in EMBEDDED_BACKBONES:
         return _resolve_embedded(spec)
+    name, epoch = split_snapshot(spec)
+    if epoch is not None:
+        return _resolve_snapshot(name, epoch)
     if spec.startswith("local-dir:"):
         return _resolve_local_dir(spec, spec[len("local-dir:"):])
     if spec.startswith("hf-hub:"):
         raise HadaError(f"{spec}: hf-hub specs would download; copy the repo to a folder and use local-dir:/path")
     if ":" not in spec:
         raise HadaError(
-            f"unknown backbone '{spec}': use an embedded name ({', '.join(EMBEDDED_BACKBONES)}), "
-            f"MODEL:TAG, MODEL:/path/to/weights or local-dir:/path"
+            f"unknown backbone '{spec}': use an embedded name ({', '.join(EMBEDDED_BACKBONES)}), NAME@EPOCH "
+            f"(a pretraining snapshot), MODEL:TAG, MODEL:/path/to/weights or local-dir:/path"
         )
     model, pretrained = spec.split(":", 1)
     register_model_configs()

@@ -126,6 +126,60 @@ def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
                                    f"{len(hada.ranks[0][0]):,} test images ({n_boot:,} resamples, seed {seed})")
 
 
+def variant_gain(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
+    """The HADA-LAVIS-graph row of ``table`` (from ``results`` with K=2) against HADA: its Rsum difference with a
+    paired bootstrap interval over test images."""
+    from hada.book.tables import GainTable, gain_row
+    from hada.metrics import paired_bootstrap
+
+    by_kind = {s.kind: s for s in table.systems}
+    variant, hada = by_kind["variant"], by_kind["hada"]
+    boot = paired_bootstrap(variant.ranks, hada.ranks, table.caption_image_index, n_boot=n_boot, level=level,
+                            seed=seed)
+    row = gain_row("lavis", hada.name, table.row(hada.name)["rsum"], table.row(variant.name)["rsum"], boot)
+    return GainTable([row], columns=(("name", f"{variant.name} against"), ("reference", "its Rsum"),
+                                     ("hada", "variant Rsum"), ("difference_text", "Δ Rsum [95% interval]"),
+                                     ("verdict", "difference")),
+                     caption=f"{100 * level:.0f}% paired bootstrap interval over test images, seed means")
+
+
+def recipe_departures(setting: Setting):
+    """Every setting where the book's recipe departs from the published one, generated from the two recipe
+    objects, with the reason (``hada.book.departures``)."""
+    from hada.book.departures import departure_table
+
+    return departure_table(setting.counts["train"]["captions"])
+
+
+def recipes(setting: Setting, k: int = 2):
+    """The book's recipe and the published one trained on the chapter's data, budget and seed: test recalls,
+    epochs run, training speed on this machine and trained parameters."""
+    from hada.book.tables import METRIC_COLUMNS, Table, metric_row
+    from hada.experiments import recipe_results
+
+    rows = [metric_row(r.recipe, r.metrics, epochs=r.epochs, speed=f"{r.pairs_per_second:,.0f}",
+                       parameters=r.parameters) for r in recipe_results(setting, k)]
+    return Table(rows, columns=(("name", "recipe"),) + METRIC_COLUMNS + (
+        ("epochs", "epochs run"), ("speed", "train pairs / s"), ("parameters", "trained parameters")),
+        caption=f"Two recipes, K={k}, test split of {setting.dataset}: same data, budget "
+                f"({setting.epochs} epochs of {setting.pairs_per_epoch or 'all'} pairs) and seed {setting.seed}")
+
+
+def fusion_strength(setting: Setting):
+    """HADA (K=2) on the setting's two backbones and on pairs where one or both are snapshots of their own
+    pretraining (weaker versions), against each backbone alone; with the seed spread of the default HADA run.
+    Returns a :class:`hada.book.tables.StrengthTable` (``.figure()`` draws it)."""
+    from hada.book.tables import StrengthTable
+    from hada.experiments import hada_seed_runs, strength_points
+    from hada.runs import run_experiment
+
+    import statistics
+
+    seed_rsums = [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, 2)]
+    noise = 2 * statistics.stdev(seed_rsums) if len(seed_rsums) > 1 else float("nan")
+    return StrengthTable.of(strength_points(setting), noise)
+
+
 def claim_table(table, setting: Setting):
     """The paper's +3.6% beside this build's gain of HADA over the best single backbone (``table`` from
     ``results``)."""

@@ -265,3 +265,27 @@ def retrieval_grid(queries: Sequence[Mapping], methods: Sequence[str], frame: st
     fig.set_size_inches(1.2 * cols + 0.4, height)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.95 / height, bottom=0.03, hspace=0.95, wspace=0.06)
     return fig
+
+
+def plot_fusion_strength(points: Sequence[Mapping], noise: float | None = None) -> plt.Figure:
+    """HADA's Rsum gain over the better backbone of each pair (``points``: dicts with ``label``, ``ratio``,
+    ``disagreement`` and ``gain``) against how close the two are in strength and how differently they fail; the
+    grey band is +-``noise`` (the seed spread), within which a gain is not told apart from none."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    panels = (("ratio", "weaker backbone's Rsum / stronger's"),
+              ("disagreement", "test captions found in the top 5 by exactly one backbone (%)"))
+    for ax, (key, label) in zip(axes, panels):
+        xs, ys = [p[key] for p in points], [p["gain"] for p in points]
+        if noise is not None and noise == noise:
+            ax.axhspan(-noise, noise, color="#cccccc", alpha=0.5, lw=0, label=f"seed spread (±{noise:.1f})")
+        ax.axhline(0, color="#555555", lw=0.8)
+        ax.scatter(xs, ys, color="#d62728", zorder=3)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("HADA Rsum − better backbone's")
+    if noise is not None and noise == noise:
+        axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

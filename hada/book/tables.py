@@ -21,6 +21,12 @@ METRIC_COLUMNS = (
 )
 
 
+def list_phrase(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: items as one clause of prose."""
+    items = list(items)
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def relative_gain(value: float, reference: float) -> float:
     """Percent change of ``value`` over ``reference`` (the paper's "+3.6% Rsum")."""
     return 100.0 * (value - reference) / reference
@@ -202,10 +208,52 @@ class GainTable(Table):
         for verdict in ("holds", "within noise", "reversed"):
             names = groups.get(verdict, [])
             if names:
-                listed = " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
+                listed = list_phrase(names)
                 verb = words[verdict] if len(names) > 1 else VERDICT_PHRASES[verdict].split(" (")[0]
                 parts.append(f"the gain{'s' if len(names) > 1 else ''} over {listed} {verb}")
         return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ fusion and strength
+STRENGTH_COLUMNS = (("name", "pair (main first)"), ("a", "Rsum A"), ("b", "Rsum B"), ("ratio", "weaker / stronger"),
+                    ("disagreement", "disagree, %"), ("hada", "HADA Rsum"), ("gain", "gain over better"),
+                    ("beyond", "beyond noise"))
+
+
+@dataclass(repr=False)
+class StrengthTable(Table):
+    """One row per backbone pair (``hada.experiments.StrengthPoint``), weakest pair first: each backbone alone,
+    HADA, and HADA's gain over the better one; ``noise`` is twice the seed std of HADA's Rsum, the band within
+    which a gain is not told apart from none."""
+
+    columns: Sequence[tuple[str, str]] = STRENGTH_COLUMNS
+    noise: float = float("nan")
+
+    @classmethod
+    def of(cls, points, noise: float) -> "StrengthTable":
+        rows = [{"name": " + ".join(p.pair), "a": p.rsums[0], "b": p.rsums[1], "ratio": f"{p.ratio:.2f}",
+                 "disagreement": p.disagreement, "hada": p.hada, "gain": f"{p.gain:+.1f}",
+                 "beyond": "yes" if p.gain > noise else ("below" if p.gain < -noise else "no"),
+                 "point": p} for p in sorted(points, key=lambda p: (p.best, p.ratio))]
+        return cls(rows, noise=noise, caption=f"HADA (K=2) on weaker and stronger backbone pairs, test split; "
+                                              f"noise = ±{noise:.1f} (twice the seed std of HADA's Rsum)")
+
+    @property
+    def points(self) -> list:
+        return [r["point"] for r in self.rows]
+
+    def helped(self) -> list:
+        """The pairs where HADA beats the better backbone by more than the noise."""
+        return [p for p in self.points if p.gain > self.noise]
+
+    def not_helped(self) -> list:
+        return [p for p in self.points if p.gain <= self.noise]
+
+    def figure(self):
+        from hada.book.figures import plot_fusion_strength
+
+        return plot_fusion_strength([{"label": " + ".join(p.pair), "ratio": p.ratio, "gain": p.gain,
+                                      "disagreement": p.disagreement} for p in self.points], self.noise)
 
 
 # ------------------------------------------------------------------------------------------ ablations

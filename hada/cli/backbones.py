@@ -24,7 +24,8 @@ ZEROSHOT_HELP = """\
 Zero-shot retrieval of backbones' own embeddings on a split: R@1/5/10 both ways and Rsum (image->text
 counts a hit if any of the image's captions is in the top k), and on the synthetic data the share of
 near-duplicate pairs (one edit apart: colour, shape, size, ...) each backbone tells apart (chance 50%).
-Backbones are specs: embedded names, MODEL:TAG (local cache only), MODEL:/path/to/weights, local-dir:/path."""
+Backbones are specs: embedded names, NAME@EPOCH (a pretraining snapshot), MODEL:TAG (local cache only),
+MODEL:/path/to/weights, local-dir:/path."""
 
 
 def register(subparsers) -> None:

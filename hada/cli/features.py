@@ -26,7 +26,8 @@ dataset, preprocessing, ...) is an error that names the difference; --force rebu
 that matches is reused.
 
 Backbones are specs: an embedded name (tiny-vit, ...), MODEL:TAG (open_clip tag, local cache only),
-MODEL:/path/to/weights, or local-dir:/path. Nothing is downloaded."""
+MODEL:/path/to/weights, local-dir:/path, or NAME@EPOCH (an embedded backbone's pretraining snapshot,
+e.g. tiny-vit@1). Nothing is downloaded."""
 
 VERIFY_HELP = """\
 Check stores against their manifests: every array's size and sha256 (a full read). Prints one line per
