@@ -256,27 +256,29 @@ def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, 
 
 
 # ------------------------------------------------------------------------------ when does fusion help?
-#: Pretraining epochs whose snapshots stand in for weaker backbones (``hada/backbones/embedded.json``).
-STRENGTH_EPOCHS: tuple[int, ...] = (1, 2, 3)
-
-
 def strength_pairs(setting: Setting) -> list[tuple[str, str]]:
     """The backbone pairs of "When does fusion help?": the setting's two main backbones with one of them (or
-    both) replaced by a snapshot of its pretraining (``tiny-vit@1``), weakest first. Empty unless both are
-    embedded backbones (real backbones have no snapshots)."""
+    both) replaced by a snapshot of its pretraining (``tiny-vit@1``, see ``hada/backbones/embedded.json``): the
+    main one weaker, the second one much and somewhat weaker, and both weak. Empty unless both are embedded
+    backbones (real backbones have no snapshots)."""
     from hada.backbones import EMBEDDED_BACKBONES
 
     a, b = setting.backbones_for(2)
     if a not in EMBEDDED_BACKBONES or b not in EMBEDDED_BACKBONES:
         return []
-    pairs = [(f"{a}@{e}", b) for e in STRENGTH_EPOCHS] + [(a, f"{b}@{e}") for e in STRENGTH_EPOCHS]
-    return pairs + [(f"{a}@{e}", f"{b}@{e}") for e in STRENGTH_EPOCHS[:1]]
+    return [(f"{a}@1", b), (a, f"{b}@1"), (a, f"{b}@2"), (f"{a}@1", f"{b}@1")]
 
 
 def strength_runs(setting: Setting) -> list[tuple[str, object]]:
-    """``(run name, TrainConfig)``: the book's K=2 HADA on each pair of :func:`strength_pairs`."""
-    return [("hada-k2-" + "+".join(_short(n) for n in pair), base_config(setting, 2, backbones=pair))
-            for pair in strength_pairs(setting)]
+    """``(run name, TrainConfig)``: the book's HADA on each backbone of :func:`strength_pairs` alone (K=1: the
+    graph of one backbone's tokens, the reference a second backbone has to beat) and on each pair (K=2)."""
+    pairs = strength_pairs(setting)
+    if not pairs:
+        return []
+    singles = dict.fromkeys(b for pair in [tuple(setting.backbones_for(2)), *pairs] for b in pair)
+    runs = [(f"hada-k1-{_short(b)}", base_config(setting, 1, backbones=(b,))) for b in singles]
+    return runs + [("hada-k2-" + "+".join(_short(n) for n in pair), base_config(setting, 2, backbones=pair))
+                   for pair in pairs]
 
 
 def book_runs(setting: Setting) -> list[tuple[str, object]]:
@@ -437,40 +439,53 @@ def trained_parameters(model) -> int:
 
 @dataclass
 class StrengthPoint:
-    """One pair of "When does fusion help?": each backbone alone, HADA on the pair, and how differently the two
-    backbones fail."""
+    """One pair of "When does fusion help?": HADA on each backbone alone and on the pair, each backbone's own
+    zero-shot Rsum, and how differently the two single-backbone models fail."""
 
     pair: tuple[str, str]
-    rsums: tuple[float, float]  # test Rsum of each backbone alone
+    singles: tuple[float, float]  # test Rsum of HADA trained on each backbone alone (K=1)
+    zero_shot: tuple[float, float]  # test Rsum of each backbone's own embeddings, untrained
     hada: float  # test Rsum of HADA (K=2) on the pair
-    disagreement: float  # % of test captions whose image exactly one of the two ranks in its top 5
+    disagreement: float  # % of test captions whose image exactly one of the two K=1 models ranks in its top 5
 
     @property
     def best(self) -> float:
-        return max(self.rsums)
+        return max(self.singles)
 
     @property
     def ratio(self) -> float:
-        """The weaker backbone's Rsum over the stronger's (1: equally strong)."""
-        return min(self.rsums) / max(self.rsums)
+        """The weaker single-backbone model's Rsum over the stronger's (1: equally strong)."""
+        return min(self.singles) / max(self.singles)
 
     @property
     def gain(self) -> float:
-        """HADA's Rsum minus the better backbone's."""
+        """What fusing adds: HADA on the pair minus HADA on the better backbone alone."""
         return self.hada - self.best
 
 
 def strength_points(setting: Setting, progress: bool | None = None) -> list[StrengthPoint]:
-    """The pairs of :func:`strength_pairs` and the setting's own two backbones, each scored alone and fused."""
-    runs = [(tuple(setting.backbones_for(2)), "hada-k2", base_config(setting, 2))]
-    runs += [(tuple(c.data.backbones), name, c) for name, c in strength_runs(setting)]
+    """The setting's own two backbones and the pairs of :func:`strength_pairs`, each backbone trained alone and
+    the pair fused (:func:`strength_runs`); empty without pretraining snapshots."""
+    runs = dict(strength_runs(setting))
+    if not runs:
+        return []
+    runs["hada-k2"] = base_config(setting, 2)  # the results' own run on the setting's two backbones
+    names = {tuple(c.data.backbones): name for name, c in runs.items()}
+    done = {}
+
+    def result(backbones):
+        name = names[tuple(backbones)]
+        if name not in done:
+            done[name] = run_experiment(runs[name], name, progress=progress)
+        return done[name]
+
     points = []
-    for pair, name, config in runs:
-        config = config.resolved()
+    for pair in [tuple(setting.backbones_for(2)), *strength_pairs(setting)]:
+        singles = [result((b,)) for b in pair]
+        config = runs[names[pair]].resolved()
         alone = _untrained_systems(config, config.data.test_split)[:2]
-        t2i = [s.ranks[0][1] for s in alone]
-        hit_a, hit_b = t2i[0] < 5, t2i[1] < 5
-        run = run_experiment(config, name, progress=progress)
-        points.append(StrengthPoint(pair, (alone[0].metrics[0]["rsum"], alone[1].metrics[0]["rsum"]),
-                                    run.test_metrics["rsum"], 100.0 * float((hit_a != hit_b).mean())))
+        hits = [run_test_ranks(run)[1] < 5 for run in singles]
+        points.append(StrengthPoint(pair, tuple(run.test_metrics["rsum"] for run in singles),
+                                    tuple(s.metrics[0]["rsum"] for s in alone), result(pair).test_metrics["rsum"],
+                                    100.0 * float((hits[0] != hits[1]).mean())))
     return points

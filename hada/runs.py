@@ -100,9 +100,10 @@ def features_fingerprint(config: TrainConfig) -> dict:
     for split in run_splits(config):
         for b, fs in zip(config.data.backbones, _train.open_splits(config, split)):
             out[b][split] = _manifest_hash(fs)
-            augmented = fs.path / AUGMENT_DIR / MANIFEST
-            if config.data.augment_p > 0 and split == config.data.train_split and augmented.is_file():
-                out[b]["augmented"] = hashlib.sha256(augmented.read_bytes()).hexdigest()
+            if config.data.augment_p > 0 and split == config.data.train_split and getattr(fs, "path", None):
+                augmented = Path(fs.path) / AUGMENT_DIR / MANIFEST
+                if augmented.is_file():
+                    out[b]["augmented"] = hashlib.sha256(augmented.read_bytes()).hexdigest()
     return out
 
 

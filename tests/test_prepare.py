@@ -212,7 +212,7 @@ def test_steps_extract_snapshots_after_their_pretraining_and_augmented_views_for
     setting = hb.resolve(data_root=tiny_synthetic)
     steps = {s.name: s for s in book_steps(setting)}
     assert steps["features tiny-vit@1"].after == ("pretrain tiny-vit",)
-    assert steps["features tiny-rn@3"].after == ("pretrain tiny-rn",)
+    assert steps["features tiny-rn@2"].after == ("pretrain tiny-rn",)
     assert "pretrain tiny-vit@1" not in steps
     assert steps["features tiny-vit"].args[-1] == AUGMENT_VIEWS  # the paper recipe trains on augmented views
     assert steps["features tiny-vit-gray"].args[-1] == 0  # no run with augmentation reads it
@@ -220,5 +220,7 @@ def test_steps_extract_snapshots_after_their_pretraining_and_augmented_views_for
     for pair in strength_pairs(setting):
         assert steps[f"train hada-k2-{pair[0].replace('@', '_')}+{pair[1].replace('@', '_')}"].after == \
             tuple(f"features {b}" for b in pair)
+        for b in pair:  # each backbone alone too: the reference the pair's fusion gain is measured against
+            assert steps[f"train hada-k1-{b.replace('@', '_')}"].after == (f"features {b}",)
     random = hb.resolve(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random")
     assert strength_pairs(random) == []  # only embedded backbones have pretraining snapshots

@@ -268,12 +268,13 @@ def retrieval_grid(queries: Sequence[Mapping], methods: Sequence[str], frame: st
 
 
 def plot_fusion_strength(points: Sequence[Mapping], noise: float | None = None) -> plt.Figure:
-    """HADA's Rsum gain over the better backbone of each pair (``points``: dicts with ``label``, ``ratio``,
-    ``disagreement`` and ``gain``) against how close the two are in strength and how differently they fail; the
-    grey band is +-``noise`` (the seed spread), within which a gain is not told apart from none."""
+    """The fusion gain of each pair (``points``: dicts with ``label``, ``ratio``, ``disagreement`` and ``gain``: HADA
+    on the pair minus HADA on the better backbone alone) against how close the two are in strength and how
+    differently they fail; the grey band is +-``noise`` (the seed spread), where a gain is not told apart from
+    none."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    panels = (("ratio", "weaker backbone's Rsum / stronger's"),
-              ("disagreement", "test captions found in the top 5 by exactly one backbone (%)"))
+    panels = (("ratio", "strength: weaker single-backbone Rsum / stronger's"),
+              ("disagreement", "difference: captions in the top 5 of exactly one (%)"))
     for ax, (key, label) in zip(axes, panels):
         xs, ys = [p[key] for p in points], [p["gain"] for p in points]
         if noise is not None and noise == noise:
@@ -284,7 +285,7 @@ def plot_fusion_strength(points: Sequence[Mapping], noise: float | None = None) 
             ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("HADA Rsum − better backbone's")
+    axes[0].set_ylabel("fusion gain (Rsum: pair − better single)")
     if noise is not None and noise == noise:
         axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -215,43 +215,48 @@ class GainTable(Table):
 
 
 # ------------------------------------------------------------------------------------ fusion and strength
-STRENGTH_COLUMNS = (("name", "pair (main first)"), ("a", "Rsum A"), ("b", "Rsum B"), ("ratio", "weaker / stronger"),
-                    ("disagreement", "disagree, %"), ("hada", "HADA Rsum"), ("gain", "gain over better"),
-                    ("beyond", "beyond noise"))
+STRENGTH_COLUMNS = (("name", "pair (main first)"), ("zero_shot", "zero-shot A / B"), ("a", "HADA on A"),
+                    ("b", "HADA on B"), ("ratio", "weaker / stronger"), ("disagreement", "disagree, %"),
+                    ("hada", "HADA on A + B"), ("gain", "fusion gain"), ("beyond", "beyond noise"))
 
 
 @dataclass(repr=False)
 class StrengthTable(Table):
-    """One row per backbone pair (``hada.experiments.StrengthPoint``), weakest pair first: each backbone alone,
-    HADA, and HADA's gain over the better one; ``noise`` is twice the seed std of HADA's Rsum, the band within
-    which a gain is not told apart from none."""
+    """One row per backbone pair (``hada.experiments.StrengthPoint``), weakest first: each backbone's zero-shot
+    Rsum, HADA trained on each alone and on the pair, and the fusion gain (the pair over the better single);
+    ``noise`` is twice the seed std of HADA's Rsum, the band within which a gain is not told apart from none."""
 
     columns: Sequence[tuple[str, str]] = STRENGTH_COLUMNS
     noise: float = float("nan")
 
     @classmethod
     def of(cls, points, noise: float) -> "StrengthTable":
-        rows = [{"name": " + ".join(p.pair), "a": p.rsums[0], "b": p.rsums[1], "ratio": f"{p.ratio:.2f}",
-                 "disagreement": p.disagreement, "hada": p.hada, "gain": f"{p.gain:+.1f}",
+        rows = [{"name": " + ".join(p.pair), "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
+                 "a": p.singles[0], "b": p.singles[1], "ratio": f"{p.ratio:.2f}", "disagreement": p.disagreement,
+                 "hada": p.hada, "gain": f"{p.gain:+.1f}",
                  "beyond": "yes" if p.gain > noise else ("below" if p.gain < -noise else "no"),
                  "point": p} for p in sorted(points, key=lambda p: (p.best, p.ratio))]
-        return cls(rows, noise=noise, caption=f"HADA (K=2) on weaker and stronger backbone pairs, test split; "
-                                              f"noise = ±{noise:.1f} (twice the seed std of HADA's Rsum)")
+        return cls(rows, noise=noise, caption=f"HADA (K=2) on weaker and stronger backbone pairs and on each backbone "
+                                              f"alone (K=1), test Rsum; noise = ±{noise:.1f} (twice the seed std of "
+                                              f"HADA's Rsum)")
 
     @property
     def points(self) -> list:
         return [r["point"] for r in self.rows]
 
     def helped(self) -> list:
-        """The pairs where HADA beats the better backbone by more than the noise."""
+        """The pairs where HADA on both backbones beats HADA on the better one alone by more than the noise."""
         return [p for p in self.points if p.gain > self.noise]
 
     def not_helped(self) -> list:
         return [p for p in self.points if p.gain <= self.noise]
 
     def figure(self):
+        """The plot of :func:`hada.book.figures.plot_fusion_strength`; None without pairs (real backbones)."""
         from hada.book.figures import plot_fusion_strength
 
+        if not self.rows:
+            return None
         return plot_fusion_strength([{"label": " + ".join(p.pair), "ratio": p.ratio, "gain": p.gain,
                                       "disagreement": p.disagreement} for p in self.points], self.noise)
 

@@ -67,8 +67,8 @@ class FeatureDims:
         lengths = {len(getattr(self, f.name)) for f in fields(self)}
         if len(lengths) != 1:
             raise HadaError(f"every *_dims needs one entry per backbone, got {self}")
-        if self.num_backbones < 2:
-            raise HadaError(f"HADA fuses at least 2 backbones, got {self.num_backbones}")
+        if self.num_backbones < 1:
+            raise HadaError("HADA needs at least one backbone")
 
     @classmethod
     def same(cls, token_dims, embed_dims) -> "FeatureDims":
