@@ -251,6 +251,17 @@ class StrengthTable(Table):
     def not_helped(self) -> list:
         return [p for p in self.points if p.gain <= self.noise]
 
+    def rank_correlation(self) -> float:
+        """Spearman's rank correlation between the strength ratio and the fusion gain over the pairs (nan with
+        fewer than three): whether pairs closer in strength gain more."""
+        import numpy as np
+
+        if len(self.points) < 3:
+            return float("nan")
+        ranks = [np.argsort(np.argsort(values)) for values in ([p.ratio for p in self.points],
+                                                               [p.gain for p in self.points])]
+        return float(np.corrcoef(*ranks)[0, 1])
+
     def figure(self):
         """The plot of :func:`hada.book.figures.plot_fusion_strength`; None without pairs (real backbones)."""
         from hada.book.figures import plot_fusion_strength
