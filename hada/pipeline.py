@@ -211,8 +211,8 @@ def _parallel(run: _Run, jobs: int) -> None:
 def _worker_init(threads: int) -> None:
     """Workers share the cores (feature extraction at 2 threads beside a training worker ran at half speed;
     pretraining and training set their own single thread), leave Ctrl-C to the parent, which stops them (one
-    message instead of a traceback per worker), hold no process-shared lock a stop would leak, and do not
-    repeat a library's deprecation notice."""
+    message instead of a traceback per worker), end when the parent ends however it ends, hold no process-shared
+    lock a stop would leak, and do not repeat a library's deprecation notice."""
     import signal
     import threading
     import warnings
@@ -220,8 +220,11 @@ def _worker_init(threads: int) -> None:
     import torch
     from tqdm import tqdm
 
+    from hada.workers import end_with_parent
+
     global _IN_WORKER
     _IN_WORKER = True
+    end_with_parent()  # a parent stopped by kill, not Ctrl-C, takes its workers with it
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: a stopped worker would leak it

@@ -224,3 +224,42 @@ def test_steps_extract_snapshots_after_their_pretraining_and_augmented_views_for
             assert steps[f"train hada-k1-{b.replace('@', '_')}"].after == (f"features {b}",)
     random = hb.resolve(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random")
     assert strength_pairs(random) == []  # only embedded backbones have pretraining snapshots
+
+
+def _sleep_and_say(folder: str, me: str) -> None:
+    Path(folder, f"{me}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    Path(folder, f"{me}.done").touch()
+
+
+def test_workers_end_when_the_parent_is_killed(tmp_path):
+    """`kill` (SIGTERM) of `hada prepare` reaches only the parent; its workers must not go on training unseen."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_prepare import _sleep_and_say;"
+              f"from hada.pipeline import Step, run_steps; "
+              f"run_steps([Step(n, _sleep_and_say, ({str(tmp_path)!r}, n)) for n in ('a', 'b')], jobs=2, "
+              f"progress=False, log=lambda m: None)")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2:
+        assert time.monotonic() < deadline and parent.poll() is None, "the steps never started"
+        time.sleep(0.1)
+    workers = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+    assert not list(tmp_path.glob("*.done"))

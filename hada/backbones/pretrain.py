@@ -398,7 +398,10 @@ def pretrain(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        from hada.workers import end_with_parent
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=end_with_parent) as pool:
             futures = {job[0]: pool.submit(_train_and_save, *job, i) for i, job in enumerate(jobs)}
             for name, fut in futures.items():
                 out[name] = fut.result()
