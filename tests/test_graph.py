@@ -53,9 +53,19 @@ def test_three_backbones_and_cls_only():
 
 def test_bad_counts():
     with pytest.raises(ValueError):
-        build_edges((3,), W)
+        build_edges((), W)
     with pytest.raises(ValueError):
         build_edges((3, 0), W)
+
+
+def test_one_backbone_is_its_cls_with_its_features_and_self_loops():
+    from hada.model.graph import EDGE_TYPES
+
+    edge_index, _, etype = build_edges((3,), W)
+    src, dst = edge_index.tolist()
+    kinds = [EDGE_TYPES[t] for t in etype.tolist()]
+    assert sorted(set(kinds)) == ["fc", "self"]  # no other backbone: no fcx, cc or ffx edges
+    assert sorted((s, d) for s, d, k in zip(src, dst, kinds) if k == "fc") == [(1, 0), (2, 0)]
 
 
 @pytest.mark.parametrize("weights", [W, EdgeWeights(directed=False, w_ffx=0.5)])

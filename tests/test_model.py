@@ -299,6 +299,16 @@ def test_config_json_roundtrip():
     assert again == dims and again.text_token_dims == (8, 6)
 
 
+@pytest.mark.parametrize("gnn", ["gatv2", "gcn"])
+def test_one_backbone_is_a_graph_of_its_own_tokens_on_both_paths(gnn):
+    """K=1 (the reference of "When does fusion help?"): the CLS node and its feature nodes, no cross edges."""
+    model = HadaEncoder(*small_config(1, gnn=gnn)).eval()
+    batch = rand_batch(1)
+    with torch.no_grad():
+        dense, pyg = model(batch, backend="dense"), model(batch, backend="pyg")
+    assert dense.shape == (5, 8) and torch.allclose(dense, pyg, atol=1e-5)
+
+
 def test_bad_lengths():
     model = HadaEncoder(*small_config(2))
     batch = rand_batch(2)
@@ -308,7 +318,7 @@ def test_bad_lengths():
         model(batch)
 
 
-@pytest.mark.parametrize("make", [lambda: FeatureDims.same((4,), (4,)), lambda: ModelConfig(gnn="gin"),
+@pytest.mark.parametrize("make", [lambda: FeatureDims.same((), ()), lambda: ModelConfig(gnn="gin"),
                                   lambda: FeatureDims.same((4, 4), (4, 4, 4)), lambda: ModelConfig(width=0)])
 def test_bad_configs(make):
     with pytest.raises(HadaError):

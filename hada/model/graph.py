@@ -82,8 +82,8 @@ class GraphBatch:
 
 def _check_counts(counts: Sequence[int]) -> tuple[int, ...]:
     counts = tuple(int(c) for c in counts)
-    if len(counts) < 2:
-        raise ValueError(f"HADA needs at least 2 backbones, got counts {counts}")
+    if len(counts) < 1:
+        raise ValueError("HADA needs at least one backbone (one alone: its CLS and its feature nodes)")
     if min(counts) < 1:
         raise ValueError(f"every backbone needs its CLS node (count >= 1), got counts {counts}")
     return counts
@@ -153,8 +153,8 @@ def _counts_matrix(lengths_per_backbone: Sequence[Tensor] | Tensor) -> Tensor:
     else:
         counts = torch.stack([torch.as_tensor(x).reshape(-1) for x in lengths_per_backbone], dim=1)
     counts = counts.to(device="cpu", dtype=torch.long)
-    if counts.dim() != 2 or counts.size(1) < 2:
-        raise ValueError(f"need lengths of at least 2 backbones, got shape {tuple(counts.shape)}")
+    if counts.dim() != 2 or counts.size(1) < 1:
+        raise ValueError(f"need lengths of at least one backbone, got shape {tuple(counts.shape)}")
     if counts.numel() and int(counts.min()) < 1:
         raise ValueError("every sample needs its CLS node in every backbone (length >= 1)")
     return counts
