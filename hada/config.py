@@ -512,6 +512,13 @@ def _full_path(key: str, strict: bool = True) -> str:
     return key
 
 
+def get_path(tree: dict, path: str):
+    """The value at a dotted path of a config's nested dict (``"model.edges.w_fc"``)."""
+    for part in path.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _set_path(tree: dict, path: str, value) -> None:
     *parents, leaf = path.split(".")
     for p in parents:

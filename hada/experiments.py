@@ -193,14 +193,10 @@ LAVIS_GRAPH_SETTINGS = ("model.single_node", "loss.i2t_weight", "loss.t2i_weight
 
 def lavis_graph_overrides() -> dict:
     """The ``lavis`` recipe's value of each of :data:`LAVIS_GRAPH_SETTINGS`."""
+    from hada.config import get_path
+
     values = recipe("lavis").to_dict()
-    out = {}
-    for path in LAVIS_GRAPH_SETTINGS:
-        node = values
-        for part in path.split("."):
-            node = node[part]
-        out[path] = node
-    return out
+    return {path: get_path(values, path) for path in LAVIS_GRAPH_SETTINGS}
 
 
 def lavis_graph_runs(setting: Setting) -> list[tuple[str, object]]:
@@ -223,6 +219,12 @@ def recipe_runs(setting: Setting, k: int = 2) -> list[tuple[str, str, object]]:
     :data:`OTHER_RECIPES`, all with the chapter's data, budget and seed."""
     runs = [(BOOK_RECIPE, f"hada-k{k}", base_config(setting, k))]
     return runs + [(name, f"{name}-k{k}", base_config(setting, k, recipe_name=name)) for name in OTHER_RECIPES]
+
+
+def hada_seed_rsums(setting: Setting, k: int = 2) -> list[float]:
+    """Test Rsum of each run of :func:`hada_seed_runs` (trained or loaded): the seed noise other rows are read
+    against."""
+    return [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, k)]
 
 
 def hada_seed_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:

@@ -22,6 +22,18 @@ def hada_data(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny workloads: on a shared 2-core machine two threads on small tensors
+    spend their time waiting on each other. Use as ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """Root of a tiny synthetic dataset (40/40/20/20 images, seed 0), made once per session. Read only."""

@@ -11,13 +11,7 @@ import torch
 from hada.errors import HadaError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny workloads: one torch thread is faster on a shared 2-core machine (no spinning threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n: int, size: int = 64, seed: int = 0):

@@ -9,13 +9,7 @@ from hada.losses import FeatureQueue, HadaObjective, LossConfig, multi_positive_
 from hada.model.encoder import ModalityBatch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP spin contention (20x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch_of(embeds):

@@ -48,3 +48,23 @@ def test_strength_table_measures_the_fusion_gain_against_the_better_single_and_r
     assert flipped.rank_correlation() == -1.0
     assert math.isnan(StrengthTable.of(points[:2], noise=6.0).rank_correlation())
     assert StrengthTable.of([], noise=6.0).figure() is None  # real backbones: no snapshots, no plot
+
+
+def test_strength_prose_and_recipe_ratios_come_from_the_rows():
+    from hada.book.tables import RecipeTable, StrengthTable, seed_band
+    from hada.experiments import RecipeResult, StrengthPoint
+
+    points = [StrengthPoint(("A", "B@1"), (200.0, 50.0), (1.0, 1.0), 203.0, 30.0),
+              StrengthPoint(("A", "B"), (200.0, 190.0), (1.0, 1.0), 240.0, 30.0)]
+    table = StrengthTable.of(points, noise=seed_band([220.0, 224.0, 222.0]))
+    assert table.noise == 4.0 and table.lowest().gain == 3.0 and table.highest().gain == 40.0
+    assert table.describe([table.lowest()]) == "A + B@1 (+3.0 at a strength ratio of 0.25)"
+    assert table.describe([]) == "no pair" and StrengthTable.describe([None]) == "no pair"
+
+    metrics = {key: 1.0 for key in ("text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10",
+                                    "image_retrieval_recall@1", "image_retrieval_recall@5",
+                                    "image_retrieval_recall@10", "rsum")}
+    recipes = RecipeTable.of([RecipeResult("miniature", "a", metrics, 10, 1500.0, 400),
+                              RecipeResult("paper", "b", metrics, 7, 50.0, 8000)])
+    assert recipes.slowdown("paper") == 30.0 and recipes.size_ratio("paper") == 20.0
+    assert "1,500" in str(recipes) and "8,000" in str(recipes)

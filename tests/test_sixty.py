@@ -31,13 +31,7 @@ def _cells(tag: str) -> list[str]:
             if re.search(rf":tags:\s*\[[^\]]*\b{re.escape(tag)}\b", meta)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the page trains (two threads on tiny tensors spend their time waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

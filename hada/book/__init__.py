@@ -153,31 +153,24 @@ def recipe_departures(setting: Setting):
 
 def recipes(setting: Setting, k: int = 2):
     """The book's recipe and the published one trained on the chapter's data, budget and seed: test recalls,
-    epochs run, training speed on this machine and trained parameters."""
-    from hada.book.tables import METRIC_COLUMNS, Table, metric_row
+    epochs run, training speed on this machine and trained parameters (a :class:`hada.book.tables.RecipeTable`)."""
+    from hada.book.tables import RecipeTable
     from hada.experiments import recipe_results
 
-    rows = [metric_row(r.recipe, r.metrics, epochs=r.epochs, speed=f"{r.pairs_per_second:,.0f}",
-                       parameters=r.parameters) for r in recipe_results(setting, k)]
-    return Table(rows, columns=(("name", "recipe"),) + METRIC_COLUMNS + (
-        ("epochs", "epochs run"), ("speed", "train pairs / s"), ("parameters", "trained parameters")),
-        caption=f"Two recipes, K={k}, test split of {setting.dataset}: same data, budget "
-                f"({setting.epochs} epochs of {setting.pairs_per_epoch or 'all'} pairs) and seed {setting.seed}")
+    return RecipeTable.of(recipe_results(setting, k),
+                          caption=f"Two recipes, K={k}, test split of {setting.dataset}: same data, budget "
+                                  f"({setting.epochs} epochs of {setting.pairs_per_epoch or 'all'} pairs) and seed "
+                                  f"{setting.seed}")
 
 
 def fusion_strength(setting: Setting):
     """HADA (K=2) on the setting's two backbones and on pairs where one or both are snapshots of their own
-    pretraining (weaker versions), against each backbone alone; with the seed spread of the default HADA run.
+    pretraining (weaker versions), against each backbone alone; with the seed band of the default HADA run.
     Returns a :class:`hada.book.tables.StrengthTable` (``.figure()`` draws it)."""
-    from hada.book.tables import StrengthTable
-    from hada.experiments import hada_seed_runs, strength_points
-    from hada.runs import run_experiment
+    from hada.book.tables import StrengthTable, seed_band
+    from hada.experiments import hada_seed_rsums, strength_points
 
-    import statistics
-
-    seed_rsums = [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, 2)]
-    noise = 2 * statistics.stdev(seed_rsums) if len(seed_rsums) > 1 else float("nan")
-    return StrengthTable.of(strength_points(setting), noise)
+    return StrengthTable.of(strength_points(setting), seed_band(hada_seed_rsums(setting, 2)))
 
 
 def claim_table(table, setting: Setting):
@@ -205,7 +198,7 @@ def backbone_table(setting: Setting):
 def ablations(setting: Setting, variants=ABLATIONS):
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
     from hada.book.tables import AblationTable, metric_row
-    from hada.experiments import hada_seed_runs
+    from hada.experiments import hada_seed_rsums
     from hada.runs import run_experiment
 
     rows = []
@@ -214,8 +207,7 @@ def ablations(setting: Setting, variants=ABLATIONS):
         rows.append(metric_row(label, run.test_metrics, epochs=len(run.history)))
     for row in rows:
         row["delta"] = row["rsum"] - rows[0]["rsum"]
-    seed_rsums = [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, 2)]
-    return AblationTable(rows, seed_rsums=seed_rsums).mark_spread()
+    return AblationTable(rows, seed_rsums=hada_seed_rsums(setting, 2)).mark_spread()
 
 
 # --------------------------------------------------------------------------------------- node graphs

@@ -6,7 +6,7 @@ and has no reason is an error (``departure_table``), so a recipe change cannot l
 
 from __future__ import annotations
 
-from hada.config import leaf_fields, recipe
+from hada.config import get_path, leaf_fields, recipe
 
 #: Kinds of reason: "budget" (what a 2-core build can afford), "scale" (the embedded data's size),
 #: "no effect" (inactive in both recipes), "our choice" (a design decision, not forced by the budget).
@@ -65,17 +65,11 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def _value(tree: dict, path: str):
-    for part in path.split("."):
-        tree = tree[part]
-    return tree
-
-
 def differing_settings(a: str = "paper", b: str = "miniature") -> list[tuple[str, object, object]]:
     """``(dotted path, value in a, value in b)`` of every setting where the recipes ``a`` and ``b`` differ."""
     va, vb = recipe(a).to_dict(), recipe(b).to_dict()
-    return [(path, _value(va, path), _value(vb, path)) for path, _ in leaf_fields()
-            if _value(va, path) != _value(vb, path)]
+    return [(path, get_path(va, path), get_path(vb, path)) for path, _ in leaf_fields()
+            if get_path(va, path) != get_path(vb, path)]
 
 
 def _show(value) -> str:

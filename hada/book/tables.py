@@ -215,6 +215,36 @@ class GainTable(Table):
 
 
 # ------------------------------------------------------------------------------------ fusion and strength
+def seed_band(values: Sequence[float]) -> float:
+    """Twice the sample standard deviation (n - 1) of one configuration's Rsum over seeds (nan with one seed): a
+    difference inside it is not told apart from seed noise."""
+    import statistics
+
+    return 2.0 * statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+@dataclass(repr=False)
+class RecipeTable(Table):
+    """One row per recipe trained on the same data (``hada.experiments.RecipeResult``), the book's first."""
+
+    columns: Sequence[tuple[str, str]] = (("name", "recipe"),) + METRIC_COLUMNS + (
+        ("epochs", "epochs run"), ("speed", "train pairs / s"), ("parameters", "trained parameters"))
+
+    @classmethod
+    def of(cls, results, caption: str = "") -> "RecipeTable":
+        return cls([metric_row(r.recipe, r.metrics, epochs=r.epochs, speed=f"{r.pairs_per_second:,.0f}",
+                               parameters=r.parameters, result=r) for r in results], caption=caption)
+
+    def slowdown(self, name: str) -> float:
+        """How many times longer recipe ``name`` takes per training pair than the book's (the first row)."""
+        return self.rows[0]["result"].pairs_per_second / self.row(name)["result"].pairs_per_second
+
+    def size_ratio(self, name: str) -> float:
+        """How many times as many parameters recipe ``name`` trains as the book's."""
+        return self.row(name)["parameters"] / self.rows[0]["parameters"]
+
+
+
 STRENGTH_COLUMNS = (("name", "pair (main first)"), ("zero_shot", "zero-shot A / B"), ("a", "HADA on A"),
                     ("b", "HADA on B"), ("ratio", "weaker / stronger"), ("disagreement", "disagree, %"),
                     ("hada", "HADA on A + B"), ("gain", "fusion gain"), ("beyond", "beyond noise"))
@@ -250,6 +280,20 @@ class StrengthTable(Table):
 
     def not_helped(self) -> list:
         return [p for p in self.points if p.gain <= self.noise]
+
+    def lowest(self):
+        """The pair with the smallest fusion gain (None without pairs)."""
+        return min(self.points, key=lambda p: p.gain, default=None)
+
+    def highest(self):
+        """The pair with the largest fusion gain (None without pairs)."""
+        return max(self.points, key=lambda p: p.gain, default=None)
+
+    @staticmethod
+    def describe(points) -> str:
+        """Pairs as prose: ``A + B (+12.3 at a strength ratio of 0.74)``, joined; "no pair" for none."""
+        return list_phrase([f"{' + '.join(p.pair)} ({p.gain:+.1f} at a strength ratio of {p.ratio:.2f})"
+                            for p in points if p is not None]) or "no pair"
 
     def rank_correlation(self) -> float:
         """Spearman's rank correlation between the strength ratio and the fusion gain over the pairs (nan with
@@ -295,7 +339,7 @@ class AblationTable(Table):
     @property
     def spread(self) -> float:
         """Twice the seed std: the band around the default within which a variant is not told apart from it."""
-        return 2.0 * self.seed_std
+        return seed_band(self.seed_rsums)
 
     def beyond_spread(self) -> list[dict]:
         """The variants whose Rsum differs from the default's by more than :attr:`spread`."""
