@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hada.errors import HadaError
 from hada.io import write_json
-from hada.metrics import KS, METRIC_KEYS
+from hada.metrics import KS, METRIC_KEYS, scoring_threads
 
 
 # ------------------------------------------------------------------------------- embedding a split
@@ -25,15 +25,19 @@ def embed_split(pair, data, batch_size: int = 256) -> tuple[Tensor, Tensor]:
 
     ``pair`` has ``.image``/``.text`` encoders; ``data`` is a :class:`hada.features.batching.FeatureData`.
     The encoders are put in eval mode for the call and restored afterwards. Batches go to the encoders' device
-    (a no-op when the data is already there), so the embeddings stay on it for the ranking.
+    (a no-op when the data is already there), so the embeddings stay on it for the ranking. This is the one way a
+    split is embedded (training's validation and test, ``hada evaluate``, ``hada search``, the book): every
+    caller passes the run's ``eval_batch_size``, and it runs on :data:`hada.metrics.SCORING_THREADS` threads,
+    since under bfloat16 the embeddings follow both the batching and the thread count.
     """
     device = next(pair.parameters()).device
     modes = [(m, m.training) for m in (pair.image, pair.text)]
     for m, _ in modes:
         m.eval()
     try:
-        img = torch.cat([pair.image(b.to(device, non_blocking=True)) for b in data.iter_images(batch_size)])
-        txt = torch.cat([pair.text(b.to(device, non_blocking=True)) for b in data.iter_texts(batch_size)])
+        with scoring_threads():
+            img = torch.cat([pair.image(b.to(device, non_blocking=True)) for b in data.iter_images(batch_size)])
+            txt = torch.cat([pair.text(b.to(device, non_blocking=True)) for b in data.iter_texts(batch_size)])
     finally:
         for m, mode in modes:
             m.train(mode)

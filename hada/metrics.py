@@ -26,6 +26,7 @@ they come from (a GPU for embeddings there); only the ranks return to the host.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,23 @@ from torch import Tensor
 from hada.errors import HadaError
 
 KS = (1, 5, 10)
+#: Torch CPU threads of every scoring step (embedding a split, similarity products). Fixed, because the rounding of
+#: CPU matrix products follows the thread count (under bfloat16 autocast on CPUs that multiply it natively, by
+#: enough to move a rank): a run scored by ``hada train``, ``hada evaluate``, ``hada search`` or the book then gets
+#: the same numbers whatever the caller's thread count.
+SCORING_THREADS = 1
 METRIC_KEYS = tuple(f"text_retrieval_recall@{k}" for k in KS) + tuple(f"image_retrieval_recall@{k}" for k in KS)
+
+
+@contextlib.contextmanager
+def scoring_threads():
+    """Run the enclosed scoring step on :data:`SCORING_THREADS` torch threads, restoring the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(SCORING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ similarity sources
@@ -146,8 +163,14 @@ def retrieval_ranks(
 ) -> tuple[Tensor, Tensor]:
     """0-based ranks of the best positive: ``(image_to_text [n_img], text_to_image [n_cap])``.
 
-    A rank is the count of candidates scored strictly higher than the (best) positive.
+    A rank is the count of candidates scored strictly higher than the (best) positive. The similarity products
+    run on :data:`SCORING_THREADS` threads, so the ranks do not follow the caller's thread count.
     """
+    with scoring_threads():
+        return _retrieval_ranks(sims, caption_image_index, n_images, max_block_elements)
+
+
+def _retrieval_ranks(sims, caption_image_index, n_images, max_block_elements) -> tuple[Tensor, Tensor]:
     ci = torch.as_tensor(np.asarray(caption_image_index), dtype=torch.long).view(-1)
     n_cap = ci.numel()
     src = as_similarity(sims, n_images, n_cap)

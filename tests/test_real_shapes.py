@@ -82,6 +82,17 @@ def trained(real) -> tuple[int, str, Path]:
     return code, out, runs[0] if len(runs) == 1 else None
 
 
+@pytest.fixture(scope="session")
+def trained_bf16(real) -> Path | None:
+    """One epoch with precision forced to bfloat16 (autocast runs on any CPU, natively or not), on training's
+    default one thread: the run folder."""
+    code, out = real.cli("train", *real.data_args(), "--epochs", "1", "--device", "cpu", "--precision", "bf16",
+                         "--name", "bf16")
+    assert code == 0, out
+    runs = [p for p in (real.hada_data / "runs").glob("bf16-*") if (p / "metrics.json").exists()]
+    return runs[0] if len(runs) == 1 else None
+
+
 def _check_recalls(metrics: dict, n_images: int) -> None:
     recalls = [metrics[f"{kind}_retrieval_recall@{k}"] for kind in ("text", "image") for k in (1, 5, 10)]
     assert all(0.0 <= r <= 100.0 for r in recalls), metrics
@@ -164,6 +175,40 @@ def test_evaluate_scores_backbones_average_and_the_run(real, trained, tmp_path):
     (run,) = [r for r in records if r["pretrained"] == str(run_dir) or r["model"] == run_dir.name]
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert percent_metrics(run) == pytest.approx({k: test[k] for k in percent_metrics(run)}, abs=1e-6)
+
+
+def test_train_and_evaluate_score_a_bf16_run_to_the_last_digit(real, trained_bf16, tmp_path):
+    """`hada train`'s own test scores and `hada evaluate --run` on two threads are the same numbers, and the run's
+    embeddings do not follow the caller's thread count (the rounding of bfloat16 products does, on CPUs that
+    multiply it natively)."""
+    import torch
+
+    from hada.evaluate import embed_split, percent_metrics
+    from hada.train import load_trained
+
+    assert trained_bf16 is not None
+    assert json.loads((trained_bf16 / "config.json").read_text())["model"]["precision"] == "bf16"
+    model = load_trained(trained_bf16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HADA_DATA", str(real.hada_data))
+        data = model.load_data("test")
+    before = torch.get_num_threads()
+    try:
+        embeddings = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            embeddings.append(embed_split(model.pair, data, model.config.data.eval_batch_size))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*embeddings))
+    out = tmp_path / "eval"
+    code, text = real.cli("evaluate", *real.data_args(), "--run", str(trained_bf16), "--device", "cpu",
+                          "--no-baselines", "--jobs", "2", "--out", str(out))
+    assert code == 0, text
+    (record,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    test = json.loads((trained_bf16 / "metrics.json").read_text())["test"]
+    evaluated = percent_metrics(record)
+    assert {k: round(v, 9) for k, v in evaluated.items()} == {k: round(test[k], 9) for k in evaluated}
 
 
 @pytest.mark.book

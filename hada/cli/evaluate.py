@@ -15,8 +15,9 @@ Rows: each backbone alone (cosine of its own projected embeddings), the average 
 similarities, optionally the concatenation + linear baseline (--concat; trained with HADA's loss and
 cached like any run, so the first call trains it), and every trained run given with --run (HADA's
 inference score: (1 - w) * its cosine + w * the main backbone's cosine). Runs are scored with their own
-train feature statistics and backbones. Ties count for the positive (rank = number of strictly higher
-scores). Needs the features of the split (`hada features extract`).
+train feature statistics and backbones, with the same embedding code, batch size and thread count as
+`hada train`'s own test scores, so the two agree to the last digit. Ties count for the positive (rank =
+number of strictly higher scores). Needs the features of the split (`hada features extract`).
 
 Output: a table on stdout (percent) and one json file per row in CLIP_benchmark's exact format
 ({"dataset", "model", "pretrained", "task": "zeroshot_retrieval", "metrics": {...}, "language"}, recalls as
@@ -40,7 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="score only the --run models")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the result files, one per row (default: data/runs/eval/<dataset>-<split>/)")
-    add_jobs_flag(parser, "torch CPU threads for the similarity products (default: torch's choice)")
+    add_jobs_flag(parser, "torch CPU threads for reading and normalising features (default: torch's choice); "
+                          "embedding and ranking always run on one thread, so a run gets the same numbers "
+                          "here as in `hada train`")
     add_device_flag(parser)
     parser.set_defaults(handler=_evaluate)
 
