@@ -279,7 +279,7 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
 
     configs = [(name, config.resolved()) for name, config in book_runs(setting)]
     specs = list(dict.fromkeys([*setting.backbones, *(b for _, c in configs for b in c.data.backbones)]))
-    augmented = {b for _, c in configs if c.data.augment_p > 0 for b in c.data.backbones}
+    augmented = {b for _, c in configs for b in c.data.augmented_backbones}
     steps = []
     for name in dict.fromkeys(split_snapshot(spec)[0] for spec in specs):
         if name in EMBEDDED_BACKBONES:

@@ -100,7 +100,7 @@ def features_fingerprint(config: TrainConfig) -> dict:
     for split in run_splits(config):
         for b, fs in zip(config.data.backbones, _train.open_splits(config, split)):
             out[b][split] = _manifest_hash(fs)
-            if config.data.augment_p > 0 and split == config.data.train_split and getattr(fs, "path", None):
+            if b in config.data.augmented_backbones and split == config.data.train_split and getattr(fs, "path", None):
                 augmented = Path(fs.path) / AUGMENT_DIR / MANIFEST
                 if augmented.is_file():
                     out[b]["augmented"] = hashlib.sha256(augmented.read_bytes()).hexdigest()
@@ -159,9 +159,12 @@ def shared_data(config: TrainConfig, split: str, stats=None):
     stats = stats if stats is not None else _stats(config)
     tokens = config.model.arch == "hada"
     device = resolve_device(config.device)
-    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True), str(device))
+    options = _train.split_options(config, split)
+    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True), str(device),
+           json.dumps(options, sort_keys=True))
     if key not in _DATA:
-        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens, device=device)
+        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens, device=device,
+                                 **options)
     return _DATA[key]
 
 
