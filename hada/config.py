@@ -35,6 +35,7 @@ ITM_NEGATIVES = ("mixed", "hada")
 ITM_KEYS = ("online", "momentum")
 WARM_STARTS = ("all", "online")
 AUGMENT_BACKBONES = ("all", "main")
+AUGMENT_POLICIES = ("randaugment", "albef")  # hada.features.augment.POLICIES
 QUEUE_INITS = ("empty", "random")
 SCHEDULE_STEPS = ("epoch", "iteration")
 
@@ -270,6 +271,12 @@ class DataConfig:
     augment_backbones: str = _opt("all", "which backbones see the augmented view when one is drawn: all, or main "
                                          "(backbone 0 alone; the others see the plain image, as published)",
                                   choices=AUGMENT_BACKBONES)
+    augment_policy: str = _opt("randaugment", "how the stored augmented views were made (hada features extract "
+                                              "--augment N --augment-policy P): randaugment (torchvision's default "
+                                              "RandAugment) or albef (a random resized crop of half to all of the "
+                                              "image, a horizontal flip, 2 of ALBEF's operations at magnitude 7: "
+                                              "the published)",
+                               choices=AUGMENT_POLICIES)
     test_captions_per_image: int | None = _opt(None, "score the test split on the first N captions of each image "
                                                      "(HADA-LAVIS keeps 5 on MSCOCO; default 'none': every caption, "
                                                      "all 25,010 of MSCOCO's test split)", metavar="N")
@@ -277,6 +284,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choose(self, "token_stats", TOKEN_STATS)
         _choose(self, "augment_backbones", AUGMENT_BACKBONES)
+        _choose(self, "augment_policy", AUGMENT_POLICIES)
         if not 0.0 <= self.augment_p <= 1.0:
             raise HadaError(f"augment_p must be in [0, 1], got {self.augment_p}")
         if isinstance(self.backbones, str):
@@ -370,7 +378,7 @@ RECIPES: dict[str, dict] = {
 #: setting where the paper's code departs from our defaults, and the published value of a few defaults an ablation
 #: flips (hard negatives against the momentum keys). The widths, heads and one layer are the defaults.
 RECIPES["paper"] = {
-    "data": {"token_stats": "global", "augment_p": 0.75, "augment_backbones": "main"},
+    "data": {"token_stats": "global", "augment_p": 0.75, "augment_backbones": "main", "augment_policy": "albef"},
     "model": {"dropout": 0.7, "attention_dropout": 0.7, "post_dropout": 0.7, "init": "kaiming",
               "embed_norm": "standardise", "norm": "graph", "edges": {"self_loops": "mean"}},
     "loss": {"queue_size": 64000, "queue_init": "random", "itm_head": "linear", "itm_dropout": 0.7,

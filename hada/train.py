@@ -343,7 +343,8 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
         data.pop(train_split, None)
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device,
                                         augment_p=config.data.augment_p,
-                                        augment_backbones=config.data.augment_backbones)
+                                        augment_backbones=config.data.augment_backbones,
+                                        augment_policy=config.data.augment_policy)
     if train_split not in data:
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device)
     for split in (config.data.val_split, config.data.test_split):

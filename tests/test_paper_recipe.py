@@ -319,6 +319,33 @@ def test_augmentation_of_the_main_backbone_alone():
     assert recipe("miniature", backbones=["a", "b"]).data.augmented_backbones == []
 
 
+def test_albef_augmentation_policy():
+    from PIL import Image
+
+    from hada.features import augment as aug
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    policy = aug.policy_transform("albef", 32)
+    out = [policy(image) for _ in range(20)]
+    assert all(o.size == (32, 32) for o in out) and len({o.tobytes() for o in out}) == 20
+    torch.manual_seed(0)
+    assert [o.tobytes() for o in out[:3]] == [policy(image).tobytes() for _ in range(3)]  # seeded: reproducible
+    torch.manual_seed(0)
+    chosen = [policy.chosen_ops() for _ in range(4000)]
+    assert np.mean([len(c) for c in chosen]) == pytest.approx(1.0, abs=0.05)  # 2 draws, each kept with p 0.5
+    assert {op for c in chosen for op in c} == set(aug.ALBEF_OPS)
+    grey = Image.new("RGB", (20, 20), (100, 100, 100))
+    assert aug.apply_op(grey, "brightness", 7).getpixel((5, 5)) == (136, 136, 136)  # factor 0.1 + 1.8 * 0.7
+    bar = np.zeros((20, 20, 3), dtype=np.uint8)
+    bar[:, 10] = 255
+    moved = np.asarray(aug.apply_op(Image.fromarray(bar), "translate_x", 7))
+    assert {int(np.argmax(moved[5, :, 0]))} <= {3, 17}  # 7 pixels either way
+    assert tuple(moved[5, 0]) == (128, 128, 128) or tuple(moved[5, -1]) == (128, 128, 128)  # grey fill
+    assert aug.input_size({"size": (336, 336)}) == 336 and recipe("paper").data.augment_policy == "albef"
+
+
 def test_raw_inputs_enter_unnormalised():
     splits = toy_splits(n_images=8, seed=0)
     stats = compute_stats(splits, raw=True)

@@ -38,9 +38,9 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
     ("data.augment_p",): (
         "budget", "Augmented views are extracted ahead, one more pass over the training images per view (of the "
                   "main backbone, in the published recipe); the miniature trains on the plain view only."),
-    ("data.augment_backbones",): (
-        "no effect", "Which backbones see an augmented view: the miniature draws none; the published augments its "
-                     "main backbone alone."),
+    ("data.augment_backbones", "data.augment_policy"): (
+        "no effect", "Which backbones see an augmented view, and how the views are made: the miniature draws none; "
+                     "the published augments its main backbone alone, with ALBEF's training transform."),
     ("loss.queue_size", "loss.queue_init"): (
         "scale", "The train split has {train_captions:,} captions: a {p_queue:,}-slot queue would hold {queue_ratio:.1f} "
                  "times the data, much of it random vectors for a whole short run, and scoring every batch "

@@ -195,14 +195,16 @@ class FeatureData:
     ``with_tokens=False`` never reads the token arrays: batches carry only the embeddings (for the
     concatenation baseline), with empty ``tokens``/``lengths`` lists. ``augment_p``: the probability that a
     training image uses one of its stored augmented views, in every backbone or (``augment_backbones="main"``,
-    the published) in backbone 0 alone. ``captions_per_image``: keep only the first N captions of each image, in
+    the published) in backbone 0 alone; ``augment_policy``, when given, must be the policy its views were made
+    with. ``captions_per_image``: keep only the first N captions of each image, in
     the split's order (HADA-LAVIS scores MSCOCO's test split on 5); caption rows then count the kept ones. ``device``: where batches are delivered
     (and the arrays kept, when they fit: :attr:`placement`).
     """
 
     def __init__(self, splits: Sequence, stats: FeatureStats, resident: bool | None = None,
                  with_tokens: bool = True, device: torch.device | str = "cpu", augment_p: float = 0.0,
-                 augment_backbones: str = "all", captions_per_image: int | None = None):
+                 augment_backbones: str = "all", captions_per_image: int | None = None,
+                 augment_policy: str | None = None):
         if len(splits) < 1:
             raise HadaError("FeatureData needs at least one backbone's features")
         if len(stats.image) != len(splits) or len(stats.text) != len(splits):
@@ -244,7 +246,8 @@ class FeatureData:
                             for fs in splits]
         self.augment_p = float(augment_p)
         augmented = splits[:1] if augment_backbones == "main" else splits
-        self.views = _augmented_views(augmented, with_tokens, self.device, rows) if augment_p > 0 else None
+        self.views = _augmented_views(augmented, with_tokens, self.device, rows, augment_policy) \
+            if augment_p > 0 else None
         if self.views is not None:  # a backbone that is not augmented: None, its plain view
             self.views += [None] * (len(splits) - len(self.views))
 
@@ -378,11 +381,18 @@ class _Views:
         return plain.index_copy(0, torch.from_numpy(chosen).to(plain.device), self.embed_rows.index_select(0, flat))
 
 
-def _augmented_views(splits: Sequence, with_tokens: bool, device: torch.device, rows: dict) -> list:
-    """Each backbone's :class:`_Views` (None for a backbone without stored views: its plain view is used)."""
+def _augmented_views(splits: Sequence, with_tokens: bool, device: torch.device, rows: dict,
+                     policy: str | None = None) -> list:
+    """Each backbone's :class:`_Views` (None for a backbone without stored views: its plain view is used); views
+    made with another policy than ``policy`` (when given) are one clear error."""
     views = []
     for fs in splits:
         stored = getattr(fs, "augmented", None)
+        made = getattr(fs, "augment_policy", None)
+        if stored is not None and policy is not None and made is not None and made != policy:
+            name = (getattr(fs, "manifest", None) or {}).get("backbone", "a backbone")
+            raise HadaError(f"{name}'s augmented views were made with the {made} policy, the run wants {policy}: "
+                            f"run `hada features extract --augment N --augment-policy {policy}`")
         views.append(None if stored is None else _Views(*stored, with_tokens, device, rows))
     counts = {v.count for v in views if v is not None}
     if not counts:
@@ -455,3 +465,4 @@ class ArraySplit:
     caption_image_index: np.ndarray
     manifest: dict
     augmented: tuple | None = None  # (image tokens [V, N_img, T, D], image embeds [V, N_img, E]) or None
+    augment_policy: str | None = None  # the policy the views were made with (None: not recorded)
