@@ -240,13 +240,9 @@ def test_hard_negatives_against_the_momentum_keys_of_the_batch(monkeypatch):
     torch.testing.assert_close(sims[1], ((1 - w) * img @ txt_m.T + w * main @ main.T).detach() / tau)
 
 
-def test_hard_negatives_from_the_hada_only_similarity(monkeypatch):
-    import hada.losses as hl
-
+def test_hard_negatives_online_against_online(monkeypatch):
     objective, batch = tiny_objective(itm_negatives="hada", itm_keys="online", queue_size=0), rand_batch(4)
-    sims = []
-    original = hl.sample_hard_negatives
-    monkeypatch.setattr(hl, "sample_hard_negatives", lambda sim, pos: (sims.append(sim), original(sim, pos))[1])
+    sims = record_hard_negative_sims(monkeypatch)
     torch.manual_seed(0)
     objective.eval()
     objective(batch, batch, torch.arange(4))
@@ -254,6 +250,12 @@ def test_hard_negatives_from_the_hada_only_similarity(monkeypatch):
     hada = img @ txt.T / objective.tau()
     torch.testing.assert_close(sims[1], hada.detach())  # per image, a text
     torch.testing.assert_close(sims[0], hada.T.detach())
+    objective, sims[:] = tiny_objective(itm_negatives="mixed", itm_keys="online", queue_size=0), []
+    objective.eval()
+    objective(batch, batch, torch.arange(4))
+    img, txt, main = objective.pair.image(batch), objective.pair.text(batch), F.normalize(batch.embeds[0], dim=-1)
+    w, tau = objective.w().detach(), objective.tau().detach()
+    torch.testing.assert_close(sims[1], ((1 - w) * img @ txt.T + w * main @ main.T).detach() / tau)
 
 
 def test_distillation_ramp_and_two_stages():
