@@ -134,9 +134,11 @@ def run_folder(config: TrainConfig, name: str, fingerprint: dict | None = None) 
 # ------------------------------------------------------------------------------------------ shared data
 def _stats(config: TrainConfig):
     """Train statistics of the run's backbones, computed once per process per store."""
-    from hada.features.batching import FeatureStats, compute_stats
+    from hada.features.batching import FeatureStats, compute_stats, raw_stats
 
     train_split = run_splits(config)[0]
+    if config.data.token_stats == "raw":  # no statistics: the tokens enter as stored
+        return raw_stats(len(config.data.backbones))
     dataset, root, backbones = _data_id(config)
     image, text = [], []
     for b, fs in zip(backbones, _train.open_splits(config, train_split)):

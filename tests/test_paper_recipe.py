@@ -434,6 +434,18 @@ def test_warm_start_loads_the_online_encoders_and_itm_head_only(toy_world):
     assert any(not torch.equal(p, best["pair_m." + n]) for n, p in online.pair_m.named_parameters())
 
 
+def test_a_lavis_style_run_trains_on_raw_inputs_and_scores_the_first_test_captions(toy_world):
+    config = tiny_paper(epochs=1, token_stats="raw", embed_norm="raw", test_captions_per_image=1)
+    result = ht.train(config, toy_world / "run")
+    stats = json.loads((result.run_dir / "stats.json").read_text())
+    assert all(s["raw"] for s in stats["image"] + stats["text"])
+    model = ht.load_trained(result.run_dir)
+    test = model.load_data("test")
+    assert test.n_captions == test.n_images == 12  # toy test split: 12 images with 2 or 3 captions each
+    assert model.evaluate(test) == pytest.approx(result.test_metrics)
+    assert model.load_data("val").n_captions > model.load_data("val").n_images  # val keeps every caption
+
+
 def test_early_stopping_threshold():
     assert not ht.improves(100.05, 100.0, 0.1)
     assert ht.improves(100.15, 100.0, 0.1)

@@ -96,13 +96,18 @@ def _stats_of(s: float, sq: float, n: int) -> TokenStats:
     return TokenStats(mean, std if std > 1e-12 else 1.0)
 
 
+def raw_stats(k: int) -> FeatureStats:
+    """The statistics of K backbones whose tokens enter as stored (HADA-LAVIS): no L2 norm, no standardisation."""
+    return FeatureStats([TokenStats(0.0, 1.0, raw=True) for _ in range(k)],
+                        [TokenStats(0.0, 1.0, raw=True) for _ in range(k)])
+
+
 def compute_stats(splits: Sequence, pooled: bool = False, raw: bool = False) -> FeatureStats:
     """Mean/std per backbone and modality of per-token L2-normalised features (valid tokens only); with
     ``pooled`` one global mean/std over every backbone and both modalities (the published standardisation),
     repeated in every entry; with ``raw`` no statistics: the tokens enter as stored (HADA-LAVIS)."""
     if raw:
-        return FeatureStats([TokenStats(0.0, 1.0, raw=True) for _ in splits],
-                            [TokenStats(0.0, 1.0, raw=True) for _ in splits])
+        return raw_stats(len(splits))
     image, text, totals = [], [], np.zeros(3)
     for fs in splits:
         for out, (tokens, lengths) in ((image, (fs.image_tokens, None)), (text, (fs.text_tokens, fs.text_lengths))):
