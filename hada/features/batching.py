@@ -201,9 +201,9 @@ class FeatureData:
     concatenation baseline), with empty ``tokens``/``lengths`` lists. ``augment_p``: the probability that a
     training image uses one of its stored augmented views, in every backbone or (``augment_backbones="main"``,
     the published) in backbone 0 alone; ``augment_policy``, when given, must be the policy its views were made
-    with. ``captions_per_image``: keep only the first N captions of each image, in
-    the split's order (HADA-LAVIS scores MSCOCO's test split on 5); caption rows then count the kept ones. ``device``: where batches are delivered
-    (and the arrays kept, when they fit: :attr:`placement`).
+    with. ``captions_per_image``: keep only the first N captions of each image, in the split's order (HADA-LAVIS
+    scores MSCOCO's test split on 5); caption rows then count the kept ones. ``device``: where batches are
+    delivered (and the arrays kept, when they fit: :attr:`placement`).
     """
 
     def __init__(self, splits: Sequence, stats: FeatureStats, resident: bool | None = None,
