@@ -28,10 +28,14 @@ PRECISIONS = ("auto", "fp32", "bf16")
 INITS = ("default", "kaiming")
 SELF_LOOPS = ("fixed", "mean")
 NORMS = ("node", "graph")
-EMBED_NORMS = ("unit", "standardise")
-TOKEN_STATS = ("backbone", "global")
+EMBED_NORMS = ("unit", "standardise", "raw")
+TOKEN_STATS = ("backbone", "global", "raw")
 ITM_HEADS = ("mlp", "linear")
 ITM_NEGATIVES = ("mixed", "hada")
+ITM_KEYS = ("online", "momentum")
+WARM_STARTS = ("all", "online")
+AUGMENT_BACKBONES = ("all", "main")
+AUGMENT_POLICIES = ("randaugment", "albef")  # hada.features.augment.POLICIES
 QUEUE_INITS = ("empty", "random")
 SCHEDULE_STEPS = ("epoch", "iteration")
 
@@ -102,8 +106,9 @@ class ModelConfig:
                                 "(Kaiming-normal weights, std sqrt(2 / fan_in), the published code's)",
                      choices=INITS)
     embed_norm: str = _opt("unit", "the backbones' own embeddings entering the readout (and a single-node "
-                                   "backbone's node): unit (L2-normalised) or standardise (L2-normalised, then "
-                                   "standardised with the token statistics, as published)", choices=EMBED_NORMS)
+                                   "backbone's node): unit (L2-normalised), standardise (L2-normalised, then "
+                                   "standardised with the token statistics, as published) or raw (as the backbone "
+                                   "gives them: HADA-LAVIS)", choices=EMBED_NORMS)
     single_node: list[int] = _opt([], "comma-separated backbone positions (0 = main) that enter the graph as ONE "
                                       "node, their pooled projected embedding, instead of their tokens (CLIP in "
                                       "HADA-LAVIS)", metavar="K,...")
@@ -188,6 +193,9 @@ class LossConfig:
     itm_dropout: float = _opt(0.0, "dropout before the linear matching head's linear")
     itm_negatives: str = _opt("mixed", "similarity the hard negatives are drawn from: mixed (with w) or hada "
                                        "(the HADA-only similarity, as published)", choices=ITM_NEGATIVES)
+    itm_keys: str = _opt("momentum", "what each online embedding is compared with to draw its hard negative: the "
+                                     "momentum encoders' keys of the batch (as published) or the online embeddings "
+                                     "of the batch", choices=ITM_KEYS)
 
     def __post_init__(self) -> None:
         if self.queue_size < 0:
@@ -197,6 +205,7 @@ class LossConfig:
         _choose(self, "queue_init", QUEUE_INITS)
         _choose(self, "itm_head", ITM_HEADS)
         _choose(self, "itm_negatives", ITM_NEGATIVES)
+        _choose(self, "itm_keys", ITM_KEYS)
         _choose(self, "distill_source", ITM_NEGATIVES)
         if not 0.0 <= self.itm_dropout < 1.0:
             raise HadaError(f"itm_dropout must be in [0, 1), got {self.itm_dropout}")
@@ -225,10 +234,15 @@ class OptimConfig:
     min_delta: float = _opt(0.0, "a validation Rsum counts as better only when it beats the best by more than this")
     init_from: str | None = _opt(None, "warm start: a finished run's folder (or its best.pt) whose trained weights "
                                        "the model starts from ('none': a fresh init)", metavar="RUN")
+    warm_start: str = _opt("all", "what --init-from loads: all (the encoders, momentum encoders, tau, w and ITM "
+                                  "head) or online (the online encoders and the ITM head only: tau, w and the "
+                                  "momentum encoders start fresh, as published); the optimiser, schedule and "
+                                  "queue always start fresh", choices=WARM_STARTS)
 
     def __post_init__(self) -> None:
         _at_least_one(self, "epochs", "batch_size", "pairs_per_epoch", "t0", "patience", "t_mult")
         _choose(self, "schedule_step", SCHEDULE_STEPS)
+        _choose(self, "warm_start", WARM_STARTS)
         if self.min_delta < 0:
             raise HadaError(f"min_delta must be >= 0, got {self.min_delta}")
         if self.init_from is not None:
@@ -248,14 +262,29 @@ class DataConfig:
     val_split: str = _opt("val", "split for early stopping")
     test_split: str = _opt("test", "split for the final metrics")
     eval_batch_size: int = _opt(256, "batch size when embedding a split for evaluation")
-    token_stats: str = _opt("backbone", "token standardisation: one mean/std per backbone and modality, or one "
-                                        "global mean/std over all backbones and modalities (the published)",
-                            choices=TOKEN_STATS)
+    token_stats: str = _opt("backbone", "token preprocessing: L2 norm, then one mean/std per backbone and "
+                                        "modality (backbone) or one global mean/std over all backbones and "
+                                        "modalities (global, the published); raw: the tokens as stored, no L2 "
+                                        "norm and no standardisation (HADA-LAVIS)", choices=TOKEN_STATS)
     augment_p: float = _opt(0.0, "probability that a training image uses one of its augmented views stored by "
                                  "hada features extract --augment N (published: 0.75)")
+    augment_backbones: str = _opt("all", "which backbones see the augmented view when one is drawn: all, or main "
+                                         "(backbone 0 alone; the others see the plain image, as published)",
+                                  choices=AUGMENT_BACKBONES)
+    augment_policy: str = _opt("randaugment", "how the stored augmented views were made (hada features extract "
+                                              "--augment N --augment-policy P): randaugment (torchvision's default "
+                                              "RandAugment) or albef (a random resized crop of half to all of the "
+                                              "image, a horizontal flip, 2 of ALBEF's operations at magnitude 7: "
+                                              "the published)",
+                               choices=AUGMENT_POLICIES)
+    test_captions_per_image: int | None = _opt(None, "score the test split on the first N captions of each image "
+                                                     "(HADA-LAVIS keeps 5 on MSCOCO; default 'none': every caption, "
+                                                     "all 25,010 of MSCOCO's test split)", metavar="N")
 
     def __post_init__(self) -> None:
         _choose(self, "token_stats", TOKEN_STATS)
+        _choose(self, "augment_backbones", AUGMENT_BACKBONES)
+        _choose(self, "augment_policy", AUGMENT_POLICIES)
         if not 0.0 <= self.augment_p <= 1.0:
             raise HadaError(f"augment_p must be in [0, 1], got {self.augment_p}")
         if isinstance(self.backbones, str):
@@ -263,7 +292,14 @@ class DataConfig:
         self.backbones = list(self.backbones)
         if self.data_root is not None:
             self.data_root = str(self.data_root)
-        _at_least_one(self, "eval_batch_size")
+        _at_least_one(self, "eval_batch_size", "test_captions_per_image")
+
+    @property
+    def augmented_backbones(self) -> list[str]:
+        """The backbones whose augmented views a run reads (none without augmentation)."""
+        if self.augment_p == 0:
+            return []
+        return list(self.backbones[:1] if self.augment_backbones == "main" else self.backbones)
 
     @property
     def splits(self) -> tuple[str, str, str]:
@@ -339,15 +375,16 @@ RECIPES: dict[str, dict] = {
 }
 
 #: The published recipe (HADA_m_extend with its C5 config; shared/DESIGN.md section 1a, item by item): every
-#: setting where the paper's code departs from our defaults. The widths, heads and one layer are the defaults.
+#: setting where the paper's code departs from our defaults, and the published value of a few defaults an ablation
+#: flips (hard negatives against the momentum keys). The widths, heads and one layer are the defaults.
 RECIPES["paper"] = {
-    "data": {"token_stats": "global", "augment_p": 0.75},
+    "data": {"token_stats": "global", "augment_p": 0.75, "augment_backbones": "main", "augment_policy": "albef"},
     "model": {"dropout": 0.7, "attention_dropout": 0.7, "post_dropout": 0.7, "init": "kaiming",
               "embed_norm": "standardise", "norm": "graph", "edges": {"self_loops": "mean"}},
     "loss": {"queue_size": 64000, "queue_init": "random", "itm_head": "linear", "itm_dropout": 0.7,
-             "itm_negatives": "hada", "distill_source": "hada", "alpha_ramp": True},
-    "optim": {"lr": 5e-5, "batch_size": 20, "t0": 30, "t_mult": 2, "eta_min": 5e-6, "schedule_step": "iteration",
-              "patience": 5, "min_delta": 0.1},
+             "itm_negatives": "hada", "itm_keys": "momentum", "distill_source": "hada", "alpha_ramp": True},
+    "optim": {"epochs": 100, "lr": 5e-5, "batch_size": 20, "t0": 30, "t_mult": 2, "eta_min": 5e-6,
+              "schedule_step": "iteration", "patience": 5, "min_delta": 0.1, "warm_start": "online"},
 }
 
 
@@ -360,10 +397,14 @@ def _merged(base: dict, over: dict) -> dict:
 
 
 #: The follow-up (HADA-LAVIS, BLIP + CLIP ViT-L/14-336): the paper's recipe with the second backbone as ONE node
-#: (its pooled embedding), ITC 0.5 / 0.5, the two stages (HADA similarity alone for the first epochs, then the
-#: learned mix), lr 1e-4, dropout 0.4, batch 40, min lr 1e-5.
+#: (its pooled embedding), tokens and embeddings entering raw (no L2 norm, no standardisation), every training
+#: sample augmented in every backbone, ITC 0.5 / 0.5, the two stages (HADA similarity alone for the first epochs,
+#: then the learned mix), lr 1e-4, dropout 0.4, batch 40, min lr 1e-5, MSCOCO's test split on the first 5
+#: captions of each image.
 RECIPES["lavis"] = _merged(RECIPES["paper"], {
-    "model": {"single_node": [1], "dropout": 0.4, "attention_dropout": 0.4, "post_dropout": 0.4},
+    "data": {"token_stats": "raw", "augment_p": 1.0, "augment_backbones": "all", "test_captions_per_image": 5},
+    "model": {"single_node": [1], "dropout": 0.4, "attention_dropout": 0.4, "post_dropout": 0.4,
+              "embed_norm": "raw"},
     "loss": {"i2t_weight": 0.5, "t2i_weight": 0.5, "itm_dropout": 0.4, "mix_from_epoch": 5},
     "optim": {"lr": 1e-4, "batch_size": 40, "eta_min": 1e-5},
 })

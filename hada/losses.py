@@ -11,7 +11,9 @@ What the paper (and its public code, built on ALBEF) trains, in one module:
 * **Momentum encoders** (EMA 0.995 of the trained encoders) fill a **queue** of negatives; their
   similarities can also soften the targets (**momentum distillation**, alpha 0.4).
 * **ITM**: a small discriminator on ``[a, b, |a-b|, a*b]`` of the two L2-normalised embeddings, one
-  hard negative each way sampled from the in-batch similarity, binary cross-entropy, weight 1.
+  hard negative each way sampled from the in-batch similarity (by default, as published, of each online
+  embedding against the momentum encoders' keys of the batch; ``itm_keys="online"``: against the online
+  embeddings), binary cross-entropy, weight 1.
   Training only: inference is the mixed cosine (:meth:`HadaObjective.inference_weights`).
 
 Under DDP (:mod:`hada.distributed`) each rank's momentum keys (and ids) of the step are all-gathered, in rank
@@ -287,11 +289,17 @@ class HadaObjective(nn.Module):
         itm_acc = float("nan")
         if self.itm_head is not None:
             local = slice(offset, offset + img.shape[0])  # this rank's own columns
-            if cfg.itm_negatives == "hada":  # the HADA-only similarity of the local batch (published)
-                hard_i2t = img @ txt.T / tau
+            if cfg.itm_keys == "momentum":  # each online embedding against the batch's momentum keys (published)
+                if cfg.itm_negatives == "hada":  # the HADA-only similarity (published)
+                    hard_i2t, hard_t2i = img @ txt_m.T / tau, txt @ img_m.T / tau
+                else:  # the ITC logits' own columns of the local batch
+                    hard_i2t, hard_t2i = sim_i2t[:, local], sim_t2i[:, local]
+            else:  # online against online
+                hard_i2t = img @ txt.T
+                if cfg.itm_negatives != "hada":
+                    hard_i2t = self._mixed(hard_i2t, img_main @ txt_main.T, w)
+                hard_i2t = hard_i2t / tau
                 hard_t2i = hard_i2t.T
-            else:
-                hard_i2t, hard_t2i = sim_i2t[:, local], sim_t2i[:, local]
             itm, itm_acc = self._itm(img, txt, hard_i2t, hard_t2i, image_ids)
         loss = itc + cfg.itm_weight * itm if self.itm_head is not None else itc
         if share != 1.0:  # a short last batch split unevenly: weigh each rank by its rows (see _batch_keys)

@@ -244,12 +244,13 @@ def _pretrain(name: str, device: str = "auto") -> None:
     pretrain([name], workers=1, progress=not _IN_WORKER, log=log, device=device)
 
 
-def _features(dataset: str, data_root: str, spec: str, device: str = "auto", augment: int = 0) -> None:
+def _features(dataset: str, data_root: str, spec: str, device: str = "auto", augment: int = 0,
+              augment_policy: str = "randaugment") -> None:
     from hada.experiments import FEATURE_SPLITS
     from hada.features.store import ensure_features
 
     ensure_features(dataset, [spec], list(FEATURE_SPLITS), data_root=data_root, progress=not _IN_WORKER,
-                    device=device, augment=augment)
+                    device=device, augment=augment, augment_policy=augment_policy)
 
 
 def _train(config: dict, name: str) -> None:
@@ -269,6 +270,18 @@ def run_cost(config) -> float:
     return model.layers * len(config.data.backbones) / 2 * max(1.0, channels / (4 * 32 * 128) / 2)
 
 
+def augment_policies(configs) -> dict[str, str]:
+    """``{backbone: augmentation policy}`` of every backbone whose augmented views a run of ``configs`` (``(name,
+    TrainConfig)`` pairs) reads; one store holds one policy's views, so two policies for a backbone is an error."""
+    out: dict[str, str] = {}
+    for name, config in configs:
+        for b in config.data.augmented_backbones:
+            if out.setdefault(b, config.data.augment_policy) != config.data.augment_policy:
+                raise HadaError(f"runs need {b}'s augmented views made with two policies ({out[b]} and "
+                                f"{config.data.augment_policy}, run {name}); a store holds one")
+    return out
+
+
 def book_steps(setting, runs: bool = True) -> list[Step]:
     """The steps behind a ``hada.experiments.Setting``: pretrain its embedded backbones, extract the features of
     every backbone a run reads (pretraining snapshots such as ``tiny-vit@1`` included, with augmented views
@@ -279,7 +292,7 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
 
     configs = [(name, config.resolved()) for name, config in book_runs(setting)]
     specs = list(dict.fromkeys([*setting.backbones, *(b for _, c in configs for b in c.data.backbones)]))
-    augmented = {b for _, c in configs if c.data.augment_p > 0 for b in c.data.backbones}
+    augmented = augment_policies(configs)
     steps = []
     for name in dict.fromkeys(split_snapshot(spec)[0] for spec in specs):
         if name in EMBEDDED_BACKBONES:
@@ -289,9 +302,9 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     pretrained = {s.name for s in steps}
     for spec in specs:
         after = tuple(p for p in (f"pretrain {split_snapshot(spec)[0]}",) if p in pretrained)
+        views = (AUGMENT_VIEWS, augmented[spec]) if spec in augmented else (0,)
         steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec,
-                                                          setting.device, AUGMENT_VIEWS if spec in augmented else 0),
-                          after, cost=1.0))
+                                                          setting.device, *views), after, cost=1.0))
     if runs:
         for name, config in configs:
             steps.append(Step(f"train {name}", _train, (config.to_dict(), name),

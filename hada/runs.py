@@ -100,7 +100,7 @@ def features_fingerprint(config: TrainConfig) -> dict:
     for split in run_splits(config):
         for b, fs in zip(config.data.backbones, _train.open_splits(config, split)):
             out[b][split] = _manifest_hash(fs)
-            if config.data.augment_p > 0 and split == config.data.train_split and getattr(fs, "path", None):
+            if b in config.data.augmented_backbones and split == config.data.train_split and getattr(fs, "path", None):
                 augmented = Path(fs.path) / AUGMENT_DIR / MANIFEST
                 if augmented.is_file():
                     out[b]["augmented"] = hashlib.sha256(augmented.read_bytes()).hexdigest()
@@ -134,9 +134,11 @@ def run_folder(config: TrainConfig, name: str, fingerprint: dict | None = None) 
 # ------------------------------------------------------------------------------------------ shared data
 def _stats(config: TrainConfig):
     """Train statistics of the run's backbones, computed once per process per store."""
-    from hada.features.batching import FeatureStats, compute_stats
+    from hada.features.batching import FeatureStats, compute_stats, raw_stats
 
     train_split = run_splits(config)[0]
+    if config.data.token_stats == "raw":  # no statistics: the tokens enter as stored
+        return raw_stats(len(config.data.backbones))
     dataset, root, backbones = _data_id(config)
     image, text = [], []
     for b, fs in zip(backbones, _train.open_splits(config, train_split)):
@@ -159,9 +161,12 @@ def shared_data(config: TrainConfig, split: str, stats=None):
     stats = stats if stats is not None else _stats(config)
     tokens = config.model.arch == "hada"
     device = resolve_device(config.device)
-    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True), str(device))
+    options = _train.split_options(config, split)
+    key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True), str(device),
+           json.dumps(options, sort_keys=True))
     if key not in _DATA:
-        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens, device=device)
+        _DATA[key] = FeatureData(_train.open_splits(config, split), stats, with_tokens=tokens, device=device,
+                                 **options)
     return _DATA[key]
 
 

@@ -121,6 +121,13 @@ def build_objective(config: TrainConfig, dims: dict, stats=None):
     return objective
 
 
+def split_options(config: TrainConfig, split: str) -> dict:
+    """FeatureData's options for one split of a run that do not depend on training: the test split's captions."""
+    if split == config.data.test_split and split != config.data.train_split:
+        return {"captions_per_image": config.data.test_captions_per_image}
+    return {"captions_per_image": None}
+
+
 def feature_dims(splits: list) -> dict:
     return {"image_token_dims": [int(s.image_tokens.shape[-1]) for s in splits],
             "text_token_dims": [int(s.text_tokens.shape[-1]) for s in splits],
@@ -169,7 +176,7 @@ class TrainedModel:
         from hada.features.batching import FeatureData
 
         return FeatureData(open_splits(self.config, split), self.stats, with_tokens=self.config.model.arch == "hada",
-                           device=self.device)
+                           device=self.device, **split_options(self.config, split))
 
 
 def load_trained(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> TrainedModel:
@@ -318,28 +325,32 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     from hada.features.batching import FeatureData, FeatureStats, compute_stats
 
     tokens = config.model.arch == "hada"
-    pooled = config.data.token_stats == "global"
-    data = {split: d for split, d in (data or {}).items() if d.device == device}
+    pooled, raw = config.data.token_stats == "global", config.data.token_stats == "raw"
+    data = {split: d for split, d in (data or {}).items()
+            if d.device == device and d.captions_per_image == split_options(config, split)["captions_per_image"]}
     train_split = config.data.train_split
     train_splits = open_splits(config, train_split)
     stats_path = run_dir / "stats.json"
     if stats_path.exists():
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
-        stats = data[train_split].stats if train_split in data and not pooled else \
-            compute_stats(train_splits, pooled=pooled)
+        stats = data[train_split].stats if train_split in data and not (pooled or raw) else \
+            compute_stats(train_splits, pooled=pooled, raw=raw)
         if distributed.is_main():
             write_json(stats_path, stats.to_dict())
     data = {split: d for split, d in data.items() if d.stats == stats}  # global statistics: our own data
     if config.data.augment_p > 0:  # the training data with its augmented views
         data.pop(train_split, None)
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device,
-                                        augment_p=config.data.augment_p)
+                                        augment_p=config.data.augment_p,
+                                        augment_backbones=config.data.augment_backbones,
+                                        augment_policy=config.data.augment_policy)
     if train_split not in data:
         data[train_split] = FeatureData(train_splits, stats, with_tokens=tokens, device=device)
     for split in (config.data.val_split, config.data.test_split):
         if split not in data:
-            data[split] = FeatureData(open_splits(config, split), stats, with_tokens=tokens, device=device)
+            data[split] = FeatureData(open_splits(config, split), stats, with_tokens=tokens, device=device,
+                                      **split_options(config, split))
     return data, stats, feature_dims(train_splits)
 
 
@@ -359,7 +370,7 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, 
     objective = build_objective(config, dims, stats).to(device)
     optim = config.optim
     if optim.init_from is not None:
-        warm_start(objective, optim.init_from)
+        warm_start(objective, optim.init_from, optim.warm_start)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
                                   fused=True if optim.fused else None)
@@ -400,16 +411,24 @@ def find_run(run: str | os.PathLike) -> Path:
     raise HadaError(f"no finished run at {run} (a run folder with best.pt, or its name under {runs_dir()})")
 
 
-def warm_start(objective, run: str | os.PathLike) -> list[str]:
-    """Start ``objective`` from a finished run's best weights (the published C5 starts from an earlier run):
-    every trained tensor of the same name and shape (encoders, momentum encoders, tau, w, ITM head); the queue
-    starts afresh. Returns the names loaded; a run whose encoders do not fit is one HadaError."""
+#: What a warm start loads (``OptimConfig.warm_start``): the prefixes of the objective's state dict.
+WARM_START_PARTS = {"all": ("pair.", "pair_m.", "itm_head.", "temp", "mix_weight"), "online": ("pair.", "itm_head.")}
+
+
+def warm_start(objective, run: str | os.PathLike, parts: str = "all") -> list[str]:
+    """Start ``objective`` from a finished run's best weights (the published C5 starts from an earlier run): every
+    tensor of the same name and shape among ``parts`` (:data:`WARM_START_PARTS`): ``"all"`` the encoders, momentum
+    encoders, tau, w and ITM head; ``"online"`` (the published) the online encoders and the ITM head only, so tau,
+    w and the momentum encoders keep their fresh init. The queue, the optimiser and the schedule always start
+    afresh. Returns the names loaded; a run whose encoders do not fit is one HadaError."""
     import torch
 
+    if parts not in WARM_START_PARTS:
+        raise HadaError(f"warm_start must be one of {', '.join(WARM_START_PARTS)}; got {parts!r}")
     source = torch.load(find_run(run), map_location="cpu", weights_only=False)["model"]
     own = objective.state_dict()
     loaded = {k: v for k, v in source.items()
-              if k in own and not k.startswith("queue.") and own[k].shape == v.shape}
+              if k in own and k.startswith(WARM_START_PARTS[parts]) and own[k].shape == v.shape}
     missing = [k for k in own if k.startswith("pair.") and k not in loaded]
     if missing:
         raise HadaError(f"{run} does not fit this model: {len(missing)} encoder tensors missing or of another "

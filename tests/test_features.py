@@ -195,3 +195,21 @@ def test_projected_store_size_for_flickr30k_with_vit_b16():
     per_image = 197 * 768 * 2 + 512 * 2 + 8
     assert abs(row["image_gb"] - 31_783 * per_image / 1e9) < 1e-9
     assert "31,783 images, 158,915 captions" in str(table)
+
+
+def test_augmented_views_record_their_policy(backbone, dataset, weights, tmp_path):
+    from hada.features.batching import FeatureData, compute_stats
+    from hada.features.store import AUGMENT_DIR, MANIFEST, extract_augmented, extract_split
+
+    extract_split(backbone, dataset, "val", weights[0], tmp_path, progress=False)
+    views = {}
+    for policy in ("albef", "randaugment"):
+        fs = extract_augmented(backbone, dataset, "val", 1, weights[0], tmp_path, policy=policy, progress=False)
+        assert fs.augment_policy == policy
+        assert json.loads((fs.path / AUGMENT_DIR / MANIFEST).read_text())["policy"] == policy
+        views[policy] = np.array(fs.augmented[1])
+        assert not np.array_equal(views[policy], fs.image_embeds[None])  # the views differ from the plain image
+    assert not np.array_equal(views["albef"], views["randaugment"])  # another policy: made again
+    with pytest.raises(HadaError, match="made with the randaugment policy"):
+        FeatureData([fs], compute_stats([fs]), augment_p=0.5, augment_policy="albef")
+    FeatureData([fs], compute_stats([fs]), augment_p=0.5, augment_policy="randaugment")

@@ -33,10 +33,29 @@ def test_print_config_of_both_recipes():
     assert paper["loss"]["queue_size"] == 64000 and paper["loss"]["itm_head"] == "linear"
     assert (paper["optim"]["lr"], paper["optim"]["batch_size"], paper["optim"]["t_mult"]) == (5e-5, 20, 2)
     assert paper["optim"]["init_from"] == "runs/earlier" and paper["data"]["token_stats"] == "global"
-    lavis = recipe("lavis").to_dict()
+    assert paper["optim"]["epochs"] == 100 and paper["loss"]["itm_keys"] == "momentum"
+    assert paper["loss"]["itm_negatives"] == "hada" and paper["optim"]["warm_start"] == "online"
+    assert paper["data"]["augment_backbones"] == "main" and paper["data"]["test_captions_per_image"] is None
+    out = hada_cli("train", "--recipe", "lavis", "--print-config")
+    assert out.returncode == 0, out.stderr
+    lavis = json.loads(out.stdout)
+    assert lavis == recipe("lavis").resolved().to_dict()
     assert lavis["model"]["single_node"] == [1] and lavis["loss"]["i2t_weight"] == 0.5
     assert (lavis["optim"]["lr"], lavis["optim"]["batch_size"], lavis["optim"]["eta_min"]) == (1e-4, 40, 1e-5)
     assert lavis["model"]["dropout"] == 0.4 and lavis["loss"]["mix_from_epoch"] > 0
+    assert lavis["optim"]["epochs"] == 100 and lavis["loss"]["itm_keys"] == "momentum"
+    assert lavis["data"]["token_stats"] == "raw" and lavis["model"]["embed_norm"] == "raw"
+    assert lavis["data"]["test_captions_per_image"] == 5 and lavis["data"]["augment_backbones"] == "all"
+
+
+def test_book_runs_of_the_published_recipe_keep_the_books_budget(tmp_path):
+    from hada.experiments import Setting, recipe_runs
+
+    setting = Setting("synthetic", tmp_path, ("a", "b"), epochs=10, pairs_per_epoch=3000, seed=0)
+    runs = {name: config for _, name, config in recipe_runs(setting)}
+    assert recipe("paper").optim.epochs == 100
+    assert (runs["paper-k2"].optim.epochs, runs["paper-k2"].optim.pairs_per_epoch) == (10, 3000)
+    assert runs["paper-k2"].model.attention_dropout == 0.7  # the rest is the published recipe
 
 
 def test_paper_recipe_counts_at_the_papers_widths():
@@ -188,13 +207,42 @@ def test_random_queue_starts_full_of_unit_vectors_that_match_nothing(monkeypatch
     assert seen["t"].shape == (4, 4 + 50) and (seen["t"][:, 4:] == 0).all()  # the whole queue, no positive
 
 
-def test_hard_negatives_from_the_hada_only_similarity(monkeypatch):
+def record_hard_negative_sims(monkeypatch) -> list:
     import hada.losses as hl
 
-    objective, batch = tiny_objective(itm_negatives="hada", queue_size=0), rand_batch(4)
-    sims = []
-    original = hl.sample_hard_negatives
+    sims, original = [], hl.sample_hard_negatives
     monkeypatch.setattr(hl, "sample_hard_negatives", lambda sim, pos: (sims.append(sim), original(sim, pos))[1])
+    return sims
+
+
+def test_hard_negatives_against_the_momentum_keys_of_the_batch(monkeypatch):
+    objective, batch = tiny_objective(itm_negatives="hada", queue_size=8), rand_batch(4)
+    assert LossConfig().itm_keys == "momentum"
+    with torch.no_grad():  # momentum encoders that differ from the online ones
+        for p in objective.pair_m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    sims = record_hard_negative_sims(monkeypatch)
+    objective.eval()
+    objective(batch, batch, torch.arange(4))  # updates the momentum encoders before their forward
+    img, txt = objective.pair.image(batch), objective.pair.text(batch)
+    img_m, txt_m = objective.pair_m.image(batch), objective.pair_m.text(batch)
+    assert not torch.allclose(img_m, img, atol=1e-3)
+    tau = objective.tau().detach()
+    torch.testing.assert_close(sims[1], (img @ txt_m.T / tau).detach())  # per image, a text key
+    torch.testing.assert_close(sims[0], (txt @ img_m.T / tau).detach())  # per text, an image key
+    # the mixed similarity against the momentum keys: the ITC logits' batch columns
+    objective, sims[:] = tiny_objective(itm_negatives="mixed", queue_size=8), []
+    objective.eval()
+    objective(batch, batch, torch.arange(4))
+    img, txt_m = objective.pair.image(batch), objective.pair_m.text(batch)
+    main = F.normalize(batch.embeds[0], dim=-1)
+    w, tau = objective.w().detach(), objective.tau().detach()
+    torch.testing.assert_close(sims[1], ((1 - w) * img @ txt_m.T + w * main @ main.T).detach() / tau)
+
+
+def test_hard_negatives_online_against_online(monkeypatch):
+    objective, batch = tiny_objective(itm_negatives="hada", itm_keys="online", queue_size=0), rand_batch(4)
+    sims = record_hard_negative_sims(monkeypatch)
     torch.manual_seed(0)
     objective.eval()
     objective(batch, batch, torch.arange(4))
@@ -202,6 +250,12 @@ def test_hard_negatives_from_the_hada_only_similarity(monkeypatch):
     hada = img @ txt.T / objective.tau()
     torch.testing.assert_close(sims[1], hada.detach())  # per image, a text
     torch.testing.assert_close(sims[0], hada.T.detach())
+    objective, sims[:] = tiny_objective(itm_negatives="mixed", itm_keys="online", queue_size=0), []
+    objective.eval()
+    objective(batch, batch, torch.arange(4))
+    img, txt, main = objective.pair.image(batch), objective.pair.text(batch), F.normalize(batch.embeds[0], dim=-1)
+    w, tau = objective.w().detach(), objective.tau().detach()
+    torch.testing.assert_close(sims[1], ((1 - w) * img @ txt.T + w * main @ main.T).detach() / tau)
 
 
 def test_distillation_ramp_and_two_stages():
@@ -247,6 +301,88 @@ def test_augmented_views_used_with_probability_075():
     assert txt.batch_size == 8
 
 
+def test_augmentation_of_the_main_backbone_alone():
+    splits = toy_splits(n_images=40, seed=0)
+    for s in splits:  # view v of every image: its tokens and embedding filled with v + 10
+        s.augmented = tuple(np.stack([np.full_like(a, v + 10) for v in range(3)]) for a in (s.image_tokens,
+                                                                                            s.image_embeds))
+    data = FeatureData(splits, compute_stats(splits), augment_p=0.75, augment_backbones="main")
+    torch.manual_seed(0)
+    batch = data.image_batch(np.tile(np.arange(40), 10), augment=True)
+    assert (batch.embeds[0][:, 0] >= 10).any() and (batch.tokens[0] != data.image_batch(np.tile(np.arange(40), 10))
+                                                     .tokens[0]).any()
+    plain = data.image_batch(np.tile(np.arange(40), 10))
+    assert torch.equal(batch.embeds[1], plain.embeds[1]) and torch.equal(batch.tokens[1], plain.tokens[1])
+    splits[1].augmented = None  # the published extracts views of the main backbone only: enough for "main"
+    FeatureData(splits, compute_stats(splits), augment_p=0.75, augment_backbones="main")
+    # which backbones' views a run reads (and hada prepare extracts)
+    assert recipe("paper", backbones=["a", "b"]).data.augmented_backbones == ["a"]
+    assert recipe("paper", backbones=["a", "b"], augment_backbones="all").data.augmented_backbones == ["a", "b"]
+    assert recipe("miniature", backbones=["a", "b"]).data.augmented_backbones == []
+
+
+def test_albef_augmentation_policy():
+    from PIL import Image
+
+    from hada.features import augment as aug
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    policy = aug.policy_transform("albef", 32)
+    out = [policy(image) for _ in range(20)]
+    assert all(o.size == (32, 32) for o in out) and len({o.tobytes() for o in out}) == 20
+    torch.manual_seed(0)
+    assert [o.tobytes() for o in out[:3]] == [policy(image).tobytes() for _ in range(3)]  # seeded: reproducible
+    torch.manual_seed(0)
+    chosen = [policy.chosen_ops() for _ in range(4000)]
+    assert np.mean([len(c) for c in chosen]) == pytest.approx(1.0, abs=0.05)  # 2 draws, each kept with p 0.5
+    assert {op for c in chosen for op in c} == set(aug.ALBEF_OPS)
+    grey = Image.new("RGB", (20, 20), (100, 100, 100))
+    assert aug.apply_op(grey, "brightness", 7).getpixel((5, 5)) == (136, 136, 136)  # factor 0.1 + 1.8 * 0.7
+    bar = np.zeros((20, 20, 3), dtype=np.uint8)
+    bar[:, 10] = 255
+    moved = np.asarray(aug.apply_op(Image.fromarray(bar), "translate_x", 7))
+    assert {int(np.argmax(moved[5, :, 0]))} <= {3, 17}  # 7 pixels either way
+    assert tuple(moved[5, 0]) == (128, 128, 128) or tuple(moved[5, -1]) == (128, 128, 128)  # grey fill
+    assert aug.input_size({"size": (336, 336)}) == 336 and recipe("paper").data.augment_policy == "albef"
+
+
+def test_raw_inputs_enter_unnormalised():
+    splits = toy_splits(n_images=8, seed=0)
+    stats = compute_stats(splits, raw=True)
+    assert all(s.raw for s in stats.image + stats.text)
+    assert type(stats).from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
+    assert "raw" not in json.dumps(compute_stats(splits).to_dict())  # earlier statistics read the same
+    data = FeatureData(splits, stats)
+    img, txt = data.image_batch(np.arange(4)), data.text_batch(np.arange(5))
+    torch.testing.assert_close(img.tokens[1], torch.from_numpy(splits[1].image_tokens[:4].astype(np.float32)))
+    stored = torch.from_numpy(splits[0].text_tokens[:5].astype(np.float32))[:, :txt.tokens[0].shape[1]]
+    torch.testing.assert_close(txt.tokens[0], stored)  # padding is stored as zeros
+    model, batch = encoder(embed_norm="raw").eval(), rand_batch()
+    torch.testing.assert_close(model.embed_input(batch.embeds[1], 1), batch.embeds[1])
+    assert recipe("lavis").data.token_stats == "raw" and recipe("lavis").model.embed_norm == "raw"
+
+
+def test_first_captions_of_each_test_image():
+    splits = toy_splits(n_images=10, captions_per_image=(2, 3, 1), seed=0)
+    full, stats = FeatureData(splits, compute_stats(splits)), compute_stats(splits)
+    kept = FeatureData(splits, stats, captions_per_image=2)
+    counts = np.bincount(kept.caption_image_index, minlength=10)
+    assert kept.n_captions == 2 + 2 + 1 + 2 + 2 + 1 + 2 + 2 + 1 + 2 and counts.max() == 2 and counts.min() == 1
+    rows = kept.caption_rows
+    assert np.array_equal(full.caption_image_index[rows], kept.caption_image_index)
+    a, b = kept.text_batch(np.arange(kept.n_captions)), full.text_batch(rows)
+    for x, y in zip(a.tokens + a.embeds, b.tokens + b.embeds):
+        torch.testing.assert_close(x, y)
+    assert np.array_equal(rows, [i for i, c in enumerate(full.caption_image_index)
+                                 if list(full.caption_image_index[:i]).count(c) < 2])  # the first two, in order
+    config = recipe("lavis")
+    assert ht.split_options(config, "test") == {"captions_per_image": 5}
+    assert ht.split_options(config, "val") == ht.split_options(config, "train") == {"captions_per_image": None}
+    assert recipe("paper").data.test_captions_per_image is None  # ours: every caption
+
+
 @pytest.fixture
 def toy_world(monkeypatch, tmp_path):
     use_toy_stores(monkeypatch, tmp_path)
@@ -272,14 +408,42 @@ def test_scheduler_steps_every_iteration_with_the_fractional_epoch(toy_world, mo
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(reference, T_0=30, T_mult=2, eta_min=5e-6)
     scheduler.step(1.0)
     assert result.history[1]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-12)
-    # init-from: a new run starts from this one's best weights
-    config = tiny_paper(init_from=str(result.run_dir), seed=5).resolved()
-    (toy_world / "warm").mkdir()
-    run = ht._start(config, toy_world / "warm", True, None)
+
+
+def test_warm_start_loads_the_online_encoders_and_itm_head_only(toy_world):
+    result = ht.train(tiny_paper(epochs=1, tau_init=0.05, w_init=0.4), toy_world / "run")
     best = torch.load(result.run_dir / "best.pt", weights_only=False)["model"]
-    for name, value in run.objective.state_dict().items():
-        if name.startswith(("pair.", "itm_head.")):
-            torch.testing.assert_close(value, best[name], msg=name)
+    assert recipe("paper").optim.warm_start == "online"
+    runs = {}
+    for parts in ("online", "all"):
+        config = tiny_paper(init_from=str(result.run_dir), seed=5, warm_start=parts).resolved()
+        (toy_world / parts).mkdir()
+        runs[parts] = ht._start(config, toy_world / parts, True, None)
+        ht.seed_everything(config.seed)
+        fresh = ht.build_objective(config, runs[parts].dims, runs[parts].stats)  # the same seed's fresh init
+        state, fresh_state = runs[parts].objective.state_dict(), fresh.state_dict()
+        for name, value in state.items():
+            if name.startswith(("pair.", "itm_head.")) or parts == "all" and not name.startswith("queue."):
+                torch.testing.assert_close(value, best[name], msg=name)  # from the earlier run
+            else:  # tau, w, the momentum encoders and the queue: fresh
+                torch.testing.assert_close(value, fresh_state[name], msg=name)
+        assert not runs[parts].optimizer.state and runs[parts].scheduler.last_epoch == 0  # optimiser, schedule: new
+    online = runs["online"].objective  # the new run's own initial tau and w, not the earlier run's
+    assert (float(online.temp), float(online.mix_weight)) == pytest.approx((0.07, 0.5))
+    assert float(best["temp"]) != pytest.approx(0.07) and float(runs["all"].objective.temp) == float(best["temp"])
+    assert any(not torch.equal(p, best["pair_m." + n]) for n, p in online.pair_m.named_parameters())
+
+
+def test_a_lavis_style_run_trains_on_raw_inputs_and_scores_the_first_test_captions(toy_world):
+    config = tiny_paper(epochs=1, token_stats="raw", embed_norm="raw", test_captions_per_image=1)
+    result = ht.train(config, toy_world / "run")
+    stats = json.loads((result.run_dir / "stats.json").read_text())
+    assert all(s["raw"] for s in stats["image"] + stats["text"])
+    model = ht.load_trained(result.run_dir)
+    test = model.load_data("test")
+    assert test.n_captions == test.n_images == 12  # toy test split: 12 images with 2 or 3 captions each
+    assert model.evaluate(test) == pytest.approx(result.test_metrics)
+    assert model.load_data("val").n_captions > model.load_data("val").n_images  # val keeps every caption
 
 
 def test_early_stopping_threshold():

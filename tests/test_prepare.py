@@ -214,7 +214,9 @@ def test_steps_extract_snapshots_after_their_pretraining_and_augmented_views_for
     assert steps["features tiny-vit@1"].after == ("pretrain tiny-vit",)
     assert steps["features tiny-rn@2"].after == ("pretrain tiny-rn",)
     assert "pretrain tiny-vit@1" not in steps
-    assert steps["features tiny-vit"].args[-1] == AUGMENT_VIEWS  # the paper recipe trains on augmented views
+    # the paper recipe trains on augmented views of its main backbone, made with the published policy
+    assert steps["features tiny-vit"].args[-2:] == (AUGMENT_VIEWS, "albef")
+    assert steps["features tiny-rn"].args[-1] == 0  # its second backbone sees the plain images
     assert steps["features tiny-vit-gray"].args[-1] == 0  # no run with augmentation reads it
     assert steps["train paper-k2"].cost > 10 * steps["train hada-k2"].cost  # the slow run starts first
     for pair in strength_pairs(setting):

@@ -18,6 +18,10 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
     ("model.precision",): (
         "budget", "bfloat16 matrix products where the CPU multiplies them natively (much faster encoders); the "
                   "loss, softmax and readout stay float32."),
+    ("optim.epochs",): (
+        "budget", "The published recipe trains for up to {p_epochs} epochs, to early stopping; every run of the book "
+                  "(the published recipe's own run in the results chapter included) stops at {m_epochs}, which a "
+                  "2-core build can afford."),
     ("optim.pairs_per_epoch",): (
         "budget", "A fresh draw of {m_pairs:,} pairs per epoch instead of all {train_captions:,} training captions keeps "
                   "an epoch to seconds."),
@@ -32,8 +36,11 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
         "budget", "Dropout {p_dropout:g} in four places regularises a long run over Flickr30k's {flickr_captions:,} "
                   "training captions; a run of {m_epochs} short epochs needs speed of learning more than regularisation."),
     ("data.augment_p",): (
-        "budget", "Augmented views are extracted ahead, one more pass over the training images per view and "
-                  "backbone; the miniature trains on the plain view only."),
+        "budget", "Augmented views are extracted ahead, one more pass over the training images per view (of the "
+                  "main backbone, in the published recipe); the miniature trains on the plain view only."),
+    ("data.augment_backbones", "data.augment_policy"): (
+        "no effect", "Which backbones see an augmented view, and how the views are made: the miniature draws none; "
+                     "the published augments its main backbone alone, with ALBEF's training transform."),
     ("loss.queue_size", "loss.queue_init"): (
         "scale", "The train split has {train_captions:,} captions: a {p_queue:,}-slot queue would hold {queue_ratio:.1f} "
                  "times the data, much of it random vectors for a whole short run, and scoring every batch "
@@ -43,6 +50,10 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
                  "{m_patience} stops early rarely either way."),
     ("model.norm",): (
         "no effect", "LayerNorm between graph layers: both recipes have one layer, so neither applies it."),
+    ("optim.warm_start",): (
+        "no effect", "What a warm start (--init-from) loads: no run of the book starts from another; the published "
+                     "loads the online encoders and the matching head only, tau, w and the momentum encoders "
+                     "starting fresh."),
     ("loss.distill_source", "loss.alpha_ramp"): (
         "no effect", "Distillation settings: distillation is off in both (as in the published C5 config)."),
     ("data.token_stats",): (
@@ -91,7 +102,7 @@ def reason_values(train_captions: int) -> dict:
     return {"p_heads": pm.heads, "p_width": pm.width, "p_channels": pm.heads * (pm.head_dim or pm.width),
             "m_heads": mm.heads, "m_head_dim": mm.head_dim or mm.width, "m_width": mm.width,
             "m_pairs": mini.optim.pairs_per_epoch, "m_epochs": mini.optim.epochs, "m_patience": mini.optim.patience,
-            "p_t0": paper.optim.t0, "cycle_share": mini.optim.epochs / paper.optim.t0,
+            "p_t0": paper.optim.t0, "p_epochs": paper.optim.epochs, "cycle_share": mini.optim.epochs / paper.optim.t0,
             "p_dropout": pm.dropout, "flickr_captions": 5 * EXPECTED_IMAGES["flickr30k"]["train"],
             "train_captions": train_captions, "p_queue": paper.loss.queue_size,
             "queue_ratio": paper.loss.queue_size / train_captions, "m_self": mm.edges.w_self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hada.cli.flags import add_backbones_flag, add_dataset_flags, add_device_flag, add_jobs_flag, at_least_one
+from hada.config import AUGMENT_POLICIES
 
 EXTRACT_HELP = """\
 Store every backbone's token features for a dataset split: image tokens (CLS/pooled first), text tokens
@@ -54,6 +55,10 @@ def register(subparsers) -> None:
     ex.add_argument("--augment", type=int, default=0, metavar="N",
                     help="also store N RandAugment views of every train image beside the plain view (the published "
                          "recipe trains 75%% of its samples on one: --augment-p); default 0")
+    ex.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default="randaugment",
+                    help="how the augmented views are made: randaugment (torchvision's default RandAugment) or "
+                         "albef (the published: random resized crop, flip, 2 of ALBEF's operations at magnitude "
+                         "7); default randaugment")
     add_device_flag(ex)
     add_jobs_flag(ex, "image decoding worker processes, 0 = in this process (default: 0 on the CPU, up to 8 "
                       "per process on CUDA)", minimum=0)
@@ -97,7 +102,8 @@ def _extract(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with distributed.session(device):
         stores = ensure_features(dataset, backbones, splits, force=args.force, device=str(device), jobs=args.jobs,
-                                 image_batch=args.image_batch, text_batch=args.text_batch, augment=args.augment)
+                                 image_batch=args.image_batch, text_batch=args.text_batch, augment=args.augment,
+                                 augment_policy=args.augment_policy)
         if not distributed.is_main():
             return 0
     for spec, by_split in stores.items():

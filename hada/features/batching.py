@@ -1,7 +1,8 @@
 """Stored token features -> normalised :class:`~hada.model.encoder.ModalityBatch` tensors, without per-sample Python.
 
 Tokens are L2-normalised per token, then standardised with one global mean and std per
-backbone and modality (or one over all of them: ``compute_stats(..., pooled=True)``, the published).
+backbone and modality (or one over all of them: ``compute_stats(..., pooled=True)``, the published), or enter
+raw (``compute_stats(..., raw=True)``: HADA-LAVIS).
 The statistics come from the *train* split (:func:`compute_stats`) and travel with the run and its
 checkpoint, so val and test are normalised with the train statistics. Training batches can use augmented
 image views stored ahead (``FeatureData(augment_p=...)``, ``hada features extract --augment N``).
@@ -40,10 +41,12 @@ CHUNK_ROWS = 1024  # rows per contiguous read from a memmap
 # ------------------------------------------------------------------------------------------ statistics
 @dataclass
 class TokenStats:
-    """Global mean and std of one backbone's per-token L2-normalised features in one modality."""
+    """Global mean and std of one backbone's per-token L2-normalised features in one modality; ``raw``: the tokens
+    enter as stored, with no L2 norm and no standardisation (HADA-LAVIS; mean 0 and std 1 then)."""
 
     mean: float
     std: float
+    raw: bool = False
 
 
 @dataclass
@@ -54,11 +57,16 @@ class FeatureStats:
     text: list[TokenStats]
 
     def to_dict(self) -> dict:
-        return {"image": [asdict(s) for s in self.image], "text": [asdict(s) for s in self.text]}
+        return {"image": [_stats_dict(s) for s in self.image], "text": [_stats_dict(s) for s in self.text]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureStats":
         return cls([TokenStats(**s) for s in d["image"]], [TokenStats(**s) for s in d["text"]])
+
+
+def _stats_dict(s: TokenStats) -> dict:
+    """``s`` as a dict; ``raw`` only when set (statistics written before it existed read the same)."""
+    return {k: v for k, v in asdict(s).items() if k != "raw" or v}
 
 
 def _token_moments(tokens, lengths: np.ndarray | None) -> tuple[float, float, int]:
@@ -88,10 +96,18 @@ def _stats_of(s: float, sq: float, n: int) -> TokenStats:
     return TokenStats(mean, std if std > 1e-12 else 1.0)
 
 
-def compute_stats(splits: Sequence, pooled: bool = False) -> FeatureStats:
+def raw_stats(k: int) -> FeatureStats:
+    """The statistics of K backbones whose tokens enter as stored (HADA-LAVIS): no L2 norm, no standardisation."""
+    return FeatureStats([TokenStats(0.0, 1.0, raw=True) for _ in range(k)],
+                        [TokenStats(0.0, 1.0, raw=True) for _ in range(k)])
+
+
+def compute_stats(splits: Sequence, pooled: bool = False, raw: bool = False) -> FeatureStats:
     """Mean/std per backbone and modality of per-token L2-normalised features (valid tokens only); with
     ``pooled`` one global mean/std over every backbone and both modalities (the published standardisation),
-    repeated in every entry."""
+    repeated in every entry; with ``raw`` no statistics: the tokens enter as stored (HADA-LAVIS)."""
+    if raw:
+        return raw_stats(len(splits))
     image, text, totals = [], [], np.zeros(3)
     for fs in splits:
         for out, (tokens, lengths) in ((image, (fs.image_tokens, None)), (text, (fs.text_tokens, fs.text_lengths))):
@@ -182,12 +198,18 @@ class FeatureData:
 
     ``splits``: one FeatureSplit per backbone (same dataset and split; backbone 0 is the main one).
     ``with_tokens=False`` never reads the token arrays: batches carry only the embeddings (for the
-    concatenation baseline), with empty ``tokens``/``lengths`` lists. ``device``: where batches are delivered
-    (and the arrays kept, when they fit: :attr:`placement`).
+    concatenation baseline), with empty ``tokens``/``lengths`` lists. ``augment_p``: the probability that a
+    training image uses one of its stored augmented views, in every backbone or (``augment_backbones="main"``,
+    the published) in backbone 0 alone; ``augment_policy``, when given, must be the policy its views were made
+    with. ``captions_per_image``: keep only the first N captions of each image, in the split's order (HADA-LAVIS
+    scores MSCOCO's test split on 5); caption rows then count the kept ones. ``device``: where batches are
+    delivered (and the arrays kept, when they fit: :attr:`placement`).
     """
 
     def __init__(self, splits: Sequence, stats: FeatureStats, resident: bool | None = None,
-                 with_tokens: bool = True, device: torch.device | str = "cpu", augment_p: float = 0.0):
+                 with_tokens: bool = True, device: torch.device | str = "cpu", augment_p: float = 0.0,
+                 augment_backbones: str = "all", captions_per_image: int | None = None,
+                 augment_policy: str | None = None):
         if len(splits) < 1:
             raise HadaError("FeatureData needs at least one backbone's features")
         if len(stats.image) != len(splits) or len(stats.text) != len(splits):
@@ -202,6 +224,13 @@ class FeatureData:
                                 f" captions, backbone 0 {self.n_images} / {self.n_captions}: not the same split")
             if not np.array_equal(np.asarray(fs.caption_image_index), self.caption_image_index):
                 raise HadaError(f"backbone {k}'s caption order differs from backbone 0's")
+        self.captions_per_image = captions_per_image
+        #: the stored caption row of each kept caption (None: every caption, row i is caption i)
+        self.caption_rows = first_captions(self.caption_image_index, captions_per_image)
+        if self.caption_rows is not None:
+            self.caption_image_index = self.caption_image_index[self.caption_rows]
+            self.n_captions = len(self.caption_rows)
+        keep = slice(None) if self.caption_rows is None else self.caption_rows
         self.device = torch.device(device)
         self.size_bytes = sum(a.nbytes for fs in splits for a in (fs.image_tokens, fs.text_tokens)) if with_tokens \
             else 0
@@ -214,14 +243,18 @@ class FeatureData:
         resident = self.placement != "memmap"
         self.image_tokens = [_Rows(fs.image_tokens, resident, **rows) for fs in splits] if with_tokens else []
         self.text_tokens = [_Rows(fs.text_tokens, resident, **rows) for fs in splits] if with_tokens else []
-        self.text_lengths = [torch.from_numpy(np.array(fs.text_lengths, dtype=np.int64)) for fs in splits]
+        self.text_lengths = [torch.from_numpy(np.array(fs.text_lengths[keep], dtype=np.int64)) for fs in splits]
         # the embeddings are small: on the device whenever the run is
         self.image_embeds = [torch.from_numpy(np.array(fs.image_embeds, dtype=np.float32)).to(self.device)
                              for fs in splits]
-        self.text_embeds = [torch.from_numpy(np.array(fs.text_embeds, dtype=np.float32)).to(self.device)
+        self.text_embeds = [torch.from_numpy(np.array(fs.text_embeds[keep], dtype=np.float32)).to(self.device)
                             for fs in splits]
         self.augment_p = float(augment_p)
-        self.views = _augmented_views(splits, with_tokens, self.device, rows) if augment_p > 0 else None
+        augmented = splits[:1] if augment_backbones == "main" else splits
+        self.views = _augmented_views(augmented, with_tokens, self.device, rows, augment_policy) \
+            if augment_p > 0 else None
+        if self.views is not None:  # a backbone that is not augmented: None, its plain view
+            self.views += [None] * (len(splits) - len(self.views))
 
     def describe(self) -> str:
         """One line: where the token features are, for the training log."""
@@ -239,8 +272,11 @@ class FeatureData:
     # -- batches -----------------------------------------------------------------------------------
     @staticmethod
     def _normalise(x: Tensor, st: TokenStats, mask: Tensor | None) -> Tensor:
-        """fp32 ``(x / |x| - mean) / std`` per token, in place on a fresh copy; padding set to exactly zero."""
+        """fp32 ``(x / |x| - mean) / std`` per token (``x`` itself with raw statistics), in place on a fresh copy;
+        padding set to exactly zero."""
         x = x.to(torch.float32, copy=True)
+        if st.raw:
+            return x if mask is None else x.mul_(mask.unsqueeze(-1))
         scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12).mul_(st.std).reciprocal_()
         x.mul_(scale).sub_(st.mean / st.std)
         if mask is not None:
@@ -287,7 +323,8 @@ class FeatureData:
             width = max(1, int(n.max()))
             n = self.to_device(n)
             mask = torch.arange(width, device=self.device) < n[:, None]
-            tokens.append(self._normalise(self.to_device(store.take(caps, width)), self.stats.text[k], mask))
+            stored = caps if self.caption_rows is None else self.caption_rows[caps]
+            tokens.append(self._normalise(self.to_device(store.take(stored, width)), self.stats.text[k], mask))
             lengths.append(n)
         embeds = [e.index_select(0, idx_device) for e in self.text_embeds]
         return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
@@ -305,6 +342,20 @@ class FeatureData:
     def main_embeddings(self, k: int = 0) -> tuple[Tensor, Tensor]:
         """Backbone k's own L2-normalised (image [n_img, E], text [n_cap, E]) embeddings."""
         return F.normalize(self.image_embeds[k], dim=-1), F.normalize(self.text_embeds[k], dim=-1)
+
+
+def first_captions(caption_image_index: np.ndarray, n: int | None) -> np.ndarray | None:
+    """The rows of the first ``n`` captions of each image, in split order (None for ``n`` None: every row)."""
+    if n is None:
+        return None
+    index = np.asarray(caption_image_index, dtype=np.int64)
+    order = np.argsort(index, kind="stable")  # each image's captions together, in split order
+    sorted_ids = index[order]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_ids))[0] + 1]
+    rank = np.arange(len(index)) - np.repeat(starts, np.diff(np.r_[starts, len(index)]))
+    keep = np.zeros(len(index), dtype=bool)
+    keep[order[rank < n]] = True
+    return np.nonzero(keep)[0]
 
 
 class _Views:
@@ -335,11 +386,18 @@ class _Views:
         return plain.index_copy(0, torch.from_numpy(chosen).to(plain.device), self.embed_rows.index_select(0, flat))
 
 
-def _augmented_views(splits: Sequence, with_tokens: bool, device: torch.device, rows: dict) -> list:
-    """Each backbone's :class:`_Views` (None for a backbone without stored views: its plain view is used)."""
+def _augmented_views(splits: Sequence, with_tokens: bool, device: torch.device, rows: dict,
+                     policy: str | None = None) -> list:
+    """Each backbone's :class:`_Views` (None for a backbone without stored views: its plain view is used); views
+    made with another policy than ``policy`` (when given) are one clear error."""
     views = []
     for fs in splits:
         stored = getattr(fs, "augmented", None)
+        made = getattr(fs, "augment_policy", None)
+        if stored is not None and policy is not None and made is not None and made != policy:
+            name = (getattr(fs, "manifest", None) or {}).get("backbone", "a backbone")
+            raise HadaError(f"{name}'s augmented views were made with the {made} policy, the run wants {policy}: "
+                            f"run `hada features extract --augment N --augment-policy {policy}`")
         views.append(None if stored is None else _Views(*stored, with_tokens, device, rows))
     counts = {v.count for v in views if v is not None}
     if not counts:
@@ -412,3 +470,4 @@ class ArraySplit:
     caption_image_index: np.ndarray
     manifest: dict
     augmented: tuple | None = None  # (image tokens [V, N_img, T, D], image embeds [V, N_img, E]) or None
+    augment_policy: str | None = None  # the policy the views were made with (None: not recorded)

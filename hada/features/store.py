@@ -95,6 +95,7 @@ class FeatureSplit:
     caption_ids: np.ndarray
     caption_image_index: np.ndarray
     augmented: tuple | None = None  # (image tokens [V, N, T, D], image embeds [V, N, E]): --augment views
+    augment_policy: str | None = None  # the policy the augmented views were made with (hada.features.augment)
 
     @property
     def n_images(self) -> int:
@@ -160,7 +161,9 @@ def open_features(dataset: str, backbone: str, split: str, root: Path | None = N
             raise HadaError(f"feature store {path}: {name} has shape {list(arr.shape)} {arr.dtype}, "
                             f"manifest says {want['shape']} {want['dtype']}; rebuild with --force")
         arrays[name] = arr
-    return FeatureSplit(path=path, manifest=manifest, augmented=_open_augmented(path, manifest), **arrays)
+    augmented = _open_augmented(path, manifest)
+    policy = _augment_policy(path) if augmented is not None else None
+    return FeatureSplit(path=path, manifest=manifest, augmented=augmented, augment_policy=policy, **arrays)
 
 
 
@@ -522,13 +525,15 @@ def ensure_features(
     image_batch: int | None = None,
     text_batch: int | None = None,
     augment: int = 0,
+    augment_policy: str = "randaugment",
 ) -> dict[str, dict[str, FeatureSplit]]:
     """Extract whatever is missing (resuming unfinished stores) and return ``{backbone: {split: FeatureSplit}}``.
 
     ``dataset`` is a name ("synthetic", "flickr30k", "coco") or a loaded :class:`hada.data.datasets.Dataset`;
     ``data_root`` its folder (default: the dataset's folder under ``data/``). ``device``: see
     :func:`hada.devices.resolve_device`. Under torchrun every process calls this and shares the work.
-    ``augment``: also store that many augmented views of every train image (:func:`extract_augmented`).
+    ``augment``: also store that many augmented views of every train image, made with ``augment_policy``
+    (:func:`extract_augmented`).
     """
     from hada.backbones import load_backbone
     from hada.data.datasets import load_dataset
@@ -549,7 +554,7 @@ def ensure_features(
                     image_batch=image_batch, text_batch=text_batch)
                 if augment and split == "train" and distributed.is_main():
                     out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
-                                                         jobs=jobs or 0, progress=progress)
+                                                         jobs=jobs or 0, progress=progress, policy=augment_policy)
     return out
 
 
@@ -651,6 +656,11 @@ AUGMENT_DIR = "augment"  # beside the plain view: <store>/augment/{image_tokens,
 AUGMENT_SEED = 0
 
 
+def _augment_policy(path: Path) -> str:
+    """The policy of a store's augmented views (views made before policies existed: ``"randaugment"``)."""
+    return (_read_json(path / AUGMENT_DIR / MANIFEST) or {}).get("policy", "randaugment")
+
+
 def _open_augmented(path: Path, manifest: dict) -> tuple | None:
     """The complete augmented views of a store made from its current arrays, memory-mapped, else None."""
     aug = _read_json(path / AUGMENT_DIR / MANIFEST)
@@ -660,39 +670,46 @@ def _open_augmented(path: Path, manifest: dict) -> tuple | None:
 
 
 class _AugmentedFiles(_ImageFiles):
-    """Image i's view v: RandAugment (torchvision's defaults) under a seed of (v, i), then the model's transform,
-    so a view is the same whatever the batch or the worker that decodes it."""
+    """Image i's view v: the augmentation ``policy`` (:mod:`hada.features.augment`) under a seed of (v, i), then
+    the model's transform, so a view is the same whatever the batch or the worker that decodes it."""
 
-    def __init__(self, paths, transform, grayscale: bool, view: int):
+    def __init__(self, paths, transform, grayscale: bool, view: int, policy: str = "randaugment", size: int = 224):
         super().__init__(paths, transform, grayscale)
-        self.view = view
+        self.view, self.policy, self.size = view, policy, size
 
     def __getitem__(self, i: int):
         import torch
-        from torchvision.transforms import RandAugment
 
         from hada.backbones.backbone import preprocess_image
         from hada.data.images import open_rgb
+        from hada.features.augment import policy_transform
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(AUGMENT_SEED + self.view * len(self.paths) + i)
-            image = RandAugment()(open_rgb(self.paths[i]))
+            image = policy_transform(self.policy, self.size)(open_rgb(self.paths[i]))
         return preprocess_image(image, self.transform, self.grayscale)
 
 
 def extract_augmented(backbone, dataset, split: str, views: int, spec: str | None = None,
-                      root: Path | None = None, *, jobs: int = 0, progress: bool = True) -> FeatureSplit:
-    """Store ``views`` RandAugment views of every image of a complete store (``hada features extract
-    --augment N``): the published recipe trains 75% of its samples on one of them. Written in one pass (not
-    resumable; a rerun redoes it), on one process; a complete set with the same count is reused."""
+                      root: Path | None = None, *, jobs: int = 0, progress: bool = True,
+                      policy: str = "randaugment") -> FeatureSplit:
+    """Store ``views`` augmented views of every image of a complete store (``hada features extract --augment
+    N``), made with ``policy`` (:mod:`hada.features.augment`): the published recipe trains 75% of its samples on
+    one of them. Written in one pass (not resumable; a rerun redoes it), on one process; a complete set with the
+    same count and policy is reused."""
     import torch
     from torch.utils.data import DataLoader
+
+    from hada.features.augment import POLICIES, input_size
+
+    if policy not in POLICIES:
+        raise HadaError(f"augmentation policy must be one of {', '.join(POLICIES)}; got {policy!r}")
 
     spec = spec or backbone.name
     fs = open_features(dataset.name, spec, split, root)
     out = fs.path / AUGMENT_DIR
     made = _read_json(out / MANIFEST) or {}
-    if fs.augmented is not None and made.get("views") == views:
+    if fs.augmented is not None and made.get("views") == views and fs.augment_policy == policy:
         return fs
     out.mkdir(exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -702,7 +719,8 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
     records = dataset.split(split)
     bar = _bar(views * n, 0, "img", f"{spec} {split} augmented views", not progress_enabled(progress))
     for v in range(views):
-        files = _AugmentedFiles([r.path for r in records], backbone.transform, backbone.grayscale, v)
+        files = _AugmentedFiles([r.path for r in records], backbone.transform, backbone.grayscale, v, policy,
+                                input_size(backbone.preprocess_cfg))
         loader = DataLoader(files, batch_sampler=[list(range(s, min(n, s + step))) for s in range(0, n, step)],
                             num_workers=jobs)
         for s, pixels in zip(range(0, n, step), loader):
@@ -714,7 +732,7 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
     bar.close()
     tokens.flush()
     embeds.flush()
-    write_json(out / MANIFEST, {"views": views, "seed": AUGMENT_SEED, "augment": "torchvision RandAugment()",
+    write_json(out / MANIFEST, {"views": views, "seed": AUGMENT_SEED, "policy": policy,
                                 "store_sha256": fs.manifest["checksums"]["image_tokens"]["sha256"],
                                 "complete": True}, indent=1)
     return open_features(dataset.name, spec, split, root)

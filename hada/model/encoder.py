@@ -208,7 +208,9 @@ class HadaEncoder(nn.Module):
 
     def embed_input(self, e: Tensor, k: int) -> Tensor:
         """Backbone k's own embedding as the readout (and a single node) reads it: L2-normalised, and with
-        ``embed_norm="standardise"`` standardised with the token statistics."""
+        ``embed_norm="standardise"`` standardised with the token statistics; with ``"raw"`` as given."""
+        if self.config.embed_norm == "raw":
+            return e
         e = F.normalize(e, dim=-1)
         if hasattr(self, "embed_stats"):
             e = (e - self.embed_stats[k, 0]) / self.embed_stats[k, 1]
