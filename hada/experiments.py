@@ -114,6 +114,19 @@ def _parse_backbones(backbones) -> tuple[str, ...]:
     return tuple(backbones)
 
 
+def _whole(name: str, value, least: int) -> int:
+    """A chapter parameter that must be a whole number >= ``least`` (papermill's ``-p epochs abc`` passes a
+    string): checked here, in the chapter's first cell, before any data loads, naming the parameter."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) or float(value).is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or number < least:
+        raise HadaError(f"parameter {name} must be a whole number >= {least}, got {value!r} "
+                        f"(papermill: -p {name} 10)")
+    return number
+
+
 def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
             pairs_per_epoch: int | None = 3000, seed: int = 0, device: str = "auto") -> Setting:
     """The chapter parameters as a ``Setting``, checking the data and the device (one clear error if either is
@@ -127,6 +140,13 @@ def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epo
     from hada.data.datasets import default_root, load_dataset
     from hada.devices import resolve_device
 
+    from hada.data.datasets import DATASETS
+
+    epochs, seed = _whole("epochs", epochs, 1), _whole("seed", seed, 0)
+    pairs_per_epoch = None if pairs_per_epoch in (None, "", "None", "none", 0) else \
+        _whole("pairs_per_epoch", pairs_per_epoch, 1)
+    if dataset not in DATASETS:
+        raise HadaError(f"parameter dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     device = str(device or "auto")
     resolve_device(device)  # "cuda" on a machine without one: one line now, before any data is made
     root = Path(data_root).expanduser() if data_root else default_root(dataset)

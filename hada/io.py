@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from hada.errors import HadaError
+
 
 def write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` (text as utf-8) to ``path.tmp``, then rename it over ``path``; makes the parent folder."""
@@ -20,6 +22,16 @@ def write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
     return path
+
+
+def read_json(path: str | os.PathLike, hint: str):
+    """The json in ``path``, or one HadaError line saying the file is damaged and ``hint`` (what to do)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HadaError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); {hint}") \
+            from None
 
 
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:

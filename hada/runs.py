@@ -26,7 +26,7 @@ from hada.errors import HadaError
 from hada.paths import runs_dir
 from hada import train as _train
 from hada.config import TrainConfig
-from hada.io import write_json
+from hada.io import read_json, write_json
 from hada.train import TrainedModel, load_trained
 
 #: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
@@ -218,9 +218,12 @@ class RunResult:
 
 def load_result(name: str, run_dir: Path) -> RunResult:
     """The finished run in ``run_dir`` (its ``metrics.json`` exists)."""
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    history = json.loads((run_dir / "history.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    hint = f"delete {run_dir} (or rerun `hada train` with --restart) to train the run again"
+    config = TrainConfig.from_dict(read_json(run_dir / "config.json", hint))
+    history = read_json(run_dir / "history.json", hint)
+    metrics = read_json(run_dir / "metrics.json", hint)
+    if not isinstance(metrics, dict) or not {"val", "test", "best_epoch"} <= metrics.keys():
+        raise HadaError(f"{run_dir / 'metrics.json'} is damaged (not a run's metrics); {hint}")
     return RunResult(name, run_dir, config, history, metrics)
 
 

@@ -198,6 +198,22 @@ def _find_cached_tag(cfg: dict, cache_dir: Path) -> tuple[Path | None, list[str]
     return None, expected
 
 
+def check_spec_name(spec: str) -> None:
+    """Raise the one-line "unknown backbone" error for a spec that names no backbone, without needing its weights:
+    a command that only reads stored features must not send the user to extract features for a typo."""
+    spec = spec.strip()
+    if spec in EMBEDDED_BACKBONES or split_snapshot(spec)[1] is not None or spec.startswith(("local-dir:", "hf-hub:")):
+        return
+    if ":" not in spec:
+        resolve_spec(spec)  # the unknown-backbone line
+    register_model_configs()
+    import open_clip
+
+    model = spec.split(":", 1)[0]
+    if model.replace("/", "-") not in open_clip.list_models():
+        raise HadaError(f"unknown backbone '{spec}': no open_clip model '{model}' (see open_clip.list_models())")
+
+
 def resolve_spec(spec: str) -> ResolvedSpec:
     """Turn a spec string into a model name and a weights file that exists, or raise one clear HadaError."""
     spec = spec.strip()

@@ -144,13 +144,18 @@ def verify_store(path: Path, manifest: dict, full: bool = False) -> None:
 
 
 def open_features(dataset: str, backbone: str, split: str, root: Path | None = None,
-                  verify: str = "auto") -> FeatureSplit:
-    """Memory-map one complete store read-only; ``verify``: "auto" (sizes, sha256 if touched) or "full"."""
+                  verify: str = "auto", data_root: str | None = None) -> FeatureSplit:
+    """Memory-map one complete store read-only; ``verify``: "auto" (sizes, sha256 if touched) or "full".
+    ``data_root``: the dataset folder the caller was given, named in the hint when there are no features."""
     path = store_dir(dataset, backbone, split, root)
     manifest = _read_json(path / MANIFEST)
     if manifest is None:
-        raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run "
-                        f"`hada features extract --dataset {dataset} --backbones {backbone} --split {split}`")
+        from hada.backbones.spec import check_spec_name
+
+        check_spec_name(backbone)  # a typo is "unknown backbone", not "extract features for it"
+        where = f" --data-root {data_root}" if data_root else ""
+        raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run `hada features extract "
+                        f"--dataset {dataset}{where} --backbones {backbone} --split {split}`")
     verify_store(path, manifest, full=(verify == "full"))
     arrays = {}
     for name in ARRAY_NAMES:
