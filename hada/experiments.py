@@ -6,6 +6,7 @@ live in :mod:`hada.runs`.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
 from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
 from hada.errors import HadaError
-from hada.io import write_json
+from hada.io import write_bytes, write_json
 
 
 # -------------------------------------------------------------------------------------- baselines
@@ -347,10 +348,9 @@ def _cached_ranks(path: Path, compute) -> tuple:
 
     if not path.exists():
         i2t, t2i = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, i2t=i2t.numpy(), t2i=t2i.numpy())
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, i2t=i2t.numpy(), t2i=t2i.numpy())
+        write_bytes(path, buffer.getbuffer())  # a unique temporary name: two chapters may compute the same ranks
     with np.load(path) as f:
         return f["i2t"], f["t2i"]
 

@@ -26,7 +26,7 @@ from hada.errors import HadaError
 from hada.paths import runs_dir
 from hada import train as _train
 from hada.config import TrainConfig
-from hada.io import read_json, write_json
+from hada.io import main_lock, read_json, write_json
 from hada.train import TrainedModel, load_trained
 
 #: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
@@ -239,6 +239,12 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     config = config.resolved()
     fingerprint = features_fingerprint(config)
     run_dir = run_folder(config, name, fingerprint)
+    with main_lock(run_dir, "this run", log):  # a second identical command waits, then loads the first one's run
+        return _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log)
+
+
+def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log) -> RunResult:
+    """:func:`run_experiment` while holding the run folder's lock."""
     if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
     distributed.barrier()  # under torchrun: rank 0 alone writes the folder

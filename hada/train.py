@@ -561,6 +561,7 @@ def _finish(run: _Run) -> TrainResult:
     metrics = {"run": run.run_dir.name, "config_hash": config.hash(), "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}
+    write_json(run.run_dir / "history.json", state["history"])  # again: the checkpoint's, had its write failed
     write_json(run.run_dir / "metrics.json", metrics)
     distributed.barrier()
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])

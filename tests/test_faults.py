@@ -233,3 +233,143 @@ def test_papermill_parameters_are_typed_in_the_first_cell(monkeypatch, tmp_path)
             experiments.resolve(**params)
     assert not (tmp_path / "data").exists()  # nothing was made before the check
     assert experiments._whole("epochs", "3", 1) == 3
+
+
+# -- two identical commands at once
+def test_two_identical_writers_do_not_collide(tmp_path):
+    """Every atomic write has its own temporary name: two writers of one file never rename each other's half-written
+    file (a fixed ``.tmp`` name gave FileNotFoundError in one of two identical `hada train`)."""
+    import threading
+
+    import torch
+
+    from hada.io import torch_save, write_json
+
+    target_json, target_pt = tmp_path / "manifest.json", tmp_path / "checkpoint.pt"
+    start, errors = threading.Barrier(4), []
+
+    def writer(save, target, value):
+        start.wait()
+        try:
+            for _ in range(40):
+                save(value, target)
+        except Exception as exc:  # noqa: BLE001 - any collision is the failure
+            errors.append(exc)
+
+    jobs = [threading.Thread(target=writer, args=(lambda v, p: write_json(p, v), target_json, {"rows": list(range(2000))})),
+            threading.Thread(target=writer, args=(lambda v, p: write_json(p, v), target_json, {"rows": list(range(2000))})),
+            threading.Thread(target=writer, args=(lambda v, p: torch_save(v, p), target_pt, {"w": torch.ones(9000)})),
+            threading.Thread(target=writer, args=(lambda v, p: torch_save(v, p), target_pt, {"w": torch.ones(9000)}))]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert not errors, errors
+    assert json.loads(target_json.read_text())["rows"][-1] == 1999
+    assert torch.load(target_pt, weights_only=True)["w"].sum() == 9000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "manifest.json"]  # no .tmp left
+
+
+def _hada(*args: str, env: dict) -> "subprocess.Popen":
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "hada", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _together(commands: list[list[str]], data: Path) -> list[tuple[int, str, str]]:
+    """Start the commands at once (each its own process, sharing HADA_DATA) and wait for all."""
+    env = {**os.environ, "HADA_DATA": str(data), "HADA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    procs = [_hada(*c, env=env) for c in commands]
+    return [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+
+
+def test_two_identical_train_commands_started_together(world):
+    """The second waits on the run folder's lock, then reuses the first one's run: same numbers, one folder."""
+    cmd = world.train("--seed", "7", "--name", "twice")
+    results = _together([cmd, cmd], world.data)
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    assert results[0][1].splitlines()[-4:] == results[1][1].splitlines()[-4:]  # the same metrics table
+    runs = sorted((world.data / "runs").glob("twice-*"))
+    assert len([r for r in runs if r.is_dir()]) == 1
+    assert not [p for p in (world.data / "runs").rglob("*.tmp")]
+
+
+def test_two_identical_extract_commands_started_together(world, tiny_synthetic):
+    """Two extractions of the same new store: one extracts, the other waits and reuses it; the store verifies."""
+    shutil.rmtree(world.data / "features")
+    cmd = ["features", "extract", "--dataset", "synthetic", "--data-root", str(tiny_synthetic), "--backbones",
+           "tiny-vit:random", "--split", "test", "--device", "cpu"]
+    for rc, out, err in _together([cmd, cmd], world.data):
+        assert rc == 0, err[-3000:]
+    assert main(["features", "verify", "--dataset", "synthetic", "--data-root", str(tiny_synthetic),
+                 "--backbones", "tiny-vit:random", "--split", "test"]) == 0
+    assert not [p for p in (world.data / "features").rglob("*.tmp")]
+
+
+# -- a full disk
+def _enospc_after(monkeypatch, name_part: str):
+    """Every cached write whose name holds ``name_part`` writes half its bytes, then finds the disk full."""
+    import errno
+
+    import hada.io as io
+
+    real = io._write_file
+
+    def full(path, data):
+        if name_part not in path.name:
+            return real(path, data)
+        with open(path, "wb") as f:
+            f.write(bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "_write_file", full)
+
+
+@pytest.mark.parametrize("victim", ["checkpoint.pt", "best.pt", "history.json"])
+def test_a_full_disk_while_training_is_one_line_and_a_rerun_continues(world, monkeypatch, capsys, victim):
+    cmd = world.train("--seed", "11", "--name", "full")
+    _enospc_after(monkeypatch, victim)
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the disk of" in err and f"writing {victim} needs" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not [p for p in world.data.rglob("*.tmp")]  # nothing half written is left behind
+    monkeypatch.undo()
+    monkeypatch.setenv("HADA_DATA", str(world.data))
+    assert main(cmd) == 0  # space freed: the rerun finishes
+
+
+def test_free_space_is_checked_before_a_store_is_allocated(world, monkeypatch, capsys, tiny_synthetic):
+    import hada.io as io
+
+    shutil.rmtree(world.data / "features")
+    monkeypatch.setattr(io, "free_bytes", lambda folder: 10_000)
+    assert main(["features", "extract", "--dataset", "synthetic", "--data-root", str(tiny_synthetic),
+                 "--backbones", "tiny-vit:random", "--split", "test", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space for the feature store synthetic/tiny-vit" in err and "10.0 KB is free" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not [p for p in world.data.rglob("*.npy")]  # nothing allocated
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_small_filesystem_gives_one_line_not_sigbus(tmp_path, tiny_synthetic):
+    """A real 2 MB tmpfs: extraction stops before allocating (one line, exit 2), never in SIGBUS (rc 135)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("this container may not mount a tmpfs")
+    try:
+        cmd = ["features", "extract", "--dataset", "synthetic", "--data-root", str(tiny_synthetic), "--backbones",
+               "tiny-vit:random", "--split", "train", "--device", "cpu"]
+        (rc, out, err), = _together([cmd], mount / "data")
+        assert rc == 2, (rc, err[-3000:])
+        assert "disk space" in err and "Traceback" not in err, err
+        assert not [p for p in mount.rglob("*.tmp")]
+    finally:
+        subprocess.run(["umount", str(mount)])

@@ -30,6 +30,7 @@ since completion (or always with ``verify="full"``), so a truncated or corrupted
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ import numpy as np
 from hada import distributed
 from hada.errors import HadaError
 from hada.features import progress as rowlog
-from hada.io import progress_enabled, write_json
+from hada.io import disk_full, ensure_space, folder_lock, main_lock, progress_enabled, write_json
 from hada.paths import features_dir
 
 FORMAT_VERSION = 1
@@ -289,13 +290,21 @@ def extract_split(
     Under torchrun every process calls this with the same arguments: each computes its share of the rows into
     the same files, rank 0 writes the manifest. ``jobs``: image decoding worker processes (0 = in this one).
     """
+    spec = spec or backbone.name
+    path = store_dir(dataset.name, spec, split, root)
+    with main_lock(path, f"the feature store {dataset.name}/{spec}/{split}"):  # a second one waits, then reuses
+        return _extract_split(backbone, dataset, split, spec, root, path, force, image_batch, text_batch, jobs,
+                              progress, checkpoint_seconds, _stop_after_batches)
+
+
+def _extract_split(backbone, dataset, split, spec, root, path, force, image_batch, text_batch, jobs, progress,
+                   checkpoint_seconds, _stop_after_batches) -> FeatureSplit:
+    """:func:`extract_split` while holding the store's lock."""
     import torch
 
-    spec = spec or backbone.name
     records = dataset.split(split)
     if not records:
         raise HadaError(f"split '{split}' of {dataset.name} at {dataset.root} has no images")
-    path = store_dir(dataset.name, spec, split, root)
     captions = [c for r in records for c in r.captions]
     lengths_all = torch.cat([backbone.text_lengths(captions[s:s + 4096]) for s in range(0, len(captions), 4096)])
     batch = default_batches(backbone.device)
@@ -349,9 +358,13 @@ def _prepare(path: Path, request: dict, records, lengths: np.ndarray, force: boo
     if resume and any(path.glob("progress*.json")) and _open_partial(path, arrays) is not None:
         return
     rowlog.clear(path)
+    ensure_space(path, store_bytes(arrays) - sum(_size(path / f"{n}.npy") for n in ARRAY_NAMES),
+                 f"the feature store {path.relative_to(path.parents[2])}")
     write_json(path / MANIFEST, request, indent=1)
     mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
                                            shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
+    for name in ARRAY_NAMES:
+        reserve(path / f"{name}.npy")
     mms["image_ids"][:] = [r.image_id for r in records]
     mms["caption_ids"][:] = [c for r in records for c in r.caption_ids]
     mms["caption_image_index"][:] = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
@@ -359,6 +372,30 @@ def _prepare(path: Path, request: dict, records, lengths: np.ndarray, force: boo
     for mm in mms.values():
         mm.flush()
     rowlog.RankProgress(path, 0).save()
+
+
+def store_bytes(arrays: dict) -> int:
+    """Bytes of a store's arrays from its manifest's shapes and dtypes (headers aside): known before extraction."""
+    return sum(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays.values())
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of a freshly created (sparse) array file now: a memory-mapped write to a full disk ends
+    in SIGBUS with no message, an allocation that does not fit is one line here."""
+    size = _size(path)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            path.unlink(missing_ok=True)
+            raise disk_full(path, size) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: written as before
+            raise
 
 
 class _StoreWriter:
@@ -553,8 +590,9 @@ def ensure_features(
                     backbone, ds, split, spec, root, force=force, progress=progress, jobs=jobs,
                     image_batch=image_batch, text_batch=text_batch)
                 if augment and split == "train" and distributed.is_main():
-                    out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
-                                                         jobs=jobs or 0, progress=progress)
+                    with folder_lock(out[spec][split].path / AUGMENT_DIR, "augmented views"):
+                        out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
+                                                             jobs=jobs or 0, progress=progress)
     return out
 
 
@@ -702,8 +740,12 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
     out.mkdir(exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     n, step = fs.n_images, _store_batch(fs.manifest)["images"]
+    ensure_space(out, views * (fs.image_tokens.nbytes + fs.image_embeds.nbytes) - _size(out / "image_tokens.npy")
+                 - _size(out / "image_embeds.npy"), f"{views} augmented views")
     tokens = np.lib.format.open_memmap(out / "image_tokens.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_tokens.shape)
     embeds = np.lib.format.open_memmap(out / "image_embeds.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_embeds.shape)
+    reserve(out / "image_tokens.npy")
+    reserve(out / "image_embeds.npy")
     records = dataset.split(split)
     bar = _bar(views * n, 0, "img", f"{spec} {split} augmented views", not progress_enabled(progress))
     for v in range(views):
