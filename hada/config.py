@@ -318,6 +318,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def identity(self) -> dict:
+        """What makes a run this run: every setting but the dataset's folder, whose content the feature stores'
+        ids already cover (a run is the same run wherever its data folder was moved)."""
+        out = self.to_dict()
+        out["data"].pop("data_root")
+        return out
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """A config from its nested dict; an unknown key is one clear error."""

@@ -34,8 +34,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.data.backbones
     fp = features_fingerprint(plain_cfg)
-    key = content_key({"dataset": dataset, "root": plain_cfg.data.data_root, "backbones": names, "split": split,
-                       "features": fp})
+    key = content_key({"dataset": dataset, "backbones": names, "split": split, "features": fp})  # store contents
     cache = runs_dir() / "baselines" / f"{dataset}-{split}-{key}.json"
     if cache.exists():
         rows = json.loads(cache.read_text())
@@ -375,8 +374,8 @@ def _untrained_systems(config, split: str) -> list[SystemResult]:
     from hada.metrics import metrics_from_ranks, retrieval_ranks
 
     names = config.data.backbones
-    key = content_key({"dataset": config.data.dataset, "root": config.data.data_root, "backbones": names,
-                       "split": split, "features": features_fingerprint(config)})
+    key = content_key({"dataset": config.data.dataset, "backbones": names, "split": split,
+                       "features": features_fingerprint(config)})  # the stores' contents, not their folder
     sources = [(name, "backbone", lambda data, k=k: backbone_similarity(data, k)) for k, name in enumerate(names)]
     sources.append(("average(" + " + ".join(names) + ")", "fusion", averaging_similarity))
     out = []

@@ -1,7 +1,9 @@
 """A run's identity and folder, and train-or-load: the one place that names a run.
 
 A run lives in ``runs_dir()/<name>-<key>/``. ``key`` is 12 hex digits of a sha256 over three things: the
-resolved :class:`~hada.train.TrainConfig`, the manifests of every feature store the run reads, and a digest
+resolved :class:`~hada.train.TrainConfig` (less the dataset's folder), the content ids of every feature store the
+run reads (their arrays' sha256 and the weights' sha256, never a path: moving a data folder retrains nothing), and
+a digest
 of the source of the code that computes a result (:func:`code_digest`). Changing a parameter, re-extracting
 features or changing how a number is computed gives a new key, so nothing stale is reused; a comment or
 docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
@@ -86,7 +88,13 @@ def _data_id(config: TrainConfig) -> tuple:
 
 
 def _manifest_hash(split) -> str:
+    """A store's content id (:func:`hada.features.store.content_id`: its arrays' sha256 and what made them, not
+    where it lies); stores held in memory without checksums (the tests' toy features) by their whole manifest."""
+    from hada.features.store import content_id
+
     manifest = getattr(split, "manifest", None) or {}
+    if manifest.get("checksums"):
+        return content_id(manifest)
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -118,7 +126,7 @@ def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
     the global batch is the per-rank batch times the ranks)."""
     config = config.resolved()
     fingerprint = features_fingerprint(config) if fingerprint is None else fingerprint
-    payload = {"config": config.to_dict(), "features": fingerprint}
+    payload = {"config": config.identity(), "features": fingerprint}
     if distributed.world_size() > 1:
         payload["ranks"] = distributed.world_size()
     return content_key(payload)

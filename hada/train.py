@@ -42,7 +42,7 @@ from pathlib import Path
 from hada import distributed
 from hada.config import TrainConfig
 from hada.errors import HadaError
-from hada.io import progress_enabled, torch_save, write_json
+from hada.io import progress_enabled, read_json, torch_save, write_json
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -305,13 +305,22 @@ class _Run:
 def _check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Refuse a folder that holds another configuration, or a checkpoint we were told not to resume."""
     saved_config = run_dir / "config.json"
-    if saved_config.exists() and json.loads(saved_config.read_text()) != config.to_dict():
+    hint = f"delete {run_dir} (or rerun `hada train` with --restart) to train the run again"
+    if saved_config.exists() and _identity(read_json(saved_config, hint)) != config.identity():
         raise HadaError(f"{run_dir} holds a run with a different configuration; use another folder")
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise HadaError(f"{run_dir} already has a checkpoint; resume it or delete the folder to start over")
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(saved_config, config.to_dict())
+
+
+def _identity(saved: dict) -> dict:
+    """A saved config.json as :meth:`TrainConfig.identity` (its dataset folder left out: a moved folder is the
+    same run)."""
+    if isinstance(saved, dict) and isinstance(saved.get("data"), dict):
+        saved = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "data_root"}}
+    return saved
 
 
 def join_process_group(config: TrainConfig) -> bool:

@@ -10,6 +10,7 @@ import shutil
 import struct
 import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -285,6 +286,64 @@ def _together(commands: list[list[str]], data: Path) -> list[tuple[int, str, str
     return [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
 
 
+@contextmanager
+def holding_lock(folder: Path):
+    """Hold the lock of a run folder or store, as a first command writing it would."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _both_wait_then_one_writes(cmd: list[str], data: Path, folder: Path, tmp: Path) -> list[tuple[int, str]]:
+    """Two identical commands started together while ``folder`` is locked: both must say they wait; once the lock is
+    released one writes and the other reuses. Returns (rc, stdout + stderr) of each."""
+    import subprocess
+    import time
+
+    env = {**os.environ, "HADA_DATA": str(data), "HADA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    logs = [tmp / f"cmd{i}.log" for i in range(2)]
+    with holding_lock(folder):
+        procs = [subprocess.Popen([sys.executable, "-m", "hada", *cmd], env=env, stdout=open(log, "w"),
+                                  stderr=subprocess.STDOUT) for log in logs]
+        deadline = time.monotonic() + 300
+        while not all("waiting for another process" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    return [(p.wait(timeout=600), log.read_text()) for p, log in zip(procs, logs)]
+
+
+def test_identical_train_commands_wait_for_the_run_and_reuse_it(world):
+    from hada.cli import build_parser
+    from hada.cli.train import config_from_args
+    from hada.runs import run_folder
+
+    cmd = world.train("--seed", "8", "--name", "wait")
+    folder = run_folder(config_from_args(build_parser().parse_args(cmd)).resolved(), "wait")
+    (rc1, out1), (rc2, out2) = _both_wait_then_one_writes(cmd, world.data, folder, world.tmp)
+    assert rc1 == 0 and rc2 == 0, (out1[-3000:], out2[-3000:])
+    assert "waiting for another process that is writing this run" in out1
+    assert out1.splitlines()[-4:] == out2.splitlines()[-4:]  # the same metrics
+    assert len(json.loads((folder / "history.json").read_text())) == 1  # trained once
+
+
+def test_identical_extract_commands_wait_for_the_store_and_reuse_it(world, tiny_synthetic):
+    shutil.rmtree(world.data / "features")
+    cmd = ["features", "extract", "--dataset", "synthetic", "--data-root", str(tiny_synthetic), "--backbones",
+           "tiny-vit:random", "--split", "test", "--device", "cpu"]
+    folder = world.store(split="test")
+    (rc1, out1), (rc2, out2) = _both_wait_then_one_writes(cmd, world.data, folder, world.tmp)
+    assert rc1 == 0 and rc2 == 0, (out1[-3000:], out2[-3000:])
+    assert "waiting for another process that is writing the feature store" in out1
+    assert out1.splitlines()[-1] == out2.splitlines()[-1]
+    assert main(["features", "verify", "--dataset", "synthetic", "--data-root", str(tiny_synthetic),
+                 "--backbones", "tiny-vit:random", "--split", "test"]) == 0
+
+
 def test_two_identical_train_commands_started_together(world):
     """The second waits on the run folder's lock, then reuses the first one's run: same numbers, one folder."""
     cmd = world.train("--seed", "7", "--name", "twice")
@@ -373,3 +432,103 @@ def test_a_small_filesystem_gives_one_line_not_sigbus(tmp_path, tiny_synthetic):
         assert not [p for p in mount.rglob("*.tmp")]
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+# -- a store whose bytes changed after it was written
+def overwrite_rows(store: Path, name: str = "image_embeds.npy", rows=range(3, 8)) -> None:
+    """Rows ``rows`` of an array overwritten with row 0, the file's modification time set back as it was."""
+    import numpy as np
+
+    f = store / name
+    st = f.stat()
+    arr = np.load(f, mmap_mode="r+")
+    arr[list(rows)] = arr[0]
+    arr.flush()
+    del arr
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def _evaluate(w: World) -> list[str]:
+    return ["evaluate", "--data-root", str(w.dataset), "--backbones", BACKBONES, "--device", "cpu", "--out",
+            str(w.tmp / "eval")]
+
+
+CHANGED_STORES = [
+    Fault("store rows overwritten, mtime restored: hada evaluate",
+          lambda w: (overwrite_rows(w.store()), _evaluate(w))[1], 2,
+          "image_embeds.npy does not hold the bytes it was written with"),
+    Fault("store rows overwritten, mtime restored: hada train",
+          lambda w: (overwrite_rows(w.store(split="train"), "image_tokens.npy"), w.train("--seed", "5"))[1], 2,
+          "image_tokens.npy does not hold the bytes"),
+    Fault("store rows overwritten, mtime restored: hada search",
+          lambda w: (overwrite_rows(w.store()), ["search", "--run", str(w.run_dir), "a red circle"])[1], 2,
+          "does not hold the bytes it was written with"),
+]
+
+
+@pytest.mark.parametrize("fault", CHANGED_STORES, ids=lambda f: f.name)
+def test_a_changed_store_is_never_used_silently(fault: Fault, world: World, capsys):
+    test_integrity_and_bad_input(fault, world, capsys)
+
+
+def test_a_store_changed_after_this_process_verified_it_is_hashed_again(world: World, capsys):
+    """A process that has read a store and a file changed under it later (mtime restored): refused, and once the
+    intact file is back (``cp -p``) the numbers are the intact ones, not a cache computed from damaged bytes."""
+    store = world.store()
+    backup = world.tmp / "image_embeds.npy"
+    shutil.copy2(store / "image_embeds.npy", backup)
+    assert main(_evaluate(world)) == 0
+    intact = capsys.readouterr().out
+    overwrite_rows(store)
+    assert main(_evaluate(world)) == 2
+    assert "does not hold the bytes" in capsys.readouterr().err
+    shutil.copy2(backup, store / "image_embeds.npy")
+    assert main(_evaluate(world)) == 0
+    assert capsys.readouterr().out == intact
+
+
+# -- a run is named by what it computed from, not where its files are
+def _fake_embedded(data: Path) -> None:
+    """``tiny-vit`` and ``tiny-rn`` as if pretrained: random seeded weights where the embedded backbones live."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from hada.backbones import register_model_configs
+    from hada.backbones.spec import RECORD_FILE, WEIGHTS_FILE
+
+    register_model_configs()
+    for seed, name in enumerate(("tiny-vit", "tiny-rn")):
+        folder = data / "backbones" / name
+        folder.mkdir(parents=True)
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        (folder / RECORD_FILE).write_text("{}")
+
+
+def test_moving_the_data_folder_retrains_nothing(tmp_path, tiny_synthetic, monkeypatch, capsys):
+    """Embedded backbones, their weights and the dataset all under HADA_DATA: after `mv data elsewhere` the same
+    command finds the same run (its key covers the weights' and stores' content, not their paths)."""
+    import hada.runs as hr
+
+    first = tmp_path / "a" / "data"
+    shutil.copytree(tiny_synthetic, first / "synthetic")
+    _fake_embedded(first)
+    monkeypatch.setenv("HADA_DATA", str(first))
+    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
+    train = ["train", "--backbones", "tiny-vit,tiny-rn", *TRAIN[4:]]
+    assert main(["features", "extract", "--backbones", "tiny-vit,tiny-rn", "--device", "cpu"]) == 0
+    assert main(train) == 0
+    runs = sorted(p.name for p in (first / "runs").iterdir() if p.is_dir())
+    capsys.readouterr()
+    moved = tmp_path / "b" / "moved-data"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    monkeypatch.setenv("HADA_DATA", str(moved))
+    hr.clear_cache()
+    assert main(train) == 0
+    out = capsys.readouterr().out
+    assert "is already trained" in out, out
+    assert sorted(p.name for p in (moved / "runs").iterdir() if p.is_dir()) == runs

@@ -83,9 +83,9 @@ class ResolvedSpec:
 
 
 def file_sha256(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - deliberate per-process memo
-    """sha256 of a file, memoised by (path, size, mtime) so large weights are hashed once per process."""
+    """sha256 of a file, memoised by (path, inode, size, mtime, ctime) so large weights are hashed once per process."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: no one sets it back
     if key not in _cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:
