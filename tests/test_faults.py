@@ -510,7 +510,8 @@ def _fake_embedded(data: Path) -> None:
 
 def test_moving_the_data_folder_retrains_nothing(tmp_path, tiny_synthetic, monkeypatch, capsys):
     """Embedded backbones, their weights and the dataset all under HADA_DATA: after `mv data elsewhere` the same
-    command finds the same run (its key covers the weights' and stores' content, not their paths)."""
+    command finds the same run, and the same settings extracted afresh in another folder give the same run key
+    (it covers the weights' and stores' content, not their paths or extraction times)."""
     import hada.runs as hr
 
     first = tmp_path / "a" / "data"
@@ -532,3 +533,11 @@ def test_moving_the_data_folder_retrains_nothing(tmp_path, tiny_synthetic, monke
     out = capsys.readouterr().out
     assert "is already trained" in out, out
     assert sorted(p.name for p in (moved / "runs").iterdir() if p.is_dir()) == runs
+    fresh = tmp_path / "c" / "data"  # the same settings extracted afresh elsewhere: the same stores, the same key
+    shutil.copytree(tiny_synthetic, fresh / "synthetic")
+    _fake_embedded(fresh)
+    monkeypatch.setenv("HADA_DATA", str(fresh))
+    hr.clear_cache()
+    assert main(["features", "extract", "--backbones", "tiny-vit,tiny-rn", "--device", "cpu"]) == 0
+    assert main(train) == 0
+    assert sorted(p.name for p in (fresh / "runs").iterdir() if p.is_dir()) == runs
