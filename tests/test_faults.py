@@ -541,3 +541,14 @@ def test_moving_the_data_folder_retrains_nothing(tmp_path, tiny_synthetic, monke
     assert main(["features", "extract", "--backbones", "tiny-vit,tiny-rn", "--device", "cpu"]) == 0
     assert main(train) == 0
     assert sorted(p.name for p in (fresh / "runs").iterdir() if p.is_dir()) == runs
+
+
+def test_prepare_says_the_disk_the_stores_need_before_it_starts(hada_data, tiny_synthetic):
+    from hada.experiments import resolve
+    from hada.pipeline import disk_line, store_bytes_needed
+
+    setting = resolve(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random")
+    need = store_bytes_needed(setting)
+    assert 1e6 < need < 1e8  # two tiny backbones on the tiny set: megabytes
+    line = disk_line(setting)
+    assert line.startswith("disk: the feature stores need at most") and str(hada_data / "features") in line
