@@ -552,3 +552,20 @@ def test_prepare_says_the_disk_the_stores_need_before_it_starts(hada_data, tiny_
     assert 1e6 < need < 1e8  # two tiny backbones on the tiny set: megabytes
     line = disk_line(setting)
     assert line.startswith("disk: the feature stores need at most") and str(hada_data / "features") in line
+
+
+def test_two_identical_prepare_commands_started_together(tmp_path, tiny_synthetic, monkeypatch):
+    """`hada prepare --no-runs` twice at once (it collided on augment/manifest.json.tmp): both finish, and every
+    store, augmented views included, verifies."""
+    data = tmp_path / "data"
+    cmd = ["prepare", "--no-runs", "--data-root", str(tiny_synthetic), "--backbones", "tiny-vit:random,tiny-rn:random",
+           "--jobs", "1", "--device", "cpu"]
+    for rc, out, err in _together([cmd, cmd], data):
+        assert rc == 0, err[-3000:]
+        assert "disk: the feature stores need at most" in out
+    assert not [p for p in data.rglob("*.tmp")]
+    augmented = [p for p in (data / "features").rglob("augment/manifest.json")]
+    assert augmented and all(json.loads(p.read_text())["complete"] for p in augmented)
+    monkeypatch.setenv("HADA_DATA", str(data))
+    assert main(["features", "verify", "--dataset", "synthetic", "--data-root", str(tiny_synthetic),
+                 "--backbones", "tiny-vit:random,tiny-rn:random"]) == 0
