@@ -413,10 +413,14 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, 
         if ckpt["state"].get("ranks", 1) != ranks:
             raise HadaError(f"{run_dir} was trained by {ckpt['state'].get('ranks', 1)} process(es); resume it "
                             f"with as many (this call has {ranks}): the global batch would change")
-        objective.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], order_rng, device)
+        try:
+            objective.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"], order_rng, device)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # readable, but not this run's checkpoint
+            raise HadaError(f"{ckpt_path} is damaged ({type(exc).__name__}); rerun with --restart (hada train "
+                            "--restart) to train this run anew, or delete its folder") from None
         state = ckpt["state"]
     if ranks > 1:
         state["ranks"] = ranks

@@ -143,6 +143,15 @@ def unfinished(w: World) -> Path:
     return w.run_dir
 
 
+def _foreign_checkpoint(path: Path) -> None:
+    """A readable checkpoint whose model tensors are of other shapes (another run's file copied over this one)."""
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    state["model"] = {k: torch.zeros(3) for k in state["model"]}
+    torch.save(state, path)
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -166,6 +175,8 @@ INTEGRITY_AND_BAD_INPUT = [
       for kind in ("text", "random", "junk-safetensors", "tiny-rn")],
     Fault("truncated checkpoint.pt of an unfinished run",
           lambda w: (truncate(unfinished(w) / "checkpoint.pt"), w.train())[1], 2, "--restart"),
+    Fault("checkpoint.pt of an unfinished run holding another model's tensors",
+          lambda w: (_foreign_checkpoint(unfinished(w) / "checkpoint.pt"), w.train())[1], 2, "--restart"),
     Fault("truncated best.pt under hada search",
           lambda w: (truncate(w.run_dir / "best.pt"), ["search", "--run", str(w.run_dir), "a red circle"])[1],
           2, "best.pt is damaged"),
