@@ -1,12 +1,13 @@
-"""What verifying a feature store's content costs: xxh3-128 and sha256 throughput, and the seconds it adds per process at the
-book's shapes.
+"""What verifying a feature store's content costs: xxh3-128 and sha256 throughput, and the seconds it adds per
+process at the book's shapes.
 
 A store is hashed once per process per file (:func:`hada.features.store.verify_store`), not trusted from its
-timestamps (xxh3-128; sha256 under ``hada features verify``). This prints (1) the GB/s of both on this machine, read from the page cache (a store being
-trained on is there) and cold where the platform can drop one file's cache (``posix_fadvise``); (2) the bytes of
-every store one book run reads (the embedded backbones on the default synthetic set: train, val and test; text
-padded to the context length, an upper bound) and the seconds their hash adds to a process; (3) that as a share
-of a training epoch, given ``--epoch-seconds`` or taken from the finished runs under ``data/runs``.
+timestamps (xxh3-128; sha256 under ``hada features verify``). This prints (1) the GB/s of both on this machine,
+read from the page cache (a store being trained on is there) and cold where the platform can drop one file's cache
+(``posix_fadvise``); (2) the bytes of every store one book run reads (the embedded backbones on the default
+synthetic set: train, val and test; text padded to the context length, an upper bound) and the seconds their hash
+adds to a process; (3) that as a share of a training epoch, given ``--epoch-seconds`` or taken from the finished
+runs under ``data/runs``.
 
     .venv/bin/python benchmarks/bench_integrity.py [--mb 256] [--rounds 3] [--epoch-seconds S]
 """

@@ -268,10 +268,9 @@ def test_two_identical_writers_do_not_collide(tmp_path):
         except Exception as exc:  # noqa: BLE001 - any collision is the failure
             errors.append(exc)
 
-    jobs = [threading.Thread(target=writer, args=(lambda v, p: write_json(p, v), target_json, {"rows": list(range(2000))})),
-            threading.Thread(target=writer, args=(lambda v, p: write_json(p, v), target_json, {"rows": list(range(2000))})),
-            threading.Thread(target=writer, args=(lambda v, p: torch_save(v, p), target_pt, {"w": torch.ones(9000)})),
-            threading.Thread(target=writer, args=(lambda v, p: torch_save(v, p), target_pt, {"w": torch.ones(9000)}))]
+    rows, weights = {"rows": list(range(2000))}, {"w": torch.ones(9000)}
+    jobs = [threading.Thread(target=writer, args=(lambda v, p: write_json(p, v), target_json, rows)) for _ in range(2)]
+    jobs += [threading.Thread(target=writer, args=(torch_save, target_pt, weights)) for _ in range(2)]
     for job in jobs:
         job.start()
     for job in jobs:
