@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class EdgeWeights:
 
     def __post_init__(self) -> None:
         _choose(self, "self_loops", SELF_LOOPS)
+        _check_floats(self)
 
     def as_tuple(self) -> tuple[float, ...]:
         """Weight of each edge type, indexed by type code (``ffx`` is 0 when absent; it has no edges then)."""
@@ -143,6 +145,7 @@ class ModelConfig:
             raise HadaError(f"single_node positions must be >= 0, got {self.single_node}")
         if self.backend == "dense":
             self.resolve_backend()  # a graph the dense path cannot compute is one clear error
+        _check_floats(self)
 
     def resolve_backend(self, backend: str | None = None) -> str:
         """"dense" or "pyg": ``backend`` (or the config's), with "auto" -> dense when the graph allows it."""
@@ -209,6 +212,10 @@ class LossConfig:
         _choose(self, "distill_source", ITM_NEGATIVES)
         if not 0.0 <= self.itm_dropout < 1.0:
             raise HadaError(f"itm_dropout must be in [0, 1), got {self.itm_dropout}")
+        _check_floats(self, {"tau_init": (1e-6, 100.0), "tau_min": (1e-6, 100.0), "tau_max": (1e-6, 100.0),
+                             "w_init": (0.0, 1.0), "w_min": (0.0, 1.0), "w_max": (0.0, 1.0),
+                             "i2t_weight": (0.0, 1e6), "t2i_weight": (0.0, 1e6), "momentum": (0.0, 1.0),
+                             "alpha": (0.0, 1.0), "itm_weight": (0.0, 1e6)})
 
 
 @dataclass
@@ -245,6 +252,8 @@ class OptimConfig:
         _choose(self, "warm_start", WARM_STARTS)
         if self.min_delta < 0:
             raise HadaError(f"min_delta must be >= 0, got {self.min_delta}")
+        _check_floats(self, {"lr": (0.0, 10.0), "weight_decay": (0.0, 1e3), "eta_min": (0.0, 10.0),
+                             "min_delta": (0.0, 600.0)})
         if self.init_from is not None:
             self.init_from = str(self.init_from)
 
@@ -285,6 +294,7 @@ class DataConfig:
         _choose(self, "token_stats", TOKEN_STATS)
         _choose(self, "augment_backbones", AUGMENT_BACKBONES)
         _choose(self, "augment_policy", AUGMENT_POLICIES)
+        _check_floats(self)
         if not 0.0 <= self.augment_p <= 1.0:
             raise HadaError(f"augment_p must be in [0, 1], got {self.augment_p}")
         if isinstance(self.backbones, str):
@@ -343,6 +353,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """What makes a run this run: every setting but the dataset's folder, whose content the feature stores'
+        ids already cover (a run is the same run wherever its data folder was moved)."""
+        out = self.to_dict()
+        out["data"].pop("data_root")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -425,10 +442,12 @@ def load_config_file(path: str | Path) -> dict:
     """A run described in a YAML or JSON file: nested sections (data, model, loss, optim), dotted keys, or a
     leaf's own name; an optional ``recipe`` key names the recipe the file starts from."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise HadaError(f"config file {path} is a folder; give the YAML or JSON file inside it")
     if not path.is_file():
         raise HadaError(f"config file {path} does not exist")
-    text = path.read_text()
     try:
+        text = path.read_text()
         if path.suffix.lower() == ".json":
             values = json.loads(text)
         else:
@@ -436,12 +455,21 @@ def load_config_file(path: str | Path) -> dict:
 
             values = yaml.safe_load(text)
     except Exception as exc:  # a parser's own message names the line
-        raise HadaError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+        raise HadaError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: "
+                        f"{_parse_problem(exc)}; fix it or give another --config") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise HadaError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
     return values
+
+
+def _parse_problem(exc: Exception) -> str:
+    """A parser's complaint in one line, with its line number (YAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    lines = str(exc).splitlines()
+    problem = getattr(exc, "problem", None) or (lines[0] if lines else type(exc).__name__)
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
 
 
 def has_bf16(device_type: str) -> bool:
@@ -521,6 +549,11 @@ def _checked(owner: str, name: str, annotation: str, value):
         for kind in kinds:
             if kind.startswith("list") and isinstance(value, (list, tuple, str, int)):
                 return value
+            if kind == "float" and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    continue
             expected = _SCALARS.get(kind)
             if expected and isinstance(value, expected) and not (kind != "bool" and isinstance(value, bool)):
                 return float(value) if kind == "float" else value
@@ -565,6 +598,20 @@ def _set_path(tree: dict, path: str, value) -> None:
     for p in parents:
         tree = tree[p]
     tree[leaf] = value
+
+
+def _check_floats(obj, ranges: dict | None = None) -> None:
+    """Every float setting of ``obj`` finite, and within ``ranges[name]`` (inclusive) where given: a NaN or a
+    1e30 learning rate must be one line here, not a failure inside AdamW or a numba kernel."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if "float" not in str(f.type) or value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HadaError(f"{f.name} must be a finite number, got {value!r}")
+        lo, hi = (ranges or {}).get(f.name, (-math.inf, math.inf))
+        if not lo <= value <= hi:
+            raise HadaError(f"{f.name} must be in [{lo:g}, {hi:g}], got {value!r}")
 
 
 def _choose(obj, name: str, choices: tuple) -> None:

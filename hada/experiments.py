@@ -6,6 +6,7 @@ live in :mod:`hada.runs`.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
 from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
 from hada.errors import HadaError
-from hada.io import write_json
+from hada.io import write_bytes, write_json
 
 
 # -------------------------------------------------------------------------------------- baselines
@@ -33,8 +34,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.data.backbones
     fp = features_fingerprint(plain_cfg)
-    key = content_key({"dataset": dataset, "root": plain_cfg.data.data_root, "backbones": names, "split": split,
-                       "features": fp})
+    key = content_key({"dataset": dataset, "backbones": names, "split": split, "features": fp})  # store contents
     cache = runs_dir() / "baselines" / f"{dataset}-{split}-{key}.json"
     if cache.exists():
         rows = json.loads(cache.read_text())
@@ -114,6 +114,19 @@ def _parse_backbones(backbones) -> tuple[str, ...]:
     return tuple(backbones)
 
 
+def _whole(name: str, value, least: int) -> int:
+    """A chapter parameter that must be a whole number >= ``least`` (papermill's ``-p epochs abc`` passes a
+    string): checked here, in the chapter's first cell, before any data loads, naming the parameter."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) or float(value).is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or number < least:
+        raise HadaError(f"parameter {name} must be a whole number >= {least}, got {value!r} "
+                        f"(papermill: -p {name} 10)")
+    return number
+
+
 def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
             pairs_per_epoch: int | None = 3000, seed: int = 0, device: str = "auto") -> Setting:
     """The chapter parameters as a ``Setting``, checking the data and the device (one clear error if either is
@@ -127,6 +140,13 @@ def resolve(dataset: str = "synthetic", data_root=None, backbones="default", epo
     from hada.data.datasets import default_root, load_dataset
     from hada.devices import resolve_device
 
+    from hada.data.datasets import DATASETS
+
+    epochs, seed = _whole("epochs", epochs, 1), _whole("seed", seed, 0)
+    pairs_per_epoch = None if pairs_per_epoch in (None, "", "None", "none", 0) else \
+        _whole("pairs_per_epoch", pairs_per_epoch, 1)
+    if dataset not in DATASETS:
+        raise HadaError(f"parameter dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     device = str(device or "auto")
     resolve_device(device)  # "cuda" on a machine without one: one line now, before any data is made
     root = Path(data_root).expanduser() if data_root else default_root(dataset)
@@ -327,10 +347,9 @@ def _cached_ranks(path: Path, compute) -> tuple:
 
     if not path.exists():
         i2t, t2i = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, i2t=i2t.numpy(), t2i=t2i.numpy())
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, i2t=i2t.numpy(), t2i=t2i.numpy())
+        write_bytes(path, buffer.getbuffer())  # a unique temporary name: two chapters may compute the same ranks
     with np.load(path) as f:
         return f["i2t"], f["t2i"]
 
@@ -355,8 +374,8 @@ def _untrained_systems(config, split: str) -> list[SystemResult]:
     from hada.metrics import metrics_from_ranks, retrieval_ranks
 
     names = config.data.backbones
-    key = content_key({"dataset": config.data.dataset, "root": config.data.data_root, "backbones": names,
-                       "split": split, "features": features_fingerprint(config)})
+    key = content_key({"dataset": config.data.dataset, "backbones": names, "split": split,
+                       "features": features_fingerprint(config)})  # the stores' contents, not their folder
     sources = [(name, "backbone", lambda data, k=k: backbone_similarity(data, k)) for k, name in enumerate(names)]
     sources.append(("average(" + " + ".join(names) + ")", "fusion", averaging_similarity))
     out = []

@@ -312,6 +312,39 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     return steps
 
 
+def store_bytes_needed(setting) -> int:
+    """Upper bound of the bytes of every feature store the book reads for ``setting``: each backbone's train, val
+    and test split (text padded to the context length) and the augmented views of the runs that use them."""
+    from hada.backbones.spec import split_snapshot
+    from hada.experiments import AUGMENT_VIEWS, book_runs
+    from hada.features.store import store_shapes
+
+    configs = [config.resolved() for _, config in book_runs(setting)]
+    specs = list(dict.fromkeys([*setting.backbones, *(b for c in configs for b in c.data.backbones)]))
+    augmented = {b for c in configs if c.data.augment_p > 0 for b in c.data.backbones}
+    total = 0
+    for spec in specs:
+        s = store_shapes(split_snapshot(spec)[0] if "@" in spec else spec)
+        (t, d), e = s["image_tokens"], s["embed_dim"]
+        image, caption = t * d * 2 + e * 2 + 8, s["context_length"] * s["text_dim"] * 2 + e * 2 + 3 * 8
+        for split in ("train", "val", "test"):
+            counts = setting.counts.get(split, {"images": 0, "captions": 0})
+            total += counts["images"] * image + counts["captions"] * caption
+        if spec in augmented:
+            total += AUGMENT_VIEWS * setting.counts.get("train", {"images": 0})["images"] * (t * d + e) * 2
+    return total
+
+
+def disk_line(setting) -> str:
+    """The line ``hada prepare`` prints before it starts: the disk the feature stores need and what is free."""
+    from hada.io import free_bytes, human_bytes
+    from hada.paths import features_dir
+
+    where = features_dir()
+    return (f"disk: the feature stores need at most {human_bytes(store_bytes_needed(setting))} in {where} "
+            f"({human_bytes(free_bytes(where))} free; stores already there count in both)")
+
+
 def default_jobs() -> int:
     """One worker per CPU core this process may use (training steps run single-threaded), at most 8."""
     try:
@@ -331,6 +364,7 @@ def prepare(setting, jobs: int | None = None, runs: bool = True, progress: bool 
         raise HadaError(f"--jobs must be at least 1, got {jobs}")
     steps = book_steps(setting, runs=runs)
     log(f"{len(steps)} steps for {setting!r} on {jobs} process(es)")
+    log(disk_line(setting))
     record = run_steps(steps, jobs=jobs, progress=progress, log=log)
     book_build = book_build if book_build is not None else _book_build()
     if book_build is not None and refresh_notebook_cache(book_build):

@@ -1,7 +1,9 @@
 """A run's identity and folder, and train-or-load: the one place that names a run.
 
 A run lives in ``runs_dir()/<name>-<key>/``. ``key`` is 12 hex digits of a sha256 over three things: the
-resolved :class:`~hada.train.TrainConfig`, the manifests of every feature store the run reads, and a digest
+resolved :class:`~hada.train.TrainConfig` (less the dataset's folder), the content ids of every feature store the
+run reads (their arrays' sha256 and the weights' sha256, never a path: moving a data folder retrains nothing), and
+a digest
 of the source of the code that computes a result (:func:`code_digest`). Changing a parameter, re-extracting
 features or changing how a number is computed gives a new key, so nothing stale is reused; a comment or
 docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
@@ -26,7 +28,7 @@ from hada.errors import HadaError
 from hada.paths import runs_dir
 from hada import train as _train
 from hada.config import TrainConfig
-from hada.io import write_json
+from hada.io import main_lock, read_json, write_json
 from hada.train import TrainedModel, load_trained
 
 #: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
@@ -86,7 +88,13 @@ def _data_id(config: TrainConfig) -> tuple:
 
 
 def _manifest_hash(split) -> str:
+    """A store's content id (:func:`hada.features.store.content_id`: its arrays' sha256 and what made them, not
+    where it lies); stores held in memory without checksums (the tests' toy features) by their whole manifest."""
+    from hada.features.store import content_id
+
     manifest = getattr(split, "manifest", None) or {}
+    if manifest.get("checksums"):
+        return content_id(manifest)
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -118,7 +126,7 @@ def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
     the global batch is the per-rank batch times the ranks)."""
     config = config.resolved()
     fingerprint = features_fingerprint(config) if fingerprint is None else fingerprint
-    payload = {"config": config.to_dict(), "features": fingerprint}
+    payload = {"config": config.identity(), "features": fingerprint}
     if distributed.world_size() > 1:
         payload["ranks"] = distributed.world_size()
     return content_key(payload)
@@ -223,9 +231,12 @@ class RunResult:
 
 def load_result(name: str, run_dir: Path) -> RunResult:
     """The finished run in ``run_dir`` (its ``metrics.json`` exists)."""
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    history = json.loads((run_dir / "history.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    hint = f"delete {run_dir} (or rerun `hada train` with --restart) to train the run again"
+    config = TrainConfig.from_dict(read_json(run_dir / "config.json", hint))
+    history = read_json(run_dir / "history.json", hint)
+    metrics = read_json(run_dir / "metrics.json", hint)
+    if not isinstance(metrics, dict) or not {"val", "test", "best_epoch"} <= metrics.keys():
+        raise HadaError(f"{run_dir / 'metrics.json'} is damaged (not a run's metrics); {hint}")
     return RunResult(name, run_dir, config, history, metrics)
 
 
@@ -241,6 +252,12 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     config = config.resolved()
     fingerprint = features_fingerprint(config)
     run_dir = run_folder(config, name, fingerprint)
+    with main_lock(run_dir, "this run", log):  # a second identical command waits, then loads the first one's run
+        return _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log)
+
+
+def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log) -> RunResult:
+    """:func:`run_experiment` while holding the run folder's lock."""
     if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
     distributed.barrier()  # under torchrun: rank 0 alone writes the folder

@@ -95,9 +95,11 @@ def read_image(path) -> "object":
     path = Path(path).expanduser()
     if not path.is_file():
         raise HadaError(f"no image file at {path}")
+    from PIL import Image
+
     try:
         return open_rgb(path)
-    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # Unidentified...: an OSError
         raise HadaError(f"cannot read {path} as an image: {str(exc).splitlines()[0]}") from None
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from hada import distributed
 from hada.config import TrainConfig
 from hada.errors import HadaError
-from hada.io import progress_enabled, torch_save, write_json
+from hada.io import progress_enabled, read_json, torch_save, write_json
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -65,7 +65,9 @@ def rng_state(order_rng, device=None) -> dict:
     import numpy as np
     import torch
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain values: loadable with weights_only=True
+    state = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+             "python": random.getstate(),
              "order": order_rng.bit_generator.state}
     if device is not None and torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -77,7 +79,8 @@ def set_rng_state(state: dict, order_rng, device=None) -> None:
     import torch
 
     torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     order_rng.bit_generator.state = state["order"]
     if "cuda" in state and device is not None and torch.device(device).type == "cuda":
@@ -88,7 +91,8 @@ def open_splits(config: TrainConfig, split: str) -> list:
     """The FeatureSplit of every backbone of the run for one split (memory-mapped)."""
     from hada.features.store import open_features
 
-    return [open_features(config.data.dataset, b, split) for b in config.data.backbones]
+    return [open_features(config.data.dataset, b, split, data_root=config.data.data_root)
+            for b in config.data.backbones]
 
 
 def build_objective(config: TrainConfig, dims: dict, stats=None):
@@ -179,6 +183,24 @@ class TrainedModel:
                            device=self.device, **split_options(self.config, split))
 
 
+CHECKPOINT_KEYS = ("config", "dims", "stats", "model")
+
+
+def load_checkpoint(path: Path, device, hint: str, keys: tuple[str, ...] = ()) -> dict:
+    """A checkpoint read with ``weights_only=True`` (plain dicts, lists, numbers, strings and tensors: a file cannot
+    run code), or one line saying it is damaged and ``hint``: a truncated or foreign file is never a traceback."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, a pickle of something else
+        raise HadaError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}); {hint}") from None
+    missing = [k for k in CHECKPOINT_KEYS + tuple(keys) if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise HadaError(f"{path} is damaged or not a checkpoint (no {missing[0]!r}); {hint}")
+    return state
+
+
 def load_trained(run_dir: str | os.PathLike, which: str = "best", device="cpu") -> TrainedModel:
     """Rebuild a trained model from ``best.pt`` (or ``checkpoint.pt`` with ``which="last"``) on ``device`` (a
     ``torch.device`` or a name for :func:`hada.devices.resolve_device`); no features needed."""
@@ -191,10 +213,15 @@ def load_trained(run_dir: str | os.PathLike, which: str = "best", device="cpu") 
     path = Path(run_dir) / ("best.pt" if which == "best" else "checkpoint.pt")
     if not path.exists():
         raise HadaError(f"no trained model at {path}; train it first (hada train)")
-    state = torch.load(path, map_location=device, weights_only=False)
-    config = TrainConfig.from_dict(state["config"])
-    objective = build_objective(config, state["dims"]).to(device)
-    objective.load_state_dict(state["model"])
+    state = load_checkpoint(path, device, f"the run in {path.parent} is damaged; delete that folder (or rerun "
+                                          "`hada train` with --restart) to train it again")
+    try:
+        config = TrainConfig.from_dict(state["config"])
+        objective = build_objective(config, state["dims"]).to(device)
+        objective.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # tensors of another shape or name
+        raise HadaError(f"{path} is damaged ({type(exc).__name__}); delete {path.parent} (or rerun `hada train` "
+                        "with --restart) to train it again") from None
     objective.progress = state.get("progress", math.inf)  # the training stage the weights were saved in
     objective.eval()
     return TrainedModel(objective, FeatureStats.from_dict(state["stats"]), config)
@@ -285,13 +312,22 @@ class _Run:
 def _check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Refuse a folder that holds another configuration, or a checkpoint we were told not to resume."""
     saved_config = run_dir / "config.json"
-    if saved_config.exists() and json.loads(saved_config.read_text()) != config.to_dict():
+    hint = f"delete {run_dir} (or rerun `hada train` with --restart) to train the run again"
+    if saved_config.exists() and _identity(read_json(saved_config, hint)) != config.identity():
         raise HadaError(f"{run_dir} holds a run with a different configuration; use another folder")
     if (run_dir / "checkpoint.pt").exists() and not resume:
         raise HadaError(f"{run_dir} already has a checkpoint; resume it or delete the folder to start over")
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(saved_config, config.to_dict())
+
+
+def _identity(saved: dict) -> dict:
+    """A saved config.json as :meth:`TrainConfig.identity` (its dataset folder left out: a moved folder is the
+    same run)."""
+    if isinstance(saved, dict) and isinstance(saved.get("data"), dict):
+        saved = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "data_root"}}
+    return saved
 
 
 def join_process_group(config: TrainConfig) -> bool:
@@ -383,14 +419,19 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, 
     state = {"epoch": 0, "history": [], "best_rsum": -math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
     ckpt_path = run_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, device, "rerun with --restart (hada train --restart) to train this run "
+                                                  "anew, or delete its folder", keys=("state", "optimizer", "rng"))
         if ckpt["state"].get("ranks", 1) != ranks:
             raise HadaError(f"{run_dir} was trained by {ckpt['state'].get('ranks', 1)} process(es); resume it "
                             f"with as many (this call has {ranks}): the global batch would change")
-        objective.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], order_rng, device)
+        try:
+            objective.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"], order_rng, device)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # readable, but not this run's checkpoint
+            raise HadaError(f"{ckpt_path} is damaged ({type(exc).__name__}); rerun with --restart (hada train "
+                            "--restart) to train this run anew, or delete its folder") from None
         state = ckpt["state"]
     if ranks > 1:
         state["ranks"] = ranks
@@ -425,7 +466,8 @@ def warm_start(objective, run: str | os.PathLike, parts: str = "all") -> list[st
 
     if parts not in WARM_START_PARTS:
         raise HadaError(f"warm_start must be one of {', '.join(WARM_START_PARTS)}; got {parts!r}")
-    source = torch.load(find_run(run), map_location="cpu", weights_only=False)["model"]
+    path = find_run(run)
+    source = load_checkpoint(path, "cpu", "give another run to start from, or retrain that one")["model"]
     own = objective.state_dict()
     loaded = {k: v for k, v in source.items()
               if k in own and k.startswith(WARM_START_PARTS[parts]) and own[k].shape == v.shape}
@@ -551,6 +593,7 @@ def _finish(run: _Run) -> TrainResult:
     metrics = {"run": run.run_dir.name, "config_hash": config.hash(), "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}
+    write_json(run.run_dir / "history.json", state["history"])  # again: the checkpoint's, had its write failed
     write_json(run.run_dir / "metrics.json", metrics)
     distributed.barrier()
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])

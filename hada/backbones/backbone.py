@@ -326,9 +326,22 @@ def load_backbone(spec: str, device: str = "cpu") -> Backbone:
                 force_preprocess_cfg=resolved.preprocess_overrides or None,
                 device=device,
             )
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise HadaError(f"{spec}: could not build the model from {resolved.source} ({str(exc).splitlines()[0]})")
+    except HadaError:
+        raise
+    except Exception as exc:  # a text file, random bytes, a junk .safetensors, another model's weights
+        raise HadaError(f"{spec}: {resolved.weights or resolved.source} is not a weights file of {resolved.model_name} "
+                        f"({_first_line(exc)}); give this model's own weights") from None
     return wrap_model(model, resolved, spec)
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's kind and the first line of its message (a pickle error's advice to load unsafely is left out)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a torch checkpoint of plain tensors"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
 
 
 _TOKENIZERS: dict = {}

@@ -83,9 +83,9 @@ class ResolvedSpec:
 
 
 def file_sha256(path: Path, _cache: dict = {}) -> str:  # noqa: B006 - deliberate per-process memo
-    """sha256 of a file, memoised by (path, size, mtime) so large weights are hashed once per process."""
+    """sha256 of a file, memoised by (path, inode, size, mtime, ctime) so large weights are hashed once per process."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: no one sets it back
     if key not in _cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -196,6 +196,22 @@ def _find_cached_tag(cfg: dict, cache_dir: Path) -> tuple[Path | None, list[str]
                 return folder / name, expected
         expected.append(f"{cache_dir / name}")
     return None, expected
+
+
+def check_spec_name(spec: str) -> None:
+    """Raise the one-line "unknown backbone" error for a spec that names no backbone, without needing its weights:
+    a command that only reads stored features must not send the user to extract features for a typo."""
+    spec = spec.strip()
+    if spec in EMBEDDED_BACKBONES or split_snapshot(spec)[1] is not None or spec.startswith(("local-dir:", "hf-hub:")):
+        return
+    if ":" not in spec:
+        resolve_spec(spec)  # the unknown-backbone line
+    register_model_configs()
+    import open_clip
+
+    model = spec.split(":", 1)[0]
+    if model.replace("/", "-") not in open_clip.list_models():
+        raise HadaError(f"unknown backbone '{spec}': no open_clip model '{model}' (see open_clip.list_models())")
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:

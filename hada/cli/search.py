@@ -29,6 +29,16 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=_search)
 
 
+#: Characters of a query echoed in the table's caption: a 100 KB query is searched whole but not printed whole.
+ECHO_CHARS = 120
+
+
+def echo(query: str) -> str:
+    """The query as the caption shows it: one line, at most ``ECHO_CHARS`` characters, with its length if cut."""
+    text = " ".join(query.split())
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS - 1]}… ({len(text):,} characters)"
+
+
 def _search(args: argparse.Namespace) -> int:
     from hada.cli.evaluate import resolve_run
     from hada.devices import resolve_device
@@ -49,6 +59,6 @@ def _search(args: argparse.Namespace) -> int:
         caption = f"top {len(hits)} captions of the {args.split} split for {args.image} ({how})"
     else:
         hits = search.text_to_image(args.query, args.k)
-        caption = f"top {len(hits)} images of the {args.split} split for “{args.query.strip()}” ({how})"
+        caption = f"top {len(hits)} images of the {args.split} split for “{echo(args.query)}” ({how})"
     print(hits_table(hits, caption))
     return 0

@@ -199,6 +199,12 @@ def _check_unique(records: list[ImageRecord]) -> None:
         if rec.image_id in first_image:
             raise HadaError(f"duplicate image id {rec.image_id} (images {first_image[rec.image_id]} and {i})")
         first_image[rec.image_id] = i
+    first_file: dict[Path, int] = {}
+    for i, rec in enumerate(records):  # two ids on one file would count one picture twice in every recall
+        if rec.path in first_file:
+            raise HadaError(f"images {records[first_file[rec.path]].image_id} and {rec.image_id} share the file "
+                            f"{rec.path}; give each image id its own file")
+        first_file[rec.path] = i
     first_sentence: dict[int, int] = {}
     for i, rec in enumerate(records):
         for sid in rec.caption_ids:

@@ -717,9 +717,9 @@ def generate(root: Path | str | None = None, size: str = "default", seed: int = 
 
     items = sample_items(sizes, seed)
     payload = build_json(items, size, seed, image_size)
-    tmp = root.parent / f".{root.name}.partial"
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"  # per process: two `hada prepare` may run at once
     if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run
+        shutil.rmtree(tmp)  # left by an interrupted run of a process with the same id
     (tmp / IMAGE_DIR).mkdir(parents=True)
     if workers is None:  # a pool only pays off beyond a few hundred images
         workers = min(2, os.cpu_count() or 1) if len(items) >= 400 else 1

@@ -24,12 +24,14 @@ call's batch size or number of processes (:mod:`hada.features.progress`). Under 
 the rows of the same files; rank 0 writes the manifest. Images are decoded by a DataLoader's worker processes
 and the backbone runs under autocast on CUDA; the stored tokens are fp16 on every device. A request whose manifest differs from the
 stored one is an error naming the difference (``force=True`` rebuilds), never a silent reuse. A store is only
-read once complete; its file sizes are checked on every open, and its sha256 whenever a file's mtime changed
-since completion (or always with ``verify="full"``), so a truncated or corrupted store is refused.
+read once complete; its file sizes are checked on every open, and its content (sha256) once per process per file
+(xxh3-128, again whenever the file's change time moved; sha256 with ``verify="full"``): a truncated store, or one whose
+bytes changed after it was written even with its modification time restored, is refused, never used silently.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +47,7 @@ import numpy as np
 from hada import distributed
 from hada.errors import HadaError
 from hada.features import progress as rowlog
-from hada.io import progress_enabled, write_json
+from hada.io import disk_full, ensure_space, folder_lock, main_lock, progress_enabled, write_json
 from hada.paths import features_dir
 
 FORMAT_VERSION = 1
@@ -124,8 +126,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Files whose bytes this process has hashed and found as their manifest says, by identity: path, inode, size,
+#: modification and change times. Writing a file changes its change time, which no user can set back (restoring
+#: the modification time does not), so a file changed since it was verified is hashed again.
+_VERIFIED: set = set()
+
+
+def _xxh3(path: Path | None) -> str | None:
+    """xxh3-128 of a file (about 9 GB/s against sha256's 1, benchmarks/bench_integrity.py): the check made on every
+    open, against accidental change (sha256 stays the store's identity and ``verify="full"``'s check). With
+    ``None``: whether xxhash is installed (torch-geometric needs it)."""
+    try:
+        import xxhash
+    except ImportError:  # pragma: no cover - installed with torch-geometric
+        return None
+    if path is None:
+        return "available"
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_128().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:  # hashed in place: no copy to a buffer
+            return xxhash.xxh3_128(view).hexdigest()
+
+
 def verify_store(path: Path, manifest: dict, full: bool = False) -> None:
-    """Raise HadaError unless every array file has its recorded size (and sha256 if changed or ``full``)."""
+    """Raise HadaError unless every array file has its recorded size and content: hashed once per process per file
+    (xxh3-128 where the manifest has it, else sha256; measured by benchmarks/bench_integrity.py), never trusted
+    from its timestamps; ``full`` checks the sha256 again even of a file this process has verified."""
     sums = manifest.get("checksums")
     if not manifest.get("complete") or not sums:
         raise HadaError(f"feature store {path} is unfinished; run `hada features extract` to complete it")
@@ -133,25 +162,46 @@ def verify_store(path: Path, manifest: dict, full: bool = False) -> None:
         f = path / f"{name}.npy"
         rec = sums[name]
         if not f.is_file():
-            raise HadaError(f"feature store {path} is damaged: {f.name} is missing; rebuild with --force")
+            raise HadaError(f"feature store {path} is damaged: {f.name} is missing; {_REBUILD}")
         st = f.stat()
         if st.st_size != rec["bytes"]:
             raise HadaError(f"feature store {path} is damaged: {f.name} has {st.st_size} bytes, "
-                            f"expected {rec['bytes']}; rebuild with --force")
-        if full or st.st_mtime_ns != rec["mtime_ns"]:
-            if _sha256(f) != rec["sha256"]:
-                raise HadaError(f"feature store {path} is damaged: {f.name} sha256 differs from the manifest; "
-                                "rebuild with --force")
+                            f"expected {rec['bytes']}; {_REBUILD}")
+        seen = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, rec["sha256"])
+        if full or seen not in _VERIFIED:
+            algo = "xxh3_128" if rec.get("xxh3_128") and _xxh3(None) and not full else "sha256"
+            if (_xxh3(f) if algo == "xxh3_128" else _sha256(f)) != rec[algo]:
+                raise HadaError(f"feature store {path} is damaged: {f.name} does not hold the bytes it was written "
+                                f"with ({algo} differs from the manifest); {_REBUILD}")
+            _VERIFIED.add(seen)
+
+
+_REBUILD = "rebuild it with `hada features extract ... --force`"
+
+
+def content_id(manifest: dict) -> str:
+    """sha256 of what a complete store holds: the compared request (model, weights sha256, preprocessing, dataset
+    json sha256, shapes) and every array's sha256. No path, time or library version: a moved data folder keeps
+    it, and caches derived from a store (runs, baselines, ranks) are keyed by it."""
+    flat = _flatten(manifest)
+    ident = {key: flat.get(key) for key in COMPARED}
+    ident["sha256"] = {name: rec["sha256"] for name, rec in sorted((manifest.get("checksums") or {}).items())}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def open_features(dataset: str, backbone: str, split: str, root: Path | None = None,
-                  verify: str = "auto") -> FeatureSplit:
-    """Memory-map one complete store read-only; ``verify``: "auto" (sizes, sha256 if touched) or "full"."""
+                  verify: str = "auto", data_root: str | None = None) -> FeatureSplit:
+    """Memory-map one complete store read-only; ``verify``: "auto" (sizes, sha256 if touched) or "full".
+    ``data_root``: the dataset folder the caller was given, named in the hint when there are no features."""
     path = store_dir(dataset, backbone, split, root)
     manifest = _read_json(path / MANIFEST)
     if manifest is None:
-        raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run "
-                        f"`hada features extract --dataset {dataset} --backbones {backbone} --split {split}`")
+        from hada.backbones.spec import check_spec_name
+
+        check_spec_name(backbone)  # a typo is "unknown backbone", not "extract features for it"
+        where = f" --data-root {data_root}" if data_root else ""
+        raise HadaError(f"no features for {dataset}/{backbone}/{split} at {path}; run `hada features extract "
+                        f"--dataset {dataset}{where} --backbones {backbone} --split {split}`")
     verify_store(path, manifest, full=(verify == "full"))
     arrays = {}
     for name in ARRAY_NAMES:
@@ -287,13 +337,21 @@ def extract_split(
     Under torchrun every process calls this with the same arguments: each computes its share of the rows into
     the same files, rank 0 writes the manifest. ``jobs``: image decoding worker processes (0 = in this one).
     """
+    spec = spec or backbone.name
+    path = store_dir(dataset.name, spec, split, root)
+    with main_lock(path, f"the feature store {dataset.name}/{spec}/{split}"):  # a second one waits, then reuses
+        return _extract_split(backbone, dataset, split, spec, root, path, force, image_batch, text_batch, jobs,
+                              progress, checkpoint_seconds, _stop_after_batches)
+
+
+def _extract_split(backbone, dataset, split, spec, root, path, force, image_batch, text_batch, jobs, progress,
+                   checkpoint_seconds, _stop_after_batches) -> FeatureSplit:
+    """:func:`extract_split` while holding the store's lock."""
     import torch
 
-    spec = spec or backbone.name
     records = dataset.split(split)
     if not records:
         raise HadaError(f"split '{split}' of {dataset.name} at {dataset.root} has no images")
-    path = store_dir(dataset.name, spec, split, root)
     captions = [c for r in records for c in r.captions]
     lengths_all = torch.cat([backbone.text_lengths(captions[s:s + 4096]) for s in range(0, len(captions), 4096)])
     batch = default_batches(backbone.device)
@@ -347,9 +405,13 @@ def _prepare(path: Path, request: dict, records, lengths: np.ndarray, force: boo
     if resume and any(path.glob("progress*.json")) and _open_partial(path, arrays) is not None:
         return
     rowlog.clear(path)
+    ensure_space(path, store_bytes(arrays) - sum(_size(path / f"{n}.npy") for n in ARRAY_NAMES),
+                 f"the feature store {path.relative_to(path.parents[2])}")
     write_json(path / MANIFEST, request, indent=1)
     mms = {name: np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=arrays[name]["dtype"],
                                            shape=tuple(arrays[name]["shape"])) for name in ARRAY_NAMES}
+    for name in ARRAY_NAMES:
+        reserve(path / f"{name}.npy")
     mms["image_ids"][:] = [r.image_id for r in records]
     mms["caption_ids"][:] = [c for r in records for c in r.caption_ids]
     mms["caption_image_index"][:] = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
@@ -357,6 +419,30 @@ def _prepare(path: Path, request: dict, records, lengths: np.ndarray, force: boo
     for mm in mms.values():
         mm.flush()
     rowlog.RankProgress(path, 0).save()
+
+
+def store_bytes(arrays: dict) -> int:
+    """Bytes of a store's arrays from its manifest's shapes and dtypes (headers aside): known before extraction."""
+    return sum(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays.values())
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of a freshly created (sparse) array file now: a memory-mapped write to a full disk ends
+    in SIGBUS with no message, an allocation that does not fit is one line here."""
+    size = _size(path)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            path.unlink(missing_ok=True)
+            raise disk_full(path, size) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: written as before
+            raise
 
 
 class _StoreWriter:
@@ -503,6 +589,9 @@ def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
         f = path / f"{name}.npy"
         st = f.stat()
         sums[name] = {"bytes": st.st_size, "sha256": _sha256(f), "mtime_ns": st.st_mtime_ns}
+        if _xxh3(None):
+            sums[name]["xxh3_128"] = _xxh3(f)
+        _VERIFIED.add((str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sums[name]["sha256"]))
     manifest = dict(request, complete=True, checksums=sums)
     if timing:  # the last (or only) run's share; informational
         manifest["timing"] = timing
@@ -553,8 +642,10 @@ def ensure_features(
                     backbone, ds, split, spec, root, force=force, progress=progress, jobs=jobs,
                     image_batch=image_batch, text_batch=text_batch)
                 if augment and split == "train" and distributed.is_main():
-                    out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
-                                                         jobs=jobs or 0, progress=progress, policy=augment_policy)
+                    with folder_lock(out[spec][split].path / AUGMENT_DIR, "augmented views"):
+                        out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
+                                                             jobs=jobs or 0, progress=progress,
+                                                             policy=augment_policy)
     return out
 
 
@@ -714,8 +805,12 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
     out.mkdir(exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     n, step = fs.n_images, _store_batch(fs.manifest)["images"]
+    ensure_space(out, views * (fs.image_tokens.nbytes + fs.image_embeds.nbytes) - _size(out / "image_tokens.npy")
+                 - _size(out / "image_embeds.npy"), f"{views} augmented views")
     tokens = np.lib.format.open_memmap(out / "image_tokens.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_tokens.shape)
     embeds = np.lib.format.open_memmap(out / "image_embeds.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_embeds.shape)
+    reserve(out / "image_tokens.npy")
+    reserve(out / "image_embeds.npy")
     records = dataset.split(split)
     bar = _bar(views * n, 0, "img", f"{spec} {split} augmented views", not progress_enabled(progress))
     for v in range(views):
