@@ -294,11 +294,30 @@ class HadaObjective(nn.Module):
                 hard_i2t, hard_t2i = sim_i2t[:, local], sim_t2i[:, local]
             itm, itm_acc = self._itm(img, txt, hard_i2t, hard_t2i, image_ids)
         loss = itc + cfg.itm_weight * itm if self.itm_head is not None else itc
+        loss = self._touch_idle(loss)
         if share != 1.0:  # a short last batch split unevenly: weigh each rank by its rows (see _batch_keys)
             loss, itc, itm = loss * share, itc * share, itm * share
 
         self._pending = keys  # enqueued once the backward pass no longer needs the queue (end_step)
         return LossOutput(loss=loss, itc=itc.detach(), itm=itm.detach(), itm_accuracy=itm_acc)
+
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Trained parameters this step's loss does not depend on: the mix weight before ``mix_from_epoch``."""
+        return [self.mix_weight] if self.config.mix and not self.mixing() else []
+
+    def _touch_idle(self, loss: Tensor) -> Tensor:
+        """``loss + 0 * p`` for every idle parameter: the same loss, bit for bit, but every parameter receives a
+        (zero) gradient, which DistributedDataParallel without ``find_unused_parameters`` waits for. The trainer
+        drops those zero gradients before the optimiser step (:meth:`drop_idle_grads`), so AdamW skips them."""
+        for p in self.idle_parameters():
+            loss = loss + 0.0 * p.sum()
+        return loss
+
+    def drop_idle_grads(self) -> None:
+        """Forget the zero gradients of :meth:`_touch_idle`: an idle parameter is left alone by the optimiser (no
+        weight decay, no moment update), as when it had no gradient at all."""
+        for p in self.idle_parameters():
+            p.grad = None
 
     @staticmethod
     def _batch_keys(*keys: Tensor) -> tuple[list[Tensor], int, float]:

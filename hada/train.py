@@ -221,7 +221,7 @@ def train_threads(threads: int | None = None) -> int:
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, progress: bool | None = None,
           max_epochs_this_call: int | None = None, data: dict | None = None,
-          threads: int | None = None, log=print) -> TrainResult | None:
+          threads: int | None = None, log=print, device=None) -> TrainResult | None:
     """Train (or continue) the run in ``run_dir``; returns its result once finished.
 
     ``resume``: continue from ``checkpoint.pt`` if there is one (an existing checkpoint with
@@ -234,13 +234,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, 
     benchmarks/bench_epoch.py); a fixed count also keeps the numbers independent of the machine's core
     count. Resume with the same thread count as the original run: reductions may round differently with
     a different one. ``log`` receives one line on where the features are when the run is not on the CPU.
+    ``device``: the exact torch.device to train on (default: the config's, resolved here); a resolved config
+    keeps only the device's type, so a caller that resolved it passes the device it resolved before.
     """
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(train_threads(threads))
     try:
-        return _train(config, run_dir, resume, progress, max_epochs_this_call, data, log)
+        return _train(config, run_dir, resume, progress, max_epochs_this_call, data, log, device)
     finally:
         torch.set_num_threads(before)
 
@@ -287,13 +289,14 @@ def _check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
         write_json(saved_config, config.to_dict())
 
 
-def join_process_group(config: TrainConfig) -> bool:
-    """Under torchrun, join its process group (NCCL when the run is on CUDA, else gloo); True with > 1 rank."""
+def join_process_group(config: TrainConfig, device=None) -> bool:
+    """Under torchrun, join its process group (NCCL when the run is on CUDA, else gloo); True with > 1 rank.
+    ``device``: the run's exact device when the caller has it (the config may hold only its type)."""
     if not distributed.launched():
         return False
     from hada.devices import resolve_device
 
-    return distributed.init_from_env(resolve_device(config.device))
+    return distributed.init_from_env(resolve_device(config.device) if device is None else device)
 
 
 def _data_parallel(objective):
@@ -326,7 +329,8 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     if stats_path.exists():
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
-        stats = data[train_split].stats if train_split in data and not pooled else \
+        given = next(iter(data.values())).stats if data else None  # the caller's data: the run's statistics
+        stats = given if given is not None and (not pooled or _is_pooled(given)) else \
             compute_stats(train_splits, pooled=pooled)
         if distributed.is_main():
             write_json(stats_path, stats.to_dict())
@@ -343,15 +347,22 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     return data, stats, feature_dims(train_splits)
 
 
-def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, log=print) -> _Run:
-    """Seed, data, model, optimiser and schedule on the run's device; then the checkpoint's state when resuming."""
+def _is_pooled(stats) -> bool:
+    """Whether statistics are global ones (one mean/std repeated for every backbone and modality)."""
+    entries = list(stats.image) + list(stats.text)
+    return all(e == entries[0] for e in entries)
+
+
+def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, log=print, device=None) -> _Run:
+    """Seed, data, model, optimiser and schedule on ``device`` (default: the config's); then the checkpoint's state
+    when resuming."""
     import numpy as np
     import torch
 
     from hada.devices import resolve_device
     from hada.features.batching import PairLoader
 
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if device is None else device
     seed_everything(config.seed)
     data, stats, dims = _load_data(config, run_dir, data, device)
     if device.type != "cpu":
@@ -439,6 +450,7 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
         out = run.model(image, text, image_index.to(run.device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        objective.drop_idle_grads()  # zero gradients that only kept DDP's reduction whole
         optimizer.step()
         objective.end_step()
         n_batches += 1
@@ -537,15 +549,18 @@ def _finish(run: _Run) -> TrainResult:
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])
 
 
-def _train(config, run_dir, resume, progress, max_epochs_this_call, data, log=print):
+def _train(config, run_dir, resume, progress, max_epochs_this_call, data, log=print, device=None):
     from tqdm import tqdm
 
+    from hada.devices import resolve_device
+
+    device = resolve_device(config.device) if device is None else device  # before resolving drops the index
     config, run_dir = config.resolved(), Path(run_dir)
-    join_process_group(config)
+    join_process_group(config, device)
     _check_run_dir(config, run_dir, resume)
     distributed.barrier()  # the folder exists before any rank reads from it
     show = progress_enabled(progress) and distributed.is_main()
-    run = _start(config, run_dir, resume, data, log)
+    run = _start(config, run_dir, resume, data, log, device)
     state, epochs = run.state, config.optim.epochs
     bar = tqdm(total=epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch", disable=not show,
                leave=True)
