@@ -179,3 +179,115 @@ def test_scale_lavis_trains_through_its_pre_mix_epochs_under_ddp(tmp_path):
                                 join=True)
     history = json.loads((tmp_path / "lavis" / "history.json").read_text())
     assert [h["mix_weight"] for h in history][0] == 0.0 and history[1]["mix_weight"] > 0.0
+
+
+_SCALE_HELD_BACK = """
+import os, sys, time
+import hada.features.store as store
+
+images = store._extract_images
+
+
+def held_back(*args, **kwargs):  # rank 1 finishes its images 3 s after rank 0
+    out = images(*args, **kwargs)
+    if os.environ.get("RANK") == "1":
+        time.sleep(3)
+    return out
+
+
+store._extract_images = held_back
+from hada.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_scale_sharded_extraction_with_a_rank_held_back_equals_one_process(tiny_synthetic, tmp_path, monkeypatch):
+    """Each rank derived its share of the captions from the others' live progress files: with rank 1 three
+    seconds behind, caption rows stayed zero and the manifest said complete."""
+    import json
+
+    from hada.cli import main
+    from hada.features.store import store_dir
+
+    spec = "tiny-vit:random"
+    args = ["features", "extract", "--data-root", str(tiny_synthetic), "--backbones", spec, "--split", "val",
+            "--device", "cpu", "--jobs", "0", "--image-batch", "8", "--text-batch", "16"]
+    monkeypatch.setenv("HADA_NO_PROGRESS", "1")
+    monkeypatch.setenv("HADA_DATA", str(tmp_path / "one"))
+    assert main(args) == 0
+    script = tmp_path / "held_back.py"
+    script.write_text(_SCALE_HELD_BACK)
+    env = {**os.environ, "HADA_DATA": str(tmp_path / "two"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stores = {n: store_dir("synthetic", spec, "val", tmp_path / n / "features") for n in ("one", "two")}
+    assert json.loads((stores["two"] / "manifest.json").read_text())["complete"]
+    for f in sorted(stores["one"].glob("*.npy")):
+        assert (stores["two"] / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_scale_finish_refuses_a_store_with_rows_never_written(tmp_path):
+    """The last line of defence: rows that no progress file records are a HadaError, not a complete store."""
+    from hada.errors import HadaError
+    from hada.features import progress as rowlog
+    from hada.features.store import _finish
+
+    request = {"n_images": 20, "n_captions": 100, "batch": {"images": 8, "captions": 16}}
+    first = rowlog.RankProgress(tmp_path, 0)
+    first.add("images", 0, 20)
+    first.add("captions", 0, 48)
+    first.save()
+    second = rowlog.RankProgress(tmp_path, 1)
+    second.add("captions", 72, 100)
+    second.save()
+    with pytest.raises(HadaError, match="captions rows 48-71"):
+        _finish(tmp_path, request)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def _scale_seeds_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One gloo rank: notes its torch RNG state at its first hard-negative draw, trains the tiny paper recipe two
+    epochs in one call, then the same run again stopped after one epoch and resumed."""
+    import hashlib
+
+    import torch
+
+    import hada.losses as hl
+    import hada.train as ht
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HADA_DATA=str(Path(root) / "data"), HADA_NO_PROGRESS="1")
+    ht.open_splits = _scale_toy_open
+    draw = hl.sample_hard_negatives
+
+    def noted(*args):
+        state = Path(root) / f"rng-{rank}"
+        if not state.exists():
+            state.write_text(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+        return draw(*args)
+
+    hl.sample_hard_negatives = noted
+    config = _scale_tiny("paper", epochs=2, batch_size=8, dropout=0.3)
+    ht.train(config, Path(root) / "whole")
+    assert ht.train(config, Path(root) / "resumed", max_epochs_this_call=1) is None
+    ht.train(config, Path(root) / "resumed")
+
+
+def test_scale_ranks_draw_their_own_dropout_and_negatives_and_resume_to_the_bit(tmp_path):
+    """Every rank had one torch stream from the same seed: the ranks repeated each other's dropout masks and
+    hard-negative draws. Now each step's seed is a function of (seed, rank, step)."""
+    import json
+
+    import torch
+
+    torch.multiprocessing.spawn(_scale_seeds_worker, args=(2, _scale_free_port(), str(tmp_path)), nprocs=2,
+                                join=True)
+    assert (tmp_path / "rng-0").read_text() != (tmp_path / "rng-1").read_text()
+    whole, resumed = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=False) for n in ("whole", "resumed"))
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    histories = [json.loads((tmp_path / n / "history.json").read_text()) for n in ("whole", "resumed")]
+    assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]
