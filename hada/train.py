@@ -59,6 +59,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's training step under DDP: a function of the run's seed, the rank and the global
+    step, so that ranks draw their own dropout masks and hard negatives, and a resumed run draws what an
+    uninterrupted one did whatever RNG state its checkpoint holds."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**32, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _seed_step(run: "_Run", step: int) -> None:
+    """Under DDP, reseed torch (CPU and CUDA) for this rank's step; one process keeps its one stream, so its
+    numbers are those of every run before per-rank seeds."""
+    if distributed.world_size() > 1:
+        import torch
+
+        torch.manual_seed(step_seed(run.config.seed, distributed.rank(), step))
+
+
 def rng_state(order_rng, device=None) -> dict:
     """Every random state a run draws from; with a CUDA ``device`` also its generator (dropout and hard
     negatives draw there)."""
@@ -446,6 +464,7 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     per_iteration = run.config.optim.schedule_step == "iteration"
     for image, text, image_index in steps:
         objective.progress = epoch - 1 + n_batches / iters  # the distillation ramp and the stages read it
+        _seed_step(run, (epoch - 1) * iters + n_batches)
         image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
         out = run.model(image, text, image_index.to(run.device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)

@@ -291,3 +291,28 @@ def test_scale_ranks_draw_their_own_dropout_and_negatives_and_resume_to_the_bit(
         assert torch.equal(value, resumed["model"][key]), key
     histories = [json.loads((tmp_path / n / "history.json").read_text()) for n in ("whole", "resumed")]
     assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]
+
+
+def test_scale_an_unfinished_store_resumes_only_on_its_device_and_precision(tiny_synthetic, tmp_path, monkeypatch):
+    """A store started on the CPU (float32) and resumed on CUDA (bfloat16 autocast) mixed the two kinds of rows;
+    the manifest now records both, and resuming under others is one line."""
+    import json
+
+    import hada.features.store as store
+    from hada.backbones import load_backbone
+    from hada.data.datasets import load_dataset
+    from hada.errors import HadaError
+
+    spec, root = "tiny-vit:random", tmp_path / "features"
+    backbone, dataset = load_backbone(spec), load_dataset("synthetic", tiny_synthetic)
+    options = dict(image_batch=8, text_batch=16, progress=False, checkpoint_seconds=0)
+    with pytest.raises(store._Stop):
+        store.extract_split(backbone, dataset, "val", spec, root, _stop_after_batches=2, **options)
+    manifest = json.loads((store.store_dir("synthetic", spec, "val", root) / "manifest.json").read_text())
+    assert manifest["compute"] == {"device": "cpu", "dtype": "float32"}
+    monkeypatch.setattr(store, "compute_record", lambda b: {"device": "cuda", "dtype": "bfloat16"})
+    with pytest.raises(HadaError, match="started on cpu in float32") as err:
+        store.extract_split(backbone, dataset, "val", spec, root, **options)
+    assert len(str(err.value).splitlines()) == 1
+    monkeypatch.undo()
+    assert store.extract_split(backbone, dataset, "val", spec, root, **options).manifest["complete"]
