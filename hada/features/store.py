@@ -13,7 +13,8 @@ Layout of ``features_dir()/<dataset>/<backbone>/<split>/`` (every array a ``.npy
 ``caption_ids``          int64 [M]       dataset caption ids, split order (image by image)
 ``caption_image_index``  int64 [M]       row (0..N-1) of each caption's image
 ``manifest.json``                        request (model, weights sha256, open_clip version, preprocessing,
-                                         dataset json sha256, shapes, dtypes) + per-array sizes and sha256
+                                         dataset json sha256, shapes, dtypes, the device and precision the
+                                         rows are computed in) + per-array sizes and sha256
 ``progress-<rank>.json``                 rows done by each process, while an extraction is unfinished
 =======================  ==============  ==================================================================
 
@@ -227,10 +228,34 @@ def build_request(backbone, dataset, split: str, text_length: int, image_tokens:
         "n_captions": m,
         "backbone": backbone.describe(),
         "batch": dict(batch),
+        "compute": compute_record(backbone),
         "arrays": arrays,
         "torch_version": torch.__version__,
         "complete": False,
     }
+
+
+def compute_record(backbone) -> dict[str, str]:
+    """Where and in which precision the rows are computed: the device type and the autocast dtype (float32 when
+    there is none). Recorded, not compared: a complete store reads the same anywhere, but an unfinished one must
+    be finished as it was started (:func:`check_resumable`)."""
+    import torch
+
+    cast = backbone.autocast()
+    dtype = getattr(cast, "fast_dtype", None) if isinstance(cast, torch.autocast) else None
+    return {"device": backbone.device.type, "dtype": str(dtype or torch.float32).replace("torch.", "")}
+
+
+def check_resumable(path: Path, stored: dict, request: dict) -> None:
+    """Refuse (one line) to resume an unfinished store on another device or precision than it was started with:
+    its rows would mix float32 and bfloat16 numbers without anyone noticing. Stores started before the manifest
+    recorded it are resumed as before."""
+    was, now = stored.get("compute"), request.get("compute")
+    if stored.get("complete") or was is None or was == now:
+        return
+    raise HadaError(f"feature store {path} was started on {was['device']} in {was['dtype']} and this call computes "
+                    f"on {now['device']} in {now['dtype']}; finish it with --device {was['device']}, or rebuild "
+                    "it with --force")
 
 
 def _store_batch(manifest: dict) -> dict[str, int]:
@@ -305,6 +330,7 @@ def extract_split(
                             "rerun with --force to rebuild it")
         if stored.get("complete"):
             return open_features(dataset.name, spec, split, root)
+        check_resumable(path, stored, request)
     hide = not progress_enabled(progress) or not distributed.is_main()
     jobs = default_jobs(backbone.device) if jobs is None else jobs
     _check_images(records, jobs, f"{dataset.name} {split}", hide)
