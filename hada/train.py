@@ -378,13 +378,13 @@ def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, 
     import torch
 
     from hada.devices import resolve_device
-    from hada.features.batching import PairLoader
+    from hada.features.batching import PairLoader, placement_line
 
     device = resolve_device(config.device) if device is None else device
     seed_everything(config.seed)
     data, stats, dims = _load_data(config, run_dir, data, device)
     if device.type != "cpu":
-        log(f"training on {device}: {data[config.data.train_split].describe()}")
+        log(f"training on {device}; {placement_line(data)}")
     objective = build_objective(config, dims, stats).to(device)
     optim = config.optim
     if optim.init_from is not None:

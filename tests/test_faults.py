@@ -316,3 +316,29 @@ def test_scale_an_unfinished_store_resumes_only_on_its_device_and_precision(tiny
     assert len(str(err.value).splitlines()) == 1
     monkeypatch.undo()
     assert store.extract_split(backbone, dataset, "val", spec, root, **options).manifest["complete"]
+
+
+def test_scale_features_placed_by_free_memory_in_three_tiers(monkeypatch):
+    """Placement compared a split with half the card's *total* memory, and anything above 4 GB went to the
+    memmap rather than to pinned host memory. Now: free GPU memory, then available host memory, then the memmap;
+    free memory mocked (no GPU is touched)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import hada.features.batching as batching
+
+    monkeypatch.delenv("HADA_DEVICE_RESIDENT_MB", raising=False)
+    monkeypatch.delenv("HADA_RESIDENT_MB", raising=False)
+    cuda = torch.device("cuda", 1)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (8 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(batching, "_host_available", lambda: 100 * 10**9)
+    tiers = {size: batching._placement(size, cuda, None) for size in (3 * 10**9, 30 * 10**9, 74 * 10**9)}
+    assert tiers == {3 * 10**9: "device", 30 * 10**9: "memory", 74 * 10**9: "memmap"}
+    assert asked and all(d == cuda for d in asked)  # the run's own card
+    data = {split: SimpleNamespace(where=lambda p=p, s=s: batching.where(p, cuda, s))
+            for split, p, s in (("train", "device", 3 * 10**9), ("val", "memory", 30 * 10**9),
+                                ("test", "memmap", 74 * 10**9))}
+    assert batching.placement_line(data) == ("token features: train on cuda:1 (3.0 GB), val in pinned host memory "
+                                              "(30.0 GB), test memory-mapped from the store (74.0 GB)")
