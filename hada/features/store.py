@@ -349,6 +349,7 @@ def extract_split(
     writer.close()
     distributed.barrier()
     check_covered(path, request)  # on every rank, so that none waits below for a rank 0 that refused
+    distributed.barrier()  # ... and before rank 0's _finish removes the progress files they read
     if distributed.is_main():
         _finish(path, request, dict(timing, processes=distributed.world_size()))
     distributed.barrier()
