@@ -455,34 +455,25 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     objective, optimizer = run.objective, run.optimizer
     objective.train()
     t_start = time.perf_counter()
-    losses = []  # per step [loss, itc, itm], summed once at the end: no device sync per step
-    itm_acc = 0.0
+    losses = []  # per step [loss, itc, itm, itm accuracy], summed once at the end: no device sync per step
     n_batches, n_pairs = 0, 0
     lr = optimizer.param_groups[0]["lr"]
     steps = tqdm(run.loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
     iters = max(len(run.loader), 1)
     per_iteration = run.config.optim.schedule_step == "iteration"
     for image, text, image_index in steps:
-        objective.progress = epoch - 1 + n_batches / iters  # the distillation ramp and the stages read it
-        _seed_step(run, (epoch - 1) * iters + n_batches)
-        image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
-        out = run.model(image, text, image_index.to(run.device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        objective.drop_idle_grads()  # zero gradients that only kept DDP's reduction whole
-        optimizer.step()
-        objective.end_step()
+        step = (epoch - 1) * iters + n_batches
+        out = _train_step(run, image, text, image_index, epoch - 1 + n_batches / iters, step)
         n_batches += 1
         if per_iteration:  # the fractional epoch, as the published code steps it
             run.scheduler.step(epoch - 1 + n_batches / iters)
         n_pairs += len(image_index)
-        losses.append(torch.stack([out.loss.detach(), out.itc, out.itm]))
-        itm_acc += 0.0 if math.isnan(out.itm_accuracy) else out.itm_accuracy
+        losses.append(torch.stack([out.loss.detach(), out.itc, out.itm, out.itm_accuracy.nan_to_num(0.0)]))
         if show and (n_batches % 10 == 0 or n_batches == len(run.loader)):
             rate = n_pairs / max(time.perf_counter() - t_start, 1e-9)
             steps.set_postfix(loss=f"{_sum_losses(losses)[0] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
     steps.close()  # progress stays at the last step's: validation and best.pt belong to that step's stage
-    sums = dict(zip(("loss", "itc", "itm"), _sum_losses(losses)), itm_acc=itm_acc)
+    sums = dict(zip(("loss", "itc", "itm", "itm_acc"), _sum_losses(losses)))
     train_time = time.perf_counter() - t_start
     if distributed.active():  # every rank's pairs; the losses as the mean of the ranks' means
         ranks = distributed.world_size()
@@ -495,12 +486,28 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
             "_start": t_start}
 
 
+def _train_step(run: _Run, image, text, image_index, progress: float, step: int):
+    """One optimiser step on one batch (on the run's device); ``progress``: the fractional epoch, ``step``: the
+    global step. Returns the objective's LossOutput."""
+    objective = run.objective
+    objective.progress = progress  # the distillation ramp and the stages read it
+    _seed_step(run, step)
+    image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
+    out = run.model(image, text, image_index.to(run.device, non_blocking=True))
+    run.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    objective.drop_idle_grads()  # zero gradients that only kept DDP's reduction whole
+    run.optimizer.step()
+    objective.end_step()
+    return out
+
+
 def _sum_losses(losses: list) -> list[float]:
-    """Column sums of the steps' [loss, itc, itm] in step order, as Python floats (float64 additions of the
-    float32 values: the same numbers as adding ``float(value)`` step by step)."""
+    """Column sums of the steps' [loss, itc, itm, itm accuracy] in step order, as Python floats (float64
+    additions of the float32 values: the same numbers as adding ``float(value)`` step by step)."""
     import torch
 
-    totals = [0.0, 0.0, 0.0]
+    totals = [0.0, 0.0, 0.0, 0.0]
     if losses:
         for row in torch.stack(losses).cpu().tolist():
             totals = [t + v for t, v in zip(totals, row)]

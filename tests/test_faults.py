@@ -222,7 +222,7 @@ def test_scale_sharded_extraction_with_a_rank_held_back_equals_one_process(tiny_
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, "\n".join(line for line in run.stderr.splitlines() if "error" in line.lower())[-3000:]
     stores = {n: store_dir("synthetic", spec, "val", tmp_path / n / "features") for n in ("one", "two")}
     assert json.loads((stores["two"] / "manifest.json").read_text())["complete"]
     for f in sorted(stores["one"].glob("*.npy")):
@@ -342,3 +342,67 @@ def test_scale_features_placed_by_free_memory_in_three_tiers(monkeypatch):
                                 ("test", "memmap", 74 * 10**9))}
     assert batching.placement_line(data) == ("token features: train on cuda:1 (3.0 GB), val in pinned host memory "
                                               "(30.0 GB), test memory-mapped from the store (74.0 GB)")
+
+
+#: Tensor methods that wait for the device when the tensor lives on a GPU (each call a host synchronisation).
+_SCALE_SYNCS = ("item", "__int__", "__float__", "__bool__", "__index__", "tolist", "cpu", "numpy", "nonzero")
+
+
+def _scale_count_syncs(monkeypatch, counts: list) -> None:
+    """Count, per training step, the calls that synchronise with a GPU: the methods above, boolean-mask indexing
+    (a hidden nonzero) and torch.cuda.synchronize. ``counts`` receives one {name: calls} per step."""
+    import torch
+
+    import hada.train as ht
+
+    live = {"on": None}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            if live["on"] is not None:
+                live["on"][name] = live["on"].get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def masked(name, fn):
+        def wrapper(self, index, *rest):
+            parts = index if isinstance(index, tuple) else (index,)
+            if live["on"] is not None and any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                live["on"][name] = live["on"].get(name, 0) + 1
+            return fn(self, index, *rest)
+        return wrapper
+
+    for name in _SCALE_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    for name in ("__getitem__", "__setitem__"):
+        monkeypatch.setattr(torch.Tensor, name, masked(f"mask {name}", getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", counted("synchronize", torch.cuda.synchronize))
+    step = ht._train_step
+
+    def counting_step(*args, **kwargs):
+        live["on"] = {}
+        try:
+            return step(*args, **kwargs)
+        finally:
+            counts.append(live["on"])
+            live["on"] = None
+
+    monkeypatch.setattr(ht, "_train_step", counting_step)
+
+
+def test_scale_at_most_two_host_syncs_per_training_step(monkeypatch, tmp_path):
+    """The published recipe's step on the path a GPU takes (tiled attention, not the CPU's numba kernels), with
+    every call that would wait for the GPU counted: 25 per step before (16 of them the encoders' length checks)."""
+    import hada.model.fast.dense as dense
+    import hada.train as ht
+
+    _scale_toy_stores(monkeypatch, tmp_path)
+    monkeypatch.setattr(dense, "FUSED_CPU_ATTENTION", False)
+    counts: list = []
+    _scale_count_syncs(monkeypatch, counts)
+    config = _scale_tiny("paper", epochs=2, batch_size=8, dropout=0.3)
+    ht.train(config, tmp_path / "syncs", max_epochs_this_call=1)
+    ht.train(config, tmp_path / "syncs")  # resumed: the queue's place is read back once, in the first step
+    totals = [sum(c.values()) for c in counts]
+    print("host syncs per step:", totals, "first step:", counts[0])
+    assert len(counts) >= 6 and max(totals) <= 2, counts

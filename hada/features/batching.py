@@ -221,6 +221,14 @@ def placement_line(data: dict) -> str:
     return "token features: " + ", ".join(f"{split} {d.where()}" for split, d in data.items())
 
 
+def _check_lengths(lengths: list[Tensor], widths: list[int]) -> None:
+    """Every caption counts its pooled token and fits its array, checked once on the host, so that its batches can
+    say so (``ModalityBatch.checked``) and the encoders never read lengths back from a GPU."""
+    for k, (n, width) in enumerate(zip(lengths, widths)):
+        if len(n) and (int(n.min()) < 1 or int(n.max()) > width):
+            raise HadaError(f"text lengths of backbone {k} must be in 1..{width}, got {int(n.min())}..{int(n.max())}")
+
+
 class FeatureData:
     """K backbones' stored features of one split, ready to batch.
 
@@ -259,6 +267,7 @@ class FeatureData:
         self.image_tokens = [_Rows(fs.image_tokens, resident, **rows) for fs in splits] if with_tokens else []
         self.text_tokens = [_Rows(fs.text_tokens, resident, **rows) for fs in splits] if with_tokens else []
         self.text_lengths = [torch.from_numpy(np.array(fs.text_lengths, dtype=np.int64)) for fs in splits]
+        _check_lengths(self.text_lengths, [fs.text_tokens.shape[1] for fs in splits])
         # the embeddings are small: on the device whenever the run is
         self.image_embeds = [torch.from_numpy(np.array(fs.image_embeds, dtype=np.float32)).to(self.device)
                              for fs in splits]
@@ -316,7 +325,7 @@ class FeatureData:
         embeds = [e.index_select(0, idx) for e in self.image_embeds]
         if view is not None:
             embeds = [e if v is None else v.embeds(e, rows, view) for e, v in zip(embeds, self.views)]
-        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds, checked=True)  # every token valid
 
     def _draw_views(self, n: int) -> np.ndarray:
         """Per image: -1 (the plain view) or the index of one of its augmented views."""
@@ -338,7 +347,7 @@ class FeatureData:
             tokens.append(self._normalise(self.to_device(store.take(caps, width)), self.stats.text[k], mask))
             lengths.append(n)
         embeds = [e.index_select(0, idx_device) for e in self.text_embeds]
-        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds, checked=True)  # see _check_lengths
 
     def iter_images(self, batch_size: int) -> Iterator[ModalityBatch]:
         """All images in split order (contiguous reads)."""
