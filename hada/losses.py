@@ -70,7 +70,7 @@ def sample_hard_negatives(sim: Tensor, positive: Tensor) -> tuple[Tensor, Tensor
         weights = F.softmax(sim.float(), dim=1) + 1e-5
         weights = weights.masked_fill(positive, 0.0)
         valid = ~positive.all(dim=1)
-        weights[~valid] = 1.0  # any draw; the row is masked out by ``valid``
+        weights.masked_fill_(~valid.unsqueeze(1), 1.0)  # any draw; the row is masked out by ``valid``
         index = torch.multinomial(weights, 1).squeeze(1)
     return index, valid
 
@@ -114,9 +114,22 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ids", torch.full((self.size,), RANDOM_ID if random else -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.full((), self.size if random else 0, dtype=torch.long))
+        self._host: tuple[int, int] | None = (0, self.size if random else 0)  # (ptr, count) as Python ints
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None  # the loaded buffers say where the ring is
+
+    def _ring(self) -> tuple[int, int]:
+        """(ptr, count) without reading the buffers back from the device at every step (a host sync each on a
+        GPU): known at construction, read back once after a load, then updated alongside the buffers."""
+        if self._host is None:
+            ptr, count = torch.stack([self.ptr, self.count]).tolist()
+            self._host = (ptr, count)
+        return self._host
 
     def filled(self) -> dict[str, Tensor]:
-        n = int(self.count)
+        n = self._ring()[1]
         return {name: getattr(self, name)[:n] for name in ("image", "text", "image_main", "text_main", "ids")}
 
     @torch.no_grad()
@@ -128,11 +141,13 @@ class FeatureQueue(nn.Module):
         if n > self.size:  # only the newest ``size`` entries survive anyway
             items = {k: v[n - self.size:] for k, v in items.items()}
             n = self.size
-        slots = (int(self.ptr) + torch.arange(n, device=self.ids.device)) % self.size
+        ptr, count = self._ring()
+        slots = (ptr + torch.arange(n, device=self.ids.device)) % self.size
         for name, value in items.items():
             getattr(self, name)[slots] = value.detach().to(getattr(self, name).dtype)
-        self.ptr.fill_((int(self.ptr) + n) % self.size)
-        self.count.fill_(min(self.size, int(self.count) + n))
+        self._host = ((ptr + n) % self.size, min(self.size, count + n))
+        self.ptr.fill_(self._host[0])
+        self.count.fill_(self._host[1])
 
 
 @dataclass
@@ -140,7 +155,7 @@ class LossOutput:
     loss: Tensor  # what the optimiser minimises
     itc: Tensor
     itm: Tensor
-    itm_accuracy: float  # fraction of ITM pairs classified right (positives and hard negatives)
+    itm_accuracy: Tensor  # fraction of ITM pairs classified right (positives and hard negatives); NaN without ITM
 
 
 # -------------------------------------------------------------------------------------- objective
@@ -286,7 +301,7 @@ class HadaObjective(nn.Module):
         )
 
         itm = torch.zeros((), device=itc.device)
-        itm_acc = float("nan")
+        itm_acc = torch.full((), float("nan"), device=itc.device)
         if self.itm_head is not None:
             local = slice(offset, offset + img.shape[0])  # this rank's own columns
             if cfg.itm_keys == "momentum":  # each online embedding against the batch's momentum keys (published)
@@ -302,11 +317,30 @@ class HadaObjective(nn.Module):
                 hard_t2i = hard_i2t.T
             itm, itm_acc = self._itm(img, txt, hard_i2t, hard_t2i, image_ids)
         loss = itc + cfg.itm_weight * itm if self.itm_head is not None else itc
+        loss = self._touch_idle(loss)
         if share != 1.0:  # a short last batch split unevenly: weigh each rank by its rows (see _batch_keys)
             loss, itc, itm = loss * share, itc * share, itm * share
 
         self._pending = keys  # enqueued once the backward pass no longer needs the queue (end_step)
         return LossOutput(loss=loss, itc=itc.detach(), itm=itm.detach(), itm_accuracy=itm_acc)
+
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Trained parameters this step's loss does not depend on: the mix weight before ``mix_from_epoch``."""
+        return [self.mix_weight] if self.config.mix and not self.mixing() else []
+
+    def _touch_idle(self, loss: Tensor) -> Tensor:
+        """``loss + 0 * p`` for every idle parameter: the same loss, bit for bit, but every parameter receives a
+        (zero) gradient, which DistributedDataParallel without ``find_unused_parameters`` waits for. The trainer
+        drops those zero gradients before the optimiser step (:meth:`drop_idle_grads`), so AdamW skips them."""
+        for p in self.idle_parameters():
+            loss = loss + 0.0 * p.sum()
+        return loss
+
+    def drop_idle_grads(self) -> None:
+        """Forget the zero gradients of :meth:`_touch_idle`: an idle parameter is left alone by the optimiser (no
+        weight decay, no moment update), as when it had no gradient at all."""
+        for p in self.idle_parameters():
+            p.grad = None
 
     @staticmethod
     def _batch_keys(*keys: Tensor) -> tuple[list[Tensor], int, float]:
@@ -327,11 +361,13 @@ class HadaObjective(nn.Module):
         positive = ids.view(-1, 1) == ids.view(1, -1)
         neg_img, valid_t = sample_hard_negatives(sim_t2i.detach(), positive)  # per text, an image
         neg_txt, valid_i = sample_hard_negatives(sim_i2t.detach(), positive)  # per image, a text
-        a = torch.cat([img, img[neg_img[valid_t]], img[valid_i]])
-        t = torch.cat([txt, txt[valid_t], txt[neg_txt[valid_i]]])
-        n_neg = int(valid_t.sum()) + int(valid_i.sum())
-        labels = torch.cat([torch.ones(b, device=img.device), torch.zeros(n_neg, device=img.device)])
+        keep_t, keep_i = valid_t, valid_i  # the rows with a negative (boolean masks: a host sync each use)
+        if bool(torch.cat([valid_t, valid_i]).all()):  # the usual case, and the one host sync of ITM
+            keep_t = keep_i = torch.arange(b, device=img.device)  # the same rows and the same ops, without syncs
+        a = torch.cat([img, img[neg_img[keep_t]], img[keep_i]])
+        t = torch.cat([txt, txt[keep_t], txt[neg_txt[keep_i]]])
+        labels = torch.cat([torch.ones(b, device=img.device), torch.zeros(a.shape[0] - b, device=img.device)])
         logits = self.itm_head(a, t)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
-        acc = float(((logits.detach() > 0).float() == labels).float().mean())
+        acc = ((logits.detach() > 0).float() == labels).float().mean()  # a tensor: read back once per epoch
         return loss, acc

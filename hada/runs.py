@@ -38,7 +38,7 @@ from hada.train import TrainedModel, load_trained
 NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py", "search.py")
 
 _PACKAGE = Path(__file__).resolve().parent
-_STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image TokenStats, text TokenStats)
+_STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image, text TokenStats); global: FeatureStats
 _DATA: dict = {}  # (dataset, root, backbones, split, with_tokens, stats key, device) -> FeatureData
 _DIGESTS: dict = {}  # (root, skip, file stamps) -> digest: a digest is computed once per process per code state
 
@@ -159,16 +159,47 @@ def _stats(config: TrainConfig):
     return FeatureStats(image, text)
 
 
-def shared_data(config: TrainConfig, split: str, stats=None):
-    """FeatureData of one split for this config on its device, normalised with the train statistics; cached
-    in-process."""
+def _pooled_stats(config: TrainConfig):
+    """One global mean/std over every backbone and modality of the train split (the published standardisation),
+    computed once per process per set of stores."""
+    from hada.features.batching import compute_stats
+
+    train_split = run_splits(config)[0]
+    splits = _train.open_splits(config, train_split)
+    key = (*_data_id(config), train_split, "global", tuple(_manifest_hash(fs) for fs in splits))
+    if key not in _STATS:
+        _STATS[key] = compute_stats(splits, pooled=True)
+    return _STATS[key]
+
+
+def run_stats(config: TrainConfig, run_dir: Path | None = None):
+    """The train statistics the trainer will normalise with: the run's saved ``stats.json``, else the global ones
+    (``token_stats="global"``) or each backbone's own. Data built with them is the trainer's only copy."""
+    from hada.features.batching import FeatureStats
+
+    saved = run_dir / "stats.json" if run_dir is not None else None
+    if saved is not None and saved.exists():
+        return FeatureStats.from_dict(json.loads(saved.read_text()))
+    return _pooled_stats(config) if config.data.token_stats == "global" else _stats(config)
+
+
+def _shared_splits(config: TrainConfig) -> tuple[str, ...]:
+    """The splits whose shared data the trainer uses as it is: all but the train split when that one carries
+    augmented views (the trainer builds it with them)."""
+    train_split = run_splits(config)[0]
+    return tuple(s for s in run_splits(config) if not (s == train_split and config.data.augment_p > 0))
+
+
+def shared_data(config: TrainConfig, split: str, stats=None, device=None):
+    """FeatureData of one split for this config on its device (``device``: the exact one, e.g. cuda:1; default
+    the config's), normalised with the train statistics; cached in-process."""
     from hada.devices import resolve_device
     from hada.features.batching import FeatureData
 
+    device = resolve_device(config.device) if device is None else device
     config = config.resolved()
     stats = stats if stats is not None else _stats(config)
     tokens = config.model.arch == "hada"
-    device = resolve_device(config.device)
     options = _train.split_options(config, split)
     key = (*_data_id(config), split, tokens, json.dumps(stats.to_dict(), sort_keys=True), str(device),
            json.dumps(options, sort_keys=True))
@@ -249,6 +280,9 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     The one set of rules for every caller (chapters, ``hada prepare``, ``hada train``). A Ctrl-C leaves the
     last finished epoch in the folder; the next call resumes from there.
     """
+    from hada.devices import resolve_device
+
+    device = resolve_device(config.device)  # before resolving: the config keeps only the type (cuda, not cuda:1)
     config = config.resolved()
     fingerprint = features_fingerprint(config)
     run_dir = run_folder(config, name, fingerprint)
@@ -271,9 +305,10 @@ def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, 
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "features.json", fingerprint)
-    stats = _stats(config)
-    data = {split: shared_data(config, split, stats) for split in run_splits(config)}
-    _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads, log=log)
+    stats = run_stats(config, run_dir)  # the statistics the trainer uses, so it keeps this one copy of each split
+    data = {split: shared_data(config, split, stats, device) for split in _shared_splits(config)}
+    _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads, log=log,
+                 device=device)
     return _finished(name, run_dir)
 
 

@@ -59,6 +59,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's training step under DDP: a function of the run's seed, the rank and the global
+    step, so that ranks draw their own dropout masks and hard negatives, and a resumed run draws what an
+    uninterrupted one did whatever RNG state its checkpoint holds."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed % 2**32, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _seed_step(run: "_Run", step: int) -> None:
+    """Under DDP, reseed torch (CPU and CUDA) for this rank's step; one process keeps its one stream, so its
+    numbers are those of every run before per-rank seeds."""
+    if distributed.world_size() > 1:
+        import torch
+
+        torch.manual_seed(step_seed(run.config.seed, distributed.rank(), step))
+
+
 def rng_state(order_rng, device=None) -> dict:
     """Every random state a run draws from; with a CUDA ``device`` also its generator (dropout and hard
     negatives draw there)."""
@@ -255,7 +273,7 @@ def train_threads(threads: int | None = None) -> int:
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, progress: bool | None = None,
           max_epochs_this_call: int | None = None, data: dict | None = None,
-          threads: int | None = None, log=print) -> TrainResult | None:
+          threads: int | None = None, log=print, device=None) -> TrainResult | None:
     """Train (or continue) the run in ``run_dir``; returns its result once finished.
 
     ``resume``: continue from ``checkpoint.pt`` if there is one (an existing checkpoint with
@@ -268,13 +286,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = True, 
     benchmarks/bench_epoch.py); a fixed count also keeps the numbers independent of the machine's core
     count. Resume with the same thread count as the original run: reductions may round differently with
     a different one. ``log`` receives one line on where the features are when the run is not on the CPU.
+    ``device``: the exact torch.device to train on (default: the config's, resolved here); a resolved config
+    keeps only the device's type, so a caller that resolved it passes the device it resolved before.
     """
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(train_threads(threads))
     try:
-        return _train(config, run_dir, resume, progress, max_epochs_this_call, data, log)
+        return _train(config, run_dir, resume, progress, max_epochs_this_call, data, log, device)
     finally:
         torch.set_num_threads(before)
 
@@ -330,13 +350,14 @@ def _identity(saved: dict) -> dict:
     return saved
 
 
-def join_process_group(config: TrainConfig) -> bool:
-    """Under torchrun, join its process group (NCCL when the run is on CUDA, else gloo); True with > 1 rank."""
+def join_process_group(config: TrainConfig, device=None) -> bool:
+    """Under torchrun, join its process group (NCCL when the run is on CUDA, else gloo); True with > 1 rank.
+    ``device``: the run's exact device when the caller has it (the config may hold only its type)."""
     if not distributed.launched():
         return False
     from hada.devices import resolve_device
 
-    return distributed.init_from_env(resolve_device(config.device))
+    return distributed.init_from_env(resolve_device(config.device) if device is None else device)
 
 
 def _data_parallel(objective):
@@ -370,7 +391,8 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     if stats_path.exists():
         stats = FeatureStats.from_dict(json.loads(stats_path.read_text()))
     else:
-        stats = data[train_split].stats if train_split in data and not (pooled or raw) else \
+        given = next(iter(data.values())).stats if data else None  # the caller's data: the run's statistics
+        stats = given if given is not None and _stats_fit(given, pooled, raw) else \
             compute_stats(train_splits, pooled=pooled, raw=raw)
         if distributed.is_main():
             write_json(stats_path, stats.to_dict())
@@ -390,19 +412,34 @@ def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):
     return data, stats, feature_dims(train_splits)
 
 
-def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, log=print) -> _Run:
-    """Seed, data, model, optimiser and schedule on the run's device; then the checkpoint's state when resuming."""
+def _stats_fit(stats, pooled: bool, raw: bool) -> bool:
+    """Whether a caller's statistics are of the kind the config asks for (raw, global, or any for per-backbone)."""
+    entries = list(stats.image) + list(stats.text)
+    if raw or any(e.raw for e in entries):
+        return raw and all(e.raw for e in entries)
+    return not pooled or _is_pooled(stats)
+
+
+def _is_pooled(stats) -> bool:
+    """Whether statistics are global ones (one mean/std repeated for every backbone and modality)."""
+    entries = list(stats.image) + list(stats.text)
+    return all(e == entries[0] for e in entries)
+
+
+def _start(config: TrainConfig, run_dir: Path, resume: bool, data: dict | None, log=print, device=None) -> _Run:
+    """Seed, data, model, optimiser and schedule on ``device`` (default: the config's); then the checkpoint's state
+    when resuming."""
     import numpy as np
     import torch
 
     from hada.devices import resolve_device
-    from hada.features.batching import PairLoader
+    from hada.features.batching import PairLoader, placement_line
 
-    device = resolve_device(config.device)
+    device = resolve_device(config.device) if device is None else device
     seed_everything(config.seed)
     data, stats, dims = _load_data(config, run_dir, data, device)
     if device.type != "cpu":
-        log(f"training on {device}: {data[config.data.train_split].describe()}")
+        log(f"training on {device}; {placement_line(data)}")
     objective = build_objective(config, dims, stats).to(device)
     optim = config.optim
     if optim.init_from is not None:
@@ -487,32 +524,25 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
     objective, optimizer = run.objective, run.optimizer
     objective.train()
     t_start = time.perf_counter()
-    losses = []  # per step [loss, itc, itm], summed once at the end: no device sync per step
-    itm_acc = 0.0
+    losses = []  # per step [loss, itc, itm, itm accuracy], summed once at the end: no device sync per step
     n_batches, n_pairs = 0, 0
     lr = optimizer.param_groups[0]["lr"]
     steps = tqdm(run.loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show)
     iters = max(len(run.loader), 1)
     per_iteration = run.config.optim.schedule_step == "iteration"
     for image, text, image_index in steps:
-        objective.progress = epoch - 1 + n_batches / iters  # the distillation ramp and the stages read it
-        image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
-        out = run.model(image, text, image_index.to(run.device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        objective.end_step()
+        step = (epoch - 1) * iters + n_batches
+        out = _train_step(run, image, text, image_index, epoch - 1 + n_batches / iters, step)
         n_batches += 1
         if per_iteration:  # the fractional epoch, as the published code steps it
             run.scheduler.step(epoch - 1 + n_batches / iters)
         n_pairs += len(image_index)
-        losses.append(torch.stack([out.loss.detach(), out.itc, out.itm]))
-        itm_acc += 0.0 if math.isnan(out.itm_accuracy) else out.itm_accuracy
+        losses.append(torch.stack([out.loss.detach(), out.itc, out.itm, out.itm_accuracy.nan_to_num(0.0)]))
         if show and (n_batches % 10 == 0 or n_batches == len(run.loader)):
             rate = n_pairs / max(time.perf_counter() - t_start, 1e-9)
             steps.set_postfix(loss=f"{_sum_losses(losses)[0] / n_batches:.3f}", pairs_s=f"{rate:.0f}")
     steps.close()  # progress stays at the last step's: validation and best.pt belong to that step's stage
-    sums = dict(zip(("loss", "itc", "itm"), _sum_losses(losses)), itm_acc=itm_acc)
+    sums = dict(zip(("loss", "itc", "itm", "itm_acc"), _sum_losses(losses)))
     train_time = time.perf_counter() - t_start
     if distributed.active():  # every rank's pairs; the losses as the mean of the ranks' means
         ranks = distributed.world_size()
@@ -525,12 +555,28 @@ def _train_epoch(run: _Run, epoch: int, show: bool) -> dict:
             "_start": t_start}
 
 
+def _train_step(run: _Run, image, text, image_index, progress: float, step: int):
+    """One optimiser step on one batch (on the run's device); ``progress``: the fractional epoch, ``step``: the
+    global step. Returns the objective's LossOutput."""
+    objective = run.objective
+    objective.progress = progress  # the distillation ramp and the stages read it
+    _seed_step(run, step)
+    image, text = image.to(run.device, non_blocking=True), text.to(run.device, non_blocking=True)
+    out = run.model(image, text, image_index.to(run.device, non_blocking=True))
+    run.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    objective.drop_idle_grads()  # zero gradients that only kept DDP's reduction whole
+    run.optimizer.step()
+    objective.end_step()
+    return out
+
+
 def _sum_losses(losses: list) -> list[float]:
-    """Column sums of the steps' [loss, itc, itm] in step order, as Python floats (float64 additions of the
-    float32 values: the same numbers as adding ``float(value)`` step by step)."""
+    """Column sums of the steps' [loss, itc, itm, itm accuracy] in step order, as Python floats (float64
+    additions of the float32 values: the same numbers as adding ``float(value)`` step by step)."""
     import torch
 
-    totals = [0.0, 0.0, 0.0]
+    totals = [0.0, 0.0, 0.0, 0.0]
     if losses:
         for row in torch.stack(losses).cpu().tolist():
             totals = [t + v for t, v in zip(totals, row)]
@@ -599,15 +645,18 @@ def _finish(run: _Run) -> TrainResult:
     return TrainResult(run.run_dir, state["history"], val_metrics, test_metrics, state["best_epoch"])
 
 
-def _train(config, run_dir, resume, progress, max_epochs_this_call, data, log=print):
+def _train(config, run_dir, resume, progress, max_epochs_this_call, data, log=print, device=None):
     from tqdm import tqdm
 
+    from hada.devices import resolve_device
+
+    device = resolve_device(config.device) if device is None else device  # before resolving drops the index
     config, run_dir = config.resolved(), Path(run_dir)
-    join_process_group(config)
+    join_process_group(config, device)
     _check_run_dir(config, run_dir, resume)
     distributed.barrier()  # the folder exists before any rank reads from it
     show = progress_enabled(progress) and distributed.is_main()
-    run = _start(config, run_dir, resume, data, log)
+    run = _start(config, run_dir, resume, data, log, device)
     state, epochs = run.state, config.optim.epochs
     bar = tqdm(total=epochs, initial=state["epoch"], desc=f"train {run_dir.name}", unit="epoch", disable=not show,
                leave=True)

@@ -121,17 +121,20 @@ def _train(args: argparse.Namespace) -> int:
     from hada import distributed
     from hada.book.tables import metrics_table
     from hada.runs import run_experiment, run_folder
+    from hada.devices import resolve_device
     from hada.train import join_process_group
 
-    config = config_from_args(args).resolved()
+    asked = config_from_args(args)
+    config = asked.resolved()
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    join_process_group(config)  # under torchrun: before the run's key, which counts the ranks
+    device = resolve_device(asked.device)  # the exact device (cuda:1); the resolved config keeps its type
+    join_process_group(config, device)  # under torchrun: before the run's key, which counts the ranks
     name = args.name or config.model.arch
     trained = (run_folder(config, name) / "metrics.json").exists() and not args.restart
     try:
-        run = run_experiment(config, name, threads=args.jobs, restart=args.restart)
+        run = run_experiment(asked, name, threads=args.jobs, restart=args.restart)
     except KeyboardInterrupt:
         print(f"hada: interrupted; the last finished epoch is saved in {run_folder(config, name)}; rerun the "
               "same command to continue", file=sys.stderr)

@@ -11,13 +11,15 @@ The backbones' own projected embeddings pass through unchanged (fp32): the model
 L2-normalise them, and any shift would change the main backbone's cosine that HADA mixes in.
 
 Data path: each split's arrays are read from the memory-mapped store once, in contiguous chunks, into
-resident fp16 tensors (unless larger than ``HADA_RESIDENT_MB``, default 4096, in which case batches are
-gathered from the memmaps with sorted indices). A batch is one ``index_select`` per array, trimmed to
+resident fp16 tensors (unless larger than the host budget below, in which case batches are gathered from the
+memmaps with sorted indices). A batch is one ``index_select`` per array, trimmed to
 the batch's longest caption, converted to fp32 and normalised with tensor ops.
 
-On a GPU the arrays go onto the device when they fit ``HADA_DEVICE_RESIDENT_MB`` (default: half the device's
-memory), so a batch never crosses the bus; otherwise batches are gathered on the host into pinned memory and
-copied without blocking, then normalised on the device. :attr:`FeatureData.placement` says which.
+Three tiers, the first that fits: on a GPU the arrays go onto the device when they fit
+``HADA_DEVICE_RESIDENT_MB`` (default: half the device's *free* memory), so a batch never crosses the bus;
+else they stay in host memory (``HADA_RESIDENT_MB``, default half the host memory available) and batches are
+gathered into pinned memory and copied without blocking; else batches are gathered from the memory-mapped
+store. :attr:`FeatureData.placement` says which, :func:`placement_line` says it for every split.
 """
 
 from __future__ import annotations
@@ -121,16 +123,37 @@ def compute_stats(splits: Sequence, pooled: bool = False, raw: bool = False) -> 
 
 
 # ----------------------------------------------------------------------------------------------- data
+#: The share of the free memory (GPU or host) one split's token arrays may take: the rest is for the splits after
+#: it, the model, its activations and the similarity stripes (on the host: everything else running).
+FREE_SHARE = 0.5
+
+
+def _host_available() -> int:
+    """Bytes of host memory available now (``MemAvailable``; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _resident_budget() -> int:
-    return int(float(os.environ.get("HADA_RESIDENT_MB", "4096")) * 2**20)
+    """Bytes of token arrays kept in host memory: ``HADA_RESIDENT_MB``, else half the host memory available now."""
+    if "HADA_RESIDENT_MB" in os.environ:
+        return int(float(os.environ["HADA_RESIDENT_MB"]) * 2**20)
+    return int(_host_available() * FREE_SHARE)
 
 
 def _device_budget(device: torch.device) -> int:
-    """Bytes of stored features kept on a GPU: ``HADA_DEVICE_RESIDENT_MB``, else half the device's memory (the
-    rest is the model's, its activations' and the similarity stripes')."""
+    """Bytes of token arrays kept on a GPU: ``HADA_DEVICE_RESIDENT_MB``, else half of the device's *free* memory
+    now (``torch.cuda.mem_get_info``): the splits placed before this one, and anything else on the card, count."""
     if "HADA_DEVICE_RESIDENT_MB" in os.environ:
         return int(float(os.environ["HADA_DEVICE_RESIDENT_MB"]) * 2**20)
-    return int(torch.cuda.get_device_properties(device).total_memory // 2)
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * FREE_SHARE)
 
 
 def _torch_dtype(array) -> torch.dtype:
@@ -184,13 +207,42 @@ class _Rows:
 
 
 def _placement(size: int, device: torch.device, resident: bool | None) -> str:
-    """Where the token arrays live: "device" (on the GPU), "memory" (host tensors) or "memmap" (read per batch);
-    ``resident`` forces host memory (True) or the memmap (False)."""
+    """Where the token arrays live, the first tier they fit: "device" (resident on the GPU), "memory" (host
+    tensors; on a GPU run gathered into pinned memory and copied without blocking) or "memmap" (read from the
+    store per batch); ``resident`` forces host memory (True) or the memmap (False)."""
     if resident is None and device.type != "cpu" and size <= _device_budget(device):
         return "device"
     if resident is None:
         resident = size <= _resident_budget()
     return "memory" if resident else "memmap"
+
+
+def where(placement: str, device: torch.device, size: int) -> str:
+    """A few words on one split's tier and bytes: "on cuda:0 (1.2 GB)", "in pinned host memory (...)", ..."""
+    tier = {"device": f"on {device}",
+            "memory": "in pinned host memory" if device.type != "cpu" else "in host memory",
+            "memmap": "memory-mapped from the store"}[placement]
+    return f"{tier} ({_bytes(size)})"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def placement_line(data: dict) -> str:
+    """One line for the start of training: where each split's token arrays live and how many bytes they take."""
+    return "token features: " + ", ".join(f"{split} {d.where()}" for split, d in data.items())
+
+
+def _check_lengths(lengths: list[Tensor], widths: list[int]) -> None:
+    """Every caption counts its pooled token and fits its array, checked once on the host, so that its batches can
+    say so (``ModalityBatch.checked``) and the encoders never read lengths back from a GPU."""
+    for k, (n, width) in enumerate(zip(lengths, widths)):
+        if len(n) and (int(n.min()) < 1 or int(n.max()) > width):
+            raise HadaError(f"text lengths of backbone {k} must be in 1..{width}, got {int(n.min())}..{int(n.max())}")
 
 
 class FeatureData:
@@ -244,6 +296,7 @@ class FeatureData:
         self.image_tokens = [_Rows(fs.image_tokens, resident, **rows) for fs in splits] if with_tokens else []
         self.text_tokens = [_Rows(fs.text_tokens, resident, **rows) for fs in splits] if with_tokens else []
         self.text_lengths = [torch.from_numpy(np.array(fs.text_lengths[keep], dtype=np.int64)) for fs in splits]
+        _check_lengths(self.text_lengths, [fs.text_tokens.shape[1] for fs in splits])
         # the embeddings are small: on the device whenever the run is
         self.image_embeds = [torch.from_numpy(np.array(fs.image_embeds, dtype=np.float32)).to(self.device)
                              for fs in splits]
@@ -264,6 +317,10 @@ class FeatureData:
                           + (", streamed to the device from pinned memory" if self.device.type != "cpu" else ""),
                 "memmap": f"token features read from the memory-mapped store ({mb:.0f} MB)"
                           + (", streamed through pinned memory" if self.device.type != "cpu" else "")}[self.placement]
+
+    def where(self) -> str:
+        """A few words: where this split's token arrays live (see :func:`placement_line`)."""
+        return where(self.placement, self.device, self.size_bytes)
 
     @property
     def num_backbones(self) -> int:
@@ -304,7 +361,7 @@ class FeatureData:
         embeds = [e.index_select(0, idx) for e in self.image_embeds]
         if view is not None:
             embeds = [e if v is None else v.embeds(e, rows, view) for e, v in zip(embeds, self.views)]
-        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds, checked=True)  # every token valid
 
     def _draw_views(self, n: int) -> np.ndarray:
         """Per image: -1 (the plain view) or the index of one of its augmented views."""
@@ -327,7 +384,7 @@ class FeatureData:
             tokens.append(self._normalise(self.to_device(store.take(stored, width)), self.stats.text[k], mask))
             lengths.append(n)
         embeds = [e.index_select(0, idx_device) for e in self.text_embeds]
-        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds)
+        return ModalityBatch(tokens=tokens, lengths=lengths, embeds=embeds, checked=True)  # see _check_lengths
 
     def iter_images(self, batch_size: int) -> Iterator[ModalityBatch]:
         """All images in split order (contiguous reads)."""

@@ -13,7 +13,8 @@ Layout of ``features_dir()/<dataset>/<backbone>/<split>/`` (every array a ``.npy
 ``caption_ids``          int64 [M]       dataset caption ids, split order (image by image)
 ``caption_image_index``  int64 [M]       row (0..N-1) of each caption's image
 ``manifest.json``                        request (model, weights sha256, open_clip version, preprocessing,
-                                         dataset json sha256, shapes, dtypes) + per-array sizes and sha256
+                                         dataset json sha256, shapes, dtypes, the device and precision the
+                                         rows are computed in) + per-array sizes and sha256
 ``progress-<rank>.json``                 rows done by each process, while an extraction is unfinished
 =======================  ==============  ==================================================================
 
@@ -280,10 +281,34 @@ def build_request(backbone, dataset, split: str, text_length: int, image_tokens:
         "n_captions": m,
         "backbone": backbone.describe(),
         "batch": dict(batch),
+        "compute": compute_record(backbone),
         "arrays": arrays,
         "torch_version": torch.__version__,
         "complete": False,
     }
+
+
+def compute_record(backbone) -> dict[str, str]:
+    """Where and in which precision the rows are computed: the device type and the autocast dtype (float32 when
+    there is none). Recorded, not compared: a complete store reads the same anywhere, but an unfinished one must
+    be finished as it was started (:func:`check_resumable`)."""
+    import torch
+
+    cast = backbone.autocast()
+    dtype = getattr(cast, "fast_dtype", None) if isinstance(cast, torch.autocast) else None
+    return {"device": backbone.device.type, "dtype": str(dtype or torch.float32).replace("torch.", "")}
+
+
+def check_resumable(path: Path, stored: dict, request: dict) -> None:
+    """Refuse (one line) to resume an unfinished store on another device or precision than it was started with:
+    its rows would mix float32 and bfloat16 numbers without anyone noticing. Stores started before the manifest
+    recorded it are resumed as before."""
+    was, now = stored.get("compute"), request.get("compute")
+    if stored.get("complete") or was is None or was == now:
+        return
+    raise HadaError(f"feature store {path} was started on {was['device']} in {was['dtype']} and this call computes "
+                    f"on {now['device']} in {now['dtype']}; finish it with --device {was['device']}, or rebuild "
+                    "it with --force")
 
 
 def _store_batch(manifest: dict) -> dict[str, int]:
@@ -366,6 +391,7 @@ def _extract_split(backbone, dataset, split, spec, root, path, force, image_batc
                             "rerun with --force to rebuild it")
         if stored.get("complete"):
             return open_features(dataset.name, spec, split, root)
+        check_resumable(path, stored, request)
     hide = not progress_enabled(progress) or not distributed.is_main()
     jobs = default_jobs(backbone.device) if jobs is None else jobs
     _check_images(records, jobs, f"{dataset.name} {split}", hide)
@@ -375,12 +401,16 @@ def _extract_split(backbone, dataset, split, spec, root, path, force, image_batc
     distributed.barrier()
     request["batch"] = _store_batch(_read_json(path / MANIFEST))
     writer = _StoreWriter(path, request, checkpoint_seconds, _stop_after_batches)
+    plan = writer.plan({"images": len(records), "captions": len(captions)})
+    distributed.barrier()  # every rank has its shares of both phases before any rank records progress
     with torch.no_grad():
-        timing = _extract_images(backbone, records, writer, jobs, f"{spec} {split} images", hide)
-        timing.update(_extract_captions(backbone, captions, writer, int(lengths_all.max()), spec,
-                                        f"{spec} {split} captions", hide))
+        timing = _extract_images(backbone, records, writer, plan["images"], jobs, f"{spec} {split} images", hide)
+        timing.update(_extract_captions(backbone, captions, writer, plan["captions"], int(lengths_all.max()),
+                                        spec, f"{spec} {split} captions", hide))
     writer.close()
     distributed.barrier()
+    check_covered(path, request)  # on every rank, so that none waits below for a rank 0 that refused
+    distributed.barrier()  # ... and before rank 0's _finish removes the progress files they read
     if distributed.is_main():
         _finish(path, request, dict(timing, processes=distributed.world_size()))
     distributed.barrier()
@@ -460,11 +490,18 @@ class _StoreWriter:
         self.last = time.perf_counter()
 
     def todo(self, modality: str, n: int) -> tuple[list[tuple[int, int]], int]:
-        """This process's forward batches of ``modality`` not done yet, and the rows done before (by anyone)."""
+        """This process's forward batches of ``modality`` not done yet, and the rows done before (by anyone).
+        Read from the progress files as they are now: every rank must read them before any rank writes one
+        (:meth:`plan` then a barrier), or the ranks' shares overlap and leave rows nobody computes."""
         done = rowlog.rows_done(self.path, self.batch)[modality]
         left = rowlog.batches(rowlog.missing(done, n), self.batch[modality])
         mine = rowlog.share(left, distributed.rank(), distributed.world_size())
         return mine, n - sum(e - s for s, e in left)
+
+    def plan(self, sizes: dict[str, int]) -> dict[str, tuple[list[tuple[int, int]], int]]:
+        """:meth:`todo` of every modality at once, before any work: the shares of the caption phase no longer
+        depend on how far the other ranks got with their images."""
+        return {modality: self.todo(modality, n) for modality, n in sizes.items()}
 
     def save(self) -> None:
         for mm in self.mms.values():
@@ -532,9 +569,10 @@ def _image_loader(backbone, records, batches: list[tuple[int, int]], jobs: int):
                       pin_memory=backbone.device.type == "cuda", **extra)
 
 
-def _extract_images(backbone, records, writer: _StoreWriter, jobs: int, desc: str, hide: bool) -> dict:
-    """This process's image batches not done yet, read by a DataLoader while the model runs on the device."""
-    todo, before = writer.todo("images", len(records))
+def _extract_images(backbone, records, writer: _StoreWriter, planned, jobs: int, desc: str, hide: bool) -> dict:
+    """This process's image batches not done yet (``planned``: from :meth:`_StoreWriter.plan`), read by a
+    DataLoader while the model runs on the device."""
+    todo, before = planned
     bar = _bar(before + sum(e - s for s, e in todo), before, "img", desc, hide)
     t0, done = time.perf_counter(), 0
     for (s, e), pixels in zip(todo, _image_loader(backbone, records, todo, jobs)):
@@ -549,10 +587,10 @@ def _extract_images(backbone, records, writer: _StoreWriter, jobs: int, desc: st
     return {"image_seconds": round(time.perf_counter() - t0, 3), "images": done}
 
 
-def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, text_length: int, spec: str,
+def _extract_captions(backbone, captions: list[str], writer: _StoreWriter, planned, text_length: int, spec: str,
                       desc: str, hide: bool) -> dict:
-    """This process's caption batches not done yet, padded to the split's longest caption."""
-    todo, before = writer.todo("captions", len(captions))
+    """This process's caption batches not done yet (``planned``), padded to the split's longest caption."""
+    todo, before = planned
     bar = _bar(before + sum(e - s for s, e in todo), before, "cap", desc, hide)
     t0, done = time.perf_counter(), 0
     for s, e in todo:
@@ -582,8 +620,22 @@ def _open_partial(path: Path, arrays: dict) -> dict | None:
     return mms
 
 
+def check_covered(path: Path, request: dict) -> None:
+    """Raise one line unless the progress files record every row of both modalities as written: a store with
+    a hole would be marked complete and trusted by every later run."""
+    done = rowlog.rows_done(path, _store_batch(request))
+    sizes = {"images": request["n_images"], "captions": request["n_captions"]}
+    gaps = {m: g for m, n in sizes.items() if (g := rowlog.missing(done[m], n))}
+    if gaps:
+        where = "; ".join(f"{m} rows {', '.join(f'{s}-{e - 1}' for s, e in g[:3])}" for m, g in gaps.items())
+        raise HadaError(f"feature store {path} is not complete ({where} were never written); rerun "
+                        "`hada features extract` to resume it")
+
+
 def _finish(path: Path, request: dict, timing: dict | None = None) -> None:
-    """Record sizes, sha256 and mtimes of every array, mark complete, drop the progress files."""
+    """Record sizes, sha256 and mtimes of every array, mark complete, drop the progress files; a store whose
+    rows are not all written is refused (:func:`check_covered`)."""
+    check_covered(path, request)
     sums = {}
     for name in ARRAY_NAMES:
         f = path / f"{name}.npy"

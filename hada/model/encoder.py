@@ -37,6 +37,9 @@ class ModalityBatch:
     tokens: list[Tensor]  # per backbone k: [B, N_k, D_k] float32, CLS/pooled token first, zero-padded
     lengths: list[Tensor]  # per backbone k: [B] long, valid tokens incl. the CLS one (images: all N_k)
     embeds: list[Tensor]  # per backbone k: [B, E_k] float32, the backbone's own projected embedding
+    #: lengths known to be in 1..N_k (FeatureData checks them on the host): the encoders then skip reading them
+    #: back, which on a GPU is a host synchronisation per backbone and encoder call
+    checked: bool = False
 
     @property
     def num_backbones(self) -> int:
@@ -48,7 +51,7 @@ class ModalityBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ModalityBatch":
         move = lambda xs: [x.to(device, non_blocking=non_blocking) for x in xs]  # noqa: E731
-        return ModalityBatch(move(self.tokens), move(self.lengths), move(self.embeds))
+        return ModalityBatch(move(self.tokens), move(self.lengths), move(self.embeds), self.checked)
 
 
 @dataclass
@@ -178,6 +181,8 @@ class HadaEncoder(nn.Module):
             if e.dim() != 2 or e.shape[-1] != self.embed_dims[k]:
                 raise HadaError(f"{self.modality} embeds of backbone {k}: expected [B, {self.embed_dims[k]}],"
                                 f" got {list(e.shape)}")
+        if batch.checked:
+            return
         for k, (t, n) in enumerate(zip(batch.tokens, batch.lengths)):
             lo, hi = int(n.min()), int(n.max())  # every sample needs its CLS node; lengths count it
             if n.shape != t.shape[:1] or lo < 1 or hi > t.shape[1]:
@@ -232,7 +237,7 @@ class HadaEncoder(nn.Module):
             e = batch.embeds[k].float()
             tokens[k] = self.embed_input(e, k).unsqueeze(1)
             lengths[k] = torch.ones(e.shape[0], dtype=torch.long, device=e.device)
-        return ModalityBatch(tokens, lengths, list(batch.embeds))
+        return ModalityBatch(tokens, lengths, list(batch.embeds), batch.checked)
 
     # -- the torch_geometric path --------------------------------------------------------------------------
 

@@ -160,13 +160,14 @@ def _counts_matrix(lengths_per_backbone: Sequence[Tensor] | Tensor) -> Tensor:
     return counts
 
 
-def _node_layout(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-node sample / backbone / token ids and the CLS ids, for nodes ordered sample, backbone, token."""
+def _node_layout(counts: Tensor, total: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-node sample / backbone / token ids and the CLS ids, for nodes ordered sample, backbone, token;
+    ``total``: the node count when the caller knows it (else read from ``counts``)."""
     B, K = counts.shape
     flat = counts.reshape(-1)  # (sample, backbone) blocks in node order
     block_start = torch.cumsum(flat, 0) - flat
     block = torch.repeat_interleave(torch.arange(B * K), flat)
-    node_token = torch.arange(int(flat.sum())) - block_start[block]
+    node_token = torch.arange(int(flat.sum()) if total is None else total) - block_start[block]
     sizes = counts.sum(1)
     ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
     return ptr, block // K, block % K, node_token, block_start.view(B, K)
@@ -178,7 +179,8 @@ def padded_nodes(sizes: tuple[int, ...], device: torch.device | str) -> tuple[Te
     ``sizes[k]`` nodes (CLS first, backbones concatenated). Constants of the sizes: cached, and built outside
     inference mode so that a copy cached during evaluation can be saved for backward later."""
     with torch.inference_mode(False):
-        _, _, node_backbone, node_token, starts = _node_layout(torch.tensor([list(sizes)], dtype=torch.long))
+        _, _, node_backbone, node_token, starts = _node_layout(torch.tensor([list(sizes)], dtype=torch.long),
+                                                               sum(sizes))
         return starts[0].to(device), node_backbone.to(device), node_token.to(device)
 
 

@@ -453,7 +453,11 @@ class GatV2ClsScores(torch.autograd.Function):
                 dq[bs, :, m] += ga[:, :, 1:].sum(2)
             else:
                 dq[bs, :, m] += ga.sum(2)
-            dx = torch.add(ga[:, 0], ga[:, 1], out=dxbuf[: x.numel()].view(x.shape))  # relu part, summed
+            dx = dxbuf[: x.numel()].view(x.shape)  # relu part, summed over the targets k
+            if K == 1:  # one backbone: a single target, nothing to add
+                dx.copy_(ga[:, 0])
+            else:
+                torch.add(ga[:, 0], ga[:, 1], out=dx)
             for k in range(2, K):  # over the targets k (adds: faster than a sum over a middle axis)
                 dx.add_(ga[:, k])
             dx.view(-1, HC).addmm_(gn, att_lin)  # + linear part
