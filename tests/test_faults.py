@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
+import subprocess
 import sys
 import zlib
 from contextlib import contextmanager
@@ -580,9 +582,6 @@ def test_two_identical_prepare_commands_started_together(tmp_path, tiny_syntheti
     assert main(["features", "verify", "--dataset", "synthetic", "--data-root", str(tiny_synthetic),
                  "--backbones", "tiny-vit:random,tiny-rn:random"]) == 0
 
-
-import socket
-import subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
