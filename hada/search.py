@@ -43,21 +43,24 @@ class Hit:
 
 
 def hits_table(hits: list[Hit], caption: str = ""):
-    """The hits as the package's one table (images: id and path; captions: the text and its image)."""
+    """The hits as the package's one table. Images: rank, the image itself (in HTML; its path in text), its id
+    and score, each in its own column; captions: the text and its image's id."""
     from hada.book.tables import Table
 
     known = any(h.correct is not None for h in hits)
     rows = [{"name": str(h.rank), "score": f"{h.score:.4f}", "image_id": str(h.image_id), "path": str(h.path),
              "caption": h.caption or "", "match": "" if h.correct is None else ("yes" if h.correct else "no")}
             for h in hits]
-    columns = [("name", "rank"), ("score", "score")]
+    columns = [("name", "rank")]
     if hits and hits[0].caption is not None:
-        columns += [("caption", "caption"), ("image_id", "its image")]
+        columns += [("caption", "caption"), ("image_id", "its image"), ("score", "score")]
+        images = ()
     else:
-        columns += [("image_id", "image"), ("path", "path")]
+        columns += [("path", "image"), ("image_id", "image id"), ("score", "score")]
+        images = ("path",)
     if known:
         columns.append(("match", "query's own"))
-    return Table(rows, columns=tuple(columns), caption=caption)
+    return Table(rows, columns=tuple(columns), caption=caption, images=images)
 
 
 # ------------------------------------------------------------------------------------------ queries

@@ -1,0 +1,154 @@
+"""The book as a reader meets it (issue 24): the package's tables in the theme's style inside a scroll container,
+one search box, no code cell shown whose only job is glue, no absolute path of the build machine on any page.
+
+The unmarked tests check the pieces on their own (rendering functions, chapter sources, the configuration) in a
+fraction of a second; the ``book`` ones read the built site (the one build of ``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hada.book.tables import METRIC_COLUMNS, Table, metric_row
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+
+
+class _Cells(HTMLParser):
+    """The tags, classes and cell texts of one rendered table."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, list[str]]] = []
+        self.cells: list[tuple[list[str], str]] = []
+        self._open: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        classes = (dict(attrs).get("class") or "").split()
+        self.tags.append((tag, classes))
+        if tag in ("td", "th"):
+            self._open, self._text = classes, ""
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self._text += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._open is not None:
+            self.cells.append((self._open, self._text))
+            self._open = None
+
+
+def _scan(html: str) -> _Cells:
+    scan = _Cells()
+    scan.feed(html)
+    return scan
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def test_table_takes_the_theme_style_inside_a_scroll_container():
+    html = Table([metric_row("a", {k: 1.0 for k, _ in METRIC_COLUMNS})], caption="c")._repr_html_()
+    scan = _scan(html)
+    (first_tag, first_classes), (second_tag, second_classes) = scan.tags[:2]
+    assert first_tag == "div" and "pst-scrollable-table-container" in first_classes  # the theme's overflow-x: auto
+    assert second_tag == "table" and {"table", "hada-table"} <= set(second_classes)
+    assert html.endswith("</table></div>")
+
+
+def test_table_cells_name_their_column_and_numbers_are_marked():
+    table = Table([{"name": "x", "score": "0.7442", "image_id": "10234", "why": "because", "n": 3}],
+                  columns=(("name", "rank"), ("score", "score"), ("image_id", "image"), ("why", "why"), ("n", "n")))
+    cells = {text: classes for classes, text in _scan(table._repr_html_()).cells}
+    assert "col-score" in cells["0.7442"] and "num" in cells["0.7442"]
+    assert "col-image-id" in cells["10234"]
+    assert "col-why" in cells["because"] and "num" not in cells["because"]
+    assert "num" in cells["3"]
+    mixed = Table([{"name": "a", "v": "20"}, {"name": "b", "v": "graph"}], columns=(("name", "n"), ("v", "v")))
+    assert not any("num" in classes for classes, _ in _scan(mixed._repr_html_()).cells)  # aligned as one column
+    assert cells["0.7442"] != cells["10234"]  # two cells, two columns: never "0.744210234"
+
+
+def test_table_css_gives_prose_columns_a_width_and_scrolls():
+    css = (BOOK / "_static" / "hada.css").read_text()
+    for rule in ("table.hada-table", ".num", ".col-why", "min-width"):
+        assert rule in css, rule
+
+
+def test_search_hits_show_the_images_and_score_and_id_in_their_own_columns(tmp_path):
+    from PIL import Image
+
+    from hada.search import Hit, hits_table
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{10234 + i}.png")
+        Image.new("RGB", (300, 200), (200, 10 * i, 0)).save(paths[-1])
+    hits = [Hit(rank=i + 1, row=i, score=0.7442 - i / 10, image_id=10234 + i, path=p, correct=i == 0)
+            for i, p in enumerate(paths)]
+    table = hits_table(hits)
+    html = table._repr_html_()
+    cells = {text: classes for classes, text in _scan(html).cells}
+    assert "col-score" in cells["0.7442"] and "col-image-id" in cells["10234"]
+    assert html.count('<img class="hada-thumb" src="data:image/png;base64,') == 2  # the images themselves
+    assert str(tmp_path) not in html  # and not their paths
+    assert 'width="96" height="64"' in html  # a thumbnail, its aspect kept
+    assert str(paths[0]) in str(table)  # the command line still prints where the file is
+
+
+def test_paths_are_shown_relative_to_the_data_folder_or_repository(tmp_path, monkeypatch):
+    from hada.book.tables import display_path, display_spec
+    from hada.paths import project_root
+
+    monkeypatch.setenv("HADA_DATA", str(tmp_path / "somewhere" / "data"))
+    assert display_path(tmp_path / "somewhere" / "data" / "synthetic") == "data/synthetic"
+    assert display_path(project_root() / "book" / "params") == "book/params"
+    assert display_path("/mnt/datasets/flickr30k/images") == "…/flickr30k/images"
+    assert display_path("relative/folder") == "relative/folder"
+    assert display_spec("tiny-vit@1") == "tiny-vit@1"
+    assert display_spec("ViT-B-16:/weights/openclip/vit_b_16.bin") == "ViT-B-16:…/openclip/vit_b_16.bin"
+
+
+def test_setting_table_shows_no_absolute_path(tmp_path, monkeypatch):
+    from hada.book.tables import setting_table
+    from hada.experiments import Setting
+    import dataclasses
+
+    monkeypatch.setenv("HADA_DATA", str(tmp_path / "data"))
+    fields = {f.name for f in dataclasses.fields(Setting)}
+    values = {"dataset": "flickr30k", "data_root": tmp_path / "data" / "flickr30k",
+              "backbones": ("ViT-B-16:/home/runner/weights/vit.bin", "RN50:/home/runner/weights/rn50.bin"),
+              "epochs": 1, "pairs_per_epoch": None, "seed": 0, "device": "cpu",
+              "counts": {"train": {"images": 2, "captions": 10}}}
+    setting = Setting(**{k: v for k, v in values.items() if k in fields})
+    html = setting_table(setting)._repr_html_()
+    assert "data/flickr30k" in html and str(tmp_path) not in html and "/home/runner" not in html
+
+
+# --------------------------------------------------------------------------------------------- the site
+def _config() -> dict:
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def test_one_search_box_and_every_button_is_kept():
+    config = _config()
+    assert config["sphinx"]["config"]["html_theme_options"]["navbar_persistent"] == []
+    assert config["sphinx"]["recursive_update"] is True  # else html_theme_options would drop the buttons
+    html = config["html"]
+    assert html["use_repository_button"] and html["use_issues_button"] and html["use_download_button"]
+    assert config["launch_buttons"]["binderhub_url"]
+
+
+@pytest.mark.book
+def test_every_page_has_one_search_box_and_its_buttons(built_html):
+    for page in sorted(built_html.glob("*.html")):
+        if page.name in ("search.html", "genindex.html"):
+            continue
+        text = page.read_text()
+        assert text.count('class="btn search-button-field') <= 1 and "navbar-persistent--container" not in text, \
+            f"{page.name}: a second search box"
+        assert "issues/new" in text and "fa-github" in text, f"{page.name}: a button went missing"
