@@ -152,3 +152,75 @@ def test_every_page_has_one_search_box_and_its_buttons(built_html):
         assert text.count('class="btn search-button-field') <= 1 and "navbar-persistent--container" not in text, \
             f"{page.name}: a second search box"
         assert "issues/new" in text and "fa-github" in text, f"{page.name}: a button went missing"
+
+
+# ------------------------------------------------------------------------------------ what a page shows
+def _code_cells(path: Path) -> list[tuple[str, str]]:
+    """(tags line or "", source) of every code cell of a MyST page."""
+    from hada.book.source import CELL
+
+    return [(meta, code) for meta, code in CELL.findall(path.read_text())]
+
+
+def _only_glue(code: str) -> bool:
+    """Whether a cell's only job is glue: it shows nothing (no expression but ``glue(...)`` calls) and glues."""
+    import ast
+
+    calls = 0
+
+    def plumbing(statements) -> bool:
+        nonlocal calls
+        for node in statements:
+            if isinstance(node, ast.Expr):
+                if isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "glue":
+                    calls += 1
+                    continue
+                return False
+            if isinstance(node, (ast.For, ast.If)):
+                if not plumbing(node.body) or not plumbing(node.orelse):
+                    return False
+            elif not isinstance(node, (ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom)):
+                return False
+        return True
+
+    return plumbing(ast.parse(code).body) and calls > 0
+
+
+PAGES = sorted(BOOK.glob("*.md"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
+def test_glue_is_never_shown(page):
+    """A cell that glues does only that, and is removed from the page (its values still reach the text)."""
+    for meta, code in _code_cells(page):
+        if re.search(r"\bglue\(", code):
+            assert _only_glue(code), f"{page.name}: a shown cell also glues:\n{code}"
+            assert re.search(r":tags:\s*\[[^\]]*\bremove-cell\b", meta), f"{page.name}: glue cell not removed:\n{code}"
+
+
+def test_glue_detection():
+    assert _only_glue('x = 1\nglue("x", x, display=False)\n')
+    assert _only_glue('for k in "ab":\n    glue(k, 1, display=False)\n')
+    assert not _only_glue('glue("x", 1, display=False)\ntable\n')
+    assert not _only_glue("x = 1\n")
+
+
+def test_no_page_ends_a_cell_on_a_raw_dict_or_list():
+    """Chapter 4 showed ``run.summary()`` (a dict) and chapter 8 its ``losses`` (a list of floats)."""
+    training = (BOOK / "04_training.md").read_text()
+    sixty = (BOOK / "08_hada_in_60_lines.md").read_text()
+    assert "run.summary()\n```" not in training and "hb.run_summary(run)" in training
+    assert "\nlosses\n```" not in sixty
+
+
+def test_run_summary_is_a_table_of_labelled_values():
+    import hada.book as hb
+
+    class Run:
+        def summary(self):
+            return {"run": "hada-k2-abc", "epochs": 10, "test_rsum": 321.5, "tau": 0.0712}
+
+    table = hb.run_summary(Run())
+    assert [r["name"] for r in table.rows] == ["run folder (under data/runs)", "epochs run", "test Rsum",
+                                                "final temperature τ"]
+    assert [r["value"] for r in table.rows] == ["hada-k2-abc", "10", "321.5", "0.0712"]

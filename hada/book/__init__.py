@@ -90,6 +90,20 @@ def train_hada(setting: Setting, k: int = 2, **overrides):
     return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
 
 
+def run_summary(run):
+    """A finished run (``hada.runs.RunResult``) in one table: its folder, epochs, best epoch, validation and test
+    Rsum, final temperature and mix weight, and time per epoch."""
+    from hada.book.tables import Table
+
+    summary = run.summary()
+    labels = {"run": "run folder (under data/runs)", "epochs": "epochs run", "best_epoch": "best epoch (the one kept)",
+              "val_rsum": "best validation Rsum", "test_rsum": "test Rsum", "tau": "final temperature τ",
+              "mix_weight": "final mix weight w", "seconds_per_epoch": "seconds per epoch on this machine"}
+    rows = [{"name": labels.get(key, key), "value": value if isinstance(value, str) else f"{value:,}"}
+            for key, value in summary.items()]
+    return Table(rows, columns=(("name", "run"), ("value", "value")))
+
+
 def results(setting: Setting, k: int = 2):
     """Every backbone alone, similarity averaging, concat + linear and HADA, on the test split; the trained rows
     as the mean (and std) over the seeds of ``hada.experiments.result_seeds``."""
