@@ -224,3 +224,56 @@ def test_run_summary_is_a_table_of_labelled_values():
     assert [r["name"] for r in table.rows] == ["run folder (under data/runs)", "epochs run", "test Rsum",
                                                 "final temperature τ"]
     assert [r["value"] for r in table.rows] == ["hada-k2-abc", "10", "321.5", "0.0712"]
+
+
+# ------------------------------------------------------------------------------- no build-machine path
+def _machine_paths() -> list[str]:
+    """Absolute paths of the machine that builds the book, as a page could leak them: the checkout, the data
+    folder, the home folder, the Python environment and the temporary folder (each as written and resolved)."""
+    import os
+    import sys
+    import tempfile
+
+    from hada.paths import data_dir
+
+    paths = set()
+    for path in (ROOT, data_dir(), Path.home(), Path(sys.prefix), Path(sys.base_prefix), Path(tempfile.gettempdir()),
+                 Path(os.getcwd())):
+        for form in (Path(path), Path(path).resolve()):
+            if len(form.parts) > 1:  # never "/" itself
+                paths.add(str(form))
+    return sorted(paths, key=len, reverse=True)
+
+
+#: Any home folder (a CI runner's /home/runner/work/..., a laptop's /Users/name/...), whoever built the site.
+HOME_PATH = re.compile(r"(?<![\w.])/(?:home|Users|root)/[\w.-]+/")
+
+
+def _leaks(text: str, machine: list[str]) -> list[str]:
+    found = [p for p in machine if re.search(re.escape(p) + r"(?![\w.-])", text)]
+    found += [m.group(0) for m in HOME_PATH.finditer(text)]
+    return found
+
+
+def test_leak_finder_finds_machine_paths_and_leaves_examples():
+    machine = ["/srv/build/hada-book", "/srv/build/hada-book/data"]
+    assert _leaks("dataset synthetic (/srv/build/hada-book/data/synthetic)", machine)
+    assert _leaks("<td>/home/runner/work/hada/data</td>", machine) == ["/home/runner/"]
+    assert not _leaks("hada data check --data-root /path/to/flickr30k", machine)
+    assert not _leaks("/srv/build/hada-books-other", ["/srv/build/hada-book"])
+    assert all(len(Path(p).parts) > 1 for p in _machine_paths())
+
+
+@pytest.mark.book
+def test_no_page_shows_a_path_of_the_build_machine(built_html):
+    """Every published text file of the site (pages, search index, sources, notebooks) is free of the build
+    machine's absolute paths: settings show the data folder relatively, retrieval shows images, not files."""
+    machine = _machine_paths()
+    failures = []
+    for path in sorted(built_html.rglob("*")):
+        if path.suffix not in (".html", ".js", ".txt", ".ipynb", ".md") or "_static" in path.parts:
+            continue
+        leaks = _leaks(path.read_text(errors="replace"), machine)
+        if leaks:
+            failures.append(f"{path.relative_to(built_html)}: {sorted(set(leaks))[:3]}")
+    assert not failures, "absolute paths of the build machine on the site:\n" + "\n".join(failures)
