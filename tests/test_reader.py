@@ -277,3 +277,116 @@ def test_no_page_shows_a_path_of_the_build_machine(built_html):
         if leaks:
             failures.append(f"{path.relative_to(built_html)}: {sorted(set(leaks))[:3]}")
     assert not failures, "absolute paths of the build machine on the site:\n" + "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------ figures
+def _figures(tmp_path) -> dict:
+    """Every figure of hada.book.figures drawn from small made-up inputs: name -> (figure, column width)."""
+    from types import SimpleNamespace
+
+    import matplotlib
+    from PIL import Image
+
+    matplotlib.use("Agg")
+    import hada.book as hb
+    from hada.book import figures as F
+    from hada.model.graph import EdgeWeights, to_networkx
+
+    history = [{"epoch": i, "loss": 1 / (i + 1), "val_rsum": 100.0 + i, "tau": 0.07, "mix_weight": 0.5}
+               for i in range(6)]
+    names = ["tiny-vit", "tiny-convnext", "average(tiny-vit, tiny-convnext)",
+             "concat(tiny-vit, tiny-convnext) + linear", "HADA (K=2)"]
+    rows = [{"name": n, "rsum": 200.0 + 15 * i} for i, n in enumerate(names)]
+    points = [{"label": label, "ratio": r, "gain": g, "disagreement": d} for label, r, g, d in (
+        ("tiny-vit + tiny-convnext", 0.84, 12.3, 30.1), ("tiny-vit@1 + tiny-convnext", 0.841, 12.2, 30.2),
+        ("tiny-vit + tiny-convnext@1", 0.62, 3.1, 40.2), ("tiny-vit@1 + tiny-convnext@1", 0.83, 12.1, 30.5))]
+    records = []
+    for i in range(8):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (64, 64), (30 * i, 100, 200)).save(path)
+        records.append(SimpleNamespace(path=path, captions=["a small red star above a big blue square on the left"]))
+    queries = [{"caption": "a small red star above a big blue square", "note": "(drawn at random)",
+                "results": {m: [{"path": records[j].path, "score": 0.7 - j / 50, "correct": j == 2} for j in range(5)]
+                            for m in ("tiny-convnext", "HADA (K=2)")}}]
+    graphs = (to_networkx((17, 10), EdgeWeights()), to_networkx((9, 12), EdgeWeights()))
+    sample = F.GraphSample(("tiny-vit", "tiny-convnext"), (17, 10), (9, 12), "a small red star " * 6, *graphs)
+    column, full = F.CONTENT_PX, F.FULL_WIDTH_PX
+    return {"history": (F.plot_history(history, title="HADA"), column),
+            "rsum bars": (F.plot_rsum_bars(rows, title="Test Rsum"), column),
+            "rsum bars with band": (F.plot_rsum_bars_with_band(rows + [{"name": "K=3", "rsum": 600.0}], 230.0, 4.0,
+                                                               [228.0, 231.0]), column),
+            "fusion strength": (F.plot_fusion_strength(points, noise=4.2), column),
+            "method": (hb.method_figure(), column),
+            "node graph": (sample.figure(), column),
+            "samples": (F.show_samples(records), column),
+            "retrieval grid": (F.retrieval_grid(queries, ("tiny-convnext", "HADA (K=2)")), full)}  # full-width cell
+
+
+def test_every_figure_keeps_its_text_legible_at_the_size_shown(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from hada.book.figures import MIN_TEXT_PX, displayed_text_px
+
+    small = {}
+    for name, (fig, column) in _figures(tmp_path).items():
+        px = displayed_text_px(fig, column)
+        if px < MIN_TEXT_PX:
+            small[name] = round(px, 1)
+        plt.close(fig)
+    assert not small, f"text under {MIN_TEXT_PX} px as displayed: {small}"
+
+
+def _drawn_texts(fig) -> list:
+    """The texts a figure draws: tick labels only for ticks inside their axis's view, none of a hidden axis."""
+    from matplotlib.text import Text
+
+    ticks, drawn = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                ticks.update((tick.label1, tick.label2))
+                if ax.axison and ax.get_visible() and low - 1e-9 <= tick.get_loc() <= high + 1e-9:
+                    drawn += [t for t in (tick.label1, tick.label2) if t.get_visible()]
+    drawn += [t for t in fig.findobj(Text) if t not in ticks and t.get_visible()]
+    return [t for t in drawn if t.get_text().strip()]
+
+
+def test_fusion_strength_and_bar_labels_cannot_collide(tmp_path):
+    """No two texts of the fusion-strength figure (close points included) or of the bar chart overlap, and every
+    text lies inside the saved figure."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    figures = _figures(tmp_path)
+    for name in ("fusion strength", "rsum bars"):
+        fig, _ = figures[name]
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        bound = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in _drawn_texts(fig)]
+        assert not [t for t, _ in boxes if "→" in t], "no annotation sits beside a point"
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2):
+            assert not box_a.overlaps(box_b) or box_a.width == 0 or box_b.width == 0, f"{name}: {a!r} overlaps {b!r}"
+        for text, box in boxes:
+            assert bound.x0 - 1 <= box.x0 and box.x1 <= bound.x1 + 1, f"{name}: {text!r} runs past the figure"
+    for fig, _ in figures.values():
+        plt.close(fig)
+
+
+def test_chapters_show_figures_as_svg():
+    """hada.book switches a notebook kernel's figures to SVG when imported; nothing at all outside IPython."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hada.book; assert 'matplotlib' not in sys.modules; "
+            "from IPython.testing.globalipapp import start_ipython; ip = start_ipython(); "
+            "import importlib; importlib.reload(hada.book); "
+            "from IPython.core.pylabtools import select_figure_formats; "
+            "f = ip.display_formatter.formatters; "
+            "assert 'matplotlib.figure.Figure' in str(f['image/svg+xml'].type_printers) "
+            "or any('Figure' in str(k) for k in f['image/svg+xml'].type_printers), f['image/svg+xml'].type_printers")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -13,6 +13,25 @@ from hada.experiments import ABLATIONS, Setting, ablation_runs, base_config, dat
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 
+def _figures_as_svg() -> None:
+    """In a notebook kernel (a chapter), figures are shown as SVG: sharp at any zoom, their text at its own size
+    (``hada.book.figures.displayed_text_px``). Nothing happens outside IPython, so the CLI never loads matplotlib."""
+    import sys
+
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+
+    if get_ipython() is None:
+        return
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    set_matplotlib_formats("svg")
+
+
+_figures_as_svg()
+
+
 def setup(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
           pairs_per_epoch: int | None = 3000, seed: int = 0, device: str = "auto") -> Setting:
     """Check the data first (one clear error if it is missing), then make whatever the chapter needs.
