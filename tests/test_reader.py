@@ -390,3 +390,64 @@ def test_chapters_show_figures_as_svg():
             "or any('Figure' in str(k) for k in f['image/svg+xml'].type_printers), f['image/svg+xml'].type_printers")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ landing page
+def test_prepare_records_its_time_only_when_it_made_something(tmp_path):
+    from hada.pipeline import StepLog, prepare_phrase, read_prepare_record, write_prepare_record
+
+    path = tmp_path / "prepare-record.json"
+    assert not write_prepare_record(StepLog({"synth": 0.1, "run": 1.2}, wall=1.5), jobs=2, path=path)
+    assert read_prepare_record(path) is None
+    assert write_prepare_record(StepLog({"synth": 3.0, "run": 600.0}, wall=1020.0), jobs=2, path=path)
+    record = read_prepare_record(path)
+    assert record["wall_seconds"] == 1020.0 and record["jobs"] == 2 and record["steps"] == 2
+    assert not write_prepare_record(StepLog({"run": 0.5}, wall=0.6), jobs=2, path=path)  # a cached rerun keeps it
+    assert read_prepare_record(path)["wall_seconds"] == 1020.0
+    phrase = prepare_phrase(record)
+    assert "17 minutes" in phrase and "2 processes" in phrase and record["date"] in phrase
+    assert "45 seconds" in prepare_phrase({**record, "wall_seconds": 45.0, "jobs": 1, "cores": 1})
+    assert "no `hada prepare` was recorded" in prepare_phrase(None)
+
+
+def test_landing_page_substitution_reads_the_record(tmp_path, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from hada.pipeline import PREPARE_RECORD, StepLog, write_prepare_record
+
+    sys.path.insert(0, str(BOOK / "_ext"))
+    try:
+        import hada_record
+    finally:
+        sys.path.remove(str(BOOK / "_ext"))
+    monkeypatch.setenv("HADA_DATA", str(tmp_path))
+    config = SimpleNamespace(myst_substitutions={"other": "kept"})
+    hada_record._substitute(None, config)
+    assert "no `hada prepare` was recorded" in config.myst_substitutions["prepare_time"]
+    write_prepare_record(StepLog({"run": 90.0}, wall=125.0), jobs=3, path=tmp_path / PREPARE_RECORD)
+    hada_record._substitute(None, config)
+    assert "on 3 processes" in config.myst_substitutions["prepare_time"] and config.myst_substitutions["other"]
+    assert "hada_record" in _config()["sphinx"]["local_extensions"]
+
+
+def test_landing_page_shows_the_claim_and_the_measured_gains():
+    intro = (BOOK / "intro.md").read_text()
+    results = (BOOK / "05_results.md").read_text()
+    assert "in minutes" not in intro and "{{ prepare_time }}" in intro and "3.6%" in intro
+    pasted = re.findall(r"05_results\.md::(\w+)", intro) + re.findall(r"\{glue:any\} (\w+)\n:doc: 05_results", intro)
+    assert {"gain_table", "gain_summary", "results_dataset"} <= set(pasted)
+    for key in pasted:
+        assert re.search(rf'glue\("{key}"', results), f"05_results glues no {key!r}"
+
+
+@pytest.mark.book
+def test_landing_page_has_the_gain_table_and_the_build_time(built_html):
+    page = (built_html / "intro.html").read_text()
+    assert "hada-table" in page and "HADA Rsum" in page, "the gain table is not on the landing page"
+    text = re.sub(r"<[^>]+>", "", page)
+    # made: the fixture's `hada prepare` ran on a fresh data folder; not recorded: it found a data folder made before
+    # prepare kept a record, so it made nothing and had no time to record
+    assert ("On the machine that built this site, hada prepare made them in" in text
+            or "On the machine that built this site, no hada prepare was recorded" in text)
+    assert "in minutes" not in text
