@@ -451,3 +451,28 @@ def test_landing_page_has_the_gain_table_and_the_build_time(built_html):
     assert ("On the machine that built this site, hada prepare made them in" in text
             or "On the machine that built this site, no hada prepare was recorded" in text)
     assert "in minutes" not in text
+
+
+# ------------------------------------------------------------------------------- presets with two backbones
+def test_results_page_says_what_a_two_backbone_setting_leaves_out():
+    """book/params/*.yaml name two backbones: the results page then shows K=2 and says K=3 needs a third."""
+    import hada.book as hb
+    from hada.book.tables import ResultsTable
+
+    for preset in sorted((BOOK / "params").glob("*.yaml")):
+        assert len(str(yaml.safe_load(preset.read_text())["backbones"]).split(",")) == 2, preset.name
+    page = (BOOK / "05_results.md").read_text()
+    assert "hb.results(setting, k=3) if len(setting.backbones) >= 3 else None" in page
+    assert "{glue:text}`k3_sentence`" in page and not re.search(r"\{glue:text\}`k3_(?!sentence)", page)
+
+    two = type("S", (), {"backbones": ("ViT-B-16:/w/a.bin", "RN50:/w/b.bin")})()
+    assert hb.three_backbones_sentence(None, two) == ("This setting names 2 backbones, so the rows with three are "
+                                                       "left out: they need a third backbone in `backbones`.")
+
+    def row(name, kind, rsum):
+        return {"name": name, "kind": kind, "rsum": rsum}
+
+    k3 = ResultsTable([row("a", "backbone", 100.0), row("b", "backbone", 120.0), row("average(a, b, c)", "fusion", 110.0),
+                       row("concat(a, b, c) + linear", "fusion", 125.0), row("HADA (K=3)", "hada", 132.0)])
+    assert hb.three_backbones_sentence(k3, two) == ("With three backbones (one seed): 132.0, +10.0% over b, +20.0% "
+                                                     "over averaging and +5.6% over concatenation.")

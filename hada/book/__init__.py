@@ -137,6 +137,17 @@ def results(setting: Setting, k: int = 2):
                         caption=f"Test split of {setting.dataset}, K={k} backbones (Rsum max 600; {trained})")
 
 
+def three_backbones_sentence(table, setting: Setting) -> str:
+    """The results page's sentence on HADA with three backbones (``table`` from ``results(setting, k=3)``), or, for a
+    setting with fewer backbones (``table`` None), that those rows need a third."""
+    if table is None:
+        return (f"This setting names {len(setting.backbones)} backbones, so the rows with three are left out: they "
+                "need a third backbone in `backbones`.")
+    return (f"With three backbones (one seed): {table.hada['rsum']:.1f}, {table.gain_over_best_backbone:+.1f}% over "
+            f"{table.best_backbone['name']}, {table.gain_over('average('):+.1f}% over averaging and "
+            f"{table.gain_over('concat('):+.1f}% over concatenation.")
+
+
 def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
     """HADA's Rsum gain over the best backbone, similarity averaging and concat + linear (``table`` from
     ``results``), each with a paired bootstrap interval over test images (``hada.metrics.paired_bootstrap``)."""
