@@ -53,11 +53,12 @@ def _scan(html: str) -> _Cells:
 # ------------------------------------------------------------------------------------------------ tables
 def test_table_takes_the_theme_style_inside_a_scroll_container():
     html = Table([metric_row("a", {k: 1.0 for k, _ in METRIC_COLUMNS})], caption="c")._repr_html_()
-    scan = _scan(html)
-    (first_tag, first_classes), (second_tag, second_classes) = scan.tags[:2]
-    assert first_tag == "div" and "pst-scrollable-table-container" in first_classes  # the theme's overflow-x: auto
-    assert second_tag == "table" and {"table", "hada-table"} <= set(second_classes)
-    assert html.endswith("</table></div>")
+    tags = _scan(html).tags
+    assert tags[0] == ("p", ["hada-table-caption"])  # above the scroll container: it wraps at the page's width
+    (div, div_classes), (table, table_classes) = tags[1:3]
+    assert div == "div" and "pst-scrollable-table-container" in div_classes  # the theme's overflow-x: auto
+    assert table == "table" and {"table", "hada-table"} <= set(table_classes)
+    assert html.endswith("</table></div>") and 'aria-label="c"' in html
 
 
 def test_table_cells_name_their_column_and_numbers_are_marked():

@@ -151,9 +151,12 @@ class Table:
             "<tr>" + "".join(cell(key, row, c) for (key, _), c in zip(self.columns, cells)) + "</tr>"
             for row, cells in zip(self.rows, self._cells())
         )
-        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
-        return (f'<div class="pst-scrollable-table-container hada-table-scroll"><table class="table hada-table">'
-                f"{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+        # the caption sits above the scroll container, so it wraps at the page's width however wide the table is
+        caption = f'<p class="hada-table-caption">{html.escape(self.caption)}</p>' if self.caption else ""
+        label = f' aria-label="{html.escape(self.caption)}"' if self.caption else ""
+        return (f'{caption}<div class="pst-scrollable-table-container hada-table-scroll">'
+                f'<table class="table hada-table"{label}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+                "</div>")
 
     def row(self, name: str) -> dict:
         for r in self.rows:
