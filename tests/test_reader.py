@@ -463,7 +463,7 @@ def test_results_page_says_what_a_two_backbone_setting_leaves_out():
     for preset in sorted((BOOK / "params").glob("*.yaml")):
         assert len(str(yaml.safe_load(preset.read_text())["backbones"]).split(",")) == 2, preset.name
     page = (BOOK / "05_results.md").read_text()
-    assert "hb.results(setting, k=3) if len(setting.backbones) >= 3 else None" in page
+    assert "if len(setting.backbones) >= 3:\n    k3 = hb.results(setting, k=3)" in page
     assert "{glue:text}`k3_sentence`" in page and not re.search(r"\{glue:text\}`k3_(?!sentence)", page)
 
     two = type("S", (), {"backbones": ("ViT-B-16:/w/a.bin", "RN50:/w/b.bin")})()
@@ -477,3 +477,11 @@ def test_results_page_says_what_a_two_backbone_setting_leaves_out():
                        row("concat(a, b, c) + linear", "fusion", 125.0), row("HADA (K=3)", "hada", 132.0)])
     assert hb.three_backbones_sentence(k3, two) == ("With three backbones (one seed): 132.0, +10.0% over b, +20.0% "
                                                      "over averaging and +5.6% over concatenation.")
+
+
+def test_shown_code_fits_the_column():
+    """A shown code line is at most 80 characters: what the text column holds at 1280 px without scrolling."""
+    long = [f"{page.name}: {line}" for page in PAGES for meta, code in _code_cells(page)
+            if not re.search(r"remove-cell|remove-input|parameters", meta)
+            for line in code.splitlines() if len(line) > 80]
+    assert not long, "\n".join(long)
