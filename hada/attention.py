@@ -386,18 +386,23 @@ def image_figure(examples: AttentionExamples):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
+    from hada.book.figures import FULL_WIDTH_PX
+
     items, names = examples.items, examples.backbone_names
     if not items:
         return _empty_figure("no examples to show")
     K = items[0].nodes.num_backbones
     panels = [(k, j) for k in range(K) for j in examples.grid_backbones]
     cols = 2 + len(panels)
-    row_h, width = 3.1, 2.3 * cols + 0.6
+    # as wide as a full-width cell shows it unscaled (hada.book.figures.FULL_WIDTH_PX) with two backbones; wider
+    # with more, and then every font grows by as much as the page will shrink the figure
+    row_h, width = 2.75, 1.55 * cols + 0.4
+    zoom = max(1.0, width * 96 / FULL_WIDTH_PX)
     height = row_h * len(items) + 0.9
     fig, axes = plt.subplots(len(items), cols, figsize=(width, height), squeeze=False,
                              gridspec_kw={"width_ratios": [1.0] * (cols - 1) + [1.5]})
     extent = (0.0, 1.0, 1.0, 0.0)
-    wrap = int(width * 14)  # characters per caption line at font size 8
+    wrap = int(width * 11 / zoom)  # characters per caption line at font size 8
     for r, item in enumerate(items):
         row = axes[r]
         image = _centre_square(item.path)
@@ -409,7 +414,7 @@ def image_figure(examples: AttentionExamples):
         for spine in ax.spines.values():
             spine.set_edgecolor(colour)
             spine.set_linewidth(1.5 if item.correct else 3.0)
-        ax.set_title(f"image {item.image_id}\n" + ("correct top-1" if item.correct else "FAILURE"), fontsize=8,
+        ax.set_title(f"image {item.image_id}\n" + ("correct top-1" if item.correct else "FAILURE"), fontsize=8 * zoom,
                      color=colour, fontweight="normal" if item.correct else "bold")
         for ax, (k, j) in zip(row[1:], panels):
             grid = item.grid(k, j)
@@ -420,20 +425,20 @@ def image_figure(examples: AttentionExamples):
             total = float(grid.sum())
             peak = float(grid.max()) / max(total / grid.size, 1e-12)
             where = "own" if k == j else "other"
-            ax.set_title(f"CLS {names[k]} → {names[j]} patches\n({where}, {grid.shape[0]}×{grid.shape[1]}) "
-                         f"Σ={total:.2f}, max/mean={peak:.1f}", fontsize=7)
-        _mass_bars(row[-1], [item.mass(k) for k in range(K)], names)
+            ax.set_title(f"CLS {names[k]} →\n{names[j]} patches ({grid.shape[0]}×{grid.shape[1]})\n"
+                         f"{where}: Σ={total:.2f}\nmax/mean={peak:.1f}", fontsize=7 * zoom)
+        _mass_bars(row[-1], [item.mass(k) for k in range(K)], names, zoom)
         lines = [f"HADA's top caption: {item.top_caption}"]
         if not item.correct:
             lines.append(f"a true caption: {item.captions[0]}")
         text = "\n".join(textwrap.shorten(line, wrap, placeholder=" …") for line in lines)
-        row[0].text(0.0, -0.05, text, transform=row[0].transAxes, fontsize=8, va="top", ha="left", color=colour,
+        row[0].text(0.0, -0.05, text, transform=row[0].transAxes, fontsize=8 * zoom, va="top", ha="left", color=colour,
                     clip_on=False)
     layer = f"layer {examples.layer + 1} of {examples.num_layers}, " if examples.num_layers > 1 else ""
     fig.suptitle(f"Image encoder: each CLS node's attention ({examples.gnn}, {layer}mean over heads), "
-                 f"{examples.split} split", fontsize=10, y=1 - 0.1 / height)
+                 f"{examples.split} split", fontsize=10 * zoom, y=1 - 0.1 / height)
     fig.legend(handles=[Patch(color=c, label=p) for p, c in zip(MASS_PARTS, MASS_COLOURS)], loc="lower right",
-               ncol=4, fontsize=7, frameon=False, title="attention mass on", title_fontsize=7)
+               ncol=4, fontsize=8 * zoom, frameon=False, title="attention mass on", title_fontsize=8 * zoom)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.85 / height, hspace=0.55,
                         wspace=0.1)
     return fig
@@ -448,7 +453,7 @@ def _empty_figure(message: str):
     return fig
 
 
-def _mass_bars(ax, masses: Sequence[AttentionMass], names: Sequence[str]) -> None:
+def _mass_bars(ax, masses: Sequence[AttentionMass], names: Sequence[str], zoom: float = 1.0) -> None:
     """Horizontal stacked bars: each CLS node's attention on own patches / other patches / other CLS / self."""
     y = np.arange(len(masses), dtype=float)
     left = np.zeros(len(masses))
@@ -457,15 +462,15 @@ def _mass_bars(ax, masses: Sequence[AttentionMass], names: Sequence[str]) -> Non
         ax.barh(y, v, left=left, color=colour, height=0.5)
         for yi, (l0, vi) in enumerate(zip(left, v)):
             if vi >= 0.1:
-                ax.text(l0 + vi / 2, yi, f"{vi:.2f}", ha="center", va="center", fontsize=7, color="white")
+                ax.text(l0 + vi / 2, yi, f"{vi:.2f}", ha="center", va="center", fontsize=7 * zoom, color="white")
         left += v
     for yi, name in enumerate(names):
-        ax.text(0.0, yi - 0.3, f"CLS {name}", ha="left", va="bottom", fontsize=7)
+        ax.text(0.0, yi - 0.3, f"CLS {name}", ha="left", va="bottom", fontsize=7 * zoom)
     ax.set_yticks([])
     ax.set_ylim(len(masses) - 0.5, -0.9)
     ax.set_xlim(0, max(1.0, float(left.max())))
-    ax.tick_params(axis="x", labelsize=6)
-    ax.set_title("attention mass per CLS node", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7 * zoom)
+    ax.set_title("attention mass\nper CLS node", fontsize=8 * zoom)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
 
@@ -496,13 +501,13 @@ def text_figure(examples: AttentionExamples):
             own = " (own)" if k == j else ""
             ax.bar(x + (k - (K - 1) / 2) * width, v, width, color=BACKBONE_COLOURS[k % len(BACKBONE_COLOURS)],
                    label=f"CLS {names[k]}{own}: Σ={float(v.sum()):.2f}")
-        ax.set_xticks(x, labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xticks(x, labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
         ax.set_xlim(-0.6, widest - 0.4)
-        ax.set_ylabel("attention", fontsize=8)
-        ax.set_title(f"tokens of {names[j]}", fontsize=9, loc="left")
-        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=K, frameon=False,
+        ax.set_ylabel("attention", fontsize=9)
+        ax.set_title(f"tokens of {names[j]}", fontsize=10, loc="left")
+        ax.legend(fontsize=9, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=K, frameon=False,
                   borderaxespad=0.1)
-        ax.tick_params(axis="y", labelsize=7)
+        ax.tick_params(axis="y", labelsize=9)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
     parts = ("own tokens", "other tokens", "other CLS", "itself")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hada.errors import HadaError
-from hada.io import write_json
+from hada.io import write_bytes, write_json
 from hada.metrics import KS, METRIC_KEYS, scoring_threads
 
 
@@ -161,3 +161,40 @@ def read_record(path) -> dict:
     if record["task"] != TASK or not set(METRIC_KEYS) <= set(record["metrics"]):
         raise HadaError(f"{path} is not a {TASK} result with the six recalls")
     return record
+
+
+def benchmark_rows(paths) -> list[dict]:
+    """The rows ``clip_benchmark build`` makes of result files (a folder stands for its ``.json`` files): the
+    record's metrics, then its other keys, then ``model_fullname`` = ``model + " " + pretrained``."""
+    files = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.json")) if path.is_dir() else [path]
+    rows = []
+    for path in files:
+        record = read_record(path)
+        row = {**record["metrics"], **{k: v for k, v in record.items() if k != "metrics"}}
+        row["model_fullname"] = f"{row['model']} {row['pretrained']}"
+        rows.append(row)
+    return rows
+
+
+#: The CSV's first columns; the metrics follow in their order of the records.
+CSV_LEAD = ("model_fullname", "model", "pretrained", "dataset", "task", "language")
+
+
+def write_benchmark_csv(paths, output) -> Path:
+    """The CSV ``clip_benchmark build PATHS --output OUTPUT`` writes, without importing clip_benchmark (whose
+    command line imports its evaluation dependencies, pycocoevalcap among them): the same rows and values (the
+    csv module's own formatting), its columns in a fixed order where clip_benchmark's follow a set's."""
+    import csv
+    import io
+
+    rows = benchmark_rows(paths)
+    if not rows:
+        raise HadaError(f"no result files in {', '.join(map(str, paths))}")
+    columns = list(CSV_LEAD) + [k for k in dict.fromkeys(k for row in rows for k in row) if k not in CSV_LEAD]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_bytes(output, text.getvalue())

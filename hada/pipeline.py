@@ -366,10 +366,62 @@ def prepare(setting, jobs: int | None = None, runs: bool = True, progress: bool 
     log(f"{len(steps)} steps for {setting!r} on {jobs} process(es)")
     log(disk_line(setting))
     record = run_steps(steps, jobs=jobs, progress=progress, log=log)
+    write_prepare_record(record, jobs)
     book_build = book_build if book_build is not None else _book_build()
     if book_build is not None and refresh_notebook_cache(book_build):
         log(f"the code changed since the book's notebooks ran: cleared their cache in {book_build}")
     return record
+
+
+# ------------------------------------------------------------------------------------ how long it took
+#: Under the data folder: how long the last ``hada prepare`` that made something took, on how many processes and
+#: cores (the book's landing page shows it, through ``book/_ext/hada_record.py``).
+PREPARE_RECORD = "prepare-record.json"
+#: A step that finishes faster than this found its result cached; a prepare whose steps all did is not recorded,
+#: so a second ``make book`` keeps the time of the one that made the data.
+CACHED_STEP_SECONDS = 5.0
+
+
+def write_prepare_record(record: StepLog, jobs: int, path: Path | None = None) -> bool:
+    """Record the wall time of a ``hada prepare`` that made something (some step ran longer than
+    :data:`CACHED_STEP_SECONDS`) in ``data/prepare-record.json``; returns whether it wrote."""
+    import datetime
+
+    from hada.io import write_json
+    from hada.paths import data_dir
+
+    if not record.seconds or max(record.seconds.values()) < CACHED_STEP_SECONDS:
+        return False
+    path = path if path is not None else data_dir() / PREPARE_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"wall_seconds": round(record.wall, 1), "step_seconds": round(sum(record.seconds.values()), 1),
+                      "steps": len(record.seconds), "jobs": jobs, "cores": os.cpu_count(),
+                      "date": datetime.date.today().isoformat()})
+    return True
+
+
+def read_prepare_record(path: Path | None = None) -> dict | None:
+    """The record :func:`write_prepare_record` left, or None."""
+    from hada.paths import data_dir
+
+    path = path if path is not None else data_dir() / PREPARE_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_phrase(record: dict | None) -> str:
+    """The record as a clause of the landing page's sentence "On the machine that built this site, ..."."""
+    if not record:
+        return ("no `hada prepare` was recorded: the chapters made their data, backbones and training runs "
+                "themselves while they ran")
+    minutes = record["wall_seconds"] / 60
+    took = f"{minutes:.0f} minutes" if minutes >= 2 else f"{record['wall_seconds']:.0f} seconds"
+    cores = f"{record['cores']} CPU core{'s' if record['cores'] != 1 else ''}" if record.get("cores") else "its CPU"
+    return (f"`hada prepare` made them in {took} of wall time on {record['jobs']} process"
+            f"{'es' if record['jobs'] != 1 else ''} ({cores}, {record['date']}); executing the chapters on top "
+            "of that is the rest of the build")
 
 
 # ------------------------------------------------------------------------------------ the notebook cache

@@ -161,12 +161,16 @@ def test_attention_examples_and_figures(world):
     assert ex.text is not None and ex.text.caption == dataset.records[ex.items[0].row].captions[0]
     assert ex.text.tokens[0][0] == "<eot>" and len(ex.text.tokens[1]) == len(ex.text.over_backbone(0, 1))
 
+    from hada.book.figures import CONTENT_PX, FULL_WIDTH_PX, MIN_TEXT_PX, displayed_text_px
+
     fig = ex.image_figure()
     assert len(fig.axes) == len(ex.items) * (2 + 2 * 2)  # image, 4 heatmaps, mass bars per row
     fig.savefig(io.BytesIO(), format="png")
+    assert displayed_text_px(fig, FULL_WIDTH_PX) >= MIN_TEXT_PX  # book/07_attention.md shows it full width
     fig = ex.text_figure()
     assert len(fig.axes) == 2
     fig.savefig(io.BytesIO(), format="png")
+    assert displayed_text_px(fig, CONTENT_PX) >= MIN_TEXT_PX
 
 
 def test_wrong_labels_fall_back_and_mismatched_dataset_fails(world):

@@ -136,3 +136,40 @@ def test_results_page_gathers_current_runs_only(toy_world):
     assert row["rsum"] == pytest.approx(run.test_metrics["rsum"])
     assert percent_metrics(gathered.records[0][1]) == pytest.approx(run.test_metrics)
     assert "hada(toy0 + toy1)" in str(table) and "<table" in table._repr_html_()
+
+
+def test_evaluate_csv_is_what_clip_benchmark_build_writes(toy_world, capsys):
+    """`hada evaluate --csv FILE` writes, without clip_benchmark, the CSV its `build` makes of the same files: the
+    same header (in a fixed order where clip_benchmark's follows a set), rows and values, byte for byte once its
+    columns are put in that order."""
+    out, ours = toy_world / "eval", toy_world / "ours.csv"
+    assert main(["evaluate", "--backbones", "toy0,toy1", "--out", str(out), "--csv", str(ours)]) == 0
+    assert f"to {ours}" in capsys.readouterr().out
+    files = sorted(out.glob("*.json"))
+    theirs = toy_world / "theirs.csv"
+    expected = clip_benchmark_build(files, theirs)
+    with open(ours, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, header = list(reader), reader.fieldnames
+    assert len(files) == 3 and rows == expected
+    with open(theirs, newline="") as f:
+        their_header = csv.DictReader(f).fieldnames
+    assert sorted(header) == sorted(their_header)
+    rewritten = toy_world / "theirs-in-our-order.csv"
+    with open(theirs, newline="") as f, open(rewritten, "w", newline="") as g:
+        writer = csv.DictWriter(g, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(csv.DictReader(f))
+    assert ours.read_bytes() == rewritten.read_bytes()
+    # a folder stands for its json files, as for clip_benchmark
+    from hada.evaluate import write_benchmark_csv
+    assert write_benchmark_csv([out], toy_world / "folder.csv").read_bytes() == ours.read_bytes()
+
+
+def test_evaluate_help_recommends_only_what_works_here(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "--csv FILE" in text
+    assert "`clip_benchmark build FOLDER/*.json` reads them" not in text
+    assert "pycocoevalcap" in text  # says why clip_benchmark's own command is not the way here

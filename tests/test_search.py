@@ -113,6 +113,15 @@ def test_comparison_counts_and_figure(tiny_run):
         assert marked == ([rank] if rank < 3 else []), own
     assert len(seen.table().rows) == len(seen.shown)
     seen.figure()
+    galleries = seen.galleries()  # a gallery per query: the images, ids and scores in columns of their own
+    assert len(galleries.tables) == len(seen.shown)
+    html = galleries._repr_html_()
+    assert html.count('<img class="hada-thumb" src="data:image/png;base64,') == len(seen.shown) * 2 * 3
+    assert str(search.records[0].path.parent) not in html and str(search.records[0].path.parent) in str(galleries)
+    for table, r in zip(galleries.tables, rows):
+        assert [row["own1"] == "yes" for row in table.rows] == [hit["correct"] for hit in r["results"]["HADA"]]
+        assert [row["id1"] for row in table.rows] == [str(hit["image_id"]) for hit in r["results"]["HADA"]]
+        assert r["caption"] in table.caption
 
 
 def test_cli_prints_the_table(tiny_run, monkeypatch, capsys):

@@ -13,6 +13,25 @@ from hada.experiments import ABLATIONS, Setting, ablation_runs, base_config, dat
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 
+def _figures_as_svg() -> None:
+    """In a notebook kernel (a chapter), figures are shown as SVG: sharp at any zoom, their text at its own size
+    (``hada.book.figures.displayed_text_px``). Nothing happens outside IPython, so the CLI never loads matplotlib."""
+    import sys
+
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+
+    if get_ipython() is None:
+        return
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    set_matplotlib_formats("svg")
+
+
+_figures_as_svg()
+
+
 def setup(dataset: str = "synthetic", data_root=None, backbones="default", epochs: int = 10,
           pairs_per_epoch: int | None = 3000, seed: int = 0, device: str = "auto") -> Setting:
     """Check the data first (one clear error if it is missing), then make whatever the chapter needs.
@@ -90,6 +109,20 @@ def train_hada(setting: Setting, k: int = 2, **overrides):
     return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
 
 
+def run_summary(run):
+    """A finished run (``hada.runs.RunResult``) in one table: its folder, epochs, best epoch, validation and test
+    Rsum, final temperature and mix weight, and time per epoch."""
+    from hada.book.tables import Table
+
+    summary = run.summary()
+    labels = {"run": "run folder (under data/runs)", "epochs": "epochs run", "best_epoch": "best epoch (the one kept)",
+              "val_rsum": "best validation Rsum", "test_rsum": "test Rsum", "tau": "final temperature τ",
+              "mix_weight": "final mix weight w", "seconds_per_epoch": "seconds per epoch on this machine"}
+    rows = [{"name": labels.get(key, key), "value": value if isinstance(value, str) else f"{value:,}"}
+            for key, value in summary.items()]
+    return Table(rows, columns=(("name", "run"), ("value", "value")))
+
+
 def results(setting: Setting, k: int = 2):
     """Every backbone alone, similarity averaging, concat + linear and HADA, on the test split; the trained rows
     as the mean (and std) over the seeds of ``hada.experiments.result_seeds``."""
@@ -102,6 +135,17 @@ def results(setting: Setting, k: int = 2):
         f"trained rows: seed {seeds[0]} only"
     return ResultsTable([system_row(s) for s in systems], systems=systems, caption_image_index=caption_image_index,
                         caption=f"Test split of {setting.dataset}, K={k} backbones (Rsum max 600; {trained})")
+
+
+def three_backbones_sentence(table, setting: Setting) -> str:
+    """The results page's sentence on HADA with three backbones (``table`` from ``results(setting, k=3)``), or, for a
+    setting with fewer backbones (``table`` None), that those rows need a third."""
+    if table is None:
+        return (f"This setting names {len(setting.backbones)} backbones, so the rows with three are left out: they "
+                "need a third backbone in `backbones`.")
+    return (f"With three backbones (one seed): {table.hada['rsum']:.1f}, {table.gain_over_best_backbone:+.1f}% over "
+            f"{table.best_backbone['name']}, {table.gain_over('average('):+.1f}% over averaging and "
+            f"{table.gain_over('concat('):+.1f}% over concatenation.")
 
 
 def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):

@@ -7,7 +7,9 @@ Gains are relative Rsum differences in percent, the way the paper states its +3.
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 METRIC_COLUMNS = (
@@ -42,6 +44,60 @@ def _fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+_NUMBER = re.compile(r"^[+\-−±]?[\d,]*\.?\d+%?$")  # a pre-formatted number cell: 0.7442, +1.2, 1,024, 12%
+
+
+def _css_name(key: str) -> str:
+    """A row key as a CSS class name: letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in key.lower())
+
+
+def display_path(path) -> str:
+    """A path as a published page may show it, never an absolute path of the machine that built it: relative to
+    the data folder (``data/synthetic``) or the repository when inside them, else its last two parts
+    (``…/flickr30k/images``)."""
+    from hada.paths import data_dir, project_root
+
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        return path.as_posix()
+    resolved = path.resolve()
+    for base, prefix in ((data_dir(), "data"), (project_root(), "")):
+        try:
+            relative = resolved.relative_to(Path(base).resolve())
+        except ValueError:
+            continue
+        return "/".join(part for part in (prefix, relative.as_posix()) if part and part != ".") or "."
+    return "…/" + "/".join(resolved.parts[-2:]) if len(resolved.parts) > 2 else resolved.name or "…"
+
+
+def display_spec(spec: str) -> str:
+    """A backbone spec (``name``, ``model:/weights/file.bin``) with any path in it shown by :func:`display_path`."""
+    name, sep, rest = str(spec).partition(":")
+    if sep and (rest.startswith(("/", "~")) or Path(rest).is_absolute()):
+        return f"{name}:{display_path(rest)}"
+    return str(spec)
+
+
+def thumbnail_html(path, size: int = 96) -> str:
+    """An image file as an ``<img>`` of at most ``size`` px a side, embedded in the page (a PNG data URI): the
+    reader sees the image, and the page holds no path of the machine that built it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        buffer = io.BytesIO()
+        im.save(buffer, format="PNG")
+        width, height = im.size
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<img class="hada-thumb" src="data:image/png;base64,{data}" width="{width}" height="{height}" '
+            f'alt="{html.escape(Path(path).name)}">')
+
+
 @dataclass(repr=False)
 class Table:
     """Rows of dicts with a ``name``; ``columns`` pairs a row key with its header. Floats show ``digits``
@@ -51,6 +107,9 @@ class Table:
     columns: Sequence[tuple[str, str]] = (("name", "method"),) + METRIC_COLUMNS
     caption: str = ""
     digits: int = 1
+    #: keys of columns holding image files: shown as the images themselves in HTML (a thumbnail embedded in the
+    #: page, never the file's path), as the path in text
+    images: Sequence[str] = ()
 
     def _cells(self) -> list[list[str]]:
         return [[_fmt(row.get(key, ""), self.digits) for key, _ in self.columns] for row in self.rows]
@@ -68,12 +127,36 @@ class Table:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for _, h in self.columns)
+        """The table in the theme's table style (``table``) inside its scroll container, so a wide table scrolls
+        instead of being clipped; each cell carries its column's key as a class (``col-<key>``, for widths) and
+        a column of numbers the class ``num`` (right-aligned, never wrapped): see ``book/_static/hada.css``."""
+        def is_number(value) -> bool:
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    or isinstance(value, str) and _NUMBER.match(value) is not None)
+
+        numeric = {key for key, _ in self.columns  # a column of numbers only (blanks aside) is right-aligned
+                   if any(row.get(key) not in (None, "") for row in self.rows)
+                   and all(is_number(row.get(key)) for row in self.rows if row.get(key) not in (None, ""))}
+
+        def cls(key: str) -> str:
+            return f' class="col-{_css_name(key)}{" num" if key in numeric else ""}"'
+
+        def cell(key: str, row: dict, text: str) -> str:
+            if key in self.images and row.get(key):
+                return f'<td class="col-{_css_name(key)} image">{thumbnail_html(row[key])}</td>'
+            return f"<td{cls(key)}>{html.escape(text)}</td>"
+
+        head = "".join(f"<th{cls(key)}>{html.escape(h)}</th>" for key, h in self.columns)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self._cells()
+            "<tr>" + "".join(cell(key, row, c) for (key, _), c in zip(self.columns, cells)) + "</tr>"
+            for row, cells in zip(self.rows, self._cells())
         )
-        caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
-        return f'<table class="hada-table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        # the caption sits above the scroll container, so it wraps at the page's width however wide the table is
+        caption = f'<p class="hada-table-caption">{html.escape(self.caption)}</p>' if self.caption else ""
+        label = f' aria-label="{html.escape(self.caption)}"' if self.caption else ""
+        return (f'{caption}<div class="pst-scrollable-table-container hada-table-scroll">'
+                f'<table class="table hada-table"{label}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+                "</div>")
 
     def row(self, name: str) -> dict:
         for r in self.rows:
@@ -405,8 +488,8 @@ def zeroshot_table(results: Mapping[str, dict], title: str = "") -> Table:
 
 def setting_table(setting) -> Table:
     """A chapter's resolved parameters (a ``hada.experiments.Setting``): data, backbones, budget, split sizes."""
-    rows = [{"name": "dataset", "value": f"{setting.dataset} ({setting.data_root})"},
-            {"name": "backbones (first = main)", "value": ", ".join(setting.backbones)},
+    rows = [{"name": "dataset", "value": f"{setting.dataset} ({display_path(setting.data_root)})"},
+            {"name": "backbones (first = main)", "value": ", ".join(display_spec(b) for b in setting.backbones)},
             {"name": "training budget", "value": f"{setting.epochs} epochs of {setting.pairs_per_epoch or 'all'} "
                                                  f"pairs, seed {setting.seed}"}]
     rows += [{"name": f"{split} split", "value": f"{c['images']:,} images, {c['captions']:,} captions"}

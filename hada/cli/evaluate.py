@@ -22,7 +22,10 @@ number of strictly higher scores). Needs the features of the split (`hada featur
 Output: a table on stdout (percent) and one json file per row in CLIP_benchmark's exact format
 ({"dataset", "model", "pretrained", "task": "zeroshot_retrieval", "metrics": {...}, "language"}, recalls as
 fractions under its names; `pretrained` is the backbone's tag or weights file, or the run's folder), by default
-in data/runs/eval/<dataset>-<split>/; `clip_benchmark build FOLDER/*.json` reads them into one CSV."""
+in data/runs/eval/<dataset>-<split>/. --csv FILE also writes them into one CSV: the one that
+`clip_benchmark build FOLDER/*.json` makes of the same files (same rows and values). clip_benchmark's own
+command line needs its evaluation dependencies (pycocoevalcap among them), which this project's environment
+does not install."""
 
 
 def register(subparsers) -> None:
@@ -41,6 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="score only the --run models")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the result files, one per row (default: data/runs/eval/<dataset>-<split>/)")
+    parser.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                        help="also write the rows as one CSV, as `clip_benchmark build` makes of the result files")
     add_jobs_flag(parser, "torch CPU threads for reading and normalising features (default: torch's choice); "
                           "embedding and ranking always run on one thread, so a run gets the same numbers "
                           "here as in `hada train`")
@@ -117,7 +122,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from hada.book.tables import metrics_table
     from hada.devices import resolve_device
     from hada.errors import HadaError
-    from hada.evaluate import clip_benchmark_record, write_records
+    from hada.evaluate import clip_benchmark_record, write_benchmark_csv, write_records
     from hada.paths import runs_dir
 
     device = resolve_device(args.device)
@@ -132,4 +137,6 @@ def _evaluate(args: argparse.Namespace) -> int:
                for _, m, (model, pretrained) in rows]
     paths = write_records(records, out)
     print(f"wrote {len(paths)} CLIP_benchmark result file(s) to {out}/")
+    if args.csv:
+        print(f"wrote their CSV (as clip_benchmark build makes it) to {write_benchmark_csv(sorted(paths), args.csv)}")
     return 0
