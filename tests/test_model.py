@@ -262,9 +262,9 @@ class SharedDropout:
         self.calls = {"cls": 0, "self": 0, "pyg": 0}
 
 
-@pytest.mark.parametrize("gnn,layers,kernel", [("gatv2", 1, "fused"), ("gatv2", 2, "fused"), ("gatv2", 1, "tiled-small"),
-                                               ("gatv2", 2, "tiled-small"), ("transformer", 1, "fused"),
-                                               ("transformer", 2, "fused")])
+@pytest.mark.parametrize("gnn,layers,kernel", [("gatv2", 1, "fused"), ("gatv2", 2, "fused"),
+                                               ("gatv2", 1, "tiled-small"), ("gatv2", 2, "tiled-small"),
+                                               ("transformer", 1, "fused"), ("transformer", 2, "fused")])
 def test_attention_dropout_dense_equals_pyg_under_one_mask(monkeypatch, gnn, layers, kernel):
     """Attention dropout (the published recipe's 0.7) on the dense backend, in the fused numba kernels and in the
     tiled PyTorch ops, equals torch_geometric's convolutions given the same dropout mask: outputs, attention
