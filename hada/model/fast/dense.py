@@ -537,8 +537,10 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     out_cls = messages + conv.bias
     out_all = None
     if need_all:  # a feature node's one coefficient (its self loop, 1) is dropped like any other
-        self_loops = xl if drop is None else (xl.view(B, N, H, C) * self_loop_dropout(B, N, H, conv.dropout, xl.device)
-                                              .to(xl.dtype).unsqueeze(-1)).view(B, N, H * C)
+        self_loops = xl
+        if drop is not None:
+            keep = self_loop_dropout(B, N, H, conv.dropout, xl.device).to(xl.dtype)
+            self_loops = (xl.view(B, N, H, C) * keep.unsqueeze(-1)).view(B, N, H * C)
         out_all = _with_cls(self_loops + conv.bias, out_cls, layout.cls_pos)
     return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
 
@@ -546,7 +548,8 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
 def attention_dropout(shape: tuple[int, ...], p: float, device) -> Tensor:
     """Dropout weights of the attention coefficients at the CLS nodes, [B, K, N, H] float32: 0 with probability
     p, else 1 / (1 - p) (what ``F.dropout`` multiplies by). The messages use ``alpha * weights``; the attention
-    returned stays alpha, as torch_geometric returns it. Tests replace this to give both backends one mask."""
+    the dense backend returns stays the softmax alpha (torch_geometric's GATv2Conv returns it after dropout, its
+    TransformerConv before). Tests replace this function to give both backends one mask."""
     return torch.empty(shape, device=device).bernoulli_(1 - p).div_(1 - p)
 
 

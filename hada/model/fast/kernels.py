@@ -6,7 +6,10 @@ For sample b and CLS target k, with ``q_cls`` in place of ``q`` for a block's fi
 
     score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + bias[m(n), h*C + c] + xl[n, h*C + c])
     alpha[b, k, :, h] = softmax over the sample's valid nodes n of score[b, k, n, h]   (0 at padding)
-    out[b, k, h*C + c] = sum_n alpha[b, k, n, h] * (xl[n, h*C + c] + bias[m(n), h*C + c])
+    out[b, k, h*C + c] = sum_n alpha[b, k, n, h] * drop[b, k, n, h] * (xl[n, h*C + c] + bias[m(n), h*C + c])
+
+where ``drop`` is the attention dropout's weight of each coefficient (0 or 1 / (1 - p); 1 without dropout), as
+torch_geometric's GATv2Conv drops alpha before its messages.
 
 Eager PyTorch computes this with a few dozen ops and several passes over [B, K, N, H*C] tensors (or their
 tiles); here the forward is two passes over a sample's rows per target and the backward two more, every
