@@ -17,7 +17,8 @@ negatives), backward, fused AdamW, and the queue update. Random features, with t
   256 and 768), same model.
 
 Both paths run in one process on one torch thread (as ``hada.train``), their steps interleaved so that load
-from other users of a shared machine hits both alike; pairs/s from the median step. Before timing, one step of
+from other users of a shared machine hits both alike; pairs/s from the median step's wall time, and from its
+process CPU time (an idle-machine estimate). Before timing, one step of
 each path is checked to give the same loss under the same random state (same dropout masks).
 
     .venv/bin/python benchmarks/bench_paper_recipe.py            # both shapes, 5 timed steps per path
@@ -78,18 +79,18 @@ def objective_and_optimiser(shape):
     return cfg, objective, opt
 
 
-def step(objective, opt, batch, fused: bool, update: bool = True) -> tuple[float, float]:
-    """(seconds, loss) of one training step on ``fused`` or tiled attention."""
+def step(objective, opt, batch, fused: bool, update: bool = True) -> tuple[float, float, float]:
+    """(wall seconds, process CPU seconds, loss) of one training step on ``fused`` or tiled attention."""
     dense.FUSED_CPU_ATTENTION = fused
     image, text, ids = batch
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     out = objective(image, text, ids)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     if update:
         opt.step()
         objective.end_step()
-    return time.perf_counter() - start, float(out.loss.detach())
+    return time.perf_counter() - start, time.process_time() - cpu, float(out.loss.detach())
 
 
 def check_paths_agree(objective, opt, batch) -> float:
@@ -97,7 +98,7 @@ def check_paths_agree(objective, opt, batch) -> float:
     losses = []
     for fused in PATHS.values():
         torch.manual_seed(1)
-        losses.append(step(objective, opt, batch, fused, update=False)[1])
+        losses.append(step(objective, opt, batch, fused, update=False)[2])
     return abs(losses[0] - losses[1])
 
 
@@ -109,13 +110,15 @@ def run_shape(name: str, steps: int, warmup: int) -> dict:
     batches = [(random_batch(shape, B, "image", gen), random_batch(shape, B, "text", gen), torch.arange(B) + i * B)
                for i in range(4)]
     diff = check_paths_agree(objective, opt, batches[0])
-    times = {label: [] for label in PATHS}
+    times, cpus = {label: [] for label in PATHS}, {label: [] for label in PATHS}
     for i in range(warmup + steps):
         for label, fused in PATHS.items():
-            seconds, _ = step(objective, opt, batches[i % len(batches)], fused)
+            seconds, cpu, _ = step(objective, opt, batches[i % len(batches)], fused)
             if i >= warmup:
                 times[label].append(seconds)
-    return {"batch": B, "diff": diff, "pairs/s": {label: B / statistics.median(t) for label, t in times.items()}}
+                cpus[label].append(cpu)
+    return {"batch": B, "diff": diff, "pairs/s": {label: B / statistics.median(t) for label, t in times.items()},
+            "pairs/s (cpu)": {label: B / statistics.median(t) for label, t in cpus.items()}}
 
 
 def main(argv=None) -> int:
@@ -136,13 +139,20 @@ def main(argv=None) -> int:
     for name in args.shapes:
         res = run_shape(name, args.steps, args.warmup)
         before, after = res["pairs/s"]["tiled (before)"], res["pairs/s"]["fused (after)"]
+        cpu_before = res["pairs/s (cpu)"]["tiled (before)"]
         for label, value in res["pairs/s"].items():
-            rows.append([name, res["batch"], label, f"{value:.1f}", f"{value / before:.2f}x"])
+            cpu = res["pairs/s (cpu)"][label]
+            rows.append([name, res["batch"], label, f"{value:.1f}", f"{value / before:.2f}x", f"{cpu:.1f}",
+                         f"{cpu / cpu_before:.2f}x"])
         print(f"  done {name}: {before:.1f} -> {after:.1f} pairs/s (loss of both paths agrees to "
               f"{res['diff']:.1e})", flush=True)
     print("\nTraining pairs/s of the paper recipe (whole objective: encoders, momentum encoders, queue, ITM; "
           "backward; fused AdamW)")
-    print(markdown_table(["shape", "batch", "path", "pairs/s", "vs before"], rows))
+    print(markdown_table(["shape", "batch", "path", "pairs/s", "vs before", "pairs/s (cpu)", "vs before (cpu)"],
+                         rows))
+    load = os.getloadavg()
+    print(f"\nload average after {load[0]:.2f}. pairs/s: batch / median wall time of a step; pairs/s (cpu): batch / "
+          "median process CPU time of a step, what one thread does with a core to itself (an idle-machine estimate)")
     print("\nshapes: " + "; ".join(
         f"{n} = image tokens {s[0]} x {s[1]}-d, caption tokens {s[2]} x {s[3]}-d, embeds {s[4]}"
         for n, s in SHAPES.items() if n in args.shapes))
