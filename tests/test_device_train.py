@@ -53,6 +53,25 @@ def test_dense_attention_uses_numba_kernels_on_cpu_only():
         assert not use_fused_kernels(other)  # the tiled torch path
 
 
+def test_cpu_falls_back_to_the_tiled_path_without_numba(monkeypatch):
+    """The GPU kit carries no numba (llvmlite alone is 60 MB): without it the CPU takes the tiled PyTorch ops,
+    and nothing imports numba on the way (its import in hada.model.fast.kernels is reached only by the fused
+    path)."""
+    import importlib.util
+
+    from hada.model.fast import dense
+
+    dense.numba_available.cache_clear()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
+    try:
+        assert not dense.use_fused_kernels("cpu")
+    finally:
+        monkeypatch.undo()
+        dense.numba_available.cache_clear()
+    assert dense.use_fused_kernels("cpu")
+
+
 def test_feature_placement_by_device_and_budget(monkeypatch):
     from hada.features.batching import _placement
 

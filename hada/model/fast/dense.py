@@ -308,10 +308,20 @@ GATV2_CUDA_CHUNK_ELEMENTS = 1 << 25
 FUSED_CPU_ATTENTION = True
 
 
+@lru_cache(maxsize=1)
+def numba_available() -> bool:
+    """Whether numba can be imported. It serves the CPU kernels alone, so an environment without it (a CUDA
+    machine given only the GPU kit's wheels, see README) trains on the tiled PyTorch ops instead."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
 def use_fused_kernels(device: torch.device | str) -> bool:
     """Whether GATv2's attention at the CLS nodes runs in the numba kernels (CPU tensors only: they read host
-    memory) or in the tiled PyTorch ops (every other device, CUDA included)."""
-    return FUSED_CPU_ATTENTION and torch.device(device).type == "cpu"
+    memory, and only where numba is installed) or in the tiled PyTorch ops (every other device, CUDA
+    included)."""
+    return FUSED_CPU_ATTENTION and torch.device(device).type == "cpu" and numba_available()
 
 
 def _head_diagonal(full: Tensor) -> Tensor:
