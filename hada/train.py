@@ -372,8 +372,27 @@ def _data_parallel(objective):
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(objective.parameters()).device
-    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+    device_ids = [device.index] if device.type == "cuda" else None
+    if _ddp_has_forward_sync_buffers():
+        return DistributedDataParallel(objective, device_ids=device_ids, forward_sync_buffers=False)
+    # older torch (2.11 among them) has no forward_sync_buffers: broadcast_buffers=False stops the broadcast at
+    # every forward but also the one in the constructor, done here instead
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buffer in objective.buffers():
+            dist.broadcast(buffer, src=0)
+    return DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _ddp_has_forward_sync_buffers() -> bool:
+    """Whether this torch's DistributedDataParallel takes ``forward_sync_buffers`` (newer than 2.11)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def _load_data(config: TrainConfig, run_dir: Path, data: dict | None, device):

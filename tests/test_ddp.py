@@ -132,3 +132,43 @@ def test_pair_loader_shards_each_global_batch():
     assert three == [[3, 3, 3], [3, 3, 2], [3, 3, 2]]  # 25 = 2 x 9 + 7, the 7 split 3/2/2
     with pytest.raises(HadaError):
         PairLoader(data, 3, rank=2, world_size=2)
+
+
+class _WithBuffer(torch.nn.Module):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("queue", torch.full((4,), float(rank)))
+
+    def forward(self, x):
+        return self.lin(x).sum() + 0 * self.queue.sum()
+
+
+def _buffers_worker(rank: int, world: int, port: int, new_api: bool, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method="env://")
+    try:
+        ht._ddp_has_forward_sync_buffers = lambda: new_api
+        model = ht._data_parallel(_WithBuffer(rank))
+        synced = model.module.queue.tolist()  # rank 0's, on every rank
+        model.module.queue.fill_(10.0 + rank)  # each rank's own from here on (as the queue's equal updates)
+        model(torch.ones(5, 3)).backward()
+        Path(out, f"{rank}.json").write_text(json.dumps({"synced": synced, "after": model.module.queue.tolist()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("new_api", [True, False], ids=["forward_sync_buffers", "torch-2.11"])
+def test_buffers_synced_once_at_the_start_with_or_without_forward_sync_buffers(tmp_path, new_api):
+    """torch 2.11's DDP has no ``forward_sync_buffers``: the wrap then broadcasts the buffers itself, once, and
+    no forward broadcasts them again, as with the keyword on newer torch."""
+    if new_api and "forward_sync_buffers" not in __import__("inspect").signature(
+            torch.nn.parallel.DistributedDataParallel.__init__).parameters:
+        pytest.skip("this torch's DDP has no forward_sync_buffers")
+    torch.multiprocessing.spawn(_buffers_worker, args=(2, _free_port(), new_api, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == {"synced": [0.0] * 4, "after": [10.0 + rank] * 4}
