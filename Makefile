@@ -7,13 +7,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hada-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install data book test bench clean-book
+.PHONY: help install data book test bench gpu-kit clean-book
 
 help:
 	@echo "make book   build the executed book in _build/html (hada prepare first: data, backbones, runs)"
 	@echo "make test   run the whole test suite (installs first if needed)"
 	@echo "make data   prepare the embedded default only: synthetic data, backbones, features under data/"
 	@echo "make bench  print the benchmark tables"
+	@echo "make gpu-kit  wheels for a CUDA machine with torch and torch-geometric, in .gpu-kit (README)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,11 @@ test: install
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+
+# The wheels (open_clip and its needs, for CPython 3.12 and 3.11 on manylinux x86-64) that a CUDA machine with torch,
+# torchvision and torch-geometric lacks; benchmarks/gpu_check.sh installs them there without a network (README).
+gpu-kit:
+	$(PYTHON) benchmarks/gpu_kit.py download --dest .gpu-kit
 
 clean-book:
 	rm -rf _build
