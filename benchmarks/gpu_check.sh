@@ -8,14 +8,17 @@
 #      random features made on the device, through hada.train's own epoch (goal <= 15 s; bench_gpu_epoch.py)
 #   3. the same epoch on 2 processes with torchrun, when the machine has 2 GPUs
 #   4. the paper-shape rows of bench_train_step.py on CUDA (dense path checked against torch-geometric first)
-# Needs python3 with torch, torch_geometric, numpy, PIL and tqdm; open_clip if present. Prints the tables and, when
-# $OUT is set, keeps gpu_check.txt and the rows (gpu_check_rows.jsonl) there.
+# Needs the machine's own python3 (or $PYTHON) with torch, torchvision (built for that torch), torch_geometric,
+# numpy, PIL and tqdm. What else hada needs there (open_clip and its needs) comes from the GPU kit (make gpu-kit,
+# README), installed first with pip --no-index --no-deps into a temporary folder: only what this python lacks.
+# The kit is .gpu-kit beside this tree (with the device tool: carry it) or $HADA_GPU_KIT; without one, open_clip
+# must already be installed (else the extraction is skipped). Prints the tables and, when $OUT is set, keeps
+# gpu_check.txt and the rows (gpu_check_rows.jsonl) there.
 #
 #     bash benchmarks/gpu_check.sh                        # on the GPU machine
 #     bash benchmarks/gpu_check.sh --quick --device cpu   # every piece at a tiny size on a CPU (about 2-4 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HADA_NO_PROGRESS=1
 PY="${PYTHON:-python3}"
 quick=() device=auto
 while [ $# -gt 0 ]; do
@@ -30,13 +33,32 @@ mkdir -p "$out"
 log="$out/gpu_check.txt" rows="$out/gpu_check_rows.jsonl"
 : > "$rows"
 
-# part NAME SECONDS COMMAND...: run under a time limit; a failure or timeout becomes a row of the table
+# The kit: what this python lacks of it, installed offline into a folder removed at the end.
+kit="${HADA_GPU_KIT:-$PWD/.gpu-kit}" site=""
+if ls "$kit"/*.whl >/dev/null 2>&1; then
+  site="$(mktemp -d "${TMPDIR:-/tmp}/hada-gpu-kit.XXXXXX")"
+  trap 'rm -rf "$site"' EXIT
+  need=$("$PY" benchmarks/gpu_kit.py missing --dest "$kit") || exit 1
+  if [ -n "$need" ]; then
+    # shellcheck disable=SC2086  # one distribution name per word
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+      --find-links "$kit" --target "$site" $need || { echo "gpu_check: the kit did not install" >&2; exit 1; }
+  fi
+  kit_line="GPU kit $kit: installed ${need:-nothing (all present)}" kit_line="${kit_line//$'\n'/ }"
+else
+  kit_line="GPU kit: none at $kit (make gpu-kit); using what $PY has"
+fi
+export PYTHONPATH="$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HADA_NO_PROGRESS=1
+
+# part NAME SECONDS COMMAND...: run under a time limit; a timeout, or a failure that wrote no row of its own,
+# becomes a row of the table
 part() {
   local name="$1" limit="$2"; shift 2
   echo "== $name (limit ${limit}s): $*"
+  local before; before=$(wc -l < "$rows")
   timeout --kill-after=10 "$limit" "$@"
   local rc=$?
-  if [ $rc -ne 0 ]; then
+  if [ $rc -eq 124 ] || { [ $rc -ne 0 ] && [ "$(wc -l < "$rows")" -eq "$before" ]; }; then
     local why="failed (exit $rc)"; [ $rc -eq 124 ] && why="timed out after ${limit}s"
     echo "{\"check\": \"$name\", \"result\": \"$why\"}" >> "$rows"
   fi
@@ -44,6 +66,8 @@ part() {
 
 {
   date -u
+  echo "$kit_line"
+  "$PY" --version
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, torch_geometric; print('torch', torch.__version__, 'pyg', torch_geometric.__version__, 'cuda', torch.cuda.is_available(), 'gpus', torch.cuda.device_count())"
   "$PY" -c "import open_clip; print('open_clip', open_clip.__version__)" 2>/dev/null || echo "open_clip: not installed"
@@ -90,3 +114,5 @@ for line in open(sys.argv[1]):
 print(markdown_table(["check", "setting", "measured", "goal", "result"], table))
 EOF
 } 2>&1 | tee "$log"
+# the status: 1 when a part failed or timed out (a skipped part is not a failure)
+! grep -q '"result": "\(failed\|timed out\)' "$rows"
