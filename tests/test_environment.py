@@ -76,3 +76,45 @@ def test_torch_and_torchvision_are_a_matching_pair():
 @pytest.mark.parametrize("module", ["open_clip", "torch_geometric", "jupytext", "papermill", "networkx"])
 def test_libraries_import(module):
     __import__(module)
+
+
+def _closure(roots: list[str]) -> set[str]:
+    """Canonical names of the installed distributions ``roots`` need, themselves included (Linux x86-64,
+    Python 3.12; extras left out)."""
+    env = {"python_version": "3.12", "python_full_version": "3.12.0", "platform_machine": "x86_64",
+           "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                todo.append(req.name)
+    return seen
+
+
+def test_gpu_kit_holds_what_torch_and_torch_geometric_do_not_bring():
+    """benchmarks/gpu_kit.py's list is open_clip_torch's closure less torch's, torchvision's and torch-geometric's
+    (numba and llvmlite left out on purpose), every one pinned here."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_kit
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    kit = {canonicalize_name(n) for n in gpu_kit.KIT}
+    needed = _closure(["open_clip_torch"]) - _closure(["torch", "torchvision", "torch-geometric"])
+    assert needed <= kit, f"the GPU kit lacks {sorted(needed - kit)}"
+    extra = kit - needed - {"tqdm"}  # tqdm: torch-geometric brings it, hada imports it; 80 kB
+    assert not extra, f"the GPU kit holds more than it needs: {sorted(extra)}"
+    assert not kit & {canonicalize_name(n) for n in gpu_kit.OMITTED}
+    assert {r.split("==")[0] for r in gpu_kit.requirements()} == set(gpu_kit.KIT)  # all pinned here
