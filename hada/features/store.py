@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -693,8 +694,10 @@ def ensure_features(
                 out[spec][split] = fs or extract_split(
                     backbone, ds, split, spec, root, force=force, progress=progress, jobs=jobs,
                     image_batch=image_batch, text_batch=text_batch)
-                if augment and split == "train" and distributed.is_main():
-                    with folder_lock(out[spec][split].path / AUGMENT_DIR, "augmented views"):
+                if augment and split == "train":  # every rank: the views are shared among them
+                    lock = folder_lock(out[spec][split].path / AUGMENT_DIR, "augmented views") \
+                        if distributed.is_main() else nullcontext()
+                    with lock:
                         out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
                                                              jobs=jobs or 0, progress=progress,
                                                              policy=augment_policy)
@@ -838,8 +841,14 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
                       policy: str = "randaugment") -> FeatureSplit:
     """Store ``views`` augmented views of every image of a complete store (``hada features extract --augment
     N``), made with ``policy`` (:mod:`hada.features.augment`): the published recipe trains 75% of its samples on
-    one of them. Written in one pass (not resumable; a rerun redoes it), on one process; a complete set with the
-    same count and policy is reused."""
+    one of them. Written in one pass (not resumable; a rerun redoes it); a complete set with the same count and
+    policy is reused.
+
+    Under torchrun every rank calls this and computes a share of the (view, image batch) pairs into the same
+    arrays (rank 0 makes them and writes the manifest), so no rank waits in a collective while another
+    augments the whole split alone (a 29k-image split took longer than NCCL's 10-minute timeout). A view's
+    pixels depend only on (view, image) and the batches are the one-process batches, so the bytes are those
+    of one process."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -852,25 +861,42 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
     fs = open_features(dataset.name, spec, split, root)
     out = fs.path / AUGMENT_DIR
     made = _read_json(out / MANIFEST) or {}
-    if fs.augmented is not None and made.get("views") == views and fs.augment_policy == policy:
-        return fs
-    out.mkdir(exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    # rank 0's decision on every rank (it read the files under the folder's lock)
+    done = fs.augmented is not None and made.get("views") == views and fs.augment_policy == policy
+    if distributed.broadcast_object(done):
+        return fs if done else open_features(dataset.name, spec, split, root)
     n, step = fs.n_images, _store_batch(fs.manifest)["images"]
-    ensure_space(out, views * (fs.image_tokens.nbytes + fs.image_embeds.nbytes) - _size(out / "image_tokens.npy")
-                 - _size(out / "image_embeds.npy"), f"{views} augmented views")
-    tokens = np.lib.format.open_memmap(out / "image_tokens.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_tokens.shape)
-    embeds = np.lib.format.open_memmap(out / "image_embeds.npy", "w+", TOKEN_DTYPE, (views,) + fs.image_embeds.shape)
-    reserve(out / "image_tokens.npy")
-    reserve(out / "image_embeds.npy")
+    tokens_shape, embeds_shape = (views,) + fs.image_tokens.shape, (views,) + fs.image_embeds.shape
+    distributed.barrier()  # every rank has read the files before rank 0 replaces them
+    if distributed.is_main():
+        out.mkdir(exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        ensure_space(out, views * (fs.image_tokens.nbytes + fs.image_embeds.nbytes) - _size(out / "image_tokens.npy")
+                     - _size(out / "image_embeds.npy"), f"{views} augmented views")
+        for name, shape in (("image_tokens.npy", tokens_shape), ("image_embeds.npy", embeds_shape)):
+            np.lib.format.open_memmap(out / name, "w+", TOKEN_DTYPE, shape).flush()
+            reserve(out / name)
+    distributed.barrier()  # the arrays exist at their full size before any rank opens them
+    tokens = np.lib.format.open_memmap(out / "image_tokens.npy", "r+")
+    embeds = np.lib.format.open_memmap(out / "image_embeds.npy", "r+")
+    if tokens.shape != tokens_shape or embeds.shape != embeds_shape:  # pragma: no cover - rank 0 just made them
+        raise HadaError(f"{out}: augmented arrays of shapes {tokens.shape}, {embeds.shape}; expected "
+                        f"{tokens_shape}, {embeds_shape}")
     records = dataset.split(split)
-    bar = _bar(views * n, 0, "img", f"{spec} {split} augmented views", not progress_enabled(progress))
+    # this rank's (view, first image) batches: every world_size-th of them, in view-major order
+    pairs = [(v, s) for v in range(views) for s in range(0, n, step)]
+    mine = pairs[distributed.rank()::distributed.world_size()]
+    hide = not progress_enabled(progress) or not distributed.is_main()
+    bar = _bar(sum(min(n, s + step) - s for _, s in mine), 0, "img", f"{spec} {split} augmented views", hide)
     for v in range(views):
+        starts = [s for w, s in mine if w == v]
+        if not starts:
+            continue
         files = _AugmentedFiles([r.path for r in records], backbone.transform, backbone.grayscale, v, policy,
                                 input_size(backbone.preprocess_cfg))
-        loader = DataLoader(files, batch_sampler=[list(range(s, min(n, s + step))) for s in range(0, n, step)],
+        loader = DataLoader(files, batch_sampler=[list(range(s, min(n, s + step))) for s in starts],
                             num_workers=jobs)
-        for s, pixels in zip(range(0, n, step), loader):
+        for s, pixels in zip(starts, loader):
             with torch.no_grad(), backbone.autocast():
                 enc = backbone.encode_image_tokens(pixels.to(backbone.device))
             tokens[v, s:s + len(pixels)] = enc.tokens.to(torch.float16).cpu().numpy()
@@ -879,7 +905,11 @@ def extract_augmented(backbone, dataset, split: str, views: int, spec: str | Non
     bar.close()
     tokens.flush()
     embeds.flush()
-    write_json(out / MANIFEST, {"views": views, "seed": AUGMENT_SEED, "policy": policy,
-                                "store_sha256": fs.manifest["checksums"]["image_tokens"]["sha256"],
-                                "complete": True}, indent=1)
+    del tokens, embeds
+    distributed.barrier()  # every rank's share is on disk before rank 0 calls the views complete
+    if distributed.is_main():
+        write_json(out / MANIFEST, {"views": views, "seed": AUGMENT_SEED, "policy": policy,
+                                    "store_sha256": fs.manifest["checksums"]["image_tokens"]["sha256"],
+                                    "complete": True}, indent=1)
+    distributed.barrier()
     return open_features(dataset.name, spec, split, root)
