@@ -123,6 +123,68 @@ def time_epoch(shape: Shape, data, batch: int, device: torch.device, warmup_step
             "loss": entry["loss"], "steps": len(run.loader)}
 
 
+#: Tensor methods that wait for the device when the tensor is on a GPU: counted on the CPU, where CUDA's sync
+#: debug mode has nothing to report (tests/test_faults.py counts the same, with boolean-mask indexing too).
+HOST_SYNCS = ("item", "__int__", "__float__", "__bool__", "__index__", "tolist", "cpu", "numpy", "nonzero")
+SYNC_GOAL = 2
+
+
+def count_syncs(shape: Shape, data, batch: int, device: torch.device, steps: int) -> list[int]:
+    """Host synchronisations in each of ``steps`` training steps of hada.train's epoch: on CUDA the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (every synchronising call the CUDA runtime sees), elsewhere the
+    calls of HOST_SYNCS."""
+    import warnings
+
+    import hada.train as ht
+
+    run = build_run(shape, data, batch, device, limit=batch * steps)
+    counts: list[int] = []
+    step, cuda = ht._train_step, device.type == "cuda"
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
+    live = {"n": None}
+
+    def counted(fn):
+        def wrapper(*a, **kw):
+            if live["n"] is not None:
+                live["n"] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    def counting_step(*a, **kw):
+        if cuda:
+            torch.cuda.synchronize(device)  # the step's own syncs only
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return step(*a, **kw)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        live["n"] = 0
+        try:
+            return step(*a, **kw)
+        finally:
+            counts.append(live["n"])
+            live["n"] = None
+
+    import hada.model.fast.dense as dense
+
+    fused = dense.FUSED_CPU_ATTENTION
+    ht._train_step = counting_step
+    if not cuda:  # the path a GPU takes: the tiled ops, not the CPU's numba kernels (which read numpy arrays)
+        dense.FUSED_CPU_ATTENTION = False
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, counted(fn))
+    try:
+        ht._train_epoch(run, 0, show=False)
+    finally:
+        ht._train_step, dense.FUSED_CPU_ATTENTION = step, fused
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+    return counts
+
+
 def run(args):
     """The table's rows, one per batch size, each as soon as its epoch is done (a timeout keeps the earlier ones)."""
     from hada import distributed
@@ -160,6 +222,20 @@ def run(args):
                      "loss": round(res["loss"], 4), "features_gb": round(data.size_bytes / 1e9, 1),
                      "features_seconds": round(made, 1), "peak_gib": None if peak is None else round(peak, 1),
                      "goal": f"<= {GOAL_SECONDS:.0f} s" if goal else "-", "result": result}
+    if args.sync_steps:
+        batch = args.batch_sizes[0]
+        try:
+            per_step = count_syncs(shape, data, batch, device, args.sync_steps)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            yield {"check": "host syncs", "result": f"failed: {type(exc).__name__}: {exc}"}
+            return
+        how = "cuda sync debug mode" if device.type == "cuda" else "Tensor methods that sync on a GPU"
+        yield {"check": "host syncs", "device": str(device), "processes": distributed.world_size(), "batch": batch,
+               "steps": len(per_step), "per_step": per_step, "how": how, "goal": f"<= {SYNC_GOAL} per step",
+               "result": "ok" if per_step and max(per_step) <= SYNC_GOAL else "above goal"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -170,6 +246,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="images of the split (default 29,000; --quick 64)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="pairs per batch and process, one epoch each (default: 64, hada's default; --quick 16)")
+    p.add_argument("--sync-steps", type=int, default=0,
+                   help="then count the host synchronisations in this many steps (CUDA: its sync debug mode)")
     p.add_argument("--json", type=Path, default=None, help="append the rows to this file, one json object per line")
     args = p.parse_args(argv)
     args.batch_sizes = args.batch_sizes or ([16] if args.quick else [64])
@@ -190,7 +268,11 @@ def main(argv=None) -> int:
         return 0
     header = ["device", "processes", "shape", "captions", "batch", "steps", "epoch s", "pairs/s", "peak GiB", "result"]
     keys = ["device", "processes", "shape", "captions", "batch", "steps", "seconds", "pairs_s", "peak_gib", "result"]
-    print(markdown_table(header, [[r.get(k) if r.get(k) is not None else "-" for k in keys] for r in rows]))
+    print(markdown_table(header, [[r.get(k) if r.get(k) is not None else "-" for k in keys] for r in rows
+                                  if r["check"] != "host syncs"]))
+    for r in rows:
+        if r["check"] == "host syncs":
+            print(f"host syncs per step ({r.get('how', '-')}): {r.get('per_step', '-')}; {r['result']}")
     return int(any(str(r.get("result", "")).startswith("failed") for r in rows))
 
 

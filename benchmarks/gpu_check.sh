@@ -8,6 +8,7 @@
 #      random features made on the device, through hada.train's own epoch (goal <= 15 s; bench_gpu_epoch.py)
 #   3. the same epoch on 2 processes with torchrun, when the machine has 2 GPUs
 #   4. the paper-shape rows of bench_train_step.py on CUDA (dense path checked against torch-geometric first)
+#   and, after part 2's epochs, the host synchronisations of a few steps (torch.cuda.set_sync_debug_mode; goal <= 2)
 # Needs the machine's own python3 (or $PYTHON) with torch, torchvision (built for that torch), torch_geometric,
 # numpy, PIL and tqdm. What else hada needs there (open_clip and its needs) comes from the GPU kit (make gpu-kit,
 # README), installed first with pip --no-index --no-deps into a temporary folder: only what this python lacks.
@@ -75,11 +76,12 @@ part() {
 
   part extraction 150 "$PY" benchmarks/bench_gpu_extract.py ${quick[@]+"${quick[@]}"} --device "$device" --json "$rows"
   if [ ${#quick[@]} -gt 0 ]; then
-    part epoch 120 "$PY" benchmarks/bench_gpu_epoch.py --quick --device "$device" --json "$rows"
+    part epoch 120 "$PY" benchmarks/bench_gpu_epoch.py --quick --sync-steps 4 --device "$device" --json "$rows"
     part "epoch, 2 processes" 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
       benchmarks/bench_gpu_epoch.py --quick --batch-sizes 8 --device "$device" --json "$rows"
   else
-    part epoch 150 "$PY" benchmarks/bench_gpu_epoch.py --batch-sizes 64 256 --device "$device" --json "$rows"
+    part epoch 150 "$PY" benchmarks/bench_gpu_epoch.py --batch-sizes 64 256 --sync-steps 6 --device "$device" \
+      --json "$rows"
     if [ "$gpus" -ge 2 ]; then  # batch per process: the global batches are those of one process at 64 and 256
       part "epoch, 2 processes" 100 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
         benchmarks/bench_gpu_epoch.py --batch-sizes 32 128 --json "$rows"
@@ -109,6 +111,9 @@ for line in open(sys.argv[1]):
                    f"{r['shape']} shape, {r['features_gb']} GB features on {r['device']}")
         peak = f", peak {r['peak_gib']} GiB" if r.get("peak_gib") is not None else ""
         table.append([r["check"], setting, f"{r['seconds']} s ({r['pairs_s']} pairs/s{peak})", r["goal"], r["result"]])
+    elif r["check"] == "host syncs" and "per_step" in r:
+        setting = f"{r['steps']} steps at batch {r['batch']} on {r['device']} ({r['how']})"
+        table.append([r["check"], setting, f"{r['per_step']} per step", r["goal"], r["result"]])
     else:
         table.append([r["check"], r.get("path", "-"), "-", "-", r.get("result", "-")])
 print(markdown_table(["check", "setting", "measured", "goal", "result"], table))
