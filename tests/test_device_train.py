@@ -1,6 +1,8 @@
 """``--device`` on CPU: the flags exist, a missing CUDA is one line, a CPU run is the default run, and the choices
 that differ by device (dense attention kernels, where features live) are made by device type."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -45,6 +47,7 @@ def test_train_print_config_takes_device_from_file_then_flag(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 def test_dense_attention_uses_numba_kernels_on_cpu_only():
     from hada.model.fast.dense import use_fused_kernels
 
@@ -53,6 +56,7 @@ def test_dense_attention_uses_numba_kernels_on_cpu_only():
         assert not use_fused_kernels(other)  # the tiled torch path
 
 
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 def test_cpu_falls_back_to_the_tiled_path_without_numba(monkeypatch):
     """The GPU kit carries no numba (llvmlite alone is 60 MB): without it the CPU takes the tiled PyTorch ops,
     and nothing imports numba on the way (its import in hada.model.fast.kernels is reached only by the fused

@@ -1,6 +1,7 @@
 """hada.model.encoder and hada.model.fast: the dense backend equals torch_geometric's convolutions on the full
 graph, the parameter count matches the paper's formula, and bad input ends in a HadaError."""
 
+import importlib.util
 import itertools
 
 import pytest
@@ -11,6 +12,10 @@ from hada.config import EdgeWeights, ModelConfig
 import hada.model.fast.dense
 from hada.model.fast.dense import DenseLayout, GatV2ClsAttention, GatV2ClsScores, ValidRows
 from hada.model.encoder import FeatureDims, HadaEncoder, HadaPair, ModalityBatch, count_parameters
+
+#: The fused CPU kernels need numba, which the project's venv has and a GPU machine given the GPU kit may not
+#: (it then runs the tiled path, which the other tests check).
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 
 TOKEN_DIMS = (12, 10, 8)
 EMBED_DIMS = (6, 5, 7)
@@ -81,6 +86,8 @@ SCORE_KERNELS = {"fused": (True, 1 << 18), "tiled-small": (False, 24), "tiled": 
 
 def use_score_kernel(monkeypatch, kernel: str) -> None:
     fused, chunk = SCORE_KERNELS[kernel]
+    if fused and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
     monkeypatch.setattr(hada.model.fast.dense, "FUSED_CPU_ATTENTION", fused)
     monkeypatch.setattr(hada.model.fast.dense, "GATV2_CHUNK_ELEMENTS", chunk)
 
@@ -132,6 +139,7 @@ def fused_attention(mask, layout, att, slope=0.2, in_place=False):
     return fn
 
 
+@needs_numba
 @pytest.mark.parametrize("in_place", [False, True])
 def test_fused_gatv2_attention_gradcheck_and_formula(in_place):
     """The fused kernels, on packed rows or reading the padded xl in place: messages and alpha against the
@@ -144,6 +152,7 @@ def test_fused_gatv2_attention_gradcheck_and_formula(in_place):
     assert (fn(q, q_cls, xl, att)[1][~mask[:, None, :].expand(-1, 2, -1)] == 0).all()
 
 
+@needs_numba
 def test_fused_gatv2_attention_adds_each_blocks_bias():
     """The kernels add block m's bias to its rows (xl = x W_l without bias): same outputs as the formula on
     xl + bias, and the bias's gradient (through the scores and the messages) matches the numerical one."""
@@ -157,6 +166,7 @@ def test_fused_gatv2_attention_adds_each_blocks_bias():
         torch.testing.assert_close(got, want)
 
 
+@needs_numba
 def test_fused_kernels_start_no_thread_pool():
     """numba's parallel pool (OpenMP) spins beside torch's threads: two training processes on 2 cores, as
     `hada prepare` runs them, then took 10x longer per step. The kernels must stay single-threaded."""
@@ -297,6 +307,7 @@ def test_attention_dropout_dense_equals_pyg_under_one_mask(monkeypatch, gnn, lay
     assert not torch.allclose(model.eval()(batch, backend="dense"), dense[0], atol=1e-3)
 
 
+@needs_numba
 def test_fused_attention_dropout_gradcheck_and_formula():
     """The fused kernels with a dropout mask: messages = (alpha * drop) . xl, alpha before dropout, and both
     outputs' gradients against autograd's numerical ones (the mask held fixed)."""
