@@ -29,7 +29,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     """
     from hada.baselines import untrained_baselines
     from hada.metrics import retrieval_metrics
-    from hada.book.tables import metric_row
+    from hada.metrics import metric_row
 
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.data.backbones
@@ -335,10 +335,9 @@ class SystemResult:
 
     def std(self, key: str = "rsum") -> float:
         """Sample standard deviation (n - 1) of a metric over the seeds; nan with one seed."""
-        import numpy as np
+        from hada.metrics import seed_std
 
-        values = [m[key] for m in self.metrics]
-        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        return seed_std([m[key] for m in self.metrics])
 
 
 def _cached_ranks(path: Path, compute) -> tuple:

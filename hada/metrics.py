@@ -332,3 +332,46 @@ def paired_bootstrap(a, b, caption_image_index, n_boot: int = 2000, level: float
 
     return PairedBootstrap(float(difference[0]), interval(difference), float(relative[0]), interval(relative),
                            float(level), int(n_boot), int(seed))
+
+
+# ------------------------------------------------------------------------------- rows and statistics
+#: A result row's numbers: the six recalls and their sum, in the tables' order.
+ROW_METRICS = METRIC_KEYS + ("rsum",)
+
+
+def metric_row(name: str, metrics, **extra) -> dict:
+    """A plain result row from a metrics dict (CLIP_benchmark names): ``name``, ``extra`` and the six recalls and
+    Rsum as floats. The book renders such rows (``hada.book.tables``); nothing here formats them."""
+    row = {"name": name, **extra}
+    row.update({key: float(metrics[key]) for key in ROW_METRICS})
+    return row
+
+
+def relative_gain(value: float, reference: float) -> float:
+    """Percent change of ``value`` over ``reference`` (the paper's "+3.6% Rsum")."""
+    return 100.0 * (value - reference) / reference
+
+
+def seed_std(values: Sequence[float]) -> float:
+    """The seed spread: sample standard deviation (n - 1) of one configuration's values over its seeds; nan with
+    one seed. The one place the package computes it."""
+    values = [float(v) for v in values]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def seed_band(values: Sequence[float]) -> float:
+    """Twice :func:`seed_std`: a difference inside it is not told apart from seed noise."""
+    return 2.0 * seed_std(values)
+
+
+def beyond(delta: float, band: float) -> bool:
+    """Whether a difference lies outside a seed band (False when the band is nan: one seed tells nothing)."""
+    return abs(delta) > band
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of two sequences (nan with fewer than three values)."""
+    if len(x) < 3:
+        return float("nan")
+    ranks = [np.argsort(np.argsort(np.asarray(v, dtype=float))) for v in (x, y)]
+    return float(np.corrcoef(*ranks)[0, 1])

@@ -445,11 +445,11 @@ def refresh_notebook_cache(build_dir: Path, digest: str | None = None) -> bool:
     ``hada`` alone would show the old outputs. Every chapter imports ``hada``, so all cached notebooks go, and
     with them Sphinx's doctrees (it re-reads only pages whose source changed, and would keep the old outputs).
     """
-    from hada.runs import code_digest
+    from hada.runs import package_digest
     from hada.io import write_json
 
     build_dir = Path(build_dir)
-    digest = code_digest(skip=()) if digest is None else digest
+    digest = package_digest() if digest is None else digest
     record, cache = build_dir / DIGEST_RECORD, build_dir / ".jupyter_cache"
     recorded = json.loads(record.read_text()).get("code_digest") if record.exists() else None
     stale = cache.exists() and recorded != digest

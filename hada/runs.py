@@ -31,11 +31,13 @@ from hada.config import TrainConfig
 from hada.io import main_lock, read_json, write_json
 from hada.train import TrainedModel, load_trained
 
-#: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
-#: tables, figures, the command line, the step graph, this naming module, searching a finished run) name,
-#: schedule or show results but compute none, so changing them must not retrain anything. Every other ``.py``
-#: file under ``hada/`` counts.
-NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py", "search.py")
+#: The code that computes a run's result, as entry points: training and loading a run (this module, which calls
+#: ``hada.train``), embedding and ranking a split (``hada.evaluate``), the fusion baselines' rows
+#: (``hada.baselines``) and the recalls (``hada.metrics``). The digest covers these and every module they import,
+#: at module level or inside a function (:func:`hada.codegraph.import_closure`), found from the imports: a module
+#: none of them reaches (``hada.book``, ``hada.cli``, ``hada.experiments``, ``hada.pipeline``, the drawing in
+#: ``hada.book.views``) changes no key. ``tests/test_boundary.py`` keeps presentation out of that closure.
+RESULT_ENTRY_POINTS = ("hada.runs", "hada.evaluate", "hada.baselines", "hada.metrics")
 
 _PACKAGE = Path(__file__).resolve().parent
 _STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image, text TokenStats); global: FeatureStats
@@ -44,11 +46,6 @@ _DIGESTS: dict = {}  # (root, skip, file stamps) -> digest: a digest is computed
 
 
 # ------------------------------------------------------------------------------------------ code digest
-def _code_files(root: Path, skip: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in root.rglob("*.py")
-                  if not any(p.relative_to(root).parts[:len(Path(s).parts)] == Path(s).parts for s in skip))
-
-
 def normalised_source(text: str) -> str:
     """The code of one module without comments, docstrings or layout (``ast.dump`` of the docstring-free tree)."""
     tree = ast.parse(text)
@@ -61,12 +58,18 @@ def normalised_source(text: str) -> str:
     return ast.dump(tree)
 
 
-def code_digest(root: str | Path | None = None, skip: tuple[str, ...] = NOT_RESULT_CODE) -> str:
-    """sha256 over the normalised source of every ``.py`` file under ``root`` (default: the ``hada`` package)
-    except the paths in ``skip`` (relative to ``root``). ``skip=()`` digests everything."""
+def result_code_files(root: str | Path | None = None, entry_points=RESULT_ENTRY_POINTS) -> list[Path]:
+    """The files :func:`code_digest` hashes: the import closure of ``entry_points`` in the package at ``root``."""
+    from hada.codegraph import import_closure, import_graph, package_modules
+
     root = _PACKAGE if root is None else Path(root).resolve()
-    files = _code_files(root, tuple(skip))
-    stamp = (str(root), tuple(skip), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    modules = package_modules(root)
+    closure = import_closure(entry_points, import_graph(root))
+    return sorted(modules[m] for m in closure if m in modules)
+
+
+def _digest(root: Path, files: list[Path]) -> str:
+    stamp = (str(root), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     if stamp not in _DIGESTS:
         h = hashlib.sha256()
         for path in files:
@@ -74,6 +77,21 @@ def code_digest(root: str | Path | None = None, skip: tuple[str, ...] = NOT_RESU
             h.update(normalised_source(path.read_text(encoding="utf-8")).encode() + b"\0")
         _DIGESTS[stamp] = h.hexdigest()
     return _DIGESTS[stamp]
+
+
+def code_digest(root: str | Path | None = None) -> str:
+    """sha256 over the normalised source of the code that computes a run's result (:func:`result_code_files`) in
+    the package at ``root`` (default: ``hada``'s own folder). Cached per process and per files' state."""
+    root = _PACKAGE if root is None else Path(root).resolve()
+    files = result_code_files(root)
+    return _digest(root, files)
+
+
+def package_digest(root: str | Path | None = None) -> str:
+    """sha256 over the normalised source of every module of the package, presentation included: what the book's
+    notebook cache is kept against (``hada.pipeline.refresh_notebook_cache``), never a run's key."""
+    root = _PACKAGE if root is None else Path(root).resolve()
+    return _digest(root, sorted(root.rglob("*.py")))
 
 
 # ------------------------------------------------------------------------------------------ run identity
@@ -287,10 +305,10 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     fingerprint = features_fingerprint(config)
     run_dir = run_folder(config, name, fingerprint)
     with main_lock(run_dir, "this run", log):  # a second identical command waits, then loads the first one's run
-        return _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log)
+        return _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log, device)
 
 
-def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log) -> RunResult:
+def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log, device) -> RunResult:
     """:func:`run_experiment` while holding the run folder's lock."""
     if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)

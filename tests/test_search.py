@@ -100,6 +100,9 @@ def test_comparison_counts_and_figure(tiny_run):
     _, search = tiny_run
     seen = compare_text_to_image(search, {"vit": backbone_similarity(search.data, 0), "HADA": search.similarity()},
                                  n_random=2, n_wins=1, n_losses=1, top=3)
+    from hada.book.views import RetrievalView
+
+    seen = RetrievalView(seen)  # the book draws what hada.search computes
     counts = seen.counts()
     assert counts["queries"] == search.data.n_captions
     assert counts["wins"] + counts["losses"] + counts["ties"] == counts["queries"]
