@@ -186,8 +186,9 @@ class LossConfig:
     distill_source: str = _opt("mixed", "similarity the distillation targets come from: mixed (with w) or hada (the "
                                         "HADA-only momentum similarity, as published)", choices=ITM_NEGATIVES)
     alpha_ramp: bool = _opt(False, "ramp the distillation weight from 0 to alpha over the first epoch (ALBEF's)")
-    mix_from_epoch: int = _opt(0, "two-stage training (HADA-LAVIS): the HADA similarity alone (w = 0) for this "
-                                  "many epochs, then the learned mix (0: the mix from the start)")
+    mix_from_epoch: int = _opt(0, "two stages inside one run: the HADA similarity alone (w = 0) for this many "
+                                  "epochs, then the learned mix (0: the mix from the start; the published HADA-LAVIS "
+                                  "trains two separate runs instead, the recipes lavis-stage1 and lavis)")
     itm: bool = _opt(True, "add the image-text matching loss with hard negatives")
     itm_weight: float = _opt(1.0, "weight of the matching loss")
     itm_hidden: int = _opt(0, "width of the matching head's hidden layer (0: the embedding width)")
@@ -415,16 +416,20 @@ def _merged(base: dict, over: dict) -> dict:
 
 #: The follow-up (HADA-LAVIS, BLIP + CLIP ViT-L/14-336): the paper's recipe with the second backbone as ONE node
 #: (its pooled embedding), tokens and embeddings entering raw (no L2 norm, no standardisation), every training
-#: sample augmented in every backbone, ITC 0.5 / 0.5, the two stages (HADA similarity alone for the first epochs,
-#: then the learned mix), lr 1e-4, dropout 0.4, batch 40, min lr 1e-5, MSCOCO's test split on the first 5
-#: captions of each image.
-RECIPES["lavis"] = _merged(RECIPES["paper"], {
+#: sample augmented in every backbone, ITC 0.5 / 0.5, lr 1e-4, dropout 0.4, batch 40, min lr 1e-5, MSCOCO's test
+#: split on the first 5 captions of each image. It trains as two separate runs, each to early stopping:
+#: ``lavis-stage1`` without the mix (the HADA similarity alone, w = 0), then ``lavis`` (stage 2) warm-started from
+#: stage 1 through ``--init-from``, with a fresh optimiser, schedule, queue, tau and momentum encoders, learning w
+#: from 0.5 (``warm_start="online"``, as the published recipe's).
+_LAVIS = _merged(RECIPES["paper"], {
     "data": {"token_stats": "raw", "augment_p": 1.0, "augment_backbones": "all", "test_captions_per_image": 5},
     "model": {"single_node": [1], "dropout": 0.4, "attention_dropout": 0.4, "post_dropout": 0.4,
               "embed_norm": "raw"},
-    "loss": {"i2t_weight": 0.5, "t2i_weight": 0.5, "itm_dropout": 0.4, "mix_from_epoch": 5},
+    "loss": {"i2t_weight": 0.5, "t2i_weight": 0.5, "itm_dropout": 0.4},
     "optim": {"lr": 1e-4, "batch_size": 40, "eta_min": 1e-5},
 })
+RECIPES["lavis-stage1"] = _merged(_LAVIS, {"loss": {"mix": False}})
+RECIPES["lavis"] = _LAVIS  # stage 2: run it with --init-from a finished lavis-stage1 run
 
 
 #: The recipe a command or a library call uses when none is named: the one that trains in minutes on a CPU.

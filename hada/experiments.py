@@ -206,25 +206,74 @@ def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
     return runs
 
 
-#: HADA-LAVIS's departures from the published graph and loss (a backbone as ONE node, ITC 0.5 / 0.5, the two
-#: stages), taken from the ``lavis`` recipe; the results chapter trains them on top of the book's recipe.
-LAVIS_GRAPH_SETTINGS = ("model.single_node", "loss.i2t_weight", "loss.t2i_weight", "loss.mix_from_epoch")
+#: HADA-LAVIS's departures from the published graph and loss (a backbone as ONE node, ITC 0.5 / 0.5), taken from
+#: the ``lavis`` recipe; the results chapter trains them on top of the book's recipe, in HADA-LAVIS's two stages
+#: (:func:`lavis_graph_runs`).
+LAVIS_GRAPH_SETTINGS = ("model.single_node", "loss.i2t_weight", "loss.t2i_weight")
+#: What sets HADA-LAVIS's stages apart, from the ``lavis-stage1`` recipe (stage 1: no mix, w = 0) and the ``lavis``
+#: recipe (stage 2: the learned mix from w_init, warm-started from stage 1 with fresh tau, momentum encoders,
+#: optimiser, schedule and queue).
+LAVIS_STAGE_SETTINGS = {"lavis-stage1": ("loss.mix",), "lavis": ("loss.mix", "loss.w_init", "optim.warm_start")}
 
 
-def lavis_graph_overrides() -> dict:
-    """The ``lavis`` recipe's value of each of :data:`LAVIS_GRAPH_SETTINGS`."""
+def lavis_graph_overrides(stage: str = "lavis") -> dict:
+    """The value of each of :data:`LAVIS_GRAPH_SETTINGS` and of the stage's :data:`LAVIS_STAGE_SETTINGS` in the
+    recipe ``stage`` (``lavis-stage1`` or ``lavis``)."""
     from hada.config import get_path
 
-    values = recipe("lavis").to_dict()
-    return {path: get_path(values, path) for path in LAVIS_GRAPH_SETTINGS}
+    values = recipe(stage).to_dict()
+    return {path: get_path(values, path) for path in (*LAVIS_GRAPH_SETTINGS, *LAVIS_STAGE_SETTINGS[stage])}
 
 
-def lavis_graph_runs(setting: Setting) -> list[tuple[str, object]]:
-    """``(run name, TrainConfig)`` of the K=2 HADA-LAVIS-graph row, one per seed of :func:`result_seeds`: the
-    book's recipe with the second backbone entering the graph as one node (:func:`lavis_graph_overrides`)."""
-    return [(_seeded("hada-k2-lavis-graph", setting, seed),
-             base_config(replace(setting, seed=seed), 2, **lavis_graph_overrides()))
-            for seed in result_seeds(setting, 2)]
+@dataclass(frozen=True)
+class TwoStages:
+    """A run trained as two separate runs, as HADA-LAVIS is: ``first`` (name, TrainConfig) to early stopping, then
+    ``second`` warm-started from the first's best weights. The second's ``optim.init_from`` is the first's run
+    folder name, filled in once the first exists (its key needs the feature stores), so the second's own key
+    follows every change of the first."""
+
+    first: tuple[str, TrainConfig]
+    second: tuple[str, TrainConfig]
+
+    @property
+    def name(self) -> str:
+        return self.second[0]
+
+    @property
+    def seed(self) -> int:
+        return self.second[1].seed
+
+    def second_config(self, first_run) -> TrainConfig:
+        """The second stage's configuration, warm-started from the finished first stage ``first_run``."""
+        return self.second[1].override(**{"optim.init_from": first_run.run_dir.name})
+
+    def run(self, progress: bool | None = None):
+        """Train (or load) both stages; the second stage's RunResult."""
+        name, config = self.first
+        first = run_experiment(config, name, progress=progress)
+        return run_experiment(self.second_config(first), self.second[0], progress=progress)
+
+
+def lavis_stage_epochs(epochs: int) -> tuple[int, int]:
+    """The book's budget of ``epochs`` split over HADA-LAVIS's two stages (at least one each): the first half
+    without the mix, the rest with it, as one run switching at mid-budget spent it."""
+    first = max(1, epochs // 2)
+    return first, max(1, epochs - first)
+
+
+def lavis_graph_runs(setting: Setting) -> list[TwoStages]:
+    """The K=2 HADA-LAVIS-graph row, one :class:`TwoStages` per seed of :func:`result_seeds`: the book's recipe with
+    the second backbone entering the graph as one node (:func:`lavis_graph_overrides`), trained in HADA-LAVIS's
+    two stages within the book's budget (:func:`lavis_stage_epochs`): stage 1 without the mix, stage 2 warm-started
+    from it with the learned mix."""
+    epochs = lavis_stage_epochs(setting.epochs)
+    runs = []
+    for seed in result_seeds(setting, 2):
+        configs = [base_config(replace(setting, seed=seed, epochs=e), 2, **lavis_graph_overrides(stage))
+                   for e, stage in zip(epochs, ("lavis-stage1", "lavis"))]
+        runs.append(TwoStages((_seeded("hada-k2-lavis-graph-stage1", setting, seed), configs[0]),
+                              (_seeded("hada-k2-lavis-graph", setting, seed), configs[1])))
+    return runs
 
 
 #: Recipes the results chapter trains beside the book's own on the same data, budget and seed (one seed each).
@@ -304,17 +353,24 @@ def strength_runs(setting: Setting) -> list[tuple[str, object]]:
 
 
 def book_runs(setting: Setting) -> list[tuple[str, object]]:
-    """Every training run the chapters read (results for K=2 and K=3 with the other recipes, the HADA-LAVIS
-    graph and the strength pairs, the ablations), each once: what ``hada prepare`` trains ahead of a build."""
+    """Every training run the chapters read (results for K=2 and K=3 with the other recipes, the first stage of the
+    HADA-LAVIS graph and the strength pairs, the ablations), each once: what ``hada prepare`` trains ahead of a
+    build, besides the second stages of :func:`book_second_stages` (each after its first)."""
     runs = [run for k in (2, 3) if k <= len(setting.backbones) for run in result_runs(setting, k)]
     runs += [(name, config) for _, name, config in recipe_runs(setting)[1:]]
-    runs += lavis_graph_runs(setting) + strength_runs(setting)
+    runs += [stages.first for stages in lavis_graph_runs(setting)] + strength_runs(setting)
     runs += [(name, config) for _, name, config in ablation_runs(setting)]
     unique: dict = {}
     for name, config in runs:
         unique.setdefault((name, json.dumps(config.resolved().to_dict(), sort_keys=True)), (name, config))
     return list(unique.values())
 
+
+
+def book_second_stages(setting: Setting) -> list[TwoStages]:
+    """The runs the chapters read that warm-start from another (the HADA-LAVIS graph's second stages): ``hada
+    prepare`` trains each after its first stage, which :func:`book_runs` lists."""
+    return lavis_graph_runs(setting)
 
 
 # --------------------------------------------------------------------- every result row, with its seeds
@@ -415,14 +471,19 @@ def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -
     return systems, np.asarray(shared_data(concat_config, split).caption_image_index)
 
 
-def trained_system(label: str, kind: str, runs: list[tuple[str, object]], progress: bool | None = None) -> SystemResult:
-    """A results row from ``(run name, TrainConfig)`` runs, one per seed (each trained or loaded)."""
+def trained_system(label: str, kind: str, runs: list, progress: bool | None = None) -> SystemResult:
+    """A results row from ``(run name, TrainConfig)`` runs or :class:`TwoStages`, one per seed (each trained or
+    loaded; of two stages, the second is the row's)."""
     row = SystemResult(label, kind, [], [])
-    for name, config in runs:
-        run = run_experiment(config, name, progress=progress)
+    for item in runs:
+        if isinstance(item, TwoStages):
+            run, seed = item.run(progress), item.seed
+        else:
+            name, config = item
+            run, seed = run_experiment(config, name, progress=progress), config.seed
         row.metrics.append(run.test_metrics)
         row.ranks.append(run_test_ranks(run))
-        row.seeds += (config.seed,)
+        row.seeds += (seed,)
     return row
 
 

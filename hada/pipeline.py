@@ -1,6 +1,7 @@
 """The step graph behind the book -- backbones, feature stores, training runs -- and its one runner.
 
-A backbone's features wait for its pretraining, a run waits for the features of its backbones. A chapter's
+A backbone's features wait for its pretraining, a run waits for the features of its backbones, and a second
+stage (a run warm-started from another, ``hada.experiments.TwoStages``) for its first. A chapter's
 ``hada.book.setup`` runs this graph (without the runs) with one job, in its own process, one step after
 another; ``prepare`` (``hada prepare``) runs all of it on ``jobs`` worker processes, longest chain first.
 Every step is one of the pipeline's own cached, deterministic calls, writing where the chapters look
@@ -260,6 +261,16 @@ def _train(config: dict, name: str) -> None:
     run_experiment(TrainConfig.from_dict(config), name, progress=False if _IN_WORKER else None)
 
 
+def _train_second_stage(first: dict, first_name: str, second: dict, second_name: str) -> None:
+    """The second of two stages (:class:`hada.experiments.TwoStages`): loads the finished first, trains the second
+    from it."""
+    from hada.experiments import TwoStages
+    from hada.train import TrainConfig
+
+    stages = TwoStages((first_name, TrainConfig.from_dict(first)), (second_name, TrainConfig.from_dict(second)))
+    stages.run(progress=False if _IN_WORKER else None)
+
+
 def run_cost(config) -> float:
     """A run's rough relative cost (it only orders the ready steps): graph layers and backbones, times how much
     wider the attention is than the miniature's 4 x 32 channels at width 128; concat + linear is cheap."""
@@ -288,11 +299,12 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     where a run uses them), and (``runs``) train every run the chapters read (``hada.experiments.book_runs``)."""
     from hada.backbones import EMBEDDED_BACKBONES
     from hada.backbones.spec import resolve_spec, split_snapshot
-    from hada.experiments import AUGMENT_VIEWS, book_runs
+    from hada.experiments import AUGMENT_VIEWS, book_runs, book_second_stages
 
     configs = [(name, config.resolved()) for name, config in book_runs(setting)]
+    seconds = [(stages, stages.second[1].resolved()) for stages in book_second_stages(setting)]
     specs = list(dict.fromkeys([*setting.backbones, *(b for _, c in configs for b in c.data.backbones)]))
-    augmented = augment_policies(configs)
+    augmented = augment_policies(configs + [(stages.name, c) for stages, c in seconds])
     steps = []
     for name in dict.fromkeys(split_snapshot(spec)[0] for spec in specs):
         if name in EMBEDDED_BACKBONES:
@@ -309,6 +321,11 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
         for name, config in configs:
             steps.append(Step(f"train {name}", _train, (config.to_dict(), name),
                               tuple(f"features {b}" for b in config.data.backbones), cost=run_cost(config)))
+        for stages, config in seconds:  # after its first stage, whose folder it starts from
+            (first_name, first), name = stages.first, stages.name
+            steps.append(Step(f"train {name}", _train_second_stage,
+                              (first.resolved().to_dict(), first_name, config.to_dict(), name),
+                              (f"train {first_name}",), cost=run_cost(config)))
     return steps
 
 

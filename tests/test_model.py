@@ -128,7 +128,7 @@ def fused_attention(mask, layout, att, slope=0.2, in_place=False):
     zero = torch.zeros(len(layout.blocks), att.numel(), dtype=att.dtype)
 
     def fn(q, q_cls, xl, att, bias=zero):
-        return GatV2ClsAttention.apply(q, q_cls, bias, att, rows, slope, *rows.pack(xl))
+        return GatV2ClsAttention.apply(q, q_cls, bias, att, rows, slope, None, *rows.pack(xl))
     return fn
 
 
@@ -192,6 +192,129 @@ def test_dense_equals_pyg_with_each_score_kernel(monkeypatch, kernel):
     model = HadaEncoder(*small_config(3, heads=2, layers=2)).eval()
     batch = rand_batch(3)
     torch.testing.assert_close(model(batch, backend="dense"), model(batch, backend="pyg"), atol=1e-5, rtol=1e-5)
+
+
+class SharedDropout:
+    """One attention-dropout mask for both backends. Per layer it draws, from a seeded generator, the weights of
+    the coefficients at the CLS nodes [B, K, N, H] and of every node's self loop [B, N, H] (0 or 1 / (1 - p));
+    the dense backend reads them through ``attention_dropout``, and torch_geometric's ``F.dropout`` inside its
+    convolutions gets the same weight for each edge of the batched graph (edges into a CLS node from the
+    first, a feature node's self loop from the second)."""
+
+    def __init__(self, model: HadaEncoder, batch: ModalityBatch, p: float, seed: int = 0):
+        from hada.model.graph import batch_graphs, padded_nodes
+
+        self.p, self.g = p, torch.Generator().manual_seed(seed)
+        self.B, self.K = batch.batch_size, batch.num_backbones
+        self.N = sum(t.shape[1] for t in batch.tokens)
+        self.H = model.convs[0].heads
+        self.layers = [self._draw(self.B, self.K, self.N, self.H) for _ in model.convs]
+        graph = batch_graphs(batch.lengths, model.edge_weights)
+        cls_pos, _, _ = padded_nodes(tuple(t.shape[1] for t in batch.tokens), "cpu")
+        src, dst = graph.edge_index
+        self.to_cls = graph.node_token[dst] == 0
+        self.b = graph.batch[dst]
+        self.k = graph.node_backbone[dst]
+        self.src_pos = cls_pos[graph.node_backbone[src]] + graph.node_token[src]
+        self.dst_pos = cls_pos[graph.node_backbone[dst]] + graph.node_token[dst]
+        assert torch.equal(src[~self.to_cls], dst[~self.to_cls])  # a feature node's only edge: its self loop
+        self.reset()
+
+    def _draw(self, *shape):
+        keep = torch.rand(*shape, generator=self.g) >= self.p
+        return keep.float() / (1 - self.p), keep[:, 0].float() / (1 - self.p)  # [B, K, N, H], [B, N, H]
+
+    def dense(self, shape, p, device):
+        """The CLS nodes' weights of the next layer [B, K, N, H], or (asked by a layer a later one reads) its
+        self loops' [B, N, H]."""
+        assert p == self.p
+        kind = "cls" if len(shape) == 4 else "self"
+        layer = self.calls[kind]
+        self.calls[kind] += 1
+        return self.layers[layer][0 if kind == "cls" else 1]
+
+    def edge_weights(self, layer: int) -> torch.Tensor:
+        """[E, H] weight of each edge of the batched graph, in its order."""
+        cls, self_loops = self.layers[layer]
+        return torch.where(self.to_cls.unsqueeze(-1), cls[self.b, self.k, self.src_pos],
+                           self_loops[self.b, self.dst_pos])
+
+    def pyg(self, alpha, p=0.5, training=True):
+        assert training and p == self.p
+        weights = self.edge_weights(self.calls["pyg"])
+        self.calls["pyg"] += 1
+        return alpha * weights.to(alpha.dtype)
+
+    def patch(self, monkeypatch):
+        import types
+
+        import torch.nn.functional as F
+        import torch_geometric.nn.conv.gatv2_conv as gatv2_conv
+        import torch_geometric.nn.conv.transformer_conv as transformer_conv
+
+        functional = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
+        functional.dropout = self.pyg
+        for module in (gatv2_conv, transformer_conv):
+            monkeypatch.setattr(module, "F", functional)
+        monkeypatch.setattr(hada.model.fast.dense, "attention_dropout", self.dense)
+
+    def reset(self):
+        self.calls = {"cls": 0, "self": 0, "pyg": 0}
+
+
+@pytest.mark.parametrize("gnn,layers,kernel", [("gatv2", 1, "fused"), ("gatv2", 2, "fused"),
+                                               ("gatv2", 1, "tiled-small"), ("gatv2", 2, "tiled-small"),
+                                               ("transformer", 1, "fused"), ("transformer", 2, "fused")])
+def test_attention_dropout_dense_equals_pyg_under_one_mask(monkeypatch, gnn, layers, kernel):
+    """Attention dropout (the published recipe's 0.7) on the dense backend, in the fused numba kernels and in the
+    tiled PyTorch ops, equals torch_geometric's convolutions given the same dropout mask: outputs, attention
+    (the dense backend returns alpha before dropout) and every parameter's gradient, in training mode."""
+    use_score_kernel(monkeypatch, kernel)
+    torch.manual_seed(3)
+    model = HadaEncoder(*small_config(3, gnn=gnn, layers=layers, heads=2, attention_dropout=0.7)).train()
+    batch = rand_batch(3, seed=3)
+    shared = SharedDropout(model, batch, 0.7)
+    shared.patch(monkeypatch)
+    results = {}
+    for backend in ("dense", "pyg"):
+        shared.reset()
+        model.zero_grad()
+        out, info = model(batch, return_attention=True, backend=backend)
+        out.pow(3).sum().backward()
+        results[backend] = (out, info["attention"], {n: p.grad.clone() for n, p in model.named_parameters()})
+        used = {"cls": layers, "self": layers - 1, "pyg": 0} if backend == "dense" else \
+            {"cls": 0, "self": 0, "pyg": layers}
+        assert shared.calls == used  # every layer's mask, once
+    dense, pyg = results["dense"], results["pyg"]
+    torch.testing.assert_close(dense[0], pyg[0], atol=1e-5, rtol=1e-5)
+    for (cls_drop, _), a, b in zip(shared.layers, dense[1], pyg[1]):
+        if gnn == "gatv2":  # GATv2Conv returns its coefficients after dropout, TransformerConv before
+            a = a * cls_drop.permute(0, 1, 3, 2)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name, g in dense[2].items():
+        torch.testing.assert_close(g, pyg[2][name], atol=1e-5, rtol=1e-4, msg=name)
+    # the mask matters: without it (eval mode) the output differs
+    assert not torch.allclose(model.eval()(batch, backend="dense"), dense[0], atol=1e-3)
+
+
+def test_fused_attention_dropout_gradcheck_and_formula():
+    """The fused kernels with a dropout mask: messages = (alpha * drop) . xl, alpha before dropout, and both
+    outputs' gradients against autograd's numerical ones (the mask held fixed)."""
+    (q, q_cls, xl, att), mask, layout = attention_inputs()
+    rows = ValidRows.build(mask, layout)
+    B, K, N, H = q.shape[0], q.shape[1], xl.shape[1], att.shape[0]
+    g = torch.Generator().manual_seed(5)
+    drop = (torch.rand(B, K, N, H, generator=g, dtype=torch.float64) > 0.5).double() * 2
+    zero = torch.zeros(len(layout.blocks), att.numel(), dtype=att.dtype)
+
+    def fn(q, q_cls, xl, att):
+        return GatV2ClsAttention.apply(q, q_cls, zero, att, rows, 0.2, drop, *rows.pack(xl))
+    assert torch.autograd.gradcheck(fn, (q, q_cls, xl, att))
+    _, alpha = plain_gatv2_attention(q, q_cls, xl, att, mask, layout.blocks)
+    out, got_alpha = fn(q, q_cls, xl, att)
+    torch.testing.assert_close(got_alpha, alpha)
+    want = torch.einsum("bknh,bnhc->bkhc", alpha * drop, xl.view(B, N, H, -1)).reshape(B, K, -1)
+    torch.testing.assert_close(out, want)
 
 
 def test_attention_is_a_distribution_over_valid_nodes():

@@ -42,10 +42,15 @@ def test_print_config_of_both_recipes():
     assert lavis == recipe("lavis").resolved().to_dict()
     assert lavis["model"]["single_node"] == [1] and lavis["loss"]["i2t_weight"] == 0.5
     assert (lavis["optim"]["lr"], lavis["optim"]["batch_size"], lavis["optim"]["eta_min"]) == (1e-4, 40, 1e-5)
-    assert lavis["model"]["dropout"] == 0.4 and lavis["loss"]["mix_from_epoch"] > 0
+    assert lavis["model"]["dropout"] == 0.4 and lavis["loss"]["mix_from_epoch"] == 0 and lavis["loss"]["mix"]
+    assert lavis["optim"]["warm_start"] == "online" and lavis["loss"]["w_init"] == 0.5  # stage 2: w learned from 0.5
     assert lavis["optim"]["epochs"] == 100 and lavis["loss"]["itm_keys"] == "momentum"
     assert lavis["data"]["token_stats"] == "raw" and lavis["model"]["embed_norm"] == "raw"
     assert lavis["data"]["test_captions_per_image"] == 5 and lavis["data"]["augment_backbones"] == "all"
+    out = hada_cli("train", "--recipe", "lavis-stage1", "--print-config")
+    assert out.returncode == 0, out.stderr
+    stage1 = json.loads(out.stdout)
+    assert stage1["loss"]["mix"] is False and {**stage1, "loss": {**stage1["loss"], "mix": True}} == lavis
 
 
 def test_book_runs_of_the_published_recipe_keep_the_books_budget(tmp_path):
@@ -89,6 +94,30 @@ def encoder(**kw) -> HadaEncoder:
     torch.manual_seed(0)
     return HadaEncoder(ModelConfig(**{"width": 16, "out_dim": 8, "heads": 2, "dropout": 0.0, **kw}, edges=edges),
                        FeatureDims.same(TOKEN_DIMS, EMBED_DIMS))
+
+
+def test_the_paper_recipe_trains_on_the_fused_cpu_kernels(monkeypatch):
+    """The published attention dropout (0.7) no longer sends a training step to the tiled PyTorch ops: ``auto``
+    picks the dense backend, and on CPU its GATv2 runs in the fused kernels, dropout included."""
+    import hada.model.fast.dense as dense
+
+    config = recipe("paper", width=16, out_dim=8, heads=2).model
+    assert config.attention_dropout == 0.7 and config.resolve_backend() == "dense"
+    used = []
+    fused = dense.GatV2ClsAttention.apply
+
+    def tiled(*args):
+        raise AssertionError("the paper recipe's step ran the tiled attention")
+
+    monkeypatch.setattr(dense.GatV2ClsScores, "apply", tiled)
+    monkeypatch.setattr(dense.GatV2ClsAttention, "apply", lambda *args: used.append(args[6]) or fused(*args))
+    torch.manual_seed(0)
+    model = HadaEncoder(config, FeatureDims.same(TOKEN_DIMS, EMBED_DIMS)).train()
+    model(rand_batch()).sum().backward()
+    (drop,) = used  # one layer, its dropout mask handed to the kernels: 0 or 1 / (1 - 0.7)
+    assert drop is not None and all(v == 0 or v == pytest.approx(1 / 0.3) for v in drop.unique().tolist())
+    assert (drop == 0).any() and (drop > 0).any()
+    assert all(p.grad is not None for p in model.convs.parameters())
 
 
 @pytest.mark.parametrize("option", ["attention_dropout", "post_dropout", "dropout"])
@@ -444,6 +473,33 @@ def test_a_lavis_style_run_trains_on_raw_inputs_and_scores_the_first_test_captio
     assert test.n_captions == test.n_images == 12  # toy test split: 12 images with 2 or 3 captions each
     assert model.evaluate(test) == pytest.approx(result.test_metrics)
     assert model.load_data("val").n_captions > model.load_data("val").n_images  # val keeps every caption
+
+
+def test_lavis_trains_as_two_runs_the_second_warm_started_from_the_first(toy_world, monkeypatch):
+    """HADA-LAVIS's two runs: stage 1 (``lavis-stage1``) without the mix (w = 0) to early stopping, stage 2 (``lavis``)
+    through --init-from the first's folder, loading its online encoders and ITM head, with a fresh optimiser,
+    schedule and queue, and learning w from 0.5; the second's key follows the first's."""
+    from hada.experiments import TwoStages
+    from hada.runs import run_experiment
+
+    small = dict(backbones=["toy0", "toy1"], width=16, out_dim=16, heads=2, head_dim=8, epochs=2, batch_size=16,
+                 queue_size=32, eval_batch_size=64, augment_p=0.0, lr=1e-2)
+    first, second = recipe("lavis-stage1", **small), recipe("lavis", **small)
+    starts = []
+    warm_start = ht.warm_start
+    monkeypatch.setattr(ht, "warm_start", lambda objective, run, parts: starts.append(
+        (run, parts, float(objective.mix_weight.detach()))) or warm_start(objective, run, parts))
+    result = TwoStages(("lavis-stage1", first), ("lavis", second)).run(progress=False)
+    one = run_experiment(first, "lavis-stage1")  # finished: loaded, not trained again
+    assert [h["mix_weight"] for h in one.history] == [0.0, 0.0]  # stage 1: the HADA similarity alone
+    assert result.config.optim.init_from == one.run_dir.name and result.run_dir.parent == one.run_dir.parent
+    ((run, parts, w_at_start),) = starts  # stage 2 warm-started once, from stage 1's folder, as published
+    assert (run, parts) == (one.run_dir.name, "online") and w_at_start == pytest.approx(0.5)
+    assert result.history[0]["lr"] == pytest.approx(second.optim.lr)  # a fresh schedule from the recipe's rate
+    assert result.metrics["mix_weight"] != pytest.approx(0.5)  # w learned in stage 2
+    # another first stage gives another second stage
+    other = TwoStages(("lavis-stage1", first.override(seed=7)), ("lavis", second))
+    assert other.second_config(run_experiment(*reversed(other.first))).optim.init_from != one.run_dir.name
 
 
 def test_early_stopping_threshold():

@@ -219,6 +219,13 @@ def test_steps_extract_snapshots_after_their_pretraining_and_augmented_views_for
     assert steps["features tiny-rn"].args[-1] == 0  # its second backbone sees the plain images
     assert steps["features tiny-vit-gray"].args[-1] == 0  # no run with augmentation reads it
     assert steps["train paper-k2"].cost > 10 * steps["train hada-k2"].cost  # the slow run starts first
+    # HADA-LAVIS's two runs: each seed's second stage after its first, which it warm-starts from
+    for suffix in ("", "-seed1", "-seed2"):
+        first, second = steps[f"train hada-k2-lavis-graph-stage1{suffix}"], steps[f"train hada-k2-lavis-graph{suffix}"]
+        assert second.after == (first.name,) and first.after == ("features tiny-vit", "features tiny-rn")
+        assert second.args[0] == first.args[0] and second.args[1] == f"hada-k2-lavis-graph-stage1{suffix}"
+        assert not first.args[0]["loss"]["mix"] and second.args[2]["loss"]["mix"]
+        assert first.args[0]["optim"]["epochs"] + second.args[2]["optim"]["epochs"] == setting.epochs
     for pair in strength_pairs(setting):
         assert steps[f"train hada-k2-{pair[0].replace('@', '_')}+{pair[1].replace('@', '_')}"].after == \
             tuple(f"features {b}" for b in pair)

@@ -51,9 +51,9 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
     ("model.norm",): (
         "no effect", "LayerNorm between graph layers: both recipes have one layer, so neither applies it."),
     ("optim.warm_start",): (
-        "no effect", "What a warm start (--init-from) loads: no run of the book starts from another; the published "
-                     "loads the online encoders and the matching head only, tau, w and the momentum encoders "
-                     "starting fresh."),
+        "no effect", "What a warm start (--init-from) loads: the published loads the online encoders and the "
+                     "matching head only, tau, w and the momentum encoders starting fresh. The book's one run "
+                     "that starts from another (the HADA-LAVIS graph's second stage) takes that value."),
     ("loss.distill_source", "loss.alpha_ramp"): (
         "no effect", "Distillation settings: distillation is off in both (as in the published C5 config)."),
     ("data.token_stats",): (

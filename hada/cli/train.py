@@ -130,6 +130,9 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     device = resolve_device(asked.device)  # the exact device (cuda:1); the resolved config keeps its type
+    if args.recipe == "lavis" and config.optim.init_from is None:
+        print("hada: the lavis recipe is HADA-LAVIS's second stage: train --recipe lavis-stage1 first and pass its "
+              "run folder as --init-from (without it, this run starts from a fresh init)", file=sys.stderr)
     join_process_group(config, device)  # under torchrun: before the run's key, which counts the ranks
     name = args.name or config.model.arch
     trained = (run_folder(config, name) / "metrics.json").exists() and not args.restart

@@ -471,16 +471,19 @@ class GatV2ClsAttention(torch.autograd.Function):
     :class:`GatV2ClsScores`, their softmax over the valid nodes and the per-head weighted sum of ``xl``, read
     from the packed rows ``xls`` of :class:`ValidRows` (no padding, no concatenated copy) plus their block's
     ``bias`` [M, H*C].
-    Returns (messages [B, K, H*C] without the conv's bias, alpha [B, K, N, H], 0 at padding), in q's dtype."""
+    ``drop`` [B, K, N, H] (or None) weighs each coefficient in the messages: the attention dropout of
+    :func:`attention_dropout`, applied inside the kernels as torch_geometric applies it to alpha.
+    Returns (messages [B, K, H*C] without the conv's bias, alpha [B, K, N, H] before dropout, 0 at padding), in
+    q's dtype."""
 
     @staticmethod
     def forward(ctx, q: Tensor, q_cls: Tensor, bias: Tensor, att: Tensor, rows: ValidRows, slope: float,
-                *xls: Tensor):
+                drop: Tensor | None, *xls: Tensor):
         from hada.model.fast.kernels import gatv2_cls_attention
 
-        out, alpha = gatv2_cls_attention(q, q_cls, list(xls), bias, att, rows, slope)
+        out, alpha = gatv2_cls_attention(q, q_cls, list(xls), bias, att, rows, slope, drop)
         ctx.save_for_backward(q, q_cls, bias, att, alpha, *xls)
-        ctx.rows, ctx.slope = rows, slope
+        ctx.rows, ctx.slope, ctx.drop = rows, slope, drop
         return out, alpha
 
     @staticmethod
@@ -491,8 +494,8 @@ class GatV2ClsAttention(torch.autograd.Function):
         d_out = torch.zeros(alpha.shape[:2] + q.shape[-1:], dtype=q.dtype) if d_out is None else d_out
         d_alpha = torch.zeros_like(alpha) if d_alpha is None else d_alpha
         dq, dq_cls, dbias, datt, *dxls = gatv2_cls_attention_grads(q, q_cls, xls, bias, att, ctx.rows, ctx.slope,
-                                                                   alpha, d_out, d_alpha)
-        return dq, dq_cls, dbias, datt, None, None, *dxls
+                                                                   alpha, d_out, d_alpha, ctx.drop)
+        return dq, dq_cls, dbias, datt, None, None, None, *dxls
 
 
 def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_all: bool) -> DenseOut:
@@ -509,8 +512,10 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
     w_edge = conv.lin_edge.weight.view(H * C)
     q = xr.unsqueeze(2) + layout.block_weight.unsqueeze(-1) * w_edge  # [B, K, M, H*C]
     q_cls = xr.unsqueeze(2) + cls_weights(layout, mask).unsqueeze(-1) * w_edge
-    drop = conv.training and conv.dropout > 0  # dropout of alpha: the PyTorch ops (the kernels have none)
-    fused = use_fused_kernels(xr.device) and not drop
+    N = mask.shape[1]
+    # dropout of the attention coefficients (GATv2Conv's ``dropout``): one weight per coefficient, 0 or 1/(1-p)
+    drop = attention_dropout((B, K, N, H), conv.dropout, xr.device) if conv.training and conv.dropout > 0 else None
+    fused = use_fused_kernels(xr.device)
     xl = x.linear(conv.lin_l) if need_all or not fused else None  # [B, N, H*C]
     # the score function computes in q's dtype (autocast may leave q in float32 and xl in bfloat16): xl's,
     # except float32 for a half type on CPU, whose element-wise kernels are slower than float32's there
@@ -527,18 +532,35 @@ def dense_gatv2(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, need_a
             rows = ValidRows.padded(mask, layout)
             xls, bias = rows.pack(xl), xl.new_zeros(K, H * C)
         messages, alpha = GatV2ClsAttention.apply(*args, bias.to(dt), conv.att[0].to(dt), rows,
-                                                  conv.negative_slope, *xls)
+                                                  conv.negative_slope, None if drop is None else drop.to(dt), *xls)
     else:
-        N = xl.shape[1]
         scores = GatV2ClsScores.apply(*args, xl, conv.att[0].to(dt), layout.blocks, conv.negative_slope)
         alpha = _masked_softmax(scores, mask)
-        weights = F.dropout(alpha, conv.dropout, training=True) if drop else alpha
+        weights = alpha if drop is None else alpha * drop
         messages = torch.einsum("bknh,bnhc->bkhc", weights, xl.view(B, N, H, C)).reshape(B, K, H * C)
     out_cls = messages + conv.bias
     out_all = None
-    if need_all:
-        out_all = _with_cls(xl + conv.bias, out_cls, layout.cls_pos)
+    if need_all:  # a feature node's one coefficient (its self loop, 1) is dropped like any other
+        self_loops = xl
+        if drop is not None:
+            keep = self_loop_dropout(B, N, H, conv.dropout, xl.device).to(xl.dtype)
+            self_loops = (xl.view(B, N, H, C) * keep.unsqueeze(-1)).view(B, N, H * C)
+        out_all = _with_cls(self_loops + conv.bias, out_cls, layout.cls_pos)
     return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
+
+
+def attention_dropout(shape: tuple[int, ...], p: float, device) -> Tensor:
+    """Dropout weights of the attention coefficients at the CLS nodes, [B, K, N, H] float32: 0 with probability
+    p, else 1 / (1 - p) (what ``F.dropout`` multiplies by). The messages use ``alpha * weights``; the attention
+    the dense backend returns stays the softmax alpha (torch_geometric's GATv2Conv returns it after dropout, its
+    TransformerConv before). Tests replace this function to give both backends one mask."""
+    return torch.empty(shape, device=device).bernoulli_(1 - p).div_(1 - p)
+
+
+def self_loop_dropout(B: int, N: int, H: int, p: float, device) -> Tensor:
+    """Dropout weights of every node's self-loop coefficient, [B, N, H] (read for the feature nodes only, by a
+    layer whose output a later layer reads)."""
+    return attention_dropout((B, N, H), p, device)
 
 
 def cls_weights(layout: DenseLayout, mask: Tensor) -> Tensor:
@@ -593,7 +615,8 @@ def dense_transformer(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, 
     score = score + torch.einsum("bkhc,hc->bkh", q, b_key).unsqueeze(2)
     score = score + layout.edge_weight[None, :, :, None] * torch.einsum("bkhc,hc->bkh", q, e).unsqueeze(2)
     alpha = _masked_softmax(score / math.sqrt(C), mask)  # [B, K, N, H]
-    weights = F.dropout(alpha, conv.dropout, training=True) if conv.training and conv.dropout > 0 else alpha
+    drop = conv.training and conv.dropout > 0
+    weights = alpha * attention_dropout(alpha.shape, conv.dropout, alpha.device) if drop else alpha
     pooled = x.pool(weights)
     value = torch.einsum("bkhw,hcw->bkhc", pooled, conv.lin_value.weight.view(H, C, W))
     value = value + weights.sum(2).unsqueeze(-1) * conv.lin_value.bias.view(H, C)
@@ -601,7 +624,12 @@ def dense_transformer(conv, x: NodeFeatures, mask: Tensor, layout: DenseLayout, 
     out_cls = value.reshape(B, K, H * C) + conv.lin_skip(x_cls)
     out_all = None
     if need_all:
-        per_node = x.linear(conv.lin_value) + layout.w_self * e.reshape(H * C) + x.linear(conv.lin_skip)
+        value = x.linear(conv.lin_value) + layout.w_self * e.reshape(H * C)
+        if drop:  # a feature node's one coefficient (its self loop, 1) is dropped like any other
+            N = mask.shape[1]
+            keep = self_loop_dropout(B, N, H, conv.dropout, value.device).to(value.dtype)
+            value = (value.view(B, N, H, C) * keep.unsqueeze(-1)).view(B, N, H * C)
+        per_node = value + x.linear(conv.lin_skip)
         out_all = _with_cls(per_node, out_cls, layout.cls_pos)
     return DenseOut(out_cls, out_all, alpha.permute(0, 1, 3, 2))
 

@@ -6,7 +6,10 @@ For sample b and CLS target k, with ``q_cls`` in place of ``q`` for a block's fi
 
     score[b, k, n, h] = sum_c att[h, c] * leaky_relu(q[b, k, m(n), h*C + c] + bias[m(n), h*C + c] + xl[n, h*C + c])
     alpha[b, k, :, h] = softmax over the sample's valid nodes n of score[b, k, n, h]   (0 at padding)
-    out[b, k, h*C + c] = sum_n alpha[b, k, n, h] * (xl[n, h*C + c] + bias[m(n), h*C + c])
+    out[b, k, h*C + c] = sum_n alpha[b, k, n, h] * drop[b, k, n, h] * (xl[n, h*C + c] + bias[m(n), h*C + c])
+
+where ``drop`` is the attention dropout's weight of each coefficient (0 or 1 / (1 - p); 1 without dropout), as
+torch_geometric's GATv2Conv drops alpha before its messages.
 
 Eager PyTorch computes this with a few dozen ops and several passes over [B, K, N, H*C] tensors (or their
 tiles); here the forward is two passes over a sample's rows per target and the backward two more, every
@@ -40,7 +43,7 @@ def _sizes(q, xls, att, consts):  # pragma: no cover - compiled
 
 
 @numba.njit(**_JIT)
-def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts,
+def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts, drop,
                             alpha, out):  # pragma: no cover - compiled
     """Fill ``alpha`` [B, K, N, H] and ``out`` [B, K, H*C] from q, q_cls [B, K, M, H*C], att [H, C] and the
     valid nodes' rows ``xls``: per backbone m the array holding its rows ``x W_l`` (packed [R_m, H*C], or one
@@ -48,9 +51,12 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
     a pass over every row). Sample b's tokens are rows ``offsets[m, b]`` to
     ``offsets[m, b] + lengths[m, b]``, its CLS first; ``starts[m]`` is backbone m's first position on alpha's
     padded node axis. ``consts`` = (negative slope, 1) in the arrays' dtype, so that no literal promotes
-    float32 arithmetic to float64."""
+    float32 arithmetic to float64. ``drop`` [B, K, N, H] weighs each coefficient in the messages only (dropout
+    of the attention: 0 or 1 / (1 - p)), as torch_geometric's GATv2Conv does; ``alpha`` stays the softmax. An
+    empty ``drop`` (shape 0) means no dropout."""
     B, K, M, H, C, s, one, zero = _sizes(q, xls, att, consts)
     HC = H * C
+    dropping = drop.shape[0] > 0
     top, total = np.empty(H, dtype=out.dtype), np.empty(H, dtype=out.dtype)
     qb = np.empty((2, HC), dtype=out.dtype)  # q + bias for the block's CLS token (0) and other tokens (1)
     block_sum = np.empty((M, H), dtype=out.dtype)  # each block's share of the attention, per head
@@ -94,6 +100,8 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
                     for h in range(H):
                         w = a[p0 + j, h] * total[h]
                         a[p0 + j, h] = w
+                        if dropping:
+                            w *= drop[b, k, p0 + j, h]
                         block_sum[m, h] += w
                         base = h * C
                         for c in range(C):
@@ -105,9 +113,10 @@ def gatv2_attention_forward(q, q_cls, xls, bias, att, starts, offsets, lengths, 
 
 
 @numba.njit(**_JIT)
-def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts, alpha, d_out, d_alpha,
-                             dq, dq_cls, dxls, dbias, datt):  # pragma: no cover - compiled
-    """Gradients of :func:`gatv2_attention_forward` for ``d_out`` [B, K, H*C] and ``d_alpha`` [B, K, N, H]:
+def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths, consts, drop, alpha, d_out,
+                             d_alpha, dq, dq_cls, dxls, dbias, datt):  # pragma: no cover - compiled
+    """Gradients of :func:`gatv2_attention_forward` (same ``drop``) for ``d_out`` [B, K, H*C] and ``d_alpha``
+    [B, K, N, H] (alpha before dropout):
     written into ``dxls`` (like xls; the valid rows only, once each) and added to the zero-initialised dq, dq_cls (like q), dbias
     (like bias) and datt (like att). Per sample, one pass over its rows per target for d alpha, then one pass
     for everything else with the targets innermost, so that each dxl row is written once. The channel loops
@@ -115,6 +124,7 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
     per head updating dxl, dq and datt at once measured ~5x slower."""
     B, K, M, H, C, s, one, zero = _sizes(q, xls, att, consts)
     HC = H * C
+    dropping = drop.shape[0] > 0
     att_flat, datt_flat = att.reshape(HC), datt.reshape(HC)
     gz = np.empty(HC, dtype=d_out.dtype)  # per channel: a head's d score, then d score / d z
     ga = np.empty(HC, dtype=d_out.dtype)  # per channel: its head's alpha
@@ -125,7 +135,7 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
     block_sum = np.empty((K, M, H), dtype=d_out.dtype)
     for b in range(B):
         dot[:] = zero
-        for k in range(K):  # d alpha = d_alpha + d_out . (x + bias) per head
+        for k in range(K):  # d alpha = d_alpha + drop * d_out . (x + bias) per head
             a, do = alpha[b, k], d_out[b, k]
             for m in range(M):
                 x_m, row0, p0 = xls[m], offsets[m, b], starts[m]
@@ -137,10 +147,13 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
                 for j in range(lengths[m, b]):
                     x = x_m[row0 + j]
                     for h in range(H):
-                        acc = d_alpha[b, k, p0 + j, h] + dob[h]
+                        acc = dob[h]
                         base = h * C
                         for c in range(C):
                             acc += do[base + c] * x[base + c]
+                        if dropping:
+                            acc *= drop[b, k, p0 + j, h]
+                        acc += d_alpha[b, k, p0 + j, h]
                         g[k, p0 + j, h] = acc
                         dot[k, h] += a[p0 + j, h] * acc
         block_sum[:] = zero
@@ -158,8 +171,10 @@ def gatv2_attention_backward(q, q_cls, xls, bias, att, starts, offsets, lengths,
                     do = d_out[b, k]
                     for h in range(H):
                         w = alpha[b, k, p0 + j, h]
-                        block_sum[k, m, h] += w
                         gz[h * C:(h + 1) * C] = w * (g[k, p0 + j, h] - dot[k, h])
+                        if dropping:
+                            w *= drop[b, k, p0 + j, h]
+                        block_sum[k, m, h] += w
                         ga[h * C:(h + 1) * C] = w
                     for i in range(HC):
                         z = qk[i] + x[i]
@@ -199,25 +214,35 @@ def _inputs(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tens
     return [q_, q_cls_, xls_, bias_, att_, *rows.index_arrays(), consts]
 
 
+def _drop(drop: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    """The dropout weights [B, K, N, H] for the kernels, or an empty array (no dropout)."""
+    return torch.zeros(0, 0, 0, 0, dtype=dtype).numpy() if drop is None else _numpy(drop, dtype)
+
+
 def gatv2_cls_attention(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows,
-                        slope: float) -> tuple[Tensor, Tensor]:
+                        slope: float, drop: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out [B, K, H*C], alpha [B, K, N, H]) in q's dtype, without autograd (``hada.model.fast.dense.GatV2ClsAttention``
-    wraps it)."""
+    wraps it). ``drop`` [B, K, N, H]: the attention dropout's weights of the messages (0 or 1 / (1 - p)), None
+    for none; alpha is the softmax before dropout."""
     B, K, H = q.shape[0], q.shape[1], att.shape[0]
     alpha = torch.zeros(B, K, rows.num_nodes, H, dtype=q.dtype)  # padding keeps its 0
     out = torch.empty(B, K, q.shape[-1], dtype=q.dtype)
-    gatv2_attention_forward(*_inputs(q, q_cls, xls, bias, att, rows, slope), alpha.numpy(), out.numpy())
+    gatv2_attention_forward(*_inputs(q, q_cls, xls, bias, att, rows, slope), _drop(drop, q.dtype), alpha.numpy(),
+                            out.numpy())
     return out, alpha
 
 
 def gatv2_cls_attention_grads(q: Tensor, q_cls: Tensor, xls: list[Tensor], bias: Tensor, att: Tensor, rows,
-                              slope: float, alpha: Tensor, d_out: Tensor, d_alpha: Tensor) -> tuple[Tensor, ...]:
-    """Gradients (dq, dq_cls, dbias, datt, *dxls) of :func:`gatv2_cls_attention`; each dxl in its xl's dtype."""
+                              slope: float, alpha: Tensor, d_out: Tensor, d_alpha: Tensor,
+                              drop: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Gradients (dq, dq_cls, dbias, datt, *dxls) of :func:`gatv2_cls_attention` (same ``drop``); each dxl in
+    its xl's dtype."""
     dq, dq_cls = torch.zeros_like(q), torch.zeros_like(q_cls)
     dbias, datt = torch.zeros(bias.shape, dtype=q.dtype), torch.zeros(att.shape, dtype=q.dtype)
     # the kernel writes every valid row once; rows read in place from a padded tensor leave padding unwritten
     dxls = [(torch.zeros if rows.in_place else torch.empty)(x.shape, dtype=q.dtype) for x in xls]
-    gatv2_attention_backward(*_inputs(q, q_cls, xls, bias, att, rows, slope), _numpy(alpha, q.dtype),
+    gatv2_attention_backward(*_inputs(q, q_cls, xls, bias, att, rows, slope), _drop(drop, q.dtype),
+                             _numpy(alpha, q.dtype),
                              _numpy(d_out, q.dtype), _numpy(d_alpha, q.dtype), dq.numpy(), dq_cls.numpy(),
                              tuple(dxls[i].numpy() for i in rows.source), dbias.numpy(), datt.numpy())
     return (dq, dq_cls, dbias.to(bias.dtype), datt.to(att.dtype), *(d.to(x.dtype) for d, x in zip(dxls, xls)))

@@ -1,0 +1,163 @@
+"""Training pairs/s of the published recipe (``--recipe paper``) on the dense backend's two GATv2 paths.
+
+The recipe drops 70% of GATv2's attention coefficients in training. Until the fused numba kernels
+(``hada.model.fast.kernels``) took that dropout, it sent the recipe from them to the tiled PyTorch ops
+(``hada.model.fast.dense.GatV2ClsScores``, softmax, dropout, einsum). Rows:
+
+* ``tiled (before)``: the tiled PyTorch ops, which the recipe ran on before (``FUSED_CPU_ATTENTION`` off);
+* ``fused (after)``: the fused kernels with the dropout inside, which ``backend="auto"`` now picks on CPU.
+
+One step is what ``hada.train`` runs per batch: the recipe's whole objective (image and text encoders,
+their momentum copies, ITC over the batch and the 64,000-slot queue mixed with the main backbone, ITM on hard
+negatives), backward, fused AdamW, and the queue update. Random features, with the recipe's batch of 20:
+
+* ``book``: the embedded feature stores the book's ``paper-k2`` run reads (tiny-vit 65 x 128-d and tiny-rn
+  10 x 384-d image tokens, captions of 6-51 and 6-24 tokens), the recipe's model (width 512, 4 heads x 512);
+* ``paper``: the paper's inputs (577 image tokens of 768-d per backbone, 20-40 caption tokens, embeddings of
+  256 and 768), same model.
+
+Both paths run in one process on one torch thread (as ``hada.train``), their steps interleaved so that load
+from other users of a shared machine hits both alike; pairs/s from the median step's wall time, and from its
+process CPU time (an idle-machine estimate). Before timing, one step of
+each path is checked to give the same loss under the same random state (same dropout masks).
+
+    .venv/bin/python benchmarks/bench_paper_recipe.py            # both shapes, 5 timed steps per path
+    .venv/bin/python benchmarks/bench_paper_recipe.py --quick    # 2 timed steps per path
+    .venv/bin/python benchmarks/bench_paper_recipe.py --shapes book --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import hada.model.fast.dense as dense
+from hada.config import recipe
+from hada.model.encoder import ModalityBatch
+from hada.train import build_objective
+
+from tables import markdown_table
+
+#: name: (image tokens per backbone, image token dims, (min, max) caption tokens, text token dims, embed dims)
+SHAPES = {
+    "book": ((65, 10), (128, 384), ((6, 51), (6, 24)), (128, 96), (128, 128)),
+    "paper": ((577, 577), (768, 768), ((20, 40), (20, 40)), (768, 768), (256, 768)),
+}
+PATHS = {"tiled (before)": False, "fused (after)": True}
+
+
+def random_batch(shape, batch: int, modality: str, gen: torch.Generator) -> ModalityBatch:
+    image_tokens, image_dims, text_tokens, text_dims, embed_dims = shape
+    tokens, lengths, embeds = [], [], []
+    dims = image_dims if modality == "image" else text_dims
+    for k, (d, e) in enumerate(zip(dims, embed_dims)):
+        if modality == "image":
+            length = torch.full((batch,), image_tokens[k])
+        else:
+            lo, hi = text_tokens[k]
+            length = torch.randint(lo, hi + 1, (batch,), generator=gen)
+        n = int(length.max())
+        valid = torch.arange(n)[None, :, None] < length[:, None, None]
+        tokens.append(torch.randn(batch, n, d, generator=gen) * valid)
+        lengths.append(length)
+        embeds.append(torch.randn(batch, e, generator=gen))
+    return ModalityBatch(tokens, lengths, embeds)
+
+
+def objective_and_optimiser(shape):
+    cfg = recipe("paper")
+    dims = {"image_token_dims": shape[1], "text_token_dims": shape[3], "image_embed_dims": shape[4],
+            "text_embed_dims": shape[4]}
+    torch.manual_seed(0)
+    objective = build_objective(cfg, dims).train()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
+    return cfg, objective, opt
+
+
+def step(objective, opt, batch, fused: bool, update: bool = True) -> tuple[float, float, float]:
+    """(wall seconds, process CPU seconds, loss) of one training step on ``fused`` or tiled attention."""
+    dense.FUSED_CPU_ATTENTION = fused
+    image, text, ids = batch
+    cpu, start = time.process_time(), time.perf_counter()
+    out = objective(image, text, ids)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if update:
+        opt.step()
+        objective.end_step()
+    return time.perf_counter() - start, time.process_time() - cpu, float(out.loss.detach())
+
+
+def check_paths_agree(objective, opt, batch) -> float:
+    """|loss difference| of the two paths on one batch under the same random state (no update)."""
+    losses = []
+    for fused in PATHS.values():
+        torch.manual_seed(1)
+        losses.append(step(objective, opt, batch, fused, update=False)[2])
+    return abs(losses[0] - losses[1])
+
+
+def run_shape(name: str, steps: int, warmup: int) -> dict:
+    shape = SHAPES[name]
+    cfg, objective, opt = objective_and_optimiser(shape)
+    gen = torch.Generator().manual_seed(0)
+    B = cfg.optim.batch_size
+    batches = [(random_batch(shape, B, "image", gen), random_batch(shape, B, "text", gen), torch.arange(B) + i * B)
+               for i in range(4)]
+    diff = check_paths_agree(objective, opt, batches[0])
+    times, cpus = {label: [] for label in PATHS}, {label: [] for label in PATHS}
+    for i in range(warmup + steps):
+        for label, fused in PATHS.items():
+            seconds, cpu, _ = step(objective, opt, batches[i % len(batches)], fused)
+            if i >= warmup:
+                times[label].append(seconds)
+                cpus[label].append(cpu)
+    return {"batch": B, "diff": diff, "pairs/s": {label: B / statistics.median(t) for label, t in times.items()},
+            "pairs/s (cpu)": {label: B / statistics.median(t) for label, t in cpus.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as hada.train)")
+    p.add_argument("--quick", action="store_true", help="< 1 min: 2 timed steps per path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps = 2
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.2f}; recipe paper (attention dropout {recipe('paper').model.attention_dropout})", flush=True)
+    rows = []
+    for name in args.shapes:
+        res = run_shape(name, args.steps, args.warmup)
+        before, after = res["pairs/s"]["tiled (before)"], res["pairs/s"]["fused (after)"]
+        cpu_before = res["pairs/s (cpu)"]["tiled (before)"]
+        for label, value in res["pairs/s"].items():
+            cpu = res["pairs/s (cpu)"][label]
+            rows.append([name, res["batch"], label, f"{value:.1f}", f"{value / before:.2f}x", f"{cpu:.1f}",
+                         f"{cpu / cpu_before:.2f}x"])
+        print(f"  done {name}: {before:.1f} -> {after:.1f} pairs/s (loss of both paths agrees to "
+              f"{res['diff']:.1e})", flush=True)
+    print("\nTraining pairs/s of the paper recipe (whole objective: encoders, momentum encoders, queue, ITM; "
+          "backward; fused AdamW)")
+    print(markdown_table(["shape", "batch", "path", "pairs/s", "vs before", "pairs/s (cpu)", "vs before (cpu)"],
+                         rows))
+    load = os.getloadavg()
+    print(f"\nload average after {load[0]:.2f}. pairs/s: batch / median wall time of a step; pairs/s (cpu): batch / "
+          "median process CPU time of a step, what one thread does with a core to itself (an idle-machine estimate)")
+    print("\nshapes: " + "; ".join(
+        f"{n} = image tokens {s[0]} x {s[1]}-d, caption tokens {s[2]} x {s[3]}-d, embeds {s[4]}"
+        for n, s in SHAPES.items() if n in args.shapes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
