@@ -9,7 +9,6 @@ two GNN layers" as ``recipe("miniature", **{"model.layers": 2})``. Each field's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -366,11 +365,6 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """A config from its nested dict; an unknown key is one clear error."""
         return _build(cls, d)
-
-    def hash(self) -> str:
-        """12 hex digits of the sha256 of the resolved config (sorted json)."""
-        text = json.dumps(self.resolved().to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def override(self, overrides: dict | None = None, **dotted) -> "TrainConfig":
         """A copy with some values changed, given nested (``{"model": {"gnn": "gcn"}}``) or dotted

@@ -46,7 +46,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, rows)
     if concat and len(names) > 1:
-        run = run_experiment(plain_cfg, run_name, progress=progress)
+        run = run_experiment(plain_cfg, progress=progress)
         if split == plain_cfg.data.test_split:
             m = run.test_metrics
         else:
@@ -250,8 +250,8 @@ class TwoStages:
     def run(self, progress: bool | None = None):
         """Train (or load) both stages; the second stage's RunResult."""
         name, config = self.first
-        first = run_experiment(config, name, progress=progress)
-        return run_experiment(self.second_config(first), self.second[0], progress=progress)
+        first = run_experiment(config, progress=progress)
+        return run_experiment(self.second_config(first), progress=progress)
 
 
 def lavis_stage_epochs(epochs: int) -> tuple[int, int]:
@@ -293,7 +293,7 @@ def recipe_runs(setting: Setting, k: int = 2) -> list[tuple[str, str, object]]:
 def hada_seed_rsums(setting: Setting, k: int = 2) -> list[float]:
     """Test Rsum of each run of :func:`hada_seed_runs` (trained or loaded): the seed noise other rows are read
     against."""
-    return [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, k)]
+    return [run_experiment(config).test_metrics["rsum"] for _, config in hada_seed_runs(setting, k)]
 
 
 def hada_seed_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
@@ -480,7 +480,7 @@ def trained_system(label: str, kind: str, runs: list, progress: bool | None = No
             run, seed = item.run(progress), item.seed
         else:
             name, config = item
-            run, seed = run_experiment(config, name, progress=progress), config.seed
+            run, seed = run_experiment(config, progress=progress), config.seed
         row.metrics.append(run.test_metrics)
         row.ranks.append(run_test_ranks(run))
         row.seeds += (seed,)
@@ -503,7 +503,7 @@ def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -
     """The runs of :func:`recipe_runs`, trained (or loaded)."""
     out = []
     for name, run_name, config in recipe_runs(setting, k):
-        run = run_experiment(config, run_name, progress=progress)
+        run = run_experiment(config, progress=progress)
         seconds = sum(e["train_time_s"] for e in run.history)
         pairs = sum(e.get("pairs", 0) for e in run.history)
         model = run.load_model("cpu")
@@ -557,7 +557,7 @@ def strength_points(setting: Setting, progress: bool | None = None) -> list[Stre
     def result(backbones):
         name = names[tuple(backbones)]
         if name not in done:
-            done[name] = run_experiment(runs[name], name, progress=progress)
+            done[name] = run_experiment(runs[name], progress=progress)
         return done[name]
 
     points = []

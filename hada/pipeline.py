@@ -258,7 +258,7 @@ def _train(config: dict, name: str) -> None:
     from hada.runs import run_experiment
     from hada.train import TrainConfig
 
-    run_experiment(TrainConfig.from_dict(config), name, progress=False if _IN_WORKER else None)
+    run_experiment(TrainConfig.from_dict(config), progress=False if _IN_WORKER else None)
 
 
 def _train_second_stage(first: dict, first_name: str, second: dict, second_name: str) -> None:

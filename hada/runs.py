@@ -1,12 +1,14 @@
 """A run's identity and folder, and train-or-load: the one place that names a run.
 
-A run lives in ``runs_dir()/<name>-<key>/``. ``key`` is 12 hex digits of a sha256 over three things: the
-resolved :class:`~hada.train.TrainConfig` (less the dataset's folder), the content ids of every feature store the
-run reads (their arrays' sha256 and the weights' sha256, never a path: moving a data folder retrains nothing), and
-a digest
-of the source of the code that computes a result (:func:`code_digest`). Changing a parameter, re-extracting
-features or changing how a number is computed gives a new key, so nothing stale is reused; a comment or
-docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
+A run lives in ``runs_dir()/<name>-<key>/``, both derived from its configuration alone (:func:`run_name`,
+:func:`run_key`): whoever trains a configuration (a chapter, ``hada prepare``, ``hada train``) finds the same
+folder. ``key`` is 12 hex digits of a sha256 over the resolved :class:`~hada.train.TrainConfig` (less the
+dataset's folder), the content ids of every feature store the run reads (their arrays' sha256 and the weights'
+sha256, never a path: moving a data folder retrains nothing), training's CPU thread count (on a CPU), and a digest
+of the source of the code that computes a result (:func:`code_digest`: the import closure of
+:data:`RESULT_ENTRY_POINTS`, so the book's figures and tables count for nothing). Changing a parameter,
+re-extracting features or changing how a number is computed gives a new key, so nothing stale is reused; a comment
+or docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
 last checkpoint, exactly (same numbers as an uninterrupted run).
 
 Within one process, train statistics and loaded feature arrays are shared between runs (ten ablations on
@@ -139,22 +141,32 @@ def content_key(payload: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
-    """The run's key: configuration + feature manifests + result code digest (+ the rank count under DDP, where
-    the global batch is the per-rank batch times the ranks)."""
+def run_key(config: TrainConfig, fingerprint: dict | None = None, threads: int | None = None) -> str:
+    """The run's key: configuration + feature manifests + result code digest, + the rank count under DDP (the
+    global batch is the per-rank batch times the ranks) and, on a CPU, training's torch thread count
+    (:func:`hada.train.train_threads` of ``threads``: CPU matrix products round differently with it, so it changes
+    the numbers; scoring always runs on one thread, ``hada.metrics.SCORING_THREADS``)."""
     config = config.resolved()
     fingerprint = features_fingerprint(config) if fingerprint is None else fingerprint
     payload = {"config": config.identity(), "features": fingerprint}
     if distributed.world_size() > 1:
         payload["ranks"] = distributed.world_size()
+    if config.device == "cpu":
+        payload["threads"] = _train.train_threads(threads)
     return content_key(payload)
 
 
-def run_folder(config: TrainConfig, name: str, fingerprint: dict | None = None) -> Path:
-    """``runs_dir()/<name>-<key>``: where the run of ``config`` called ``name`` lives."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise HadaError(f"a run name must be a plain folder name, got {name!r}")
-    return runs_dir() / f"{name}-{run_key(config, fingerprint)}"
+def run_name(config: TrainConfig) -> str:
+    """A run's readable name, from its configuration alone: the architecture and the backbone count (``hada-k2``,
+    ``concat-k3``). Whoever trains the same configuration names it the same, so finds the same folder."""
+    return f"{config.model.arch}-k{len(config.data.backbones)}"
+
+
+def run_folder(config: TrainConfig, fingerprint: dict | None = None, threads: int | None = None) -> Path:
+    """``runs_dir()/<name>-<key>`` (:func:`run_name`, :func:`run_key`): where the run of ``config`` lives. The one
+    place a run folder is named; nothing a caller says changes it."""
+    config = config.resolved()
+    return runs_dir() / f"{run_name(config)}-{run_key(config, fingerprint, threads)}"
 
 
 # ------------------------------------------------------------------------------------------ shared data
@@ -278,7 +290,7 @@ class RunResult:
                 "seconds_per_epoch": round(self.seconds_per_epoch, 2)}
 
 
-def load_result(name: str, run_dir: Path) -> RunResult:
+def load_result(run_dir: Path) -> RunResult:
     """The finished run in ``run_dir`` (its ``metrics.json`` exists)."""
     hint = f"delete {run_dir} (or rerun `hada train` with --restart) to train the run again"
     config = TrainConfig.from_dict(read_json(run_dir / "config.json", hint))
@@ -286,11 +298,11 @@ def load_result(name: str, run_dir: Path) -> RunResult:
     metrics = read_json(run_dir / "metrics.json", hint)
     if not isinstance(metrics, dict) or not {"val", "test", "best_epoch"} <= metrics.keys():
         raise HadaError(f"{run_dir / 'metrics.json'} is damaged (not a run's metrics); {hint}")
-    return RunResult(name, run_dir, config, history, metrics)
+    return RunResult(run_name(config), run_dir, config, history, metrics)
 
 
 # --------------------------------------------------------------------------------------- train or load
-def run_experiment(config: TrainConfig, name: str, progress: bool | None = None, threads: int | None = None,
+def run_experiment(config: TrainConfig, progress: bool | None = None, threads: int | None = None,
                    restart: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Train the configuration, or load it if this exact run finished before, or resume it from its last
     checkpoint if it did not. ``restart`` deletes the run's folder first and trains it anew.
@@ -303,18 +315,18 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     device = resolve_device(config.device)  # before resolving: the config keeps only the type (cuda, not cuda:1)
     config = config.resolved()
     fingerprint = features_fingerprint(config)
-    run_dir = run_folder(config, name, fingerprint)
+    run_dir = run_folder(config, fingerprint, threads)
     with main_lock(run_dir, "this run", log):  # a second identical command waits, then loads the first one's run
-        return _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log, device)
+        return _run_locked(config, fingerprint, run_dir, progress, threads, restart, log, device)
 
 
-def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, log, device) -> RunResult:
+def _run_locked(config, fingerprint, run_dir, progress, threads, restart, log, device) -> RunResult:
     """:func:`run_experiment` while holding the run folder's lock."""
     if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
     distributed.barrier()  # under torchrun: rank 0 alone writes the folder
     if (run_dir / "metrics.json").exists():
-        return _finished(name, run_dir)
+        return _finished(run_dir)
     if (run_dir / "checkpoint.pt").exists() and distributed.is_main():
         history = run_dir / "history.json"
         done = len(json.loads(history.read_text())) if history.exists() else "?"
@@ -327,15 +339,15 @@ def _run_locked(config, name, fingerprint, run_dir, progress, threads, restart, 
     data = {split: shared_data(config, split, stats, device) for split in _shared_splits(config)}
     _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads, log=log,
                  device=device)
-    return _finished(name, run_dir)
+    return _finished(run_dir)
 
 
-def _finished(name: str, run_dir: Path) -> RunResult:
+def _finished(run_dir: Path) -> RunResult:
     """The finished run, with its test result in CLIP_benchmark's format beside metrics.json (written by rank 0
     when missing, so a run finished before the file existed gets one too)."""
     from hada.evaluate import RUN_RESULTS_FILE, write_run_results
 
-    result = load_result(name, run_dir)
+    result = load_result(run_dir)
     if distributed.is_main() and not (run_dir / RUN_RESULTS_FILE).exists():
         write_run_results(run_dir, result.config, result.test_metrics)
     return result

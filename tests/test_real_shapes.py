@@ -86,10 +86,10 @@ def trained(real) -> tuple[int, str, Path]:
 def trained_bf16(real) -> Path | None:
     """One epoch with precision forced to bfloat16 (autocast runs on any CPU, natively or not), on training's
     default one thread: the run folder."""
-    code, out = real.cli("train", *real.data_args(), "--epochs", "1", "--device", "cpu", "--precision", "bf16",
-                         "--name", "bf16")
+    code, out = real.cli("train", *real.data_args(), "--epochs", "1", "--device", "cpu", "--precision", "bf16")
     assert code == 0, out
-    runs = [p for p in (real.hada_data / "runs").glob("bf16-*") if (p / "metrics.json").exists()]
+    runs = [p for p in (real.hada_data / "runs").glob("hada-k2-*") if (p / "metrics.json").exists()
+            and json.loads((p / "config.json").read_text())["model"]["precision"] == "bf16"]
     return runs[0] if len(runs) == 1 else None
 
 

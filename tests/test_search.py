@@ -30,7 +30,7 @@ def tiny_run(request, tmp_path_factory, tiny_synthetic):
             data={"dataset": "synthetic", "data_root": str(tiny_synthetic), "backbones": BACKBONES},
             width=16, out_dim=16, heads=2, head_dim=16, epochs=1, batch_size=16, queue_size=16, itm=False,
             precision=request.param, device="cpu")
-        run = hr.run_experiment(config, "search")
+        run = hr.run_experiment(config)
         search = RunSearch.open(run.run_dir, "test", device="cpu")
         yield run, search
         hr.clear_cache()

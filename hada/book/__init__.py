@@ -106,7 +106,7 @@ def train_hada(setting: Setting, k: int = 2, **overrides):
     """Train (or load the cached) default HADA run for K backbones; returns a ``RunResult``."""
     from hada.runs import run_experiment
 
-    return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
+    return run_experiment(base_config(setting, k, **overrides))
 
 
 def run_summary(run):
@@ -249,7 +249,7 @@ def ablations(setting: Setting, variants=ABLATIONS):
 
     rows = []
     for label, name, config in ablation_runs(setting, variants):
-        run = run_experiment(config, name)
+        run = run_experiment(config)
         rows.append(metric_row(label, run.test_metrics, epochs=len(run.history)))
     for row in rows:
         row["delta"] = row["rsum"] - rows[0]["rsum"]
