@@ -184,12 +184,11 @@ def choose_examples(top: np.ndarray, caption_image_index: np.ndarray, n_correct:
     A seeded order (not the first rows) shows varied images yet gives the same choice on every rebuild.
     Hits come first, then failures; fewer are returned if the split has fewer of either.
     """
-    caption_image_index = np.asarray(caption_image_index)
-    hit = caption_image_index[np.asarray(top)] == np.arange(len(top))
-    order = np.random.default_rng(seed).permutation(len(top))
-    good = [int(i) for i in order if hit[i]][:n_correct]
-    bad = [int(i) for i in order if not hit[i]][:n_failures]
-    return [(i, True) for i in good] + [(i, False) for i in bad]
+    from hada.metrics import pick_rows
+
+    hit = np.asarray(caption_image_index)[np.asarray(top)] == np.arange(len(top))
+    chosen = pick_rows(len(top), [("hit", hit, n_correct), ("miss", ~hit, n_failures)], seed)
+    return [(i, why == "hit") for i, why in chosen]
 
 
 # ----------------------------------------------------------------------------------------- results

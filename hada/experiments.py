@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
-from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
+from hada.config import DEFAULT_RECIPE, TrainConfig, backbone_list, recipe
 from hada.errors import HadaError
 from hada.io import write_bytes, write_json
 
@@ -107,8 +107,7 @@ def _parse_backbones(backbones) -> tuple[str, ...]:
 
     if backbones in (None, "", "default"):
         return tuple(EMBEDDED_BACKBONES)
-    if isinstance(backbones, str):
-        backbones = [b.strip() for b in backbones.split(",") if b.strip()]
+    backbones = backbone_list(backbones)
     if len(backbones) < 2:
         raise HadaError(f"HADA fuses at least two backbones; got {list(backbones)}")
     return tuple(backbones)
@@ -514,8 +513,9 @@ def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -
 
 def trained_parameters(model) -> int:
     """Parameters a run trains: the objective's, less the momentum encoders' frozen copies."""
-    objective = getattr(model, "objective", model)
-    return sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    from hada.model.encoder import count_parameters
+
+    return count_parameters(getattr(model, "objective", model))
 
 
 @dataclass

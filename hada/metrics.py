@@ -375,3 +375,17 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
         return float("nan")
     ranks = [np.argsort(np.argsort(np.asarray(v, dtype=float))) for v in (x, y)]
     return float(np.corrcoef(*ranks)[0, 1])
+
+
+def pick_rows(n_rows: int, wanted: Sequence[tuple[str, np.ndarray, int]], seed: int = 0,
+              n_random: int = 0) -> list[tuple[int, str]]:
+    """``(row, reason)`` of the examples a chapter shows, the same on every rebuild: in one seeded permutation of
+    ``n_rows`` rows, its first ``n_random`` (reason "random"), then for each ``(reason, mask, n)`` of ``wanted``
+    the first ``n`` of the remaining rows where ``mask`` holds (fewer if there are fewer). The one example picker
+    (``hada.attention.choose_examples``, ``hada.search.choose_queries``)."""
+    order = [int(j) for j in np.random.default_rng(seed).permutation(n_rows)]
+    chosen = [(j, "random") for j in order[:n_random]]
+    for reason, mask, n in wanted:
+        mask = np.asarray(mask, dtype=bool)
+        chosen += [(j, reason) for j in order[n_random:] if mask[j]][:n]
+    return chosen

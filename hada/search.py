@@ -218,13 +218,11 @@ def choose_queries(ranks_a: np.ndarray, ranks_b: np.ndarray, n_random: int, n_lo
     ``visible``, a win or loss counts only when one of the two puts the right image in its top ``visible`` (so a
     figure of top images shows it). Fewer wins or losses come back if there are fewer.
     """
-    order = [int(j) for j in np.random.default_rng(seed).permutation(len(ranks_a))]
+    from hada.metrics import pick_rows
+
     o = outcome(ranks_a, ranks_b)
     seen = np.minimum(ranks_a, ranks_b) < visible if visible else np.ones(len(o), dtype=bool)
-    chosen = [(j, "random") for j in order[:n_random]]
-    chosen += [(j, "win") for j in order[n_random:] if o[j] > 0 and seen[j]][:n_wins]
-    chosen += [(j, "loss") for j in order[n_random:] if o[j] < 0 and seen[j]][:n_losses]
-    return chosen
+    return pick_rows(len(o), [("win", (o > 0) & seen, n_wins), ("loss", (o < 0) & seen, n_losses)], seed, n_random)
 
 
 @dataclass
