@@ -29,7 +29,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     """
     from hada.baselines import untrained_baselines
     from hada.metrics import retrieval_metrics
-    from hada.metrics import metric_row
+    from hada.metrics import metric_row, row_label
 
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.data.backbones
@@ -41,8 +41,8 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     else:
         data = shared_data(plain_cfg, split)
         rows = []
-        for row_name, m in untrained_baselines(data, names):
-            rows.append(metric_row(row_name, m, kind="backbone" if row_name in names else "fusion"))
+        for kind, label, m in untrained_baselines(data, names):
+            rows.append(metric_row(label, m, kind=kind))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, rows)
     if concat and len(names) > 1:
@@ -52,7 +52,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
         else:
             m = retrieval_metrics(run.load_model(plain_cfg.device).similarity(shared_data(plain_cfg, split)),
                                   shared_data(plain_cfg, split).caption_image_index)
-        rows = rows + [metric_row("concat(" + " + ".join(names) + ") + linear", m, kind="fusion")]
+        rows = rows + [metric_row(row_label("concat", names), m, kind="concat")]
     return rows
 
 
@@ -425,13 +425,14 @@ def run_test_ranks(run) -> tuple:
 def _untrained_systems(config, split: str) -> list[SystemResult]:
     """Each backbone alone and their similarity average on ``split`` (no training, no seed)."""
     from hada.baselines import averaging_similarity, backbone_similarity
-    from hada.metrics import metrics_from_ranks, retrieval_ranks
+    from hada.metrics import metrics_from_ranks, retrieval_ranks, row_label
 
     names = config.data.backbones
     key = content_key({"dataset": config.data.dataset, "backbones": names, "split": split,
                        "features": features_fingerprint(config)})  # the stores' contents, not their folder
-    sources = [(name, "backbone", lambda data, k=k: backbone_similarity(data, k)) for k, name in enumerate(names)]
-    sources.append(("average(" + " + ".join(names) + ")", "fusion", averaging_similarity))
+    sources = [(row_label("backbone", names, k), "backbone", lambda data, k=k: backbone_similarity(data, k))
+               for k in range(len(names))]
+    sources.append((row_label("average", names), "average", averaging_similarity))
     out = []
     for i, (name, kind, similarity) in enumerate(sources):
         def compute(similarity=similarity):
@@ -459,10 +460,11 @@ def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -
     concat_config = runs[0][1].resolved()
     split = concat_config.data.test_split
     systems = _untrained_systems(concat_config, split)
-    labels = {"concat": ("concat(" + " + ".join(concat_config.data.backbones) + ") + linear", "fusion"),
-              "hada": (f"HADA (K={k})", "hada")}
-    for arch, (label, kind) in labels.items():
-        systems.append(trained_system(label, kind, [(n, c) for n, c in runs if c.model.arch == arch], progress))
+    from hada.metrics import row_label
+
+    for kind in ("concat", "hada"):  # each row's kind is its architecture
+        systems.append(trained_system(row_label(kind, concat_config.data.backbones), kind,
+                                      [(n, c) for n, c in runs if c.model.arch == kind], progress))
     if k == 2:
         one_node = concat_config.data.backbones[1]
         systems.append(trained_system(f"HADA-LAVIS graph (K=2, {one_node} as one node)", "variant",

@@ -389,3 +389,21 @@ def pick_rows(n_rows: int, wanted: Sequence[tuple[str, np.ndarray, int]], seed: 
         mask = np.asarray(mask, dtype=bool)
         chosen += [(j, reason) for j in order[n_random:] if mask[j]][:n]
     return chosen
+
+
+#: What a result row is: one backbone alone, the backbones' similarity average, the trained concatenation +
+#: linear baseline, HADA, or a variant of HADA. Rows are found by their ``kind``, never by their label.
+ROW_KINDS = ("backbone", "average", "concat", "hada", "variant")
+
+
+def row_label(kind: str, backbones: Sequence[str], k: int | None = None) -> str:
+    """The one place a result row's label is built: ``backbones[k]`` for a backbone, ``average(A + B)``,
+    ``concat(A + B) + linear``, ``HADA (K=2)`` (a variant names itself)."""
+    if kind == "backbone":
+        return backbones[k]
+    joined = " + ".join(backbones)
+    labels = {"average": f"average({joined})", "concat": f"concat({joined}) + linear",
+              "hada": f"HADA (K={len(backbones)})"}
+    if kind not in labels:
+        raise HadaError(f"no label for a row of kind {kind!r}")
+    return labels[kind]

@@ -50,7 +50,7 @@ def test_untrained_rows_match_direct_cosines(tiny_world):
     avg = retrieval_metrics(averaging_similarity(data), ci)
     assert avg == pytest.approx(retrieval_metrics((cos[0] + cos[1]) / 2, ci))
     rows = untrained_baselines(data, ["a", "b"])
-    assert [r[0] for r in rows] == ["a", "b", "average(a + b)"]
+    assert [r[:2] for r in rows] == [("backbone", "a"), ("backbone", "b"), ("average", "average(a + b)")]
 
 
 def test_concat_pair_reads_embeddings_only():
@@ -84,7 +84,7 @@ def test_run_experiment_caches_and_keys(tiny_world, monkeypatch):
 
 def test_baseline_table_rows(tiny_world):
     rows = hx.baseline_table("synthetic", ["toy0", "toy1"], split="test", config=tiny())
-    assert [r["kind"] for r in rows] == ["backbone", "backbone", "fusion", "fusion"]
+    assert [r["kind"] for r in rows] == ["backbone", "backbone", "average", "concat"]
     assert rows[-1]["name"].startswith("concat(") and all(0 <= r["rsum"] <= 600 for r in rows)
     keys = {"text_retrieval_recall@1", "image_retrieval_recall@10", "rsum"}
     assert all(keys <= r.keys() for r in rows)

@@ -475,8 +475,8 @@ def test_results_page_says_what_a_two_backbone_setting_leaves_out():
     def row(name, kind, rsum):
         return {"name": name, "kind": kind, "rsum": rsum}
 
-    k3 = ResultsTable([row("a", "backbone", 100.0), row("b", "backbone", 120.0), row("average(a, b, c)", "fusion", 110.0),
-                       row("concat(a, b, c) + linear", "fusion", 125.0), row("HADA (K=3)", "hada", 132.0)])
+    k3 = ResultsTable([row("a", "backbone", 100.0), row("b", "backbone", 120.0), row("average(a, b, c)", "average", 110.0),
+                       row("concat(a, b, c) + linear", "concat", 125.0), row("HADA (K=3)", "hada", 132.0)])
     assert hb.three_backbones_sentence(k3, two) == ("With three backbones (one seed): 132.0, +10.0% over b, +20.0% "
                                                      "over averaging and +5.6% over concatenation.")
 

@@ -144,8 +144,8 @@ def three_backbones_sentence(table, setting: Setting) -> str:
         return (f"This setting names {len(setting.backbones)} backbones, so the rows with three are left out: they "
                 "need a third backbone in `backbones`.")
     return (f"With three backbones (one seed): {table.hada['rsum']:.1f}, {table.gain_over_best_backbone:+.1f}% over "
-            f"{table.best_backbone['name']}, {table.gain_over('average('):+.1f}% over averaging and "
-            f"{table.gain_over('concat('):+.1f}% over concatenation.")
+            f"{table.best_backbone['name']}, {table.gain_over('average'):+.1f}% over averaging and "
+            f"{table.gain_over('concat'):+.1f}% over concatenation.")
 
 
 def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
@@ -157,10 +157,8 @@ def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
     by_name = {s.name: s for s in table.systems}
     hada = by_name[table.hada["name"]]
     references = [("best", f"the best backbone ({table.best_backbone['name']})", table.best_backbone["name"]),
-                  ("average", "similarity averaging", next(r["name"] for r in table.rows
-                                                            if r["name"].startswith("average("))),
-                  ("concat", "concatenation + linear", next(r["name"] for r in table.rows
-                                                             if r["name"].startswith("concat(")))]
+                  ("average", "similarity averaging", table.of_kind("average")[0]["name"]),
+                  ("concat", "concatenation + linear", table.of_kind("concat")[0]["name"])]
     rows = []
     for key, label, name in references:
         boot = paired_bootstrap(hada.ranks, by_name[name].ranks, table.caption_image_index, n_boot=n_boot,

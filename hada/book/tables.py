@@ -165,7 +165,7 @@ RESULT_COLUMNS = (("name", "method"),) + METRIC_COLUMNS + (("rsum_std", "± std"
 
 @dataclass(repr=False)
 class ResultsTable(Table):
-    """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` in {backbone, fusion, hada};
+    """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` (:data:`hada.metrics.ROW_KINDS`);
     a trained row's metrics are the mean over its seeds, ``rsum_std`` their standard deviation. ``systems`` and
     ``caption_image_index`` (from ``hada.experiments.result_systems``) keep the per-query ranks the gains'
     bootstrap reads."""
@@ -192,9 +192,9 @@ class ResultsTable(Table):
     def gain_over_best_backbone(self) -> float:
         return relative_gain(self.hada["rsum"], self.best_backbone["rsum"])
 
-    def gain_over(self, name_contains: str) -> float:
-        reference = next(r for r in self.rows if name_contains in r["name"] and r.get("kind") == "fusion")
-        return relative_gain(self.hada["rsum"], reference["rsum"])
+    def gain_over(self, kind: str) -> float:
+        """HADA's relative Rsum gain over the row of ``kind`` (``average``, ``concat``, ...)."""
+        return relative_gain(self.hada["rsum"], self.of_kind(kind)[0]["rsum"])
 
 
 def system_row(system) -> dict:
