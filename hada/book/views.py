@@ -35,6 +35,8 @@ class AttentionView:
         self.examples = examples
 
     def __getattr__(self, name):
+        if name == "examples":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.examples, name)
 
     def image_figure(self):
@@ -224,6 +226,8 @@ class RetrievalView:
         self.comparison = comparison
 
     def __getattr__(self, name):
+        if name == "comparison":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.comparison, name)
 
     def figure(self):
