@@ -317,10 +317,10 @@ def run_experiment(config: TrainConfig, progress: bool | None = None, threads: i
     fingerprint = features_fingerprint(config)
     run_dir = run_folder(config, fingerprint, threads)
     with main_lock(run_dir, "this run", log):  # a second identical command waits, then loads the first one's run
-        return _run_locked(config, fingerprint, run_dir, progress, threads, restart, log, device)
+        return _run_locked(config, fingerprint, run_dir, device, progress, threads, restart, log)
 
 
-def _run_locked(config, fingerprint, run_dir, progress, threads, restart, log, device) -> RunResult:
+def _run_locked(config, fingerprint, run_dir, device, progress, threads, restart, log) -> RunResult:
     """:func:`run_experiment` while holding the run folder's lock."""
     if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
