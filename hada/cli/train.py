@@ -16,8 +16,9 @@ plus image-text matching on hard negatives. AdamW, cosine annealing with warm re
 iteration), early
 stopping on the validation Rsum; the best epoch is evaluated on the test split.
 
-Output: data/runs/<name>-<key>/ (or $HADA_DATA/runs/...), where <key> hashes every option below and the
-feature stores' manifests, so any change trains a new run. The folder holds config.json, stats.json
+Output: data/runs/<name>-<key>/ (or $HADA_DATA/runs/...), both from the configuration alone: <name> is
+<arch>-k<number of backbones>, <key> hashes every option below, the feature stores' contents and, on a CPU,
+the thread count (--jobs), so any change trains a new run and the book's run of the same settings is found. The folder holds config.json, stats.json
 (train feature statistics), history.json (per-epoch loss, val metrics, tau, w, lr, time), checkpoint.pt
 (written atomically every epoch: model, optimiser, scheduler, queue, random states), best.pt and, when
 finished, metrics.json. The key also hashes the code that computes the result (not its comments). A finished
