@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hada-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install data book test bench clean-book
+.PHONY: help install data book lab test bench clean-book
 
 help:
 	@echo "make book   build the executed book in _build/html (hada prepare first: data, backbones, runs)"
+	@echo "make lab    open JupyterLab on book/: each chapter opens as a notebook, to run cell by cell"
 	@echo "make test   run the whole test suite (installs first if needed)"
 	@echo "make data   prepare the embedded default only: synthetic data, backbones, features under data/"
 	@echo "make bench  print the benchmark tables"
@@ -44,6 +45,15 @@ data: install
 book: install
 	$(BIN)/hada prepare
 	$(BIN)/jupyter-book build book/
+
+# JupyterLab on book/ (the repository as its root): a chapter's MyST source opens as a notebook through jupytext's
+# contents manager (jupytext enables it as a server extension in .venv/etc/jupyter) and runs cell by cell on
+# .venv's kernel, from book/ as the build runs it. .jupyter/labconfig, put on the config path here as Binder puts
+# it (the repository is Binder's home), makes "Jupytext Notebook" the viewer a double click opens .md files in.
+# Saving writes the chapter back as MyST, without outputs. Extra options: make lab LAB_ARGS="--port 8899".
+lab: install
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.default_url=/lab/tree/book $(LAB_ARGS)
 
 test: install
 	$(BIN)/python -m pytest
