@@ -35,7 +35,7 @@ $(STAMP): $(BIN)/python pyproject.toml environment.yml
 install: $(STAMP)
 
 # `hada prepare` makes what the chapters read (data, backbones, features, training runs) as a dependency graph
-# on one process per core; the chapters would make the same themselves, one step at a time.
+# on one process per core (fewer where the free memory holds fewer, at 10 GB each); the chapters would make the same themselves, one step at a time.
 data: install
 	$(BIN)/hada prepare --no-runs
 
