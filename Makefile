@@ -22,14 +22,15 @@ $(BIN)/python:
 # Byte-compiled once, on every core: pip compiles on one (over a minute), and Python does not cache what
 # it compiles on import where PYTHONDONTWRITEBYTECODE is set (as on our CI machines): every notebook kernel
 # and worker then spent ~13 s more importing torch and open_clip. A file that does not compile (some
-# packages ship Python 2 fixtures) is just imported from source, so compileall's status is ignored.
+# packages ship Python 2 fixtures) is just imported from source, so compileall's status is ignored (with `|| true`,
+# not make's `-`, which would print "Error 1 (ignored)" into every build log).
 $(STAMP): $(BIN)/python pyproject.toml environment.yml
 	sed -n 's/^ *- *\([A-Za-z0-9_.-]*==[^ ]*\) *$$/\1/p' environment.yml > $(VENV)/pins.txt
 	grep -v '^clip-benchmark==' $(VENV)/pins.txt > $(VENV)/pins-deps.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile -r $(VENV)/pins-deps.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile --no-deps $$(grep '^clip-benchmark==' $(VENV)/pins.txt)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
-	-$(BIN)/python -m compileall -qq -j 0 hada "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+	$(BIN)/python -m compileall -qq -j 0 hada "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $@
 
 install: $(STAMP)
@@ -50,10 +51,13 @@ book: install
 # contents manager (jupytext enables it as a server extension in .venv/etc/jupyter) and runs cell by cell on
 # .venv's kernel, from book/ as the build runs it. .jupyter/labconfig, put on the config path here as Binder puts
 # it (the repository is Binder's home), makes "Jupytext Notebook" the viewer a double click opens .md files in.
-# Saving writes the chapter back as MyST, without outputs. Extra options: make lab LAB_ARGS="--port 8899".
+# Saving writes the chapter back as MyST, without outputs. The kernels talk to the server over CurveZMQ-encrypted
+# sockets where their kernelspec offers it (ipykernel's does), as in the book's build (book/_ext/hada_kernels.py).
+# Extra options: make lab LAB_ARGS="--port 8899".
 lab: install
 	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
-	  $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.default_url=/lab/tree/book $(LAB_ARGS)
+	  $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.default_url=/lab/tree/book \
+	  --KernelManager.transport_encryption=auto $(LAB_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

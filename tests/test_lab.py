@@ -59,7 +59,7 @@ def lab(tmp_path_factory):
     cmd = [
         sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.port_retries=0",
         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}",
-        "--ServerApp.default_url=/lab/tree/book",
+        "--ServerApp.default_url=/lab/tree/book", "--KernelManager.transport_encryption=auto",
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")                          # test machines and containers run as root
@@ -90,6 +90,7 @@ def lab(tmp_path_factory):
                     log.flush()
                     pytest.fail("the JupyterLab server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
+        log.flush()
         yield type("Lab", (), dict(get=staticmethod(get), post=staticmethod(post), port=port, token=token,
                                    log=tmp / "server.log"))
     finally:
@@ -106,7 +107,7 @@ def test_make_lab_starts_jupyterlab_on_book_with_the_repository_config():
     recipe = _lab_command_of_makefile()
     assert "jupyter lab" in recipe or "jupyter-lab" in recipe
     assert "JUPYTER_CONFIG_PATH" in recipe and ".jupyter" in recipe
-    assert "/lab/tree/book" in recipe
+    assert "/lab/tree/book" in recipe and "--KernelManager.transport_encryption=auto" in recipe
     readme = (ROOT / "README.md").read_text()
     assert "make lab" in readme
 
@@ -142,6 +143,7 @@ def test_a_chapter_opens_as_a_notebook_and_runs_cell_by_cell(lab):
     words = outputs[-1].split()
     assert words[:3] == ["synthetic", "10", "book"], outputs          # the parameters ran, in book/
     assert Path(words[3]).resolve() == ROOT, outputs                  # on this checkout's hada
+    assert "without encryption" not in lab.log.read_text()            # the kernel's sockets use CurveZMQ
 
 
 def _run_cells(lab, kernel_id: str, sources: list[str], timeout: float = 180) -> list[str]:
