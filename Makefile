@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hada-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install data book test bench gpu-kit clean-book
+.PHONY: help install data book lab test bench gpu-kit clean-book
 
 help:
 	@echo "make book   build the executed book in _build/html (hada prepare first: data, backbones, runs)"
+	@echo "make lab    open JupyterLab on book/: each chapter opens as a notebook, to run cell by cell"
 	@echo "make test   run the whole test suite (installs first if needed)"
 	@echo "make data   prepare the embedded default only: synthetic data, backbones, features under data/"
 	@echo "make bench  print the benchmark tables"
@@ -22,20 +23,21 @@ $(BIN)/python:
 # Byte-compiled once, on every core: pip compiles on one (over a minute), and Python does not cache what
 # it compiles on import where PYTHONDONTWRITEBYTECODE is set (as on our CI machines): every notebook kernel
 # and worker then spent ~13 s more importing torch and open_clip. A file that does not compile (some
-# packages ship Python 2 fixtures) is just imported from source, so compileall's status is ignored.
+# packages ship Python 2 fixtures) is just imported from source, so compileall's status is ignored (with `|| true`,
+# not make's `-`, which would print "Error 1 (ignored)" into every build log).
 $(STAMP): $(BIN)/python pyproject.toml environment.yml
 	sed -n 's/^ *- *\([A-Za-z0-9_.-]*==[^ ]*\) *$$/\1/p' environment.yml > $(VENV)/pins.txt
 	grep -v '^clip-benchmark==' $(VENV)/pins.txt > $(VENV)/pins-deps.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile -r $(VENV)/pins-deps.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-compile --no-deps $$(grep '^clip-benchmark==' $(VENV)/pins.txt)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
-	-$(BIN)/python -m compileall -qq -j 0 hada "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+	$(BIN)/python -m compileall -qq -j 0 hada "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $@
 
 install: $(STAMP)
 
 # `hada prepare` makes what the chapters read (data, backbones, features, training runs) as a dependency graph
-# on one process per core; the chapters would make the same themselves, one step at a time.
+# on one process per core (fewer where the free memory holds fewer, at 10 GB each); the chapters would make the same themselves, one step at a time.
 data: install
 	$(BIN)/hada prepare --no-runs
 
@@ -45,6 +47,18 @@ data: install
 book: install
 	$(BIN)/hada prepare
 	$(BIN)/jupyter-book build book/
+
+# JupyterLab on book/ (the repository as its root): a chapter's MyST source opens as a notebook through jupytext's
+# contents manager (jupytext enables it as a server extension in .venv/etc/jupyter) and runs cell by cell on
+# .venv's kernel, from book/ as the build runs it. .jupyter/labconfig, put on the config path here as Binder puts
+# it (the repository is Binder's home), makes "Jupytext Notebook" the viewer a double click opens .md files in.
+# Saving writes the chapter back as MyST, without outputs. The kernels talk to the server over CurveZMQ-encrypted
+# sockets where their kernelspec offers it (ipykernel's does), as in the book's build (book/_ext/hada_kernels.py).
+# Extra options: make lab LAB_ARGS="--port 8899".
+lab: install
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.default_url=/lab/tree/book \
+	  --KernelManager.transport_encryption=auto $(LAB_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -146,7 +146,7 @@ def main() -> int:
                 size_rows))
 
     # Flickr30k with ViT-B/16 at 224 px: 1 + 14*14 = 197 image tokens of 768; text tokens 512-d, padded to 77
-    from hada.features.store import projected_store_size
+    from hada.book import projected_store_size  # the size as a table (hada.features.store computes it)
 
     print("\nProjected store for Flickr30k with ViT-B/16 @224 px (text padded to the split's longest caption,")
     print("which on Flickr30k reaches the 77-token context; a 20-token padding shown for comparison)")

@@ -10,13 +10,13 @@ flattened spatial map, both row-major after the CLS/pooled token) and draw it ov
 caption's attention with the tokenizer's strings in the store's order (pooled token first, then the other
 valid tokens in order).
 
-Entry point for the book's chapter 7: :func:`attention_examples`.
+Entry point for the book's chapter 7: :func:`attention_examples`; its figures are drawn by
+:mod:`hada.book.views` (this module computes, it draws nothing).
 """
 
 from __future__ import annotations
 
 import math
-import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from hada.errors import HadaError
 
 MASS_PARTS = ("own patches", "other patches", "other CLS", "itself")
-MASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9e9e9e")
 HEAT_SIZE = 112  # pixels of the upsampled heatmap (the image is drawn on the same extent)
 
 
@@ -185,12 +184,11 @@ def choose_examples(top: np.ndarray, caption_image_index: np.ndarray, n_correct:
     A seeded order (not the first rows) shows varied images yet gives the same choice on every rebuild.
     Hits come first, then failures; fewer are returned if the split has fewer of either.
     """
-    caption_image_index = np.asarray(caption_image_index)
-    hit = caption_image_index[np.asarray(top)] == np.arange(len(top))
-    order = np.random.default_rng(seed).permutation(len(top))
-    good = [int(i) for i in order if hit[i]][:n_correct]
-    bad = [int(i) for i in order if not hit[i]][:n_failures]
-    return [(i, True) for i in good] + [(i, False) for i in bad]
+    from hada.metrics import pick_rows
+
+    hit = np.asarray(caption_image_index)[np.asarray(top)] == np.arange(len(top))
+    chosen = pick_rows(len(top), [("hit", hit, n_correct), ("miss", ~hit, n_failures)], seed)
+    return [(i, why == "hit") for i, why in chosen]
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -264,12 +262,6 @@ class AttentionExamples:
             return []
         nodes = self.items[0].nodes
         return [k for k in range(nodes.num_backbones) if nodes.grid_side(k) is not None]
-
-    def image_figure(self):
-        return image_figure(self)
-
-    def text_figure(self):
-        return text_figure(self)
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -361,160 +353,3 @@ def attention_examples(trained, dataset, split: str = "test", n_correct: int = 2
 
     return AttentionExamples(items, text, _short_names(specs), split,
                              layer % model.layers, model.layers, model.gnn, notes)
-
-
-# ----------------------------------------------------------------------------------------- figures
-def _centre_square(path: Path) -> np.ndarray:
-    """The image's central square crop: the region open_clip's eval transform (resize + centre crop) sees."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        return np.asarray(im.crop((left, top, left + s, top + s)))
-
-
-def image_figure(examples: AttentionExamples):
-    """One row per image: the image, each (CLS node, patch grid) heatmap, and each CLS node's attention mass.
-
-    Heatmaps share the image's extent; each panel's colour scale runs from 0 to its own maximum (so the
-    pattern is visible) and its title gives the mass on those patches (sum) and how peaked it is (max/mean;
-    1.0 = uniform). Failure rows are framed and captioned in red, with one of the image's true captions.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    from hada.book.figures import FULL_WIDTH_PX
-
-    items, names = examples.items, examples.backbone_names
-    if not items:
-        return _empty_figure("no examples to show")
-    K = items[0].nodes.num_backbones
-    panels = [(k, j) for k in range(K) for j in examples.grid_backbones]
-    cols = 2 + len(panels)
-    # as wide as a full-width cell shows it unscaled (hada.book.figures.FULL_WIDTH_PX) with two backbones; wider
-    # with more, and then every font grows by as much as the page will shrink the figure
-    row_h, width = 2.75, 1.55 * cols + 0.4
-    zoom = max(1.0, width * 96 / FULL_WIDTH_PX)
-    height = row_h * len(items) + 0.9
-    fig, axes = plt.subplots(len(items), cols, figsize=(width, height), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.0] * (cols - 1) + [1.5]})
-    extent = (0.0, 1.0, 1.0, 0.0)
-    wrap = int(width * 11 / zoom)  # characters per caption line at font size 8
-    for r, item in enumerate(items):
-        row = axes[r]
-        image = _centre_square(item.path)
-        colour = "#2ca02c" if item.correct else "#d62728"
-        ax = row[0]
-        ax.imshow(image, extent=extent, interpolation="bilinear")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor(colour)
-            spine.set_linewidth(1.5 if item.correct else 3.0)
-        ax.set_title(f"image {item.image_id}\n" + ("correct top-1" if item.correct else "FAILURE"), fontsize=8 * zoom,
-                     color=colour, fontweight="normal" if item.correct else "bold")
-        for ax, (k, j) in zip(row[1:], panels):
-            grid = item.grid(k, j)
-            heat = upsample(grid)
-            ax.imshow(image, extent=extent, interpolation="bilinear")
-            ax.imshow(heat, extent=extent, cmap="inferno", alpha=0.55, vmin=0.0, vmax=max(float(heat.max()), 1e-12))
-            ax.set_axis_off()
-            total = float(grid.sum())
-            peak = float(grid.max()) / max(total / grid.size, 1e-12)
-            where = "own" if k == j else "other"
-            ax.set_title(f"CLS {names[k]} →\n{names[j]} patches ({grid.shape[0]}×{grid.shape[1]})\n"
-                         f"{where}: Σ={total:.2f}\nmax/mean={peak:.1f}", fontsize=7 * zoom)
-        _mass_bars(row[-1], [item.mass(k) for k in range(K)], names, zoom)
-        lines = [f"HADA's top caption: {item.top_caption}"]
-        if not item.correct:
-            lines.append(f"a true caption: {item.captions[0]}")
-        text = "\n".join(textwrap.shorten(line, wrap, placeholder=" …") for line in lines)
-        row[0].text(0.0, -0.05, text, transform=row[0].transAxes, fontsize=8 * zoom, va="top", ha="left", color=colour,
-                    clip_on=False)
-    layer = f"layer {examples.layer + 1} of {examples.num_layers}, " if examples.num_layers > 1 else ""
-    fig.suptitle(f"Image encoder: each CLS node's attention ({examples.gnn}, {layer}mean over heads), "
-                 f"{examples.split} split", fontsize=10 * zoom, y=1 - 0.1 / height)
-    fig.legend(handles=[Patch(color=c, label=p) for p, c in zip(MASS_PARTS, MASS_COLOURS)], loc="lower right",
-               ncol=4, fontsize=8 * zoom, frameon=False, title="attention mass on", title_fontsize=8 * zoom)
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / height, bottom=0.85 / height, hspace=0.55,
-                        wspace=0.1)
-    return fig
-
-
-def _empty_figure(message: str):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 1))
-    ax.set_axis_off()
-    ax.text(0.5, 0.5, message, ha="center", va="center")
-    return fig
-
-
-def _mass_bars(ax, masses: Sequence[AttentionMass], names: Sequence[str], zoom: float = 1.0) -> None:
-    """Horizontal stacked bars: each CLS node's attention on own patches / other patches / other CLS / self."""
-    y = np.arange(len(masses), dtype=float)
-    left = np.zeros(len(masses))
-    for p, colour in enumerate(MASS_COLOURS):
-        v = np.array([m.as_tuple()[p] for m in masses])
-        ax.barh(y, v, left=left, color=colour, height=0.5)
-        for yi, (l0, vi) in enumerate(zip(left, v)):
-            if vi >= 0.1:
-                ax.text(l0 + vi / 2, yi, f"{vi:.2f}", ha="center", va="center", fontsize=7 * zoom, color="white")
-        left += v
-    for yi, name in enumerate(names):
-        ax.text(0.0, yi - 0.3, f"CLS {name}", ha="left", va="bottom", fontsize=7 * zoom)
-    ax.set_yticks([])
-    ax.set_ylim(len(masses) - 0.5, -0.9)
-    ax.set_xlim(0, max(1.0, float(left.max())))
-    ax.tick_params(axis="x", labelsize=7 * zoom)
-    ax.set_title("attention mass\nper CLS node", fontsize=8 * zoom)
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
-
-
-def text_figure(examples: AttentionExamples):
-    """Grouped bars per backbone's caption tokens: one bar per CLS node, token strings on the x axis.
-
-    Panels share the x range, so the same word sits at the same place when two backbones tokenise alike
-    (a shorter context length simply ends earlier).
-    """
-    import matplotlib.pyplot as plt
-
-    from hada.book.figures import BACKBONE_COLOURS
-
-    t, names = examples.text, examples.backbone_names
-    if t is None:
-        return _empty_figure("no caption to show")
-    K = t.nodes.num_backbones
-    widest = max(len(tok) for tok in t.tokens)
-    fig, axes = plt.subplots(K, 1, figsize=(max(7.0, 0.32 * widest + 1.5), 2.7 * K + 0.9), squeeze=False)
-    width = 0.8 / K
-    for j, ax in enumerate(axes[:, 0]):
-        labels = list(t.tokens[j])
-        labels[0] = f"{labels[0]} (CLS)"
-        x = np.arange(len(labels))
-        for k in range(K):
-            v = t.over_backbone(k, j)
-            own = " (own)" if k == j else ""
-            ax.bar(x + (k - (K - 1) / 2) * width, v, width, color=BACKBONE_COLOURS[k % len(BACKBONE_COLOURS)],
-                   label=f"CLS {names[k]}{own}: Σ={float(v.sum()):.2f}")
-        ax.set_xticks(x, labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
-        ax.set_xlim(-0.6, widest - 0.4)
-        ax.set_ylabel("attention", fontsize=9)
-        ax.set_title(f"tokens of {names[j]}", fontsize=10, loc="left")
-        ax.legend(fontsize=9, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=K, frameon=False,
-                  borderaxespad=0.1)
-        ax.tick_params(axis="y", labelsize=9)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-    parts = ("own tokens", "other tokens", "other CLS", "itself")
-    masses = "\n".join(f"CLS {names[k]}: " + ", ".join(f"{p} {v:.2f}" for p, v in zip(parts, t.mass(k).as_tuple()))
-                       for k in range(K))
-    layer = f"layer {examples.layer + 1} of {examples.num_layers}, " if examples.num_layers > 1 else ""
-    fig.suptitle(f"Text encoder ({examples.gnn}, {layer}mean over heads): " + textwrap.fill(f"“{t.caption}”", 120)
-                 + "\n" + masses, fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hada.errors import HadaError
-from hada.metrics import EmbeddingSimilarity, retrieval_metrics
+from hada.metrics import EmbeddingSimilarity, retrieval_metrics, row_label
 
 
 class ConcatEncoder(nn.Module):
@@ -63,12 +63,14 @@ def averaging_similarity(data, backbones: Sequence[int] | None = None) -> Embedd
     return EmbeddingSimilarity(terms)
 
 
-def untrained_baselines(data, names: Sequence[str]) -> list[tuple[str, dict]]:
-    """Rows (name, metrics) for each backbone alone and their similarity average, on ``data``'s split."""
+def untrained_baselines(data, names: Sequence[str]) -> list[tuple[str, str, dict]]:
+    """Rows ``(kind, label, metrics)`` for each backbone alone and their similarity average, on ``data``'s split
+    (kinds and labels of :func:`hada.metrics.row_label`)."""
     if len(names) != data.num_backbones:
         raise HadaError(f"{len(names)} backbone names for {data.num_backbones} backbones")
     ci = data.caption_image_index
-    rows = [(name, retrieval_metrics(backbone_similarity(data, k), ci)) for k, name in enumerate(names)]
+    rows = [("backbone", row_label("backbone", names, k), retrieval_metrics(backbone_similarity(data, k), ci))
+            for k in range(len(names))]
     if data.num_backbones > 1:
-        rows.append(("average(" + " + ".join(names) + ")", retrieval_metrics(averaging_similarity(data), ci)))
+        rows.append(("average", row_label("average", names), retrieval_metrics(averaging_similarity(data), ci)))
     return rows

@@ -9,7 +9,6 @@ two GNN layers" as ``recipe("miniature", **{"model.layers": 2})``. Each field's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -259,6 +258,14 @@ class OptimConfig:
             self.init_from = str(self.init_from)
 
 
+def backbone_list(value) -> list[str]:
+    """Backbone specs from ``"A, B, ..."`` (spaces around commas ignored) or a sequence: the package's one parser
+    of a backbone list (the config, the command line's ``--backbones`` and a chapter's parameter use it)."""
+    if isinstance(value, str):
+        return [b.strip() for b in value.split(",") if b.strip()]
+    return [str(b) for b in value]
+
+
 @dataclass
 class DataConfig:
     """Which stored features a run reads: the dataset, its folder and the backbones (the first is the main one)."""
@@ -298,9 +305,7 @@ class DataConfig:
         _check_floats(self)
         if not 0.0 <= self.augment_p <= 1.0:
             raise HadaError(f"augment_p must be in [0, 1], got {self.augment_p}")
-        if isinstance(self.backbones, str):
-            self.backbones = [b.strip() for b in self.backbones.split(",") if b.strip()]
-        self.backbones = list(self.backbones)
+        self.backbones = backbone_list(self.backbones)
         if self.data_root is not None:
             self.data_root = str(self.data_root)
         _at_least_one(self, "eval_batch_size", "test_captions_per_image")
@@ -366,11 +371,6 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """A config from its nested dict; an unknown key is one clear error."""
         return _build(cls, d)
-
-    def hash(self) -> str:
-        """12 hex digits of the sha256 of the resolved config (sorted json)."""
-        text = json.dumps(self.resolved().to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def override(self, overrides: dict | None = None, **dotted) -> "TrainConfig":
         """A copy with some values changed, given nested (``{"model": {"gnn": "gcn"}}``) or dotted

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
-from hada.config import DEFAULT_RECIPE, TrainConfig, recipe
+from hada.config import DEFAULT_RECIPE, TrainConfig, backbone_list, recipe
 from hada.errors import HadaError
 from hada.io import write_bytes, write_json
 
@@ -29,7 +29,7 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     """
     from hada.baselines import untrained_baselines
     from hada.metrics import retrieval_metrics
-    from hada.book.tables import metric_row
+    from hada.metrics import metric_row, row_label
 
     plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.data.backbones
@@ -41,18 +41,18 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     else:
         data = shared_data(plain_cfg, split)
         rows = []
-        for row_name, m in untrained_baselines(data, names):
-            rows.append(metric_row(row_name, m, kind="backbone" if row_name in names else "fusion"))
+        for kind, label, m in untrained_baselines(data, names):
+            rows.append(metric_row(label, m, kind=kind))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, rows)
     if concat and len(names) > 1:
-        run = run_experiment(plain_cfg, run_name, progress=progress)
+        run = run_experiment(plain_cfg, progress=progress)
         if split == plain_cfg.data.test_split:
             m = run.test_metrics
         else:
             m = retrieval_metrics(run.load_model(plain_cfg.device).similarity(shared_data(plain_cfg, split)),
                                   shared_data(plain_cfg, split).caption_image_index)
-        rows = rows + [metric_row("concat(" + " + ".join(names) + ") + linear", m, kind="fusion")]
+        rows = rows + [metric_row(row_label("concat", names), m, kind="concat")]
     return rows
 
 
@@ -107,8 +107,7 @@ def _parse_backbones(backbones) -> tuple[str, ...]:
 
     if backbones in (None, "", "default"):
         return tuple(EMBEDDED_BACKBONES)
-    if isinstance(backbones, str):
-        backbones = [b.strip() for b in backbones.split(",") if b.strip()]
+    backbones = backbone_list(backbones)
     if len(backbones) < 2:
         raise HadaError(f"HADA fuses at least two backbones; got {list(backbones)}")
     return tuple(backbones)
@@ -250,8 +249,8 @@ class TwoStages:
     def run(self, progress: bool | None = None):
         """Train (or load) both stages; the second stage's RunResult."""
         name, config = self.first
-        first = run_experiment(config, name, progress=progress)
-        return run_experiment(self.second_config(first), self.second[0], progress=progress)
+        first = run_experiment(config, progress=progress)
+        return run_experiment(self.second_config(first), progress=progress)
 
 
 def lavis_stage_epochs(epochs: int) -> tuple[int, int]:
@@ -293,7 +292,7 @@ def recipe_runs(setting: Setting, k: int = 2) -> list[tuple[str, str, object]]:
 def hada_seed_rsums(setting: Setting, k: int = 2) -> list[float]:
     """Test Rsum of each run of :func:`hada_seed_runs` (trained or loaded): the seed noise other rows are read
     against."""
-    return [run_experiment(config, name).test_metrics["rsum"] for name, config in hada_seed_runs(setting, k)]
+    return [run_experiment(config).test_metrics["rsum"] for _, config in hada_seed_runs(setting, k)]
 
 
 def hada_seed_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
@@ -391,10 +390,9 @@ class SystemResult:
 
     def std(self, key: str = "rsum") -> float:
         """Sample standard deviation (n - 1) of a metric over the seeds; nan with one seed."""
-        import numpy as np
+        from hada.metrics import seed_std
 
-        values = [m[key] for m in self.metrics]
-        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+        return seed_std([m[key] for m in self.metrics])
 
 
 def _cached_ranks(path: Path, compute) -> tuple:
@@ -427,13 +425,14 @@ def run_test_ranks(run) -> tuple:
 def _untrained_systems(config, split: str) -> list[SystemResult]:
     """Each backbone alone and their similarity average on ``split`` (no training, no seed)."""
     from hada.baselines import averaging_similarity, backbone_similarity
-    from hada.metrics import metrics_from_ranks, retrieval_ranks
+    from hada.metrics import metrics_from_ranks, retrieval_ranks, row_label
 
     names = config.data.backbones
     key = content_key({"dataset": config.data.dataset, "backbones": names, "split": split,
                        "features": features_fingerprint(config)})  # the stores' contents, not their folder
-    sources = [(name, "backbone", lambda data, k=k: backbone_similarity(data, k)) for k, name in enumerate(names)]
-    sources.append(("average(" + " + ".join(names) + ")", "fusion", averaging_similarity))
+    sources = [(row_label("backbone", names, k), "backbone", lambda data, k=k: backbone_similarity(data, k))
+               for k in range(len(names))]
+    sources.append((row_label("average", names), "average", averaging_similarity))
     out = []
     for i, (name, kind, similarity) in enumerate(sources):
         def compute(similarity=similarity):
@@ -461,10 +460,11 @@ def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -
     concat_config = runs[0][1].resolved()
     split = concat_config.data.test_split
     systems = _untrained_systems(concat_config, split)
-    labels = {"concat": ("concat(" + " + ".join(concat_config.data.backbones) + ") + linear", "fusion"),
-              "hada": (f"HADA (K={k})", "hada")}
-    for arch, (label, kind) in labels.items():
-        systems.append(trained_system(label, kind, [(n, c) for n, c in runs if c.model.arch == arch], progress))
+    from hada.metrics import row_label
+
+    for kind in ("concat", "hada"):  # each row's kind is its architecture
+        systems.append(trained_system(row_label(kind, concat_config.data.backbones), kind,
+                                      [(n, c) for n, c in runs if c.model.arch == kind], progress))
     if k == 2:
         one_node = concat_config.data.backbones[1]
         systems.append(trained_system(f"HADA-LAVIS graph (K=2, {one_node} as one node)", "variant",
@@ -481,7 +481,7 @@ def trained_system(label: str, kind: str, runs: list, progress: bool | None = No
             run, seed = item.run(progress), item.seed
         else:
             name, config = item
-            run, seed = run_experiment(config, name, progress=progress), config.seed
+            run, seed = run_experiment(config, progress=progress), config.seed
         row.metrics.append(run.test_metrics)
         row.ranks.append(run_test_ranks(run))
         row.seeds += (seed,)
@@ -504,7 +504,7 @@ def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -
     """The runs of :func:`recipe_runs`, trained (or loaded)."""
     out = []
     for name, run_name, config in recipe_runs(setting, k):
-        run = run_experiment(config, run_name, progress=progress)
+        run = run_experiment(config, progress=progress)
         seconds = sum(e["train_time_s"] for e in run.history)
         pairs = sum(e.get("pairs", 0) for e in run.history)
         model = run.load_model("cpu")
@@ -515,8 +515,9 @@ def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -
 
 def trained_parameters(model) -> int:
     """Parameters a run trains: the objective's, less the momentum encoders' frozen copies."""
-    objective = getattr(model, "objective", model)
-    return sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    from hada.model.encoder import count_parameters
+
+    return count_parameters(getattr(model, "objective", model))
 
 
 @dataclass
@@ -558,7 +559,7 @@ def strength_points(setting: Setting, progress: bool | None = None) -> list[Stre
     def result(backbones):
         name = names[tuple(backbones)]
         if name not in done:
-            done[name] = run_experiment(runs[name], name, progress=progress)
+            done[name] = run_experiment(runs[name], progress=progress)
         return done[name]
 
     points = []

@@ -332,3 +332,78 @@ def paired_bootstrap(a, b, caption_image_index, n_boot: int = 2000, level: float
 
     return PairedBootstrap(float(difference[0]), interval(difference), float(relative[0]), interval(relative),
                            float(level), int(n_boot), int(seed))
+
+
+# ------------------------------------------------------------------------------- rows and statistics
+#: A result row's numbers: the six recalls and their sum, in the tables' order.
+ROW_METRICS = METRIC_KEYS + ("rsum",)
+
+
+def metric_row(name: str, metrics, **extra) -> dict:
+    """A plain result row from a metrics dict (CLIP_benchmark names): ``name``, ``extra`` and the six recalls and
+    Rsum as floats. The book renders such rows (``hada.book.tables``); nothing here formats them."""
+    row = {"name": name, **extra}
+    row.update({key: float(metrics[key]) for key in ROW_METRICS})
+    return row
+
+
+def relative_gain(value: float, reference: float) -> float:
+    """Percent change of ``value`` over ``reference`` (the paper's "+3.6% Rsum")."""
+    return 100.0 * (value - reference) / reference
+
+
+def seed_std(values: Sequence[float]) -> float:
+    """The seed spread: sample standard deviation (n - 1) of one configuration's values over its seeds; nan with
+    one seed. The one place the package computes it."""
+    values = [float(v) for v in values]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def seed_band(values: Sequence[float]) -> float:
+    """Twice :func:`seed_std`: a difference inside it is not told apart from seed noise."""
+    return 2.0 * seed_std(values)
+
+
+def beyond(delta: float, band: float) -> bool:
+    """Whether a difference lies outside a seed band (False when the band is nan: one seed tells nothing)."""
+    return abs(delta) > band
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of two sequences (nan with fewer than three values)."""
+    if len(x) < 3:
+        return float("nan")
+    ranks = [np.argsort(np.argsort(np.asarray(v, dtype=float))) for v in (x, y)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def pick_rows(n_rows: int, wanted: Sequence[tuple[str, np.ndarray, int]], seed: int = 0,
+              n_random: int = 0) -> list[tuple[int, str]]:
+    """``(row, reason)`` of the examples a chapter shows, the same on every rebuild: in one seeded permutation of
+    ``n_rows`` rows, its first ``n_random`` (reason "random"), then for each ``(reason, mask, n)`` of ``wanted``
+    the first ``n`` of the remaining rows where ``mask`` holds (fewer if there are fewer). The one example picker
+    (``hada.attention.choose_examples``, ``hada.search.choose_queries``)."""
+    order = [int(j) for j in np.random.default_rng(seed).permutation(n_rows)]
+    chosen = [(j, "random") for j in order[:n_random]]
+    for reason, mask, n in wanted:
+        mask = np.asarray(mask, dtype=bool)
+        chosen += [(j, reason) for j in order[n_random:] if mask[j]][:n]
+    return chosen
+
+
+#: What a result row is: one backbone alone, the backbones' similarity average, the trained concatenation +
+#: linear baseline, HADA, or a variant of HADA. Rows are found by their ``kind``, never by their label.
+ROW_KINDS = ("backbone", "average", "concat", "hada", "variant")
+
+
+def row_label(kind: str, backbones: Sequence[str], k: int | None = None) -> str:
+    """The one place a result row's label is built: ``backbones[k]`` for a backbone, ``average(A + B)``,
+    ``concat(A + B) + linear``, ``HADA (K=2)`` (a variant names itself)."""
+    if kind == "backbone":
+        return backbones[k]
+    joined = " + ".join(backbones)
+    labels = {"average": f"average({joined})", "concat": f"concat({joined}) + linear",
+              "hada": f"HADA (K={len(backbones)})"}
+    if kind not in labels:
+        raise HadaError(f"no label for a row of kind {kind!r}")
+    return labels[kind]

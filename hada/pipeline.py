@@ -184,7 +184,7 @@ def _parallel(run: _Run, jobs: int) -> None:
     import multiprocessing as mp
 
     workers = min(jobs, max(1, len(run.steps)))
-    threads = max(1, default_jobs() // workers)  # torch threads of a step that does not set its own
+    threads = max(1, cpu_cores() // workers)  # torch threads of a step that does not set its own
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                initargs=(threads,))
     running: dict[Future, tuple[str, float]] = {}
@@ -258,7 +258,7 @@ def _train(config: dict, name: str) -> None:
     from hada.runs import run_experiment
     from hada.train import TrainConfig
 
-    run_experiment(TrainConfig.from_dict(config), name, progress=False if _IN_WORKER else None)
+    run_experiment(TrainConfig.from_dict(config), progress=False if _IN_WORKER else None)
 
 
 def _train_second_stage(first: dict, first_name: str, second: dict, second_name: str) -> None:
@@ -362,25 +362,81 @@ def disk_line(setting) -> str:
             f"({human_bytes(free_bytes(where))} free; stores already there count in both)")
 
 
-def default_jobs() -> int:
-    """One worker per CPU core this process may use (training steps run single-threaded), at most 8."""
+#: The memory one ``hada prepare`` worker may take at its peak: its largest step (a training run or a feature
+#: extraction of the embedded default) was measured at 10 GB. ``default_jobs`` starts no more workers than the
+#: free memory holds at this much each, so a machine with many cores and little memory (a hosted CI runner: 4
+#: cores, 16 GB) is not driven into swap or the OOM killer.
+WORKER_MEMORY = 10 * 10**9
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may use."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+        return os.cpu_count() or 1
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory new processes may still take: the kernel's ``MemAvailable``, lowered to what the cgroup
+    (a container's limit, cgroup v2) leaves; None where neither can be read (not Linux)."""
+    free = None
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    limit, used = _read_int(Path(cgroup) / "memory.max"), _read_int(Path(cgroup) / "memory.current")
+    if limit is not None and used is not None:
+        left = max(0, limit - used)
+        free = left if free is None else min(free, left)
+    return free
+
+
+def default_jobs(cores: int | None = None, memory: int | None = None) -> int:
+    """Workers of ``hada prepare``: one per CPU core this process may use (training steps run single-threaded),
+    at most 8, and no more than the available memory holds at :data:`WORKER_MEMORY` each; always at least one.
+    ``cores`` and ``memory`` (bytes) default to this machine's :func:`cpu_cores` and :func:`available_memory`."""
+    cores = cpu_cores() if cores is None else cores
+    memory = available_memory() if memory is None else memory
+    jobs = max(1, min(8, cores))
+    if memory is not None:
+        jobs = min(jobs, max(1, memory // WORKER_MEMORY))
+    return jobs
+
+
+def jobs_reason(jobs: int, cores: int | None = None, memory: int | None = None) -> str:
+    """Why ``default_jobs`` chose ``jobs``: the cores, or the memory where it holds fewer workers."""
+    cores = cpu_cores() if cores is None else cores
+    memory = available_memory() if memory is None else memory
+    if memory is not None and jobs < min(8, cores) and jobs <= max(1, memory // WORKER_MEMORY):
+        return (f"{cores} cores, but {memory / 10**9:.1f} GB of memory available holds "
+                f"{max(1, memory // WORKER_MEMORY)} worker(s) at {WORKER_MEMORY / 10**9:.0f} GB each")
+    return f"{cores} cores"
 
 
 def prepare(setting, jobs: int | None = None, runs: bool = True, progress: bool = True,
             log: Callable[[str], None] = print, book_build: Path | None = None) -> StepLog:
-    """Make everything the chapters of ``setting`` read, ``jobs`` steps at once (default: one per core), and
+    """Make everything the chapters of ``setting`` read, ``jobs`` steps at once (default: :func:`default_jobs`,
+    one per core as far as the free memory holds them), and
     clear the book's cached notebooks if the code changed since they ran (:func:`refresh_notebook_cache` on
     ``book_build``, default: the repository's ``_build`` folder when the repository holds the book)."""
+    chosen = jobs is None
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise HadaError(f"--jobs must be at least 1, got {jobs}")
     steps = book_steps(setting, runs=runs)
-    log(f"{len(steps)} steps for {setting!r} on {jobs} process(es)")
+    log(f"{len(steps)} steps for {setting!r} on {jobs} process(es)" + (f" ({jobs_reason(jobs)})" if chosen else ""))
     log(disk_line(setting))
     record = run_steps(steps, jobs=jobs, progress=progress, log=log)
     write_prepare_record(record, jobs)
@@ -462,11 +518,11 @@ def refresh_notebook_cache(build_dir: Path, digest: str | None = None) -> bool:
     ``hada`` alone would show the old outputs. Every chapter imports ``hada``, so all cached notebooks go, and
     with them Sphinx's doctrees (it re-reads only pages whose source changed, and would keep the old outputs).
     """
-    from hada.runs import code_digest
+    from hada.runs import package_digest
     from hada.io import write_json
 
     build_dir = Path(build_dir)
-    digest = code_digest(skip=()) if digest is None else digest
+    digest = package_digest() if digest is None else digest
     record, cache = build_dir / DIGEST_RECORD, build_dir / ".jupyter_cache"
     recorded = json.loads(record.read_text()).get("code_digest") if record.exists() else None
     stale = cache.exists() and recorded != digest

@@ -1,12 +1,14 @@
 """A run's identity and folder, and train-or-load: the one place that names a run.
 
-A run lives in ``runs_dir()/<name>-<key>/``. ``key`` is 12 hex digits of a sha256 over three things: the
-resolved :class:`~hada.train.TrainConfig` (less the dataset's folder), the content ids of every feature store the
-run reads (their arrays' sha256 and the weights' sha256, never a path: moving a data folder retrains nothing), and
-a digest
-of the source of the code that computes a result (:func:`code_digest`). Changing a parameter, re-extracting
-features or changing how a number is computed gives a new key, so nothing stale is reused; a comment or
-docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
+A run lives in ``runs_dir()/<name>-<key>/``, both derived from its configuration alone (:func:`run_name`,
+:func:`run_key`): whoever trains a configuration (a chapter, ``hada prepare``, ``hada train``) finds the same
+folder. ``key`` is 12 hex digits of a sha256 over the resolved :class:`~hada.train.TrainConfig` (less the
+dataset's folder), the content ids of every feature store the run reads (their arrays' sha256 and the weights'
+sha256, never a path: moving a data folder retrains nothing), training's CPU thread count (on a CPU), and a digest
+of the source of the code that computes a result (:func:`code_digest`: the import closure of
+:data:`RESULT_ENTRY_POINTS`, so the book's figures and tables count for nothing). Changing a parameter,
+re-extracting features or changing how a number is computed gives a new key, so nothing stale is reused; a comment
+or docstring change keeps the key. The same key loads the finished run; an unfinished one resumes from its
 last checkpoint, exactly (same numbers as an uninterrupted run).
 
 Within one process, train statistics and loaded feature arrays are shared between runs (ten ablations on
@@ -31,11 +33,13 @@ from hada.config import TrainConfig
 from hada.io import main_lock, read_json, write_json
 from hada.train import TrainedModel, load_trained
 
-#: Paths under ``hada/`` left out of the result digest: presentation and orchestration (chapter entry points,
-#: tables, figures, the command line, the step graph, this naming module, searching a finished run) name,
-#: schedule or show results but compute none, so changing them must not retrain anything. Every other ``.py``
-#: file under ``hada/`` counts.
-NOT_RESULT_CODE = ("book", "cli", "__main__.py", "pipeline.py", "runs.py", "search.py")
+#: The code that computes a run's result, as entry points: training and loading a run (this module, which calls
+#: ``hada.train``), embedding and ranking a split (``hada.evaluate``), the fusion baselines' rows
+#: (``hada.baselines``) and the recalls (``hada.metrics``). The digest covers these and every module they import,
+#: at module level or inside a function (:func:`hada.codegraph.import_closure`), found from the imports: a module
+#: none of them reaches (``hada.book``, ``hada.cli``, ``hada.experiments``, ``hada.pipeline``, the drawing in
+#: ``hada.book.views``) changes no key. ``tests/test_boundary.py`` keeps presentation out of that closure.
+RESULT_ENTRY_POINTS = ("hada.runs", "hada.evaluate", "hada.baselines", "hada.metrics")
 
 _PACKAGE = Path(__file__).resolve().parent
 _STATS: dict = {}  # (dataset, root, backbone, split, manifest hash) -> (image, text TokenStats); global: FeatureStats
@@ -44,11 +48,6 @@ _DIGESTS: dict = {}  # (root, skip, file stamps) -> digest: a digest is computed
 
 
 # ------------------------------------------------------------------------------------------ code digest
-def _code_files(root: Path, skip: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in root.rglob("*.py")
-                  if not any(p.relative_to(root).parts[:len(Path(s).parts)] == Path(s).parts for s in skip))
-
-
 def normalised_source(text: str) -> str:
     """The code of one module without comments, docstrings or layout (``ast.dump`` of the docstring-free tree)."""
     tree = ast.parse(text)
@@ -61,12 +60,18 @@ def normalised_source(text: str) -> str:
     return ast.dump(tree)
 
 
-def code_digest(root: str | Path | None = None, skip: tuple[str, ...] = NOT_RESULT_CODE) -> str:
-    """sha256 over the normalised source of every ``.py`` file under ``root`` (default: the ``hada`` package)
-    except the paths in ``skip`` (relative to ``root``). ``skip=()`` digests everything."""
+def result_code_files(root: str | Path | None = None, entry_points=RESULT_ENTRY_POINTS) -> list[Path]:
+    """The files :func:`code_digest` hashes: the import closure of ``entry_points`` in the package at ``root``."""
+    from hada.codegraph import import_closure, import_graph, package_modules
+
     root = _PACKAGE if root is None else Path(root).resolve()
-    files = _code_files(root, tuple(skip))
-    stamp = (str(root), tuple(skip), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    modules = package_modules(root)
+    closure = import_closure(entry_points, import_graph(root))
+    return sorted(modules[m] for m in closure if m in modules)
+
+
+def _digest(root: Path, files: list[Path]) -> str:
+    stamp = (str(root), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     if stamp not in _DIGESTS:
         h = hashlib.sha256()
         for path in files:
@@ -74,6 +79,21 @@ def code_digest(root: str | Path | None = None, skip: tuple[str, ...] = NOT_RESU
             h.update(normalised_source(path.read_text(encoding="utf-8")).encode() + b"\0")
         _DIGESTS[stamp] = h.hexdigest()
     return _DIGESTS[stamp]
+
+
+def code_digest(root: str | Path | None = None) -> str:
+    """sha256 over the normalised source of the code that computes a run's result (:func:`result_code_files`) in
+    the package at ``root`` (default: ``hada``'s own folder). Cached per process and per files' state."""
+    root = _PACKAGE if root is None else Path(root).resolve()
+    files = result_code_files(root)
+    return _digest(root, files)
+
+
+def package_digest(root: str | Path | None = None) -> str:
+    """sha256 over the normalised source of every module of the package, presentation included: what the book's
+    notebook cache is kept against (``hada.pipeline.refresh_notebook_cache``), never a run's key."""
+    root = _PACKAGE if root is None else Path(root).resolve()
+    return _digest(root, sorted(root.rglob("*.py")))
 
 
 # ------------------------------------------------------------------------------------------ run identity
@@ -121,22 +141,32 @@ def content_key(payload: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run_key(config: TrainConfig, fingerprint: dict | None = None) -> str:
-    """The run's key: configuration + feature manifests + result code digest (+ the rank count under DDP, where
-    the global batch is the per-rank batch times the ranks)."""
+def run_key(config: TrainConfig, fingerprint: dict | None = None, threads: int | None = None) -> str:
+    """The run's key: configuration + feature manifests + result code digest, + the rank count under DDP (the
+    global batch is the per-rank batch times the ranks) and, on a CPU, training's torch thread count
+    (:func:`hada.train.train_threads` of ``threads``: CPU matrix products round differently with it, so it changes
+    the numbers; scoring always runs on one thread, ``hada.metrics.SCORING_THREADS``)."""
     config = config.resolved()
     fingerprint = features_fingerprint(config) if fingerprint is None else fingerprint
     payload = {"config": config.identity(), "features": fingerprint}
     if distributed.world_size() > 1:
         payload["ranks"] = distributed.world_size()
+    if config.device == "cpu":
+        payload["threads"] = _train.train_threads(threads)
     return content_key(payload)
 
 
-def run_folder(config: TrainConfig, name: str, fingerprint: dict | None = None) -> Path:
-    """``runs_dir()/<name>-<key>``: where the run of ``config`` called ``name`` lives."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise HadaError(f"a run name must be a plain folder name, got {name!r}")
-    return runs_dir() / f"{name}-{run_key(config, fingerprint)}"
+def run_name(config: TrainConfig) -> str:
+    """A run's readable name, from its configuration alone: the architecture and the backbone count (``hada-k2``,
+    ``concat-k3``). Whoever trains the same configuration names it the same, so finds the same folder."""
+    return f"{config.model.arch}-k{len(config.data.backbones)}"
+
+
+def run_folder(config: TrainConfig, fingerprint: dict | None = None, threads: int | None = None) -> Path:
+    """``runs_dir()/<name>-<key>`` (:func:`run_name`, :func:`run_key`): where the run of ``config`` lives. The one
+    place a run folder is named; nothing a caller says changes it."""
+    config = config.resolved()
+    return runs_dir() / f"{run_name(config)}-{run_key(config, fingerprint, threads)}"
 
 
 # ------------------------------------------------------------------------------------------ shared data
@@ -260,7 +290,7 @@ class RunResult:
                 "seconds_per_epoch": round(self.seconds_per_epoch, 2)}
 
 
-def load_result(name: str, run_dir: Path) -> RunResult:
+def load_result(run_dir: Path) -> RunResult:
     """The finished run in ``run_dir`` (its ``metrics.json`` exists)."""
     hint = f"delete {run_dir} (or rerun `hada train` with --restart) to train the run again"
     config = TrainConfig.from_dict(read_json(run_dir / "config.json", hint))
@@ -268,11 +298,11 @@ def load_result(name: str, run_dir: Path) -> RunResult:
     metrics = read_json(run_dir / "metrics.json", hint)
     if not isinstance(metrics, dict) or not {"val", "test", "best_epoch"} <= metrics.keys():
         raise HadaError(f"{run_dir / 'metrics.json'} is damaged (not a run's metrics); {hint}")
-    return RunResult(name, run_dir, config, history, metrics)
+    return RunResult(run_name(config), run_dir, config, history, metrics)
 
 
 # --------------------------------------------------------------------------------------- train or load
-def run_experiment(config: TrainConfig, name: str, progress: bool | None = None, threads: int | None = None,
+def run_experiment(config: TrainConfig, progress: bool | None = None, threads: int | None = None,
                    restart: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Train the configuration, or load it if this exact run finished before, or resume it from its last
     checkpoint if it did not. ``restart`` deletes the run's folder first and trains it anew.
@@ -285,18 +315,18 @@ def run_experiment(config: TrainConfig, name: str, progress: bool | None = None,
     device = resolve_device(config.device)  # before resolving: the config keeps only the type (cuda, not cuda:1)
     config = config.resolved()
     fingerprint = features_fingerprint(config)
-    run_dir = run_folder(config, name, fingerprint)
+    run_dir = run_folder(config, fingerprint, threads)
     with main_lock(run_dir, "this run", log):  # a second identical command waits, then loads the first one's run
-        return _run_locked(config, name, fingerprint, run_dir, device, progress, threads, restart, log)
+        return _run_locked(config, fingerprint, run_dir, device, progress, threads, restart, log)
 
 
-def _run_locked(config, name, fingerprint, run_dir, device, progress, threads, restart, log) -> RunResult:
+def _run_locked(config, fingerprint, run_dir, device, progress, threads, restart, log) -> RunResult:
     """:func:`run_experiment` while holding the run folder's lock."""
     if restart and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
     distributed.barrier()  # under torchrun: rank 0 alone writes the folder
     if (run_dir / "metrics.json").exists():
-        return _finished(name, run_dir)
+        return _finished(run_dir)
     if (run_dir / "checkpoint.pt").exists() and distributed.is_main():
         history = run_dir / "history.json"
         done = len(json.loads(history.read_text())) if history.exists() else "?"
@@ -309,15 +339,15 @@ def _run_locked(config, name, fingerprint, run_dir, device, progress, threads, r
     data = {split: shared_data(config, split, stats, device) for split in _shared_splits(config)}
     _train.train(config, run_dir, resume=True, progress=progress, data=data, threads=threads, log=log,
                  device=device)
-    return _finished(name, run_dir)
+    return _finished(run_dir)
 
 
-def _finished(name: str, run_dir: Path) -> RunResult:
+def _finished(run_dir: Path) -> RunResult:
     """The finished run, with its test result in CLIP_benchmark's format beside metrics.json (written by rank 0
     when missing, so a run finished before the file existed gets one too)."""
     from hada.evaluate import RUN_RESULTS_FILE, write_run_results
 
-    result = load_result(name, run_dir)
+    result = load_result(run_dir)
     if distributed.is_main() and not (run_dir / RUN_RESULTS_FILE).exists():
         write_run_results(run_dir, result.config, result.test_metrics)
     return result

@@ -42,27 +42,6 @@ class Hit:
     correct: bool | None = None
 
 
-def hits_table(hits: list[Hit], caption: str = ""):
-    """The hits as the package's one table. Images: rank, the image itself (in HTML; its path in text), its id
-    and score, each in its own column; captions: the text and its image's id."""
-    from hada.book.tables import Table
-
-    known = any(h.correct is not None for h in hits)
-    rows = [{"name": str(h.rank), "score": f"{h.score:.4f}", "image_id": str(h.image_id), "path": str(h.path),
-             "caption": h.caption or "", "match": "" if h.correct is None else ("yes" if h.correct else "no")}
-            for h in hits]
-    columns = [("name", "rank")]
-    if hits and hits[0].caption is not None:
-        columns += [("caption", "caption"), ("image_id", "its image"), ("score", "score")]
-        images = ()
-    else:
-        columns += [("path", "image"), ("image_id", "image id"), ("score", "score")]
-        images = ("path",)
-    if known:
-        columns.append(("match", "query's own"))
-    return Table(rows, columns=tuple(columns), caption=caption, images=images)
-
-
 # ------------------------------------------------------------------------------------------ queries
 def _as_stored(x: Tensor) -> Tensor:
     """fp32 values as the feature store holds them (fp16), so a query from the split equals its stored row."""
@@ -239,13 +218,11 @@ def choose_queries(ranks_a: np.ndarray, ranks_b: np.ndarray, n_random: int, n_lo
     ``visible``, a win or loss counts only when one of the two puts the right image in its top ``visible`` (so a
     figure of top images shows it). Fewer wins or losses come back if there are fewer.
     """
-    order = [int(j) for j in np.random.default_rng(seed).permutation(len(ranks_a))]
+    from hada.metrics import pick_rows
+
     o = outcome(ranks_a, ranks_b)
     seen = np.minimum(ranks_a, ranks_b) < visible if visible else np.ones(len(o), dtype=bool)
-    chosen = [(j, "random") for j in order[:n_random]]
-    chosen += [(j, "win") for j in order[n_random:] if o[j] > 0 and seen[j]][:n_wins]
-    chosen += [(j, "loss") for j in order[n_random:] if o[j] < 0 and seen[j]][:n_losses]
-    return chosen
+    return pick_rows(len(o), [("win", (o > 0) & seen, n_wins), ("loss", (o < 0) & seen, n_losses)], seed, n_random)
 
 
 @dataclass
@@ -285,7 +262,7 @@ class TextToImageComparison:
         return 100.0 * float((self.ranks[method] < k).mean())
 
     def queries(self) -> list[dict]:
-        """The shown queries as plain rows for :func:`hada.book.figures.retrieval_grid`."""
+        """The shown queries as plain rows (drawn by :class:`hada.book.views.RetrievalView`)."""
         rows = []
         for q, j in enumerate(self.shown):
             own = int(self.caption_image_index[j])
@@ -298,61 +275,6 @@ class TextToImageComparison:
             rows.append({"row": j, "caption": self.captions[j], "results": results,
                          "note": f"({why}; rank of its image: {ranks})"})
         return rows
-
-    def figure(self):
-        from hada.book.figures import retrieval_grid
-
-        return retrieval_grid(self.queries(), self.methods)
-
-    def galleries(self) -> "Galleries":
-        """Each shown query's top images as a small gallery: one row per rank, and per method the image itself, its
-        id, its score and whether it is the caption's own, each in its own column (HTML; text lists the files)."""
-        from hada.book.tables import Table
-
-        tables = []
-        for query in self.queries():
-            rows, columns = [], [("name", "rank")]
-            for m, method in enumerate(self.methods):
-                columns += [(f"image{m}", method), (f"id{m}", "image id"), (f"score{m}", "score"),
-                            (f"own{m}", "its own")]
-            for rank in range(max(len(hits) for hits in query["results"].values())):
-                row = {"name": str(rank + 1)}
-                for m, method in enumerate(self.methods):
-                    hits = query["results"][method]
-                    if rank < len(hits):
-                        hit = hits[rank]
-                        row.update({f"image{m}": str(hit["path"]), f"id{m}": str(hit["image_id"]),
-                                    f"score{m}": f"{hit['score']:.3f}", f"own{m}": "yes" if hit["correct"] else ""})
-                rows.append(row)
-            tables.append(Table(rows, columns=tuple(columns), images=tuple(f"image{m}" for m in range(len(self.methods))),
-                                caption=f"“{query['caption']}” {query['note']}"))
-        return Galleries(tables)
-
-    def table(self):
-        """One row per shown query: the caption, where each method ranks its image, and who wins."""
-        from hada.book.tables import Table
-
-        a, b = self.methods
-        words = {1: "wins", -1: "loses", 0: "tie"}
-        rows = [{"name": self.captions[j], "a": int(self.ranks[a][j]) + 1, "b": int(self.ranks[b][j]) + 1,
-                 "outcome": words[int(self.outcome[j])]} for j in self.shown]
-        return Table(rows, columns=(("name", "query caption"), ("a", f"rank: {a}"), ("b", f"rank: {b}"),
-                                    ("outcome", f"{b} vs {a}")))
-
-
-@dataclass
-class Galleries:
-    """Tables shown one after another (a gallery per query): HTML in a chapter, text in a terminal."""
-
-    tables: list
-
-    def _repr_html_(self) -> str:
-        return "".join(table._repr_html_() for table in self.tables)
-
-    def __str__(self) -> str:
-        return "\n\n".join(map(str, self.tables))
-
-    __repr__ = __str__
 
 
 def compare_text_to_image(search: RunSearch, similarities: dict, n_random: int = 3, n_wins: int = 2,

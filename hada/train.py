@@ -655,7 +655,7 @@ def _finish(run: _Run) -> TrainResult:
     best = load_trained(run.run_dir, "best", device=run.device)
     val_metrics = best.evaluate(run.data[config.data.val_split])
     test_metrics = best.evaluate(run.data[config.data.test_split])
-    metrics = {"run": run.run_dir.name, "config_hash": config.hash(), "best_epoch": state["best_epoch"],
+    metrics = {"run": run.run_dir.name, "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}
     write_json(run.run_dir / "history.json", state["history"])  # again: the checkpoint's, had its write failed

@@ -163,11 +163,15 @@ def test_attention_examples_and_figures(world):
 
     from hada.book.figures import CONTENT_PX, FULL_WIDTH_PX, MIN_TEXT_PX, displayed_text_px
 
-    fig = ex.image_figure()
+    from hada.book.views import AttentionView
+
+    view = AttentionView(ex)  # the book draws what hada.attention computes
+    assert view.items is ex.items
+    fig = view.image_figure()
     assert len(fig.axes) == len(ex.items) * (2 + 2 * 2)  # image, 4 heatmaps, mass bars per row
     fig.savefig(io.BytesIO(), format="png")
     assert displayed_text_px(fig, FULL_WIDTH_PX) >= MIN_TEXT_PX  # book/07_attention.md shows it full width
-    fig = ex.text_figure()
+    fig = view.text_figure()
     assert len(fig.axes) == 2
     fig.savefig(io.BytesIO(), format="png")
     assert displayed_text_px(fig, CONTENT_PX) >= MIN_TEXT_PX

@@ -86,7 +86,7 @@ def clip_benchmark_build(files, output):
 
 
 def test_clip_benchmark_build_reads_our_files(toy_world, capsys):
-    run = hr.run_experiment(tiny(), "hada-toy")
+    run = hr.run_experiment(tiny())
     run_file = run.run_dir / RUN_RESULTS_FILE
     assert json.loads(run_file.read_text())["pretrained"] == str(run.run_dir.resolve())
     out = toy_world / "eval"
@@ -122,9 +122,9 @@ def test_clip_benchmark_build_reads_our_files(toy_world, capsys):
 
 
 def test_results_page_gathers_current_runs_only(toy_world):
-    run = hr.run_experiment(tiny(), "hada-toy")
+    run = hr.run_experiment(tiny())
     (run.run_dir / RUN_RESULTS_FILE).unlink()  # a run finished before the file existed gets it on load
-    assert hr.run_experiment(tiny(), "hada-toy").run_dir == run.run_dir
+    assert hr.run_experiment(tiny()).run_dir == run.run_dir
     assert (run.run_dir / RUN_RESULTS_FILE).exists()
     shutil.copytree(run.run_dir, run.run_dir.with_name("hada-toy-000000000000"))  # trained by other code
     gathered = gather()

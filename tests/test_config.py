@@ -71,7 +71,7 @@ def test_print_config_resolves_recipe_file_and_options(tmp_path, capsys):
     assert printed["optim"]["lr"] == 0.001  # the command line over the file
     assert printed["loss"]["itm"] is False and printed["data"]["backbones"] == ["a", "b"]
     assert printed["model"]["precision"] in ("fp32", "bf16")  # resolved: the run's identity
-    assert TrainConfig.from_dict(printed).resolved().hash() == TrainConfig.from_dict(printed).hash()
+    assert TrainConfig.from_dict(printed).resolved().identity() == TrainConfig.from_dict(printed).identity()
 
 
 def test_bad_config_files_are_one_line(tmp_path, capsys):

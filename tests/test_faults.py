@@ -30,7 +30,13 @@ BACKBONES = "tiny-vit:random,tiny-rn:random"
 #: The smallest training the faults need: one epoch of a narrow model on the CPU.
 TRAIN = ["--dataset", "synthetic", "--backbones", BACKBONES, "--epochs", "1", "--width", "16", "--out-dim", "16",
          "--heads", "2", "--head-dim", "16", "--batch-size", "16", "--queue-size", "16", "--no-itm",
-         "--precision", "fp32", "--device", "cpu", "--name", "faults"]
+         "--precision", "fp32", "--device", "cpu", "--seed", "0"]
+
+
+def _seed(run_dir: Path) -> int | None:
+    """The seed a run folder was trained with (None while its config is not written yet)."""
+    config = run_dir / "config.json"
+    return json.loads(config.read_text())["seed"] if config.exists() else None
 
 
 @dataclass
@@ -43,7 +49,7 @@ class World:
 
     @property
     def run_dir(self) -> Path:
-        return next((self.data / "runs").glob("faults-*"))
+        return next(p for p in (self.data / "runs").glob("hada-k2-*") if _seed(p) == 0)
 
     def train(self, *extra: str) -> list[str]:
         return ["train", "--data-root", str(self.dataset), *TRAIN, *extra]
@@ -334,8 +340,8 @@ def test_identical_train_commands_wait_for_the_run_and_reuse_it(world):
     from hada.cli.train import config_from_args
     from hada.runs import run_folder
 
-    cmd = world.train("--seed", "8", "--name", "wait")
-    folder = run_folder(config_from_args(build_parser().parse_args(cmd)).resolved(), "wait")
+    cmd = world.train("--seed", "8")
+    folder = run_folder(config_from_args(build_parser().parse_args(cmd)).resolved())
     (rc1, out1), (rc2, out2) = _both_wait_then_one_writes(cmd, world.data, folder, world.tmp)
     assert rc1 == 0 and rc2 == 0, (out1[-3000:], out2[-3000:])
     assert "waiting for another process that is writing this run" in out1
@@ -358,13 +364,13 @@ def test_identical_extract_commands_wait_for_the_store_and_reuse_it(world, tiny_
 
 def test_two_identical_train_commands_started_together(world):
     """The second waits on the run folder's lock, then reuses the first one's run: same numbers, one folder."""
-    cmd = world.train("--seed", "7", "--name", "twice")
+    cmd = world.train("--seed", "7")
     results = _together([cmd, cmd], world.data)
     for rc, out, err in results:
         assert rc == 0, err[-3000:]
     assert results[0][1].splitlines()[-4:] == results[1][1].splitlines()[-4:]  # the same metrics table
-    runs = sorted((world.data / "runs").glob("twice-*"))
-    assert len([r for r in runs if r.is_dir()]) == 1
+    runs = [r for r in (world.data / "runs").glob("hada-k2-*") if r.is_dir() and _seed(r) == 7]
+    assert len(runs) == 1
     assert not [p for p in (world.data / "runs").rglob("*.tmp")]
 
 
@@ -401,7 +407,7 @@ def _enospc_after(monkeypatch, name_part: str):
 
 @pytest.mark.parametrize("victim", ["checkpoint.pt", "best.pt", "history.json"])
 def test_a_full_disk_while_training_is_one_line_and_a_rerun_continues(world, monkeypatch, capsys, victim):
-    cmd = world.train("--seed", "11", "--name", "full")
+    cmd = world.train("--seed", "11")
     _enospc_after(monkeypatch, victim)
     assert main(cmd) == 2
     err = capsys.readouterr().err
@@ -679,7 +685,7 @@ def test_scale_the_paper_recipe_holds_one_copy_of_each_split(monkeypatch, tmp_pa
 
     monkeypatch.setattr(FeatureData, "__init__", tracked)
     monkeypatch.setattr(ht, "_train_epoch", counting)
-    run_experiment(_scale_tiny(), "copies", progress=False, log=lambda line: None)
+    run_experiment(_scale_tiny(), progress=False, log=lambda line: None)
     assert alive == [3]
 
 

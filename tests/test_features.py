@@ -187,14 +187,15 @@ def test_cli_extract_verify_and_ensure_features(hada_data, tiny_synthetic, weigh
 
 
 def test_projected_store_size_for_flickr30k_with_vit_b16():
+    from hada.book.views import store_size_table
     from hada.features.store import projected_store_size
 
-    table = projected_store_size("flickr30k", ("ViT-B-16",), n_images=31_783)
-    row = table.rows[0]
+    size = projected_store_size("flickr30k", ("ViT-B-16",), n_images=31_783)
+    row = size.rows[0]
     assert row["image_tokens"] == "197 x 768" and row["text_tokens"] == "77 x 512"
     per_image = 197 * 768 * 2 + 512 * 2 + 8
     assert abs(row["image_gb"] - 31_783 * per_image / 1e9) < 1e-9
-    assert "31,783 images, 158,915 captions" in str(table)
+    assert "31,783 images, 158,915 captions" in str(store_size_table(size))
 
 
 def test_augmented_views_record_their_policy(backbone, dataset, weights, tmp_path):

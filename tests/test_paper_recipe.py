@@ -490,7 +490,7 @@ def test_lavis_trains_as_two_runs_the_second_warm_started_from_the_first(toy_wor
     monkeypatch.setattr(ht, "warm_start", lambda objective, run, parts: starts.append(
         (run, parts, float(objective.mix_weight.detach()))) or warm_start(objective, run, parts))
     result = TwoStages(("lavis-stage1", first), ("lavis", second)).run(progress=False)
-    one = run_experiment(first, "lavis-stage1")  # finished: loaded, not trained again
+    one = run_experiment(first)  # finished: loaded, not trained again
     assert [h["mix_weight"] for h in one.history] == [0.0, 0.0]  # stage 1: the HADA similarity alone
     assert result.config.optim.init_from == one.run_dir.name and result.run_dir.parent == one.run_dir.parent
     ((run, parts, w_at_start),) = starts  # stage 2 warm-started once, from stage 1's folder, as published
@@ -499,7 +499,7 @@ def test_lavis_trains_as_two_runs_the_second_warm_started_from_the_first(toy_wor
     assert result.metrics["mix_weight"] != pytest.approx(0.5)  # w learned in stage 2
     # another first stage gives another second stage
     other = TwoStages(("lavis-stage1", first.override(seed=7)), ("lavis", second))
-    assert other.second_config(run_experiment(*reversed(other.first))).optim.init_from != one.run_dir.name
+    assert other.second_config(run_experiment(other.first[1])).optim.init_from != one.run_dir.name
 
 
 def test_early_stopping_threshold():

@@ -83,7 +83,8 @@ def test_table_css_gives_prose_columns_a_width_and_scrolls():
 def test_search_hits_show_the_images_and_score_and_id_in_their_own_columns(tmp_path):
     from PIL import Image
 
-    from hada.search import Hit, hits_table
+    from hada.book.views import hits_table
+    from hada.search import Hit
 
     paths = []
     for i in range(2):
@@ -291,6 +292,7 @@ def _figures(tmp_path) -> dict:
     matplotlib.use("Agg")
     import hada.book as hb
     from hada.book import figures as F
+    from hada.book.views import GraphSample
     from hada.model.graph import EdgeWeights, to_networkx
 
     history = [{"epoch": i, "loss": 1 / (i + 1), "val_rsum": 100.0 + i, "tau": 0.07, "mix_weight": 0.5}
@@ -310,7 +312,7 @@ def _figures(tmp_path) -> dict:
                 "results": {m: [{"path": records[j].path, "score": 0.7 - j / 50, "correct": j == 2} for j in range(5)]
                             for m in ("tiny-convnext", "HADA (K=2)")}}]
     graphs = (to_networkx((17, 10), EdgeWeights()), to_networkx((9, 12), EdgeWeights()))
-    sample = F.GraphSample(("tiny-vit", "tiny-convnext"), (17, 10), (9, 12), "a small red star " * 6, *graphs)
+    sample = GraphSample(("tiny-vit", "tiny-convnext"), (17, 10), (9, 12), "a small red star " * 6, *graphs)
     column, full = F.CONTENT_PX, F.FULL_WIDTH_PX
     return {"history": (F.plot_history(history, title="HADA"), column),
             "rsum bars": (F.plot_rsum_bars(rows, title="Test Rsum"), column),
@@ -473,8 +475,8 @@ def test_results_page_says_what_a_two_backbone_setting_leaves_out():
     def row(name, kind, rsum):
         return {"name": name, "kind": kind, "rsum": rsum}
 
-    k3 = ResultsTable([row("a", "backbone", 100.0), row("b", "backbone", 120.0), row("average(a, b, c)", "fusion", 110.0),
-                       row("concat(a, b, c) + linear", "fusion", 125.0), row("HADA (K=3)", "hada", 132.0)])
+    k3 = ResultsTable([row("a", "backbone", 100.0), row("b", "backbone", 120.0), row("average(a, b, c)", "average", 110.0),
+                       row("concat(a, b, c) + linear", "concat", 125.0), row("HADA (K=3)", "hada", 132.0)])
     assert hb.three_backbones_sentence(k3, two) == ("With three backbones (one seed): 132.0, +10.0% over b, +20.0% "
                                                      "over averaging and +5.6% over concatenation.")
 

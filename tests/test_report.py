@@ -14,12 +14,12 @@ def test_results_table_finds_best_backbone_and_gains():
     table = ResultsTable([
         metric_row("a", _metrics(50.0), kind="backbone"),
         metric_row("b", _metrics(60.0), kind="backbone"),
-        metric_row("similarity averaging", _metrics(55.0), kind="fusion"),
+        metric_row("similarity averaging", _metrics(55.0), kind="average"),
         metric_row("HADA", _metrics(66.0), kind="hada"),
     ])
     assert table.best_backbone["name"] == "b"
     assert table.gain_over_best_backbone == __import__("pytest").approx(10.0)
-    assert table.gain_over("averaging") == __import__("pytest").approx(20.0)
+    assert table.gain_over("average") == __import__("pytest").approx(20.0)
     assert [r["name"] for r in table.fusion_rows()] == ["similarity averaging", "HADA"]
 
 

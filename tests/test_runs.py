@@ -54,14 +54,45 @@ def test_a_body_change_in_result_code_changes_the_run_key(package):
     assert _key() == before  # the same code again: the same run
 
 
-@pytest.mark.parametrize("path", hr.NOT_RESULT_CODE)
-def test_presentation_and_orchestration_do_not_count(package, path):
-    before = _key()
-    target = package / path
-    files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-    files[0].write_text(files[0].read_text() + "\n\ndef _new_helper():\n    return 42\n")
+def _add(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def test_presentation_changes_no_run_key(package):
+    """A constant in a book module, a figure's colour, an ablation added to the book's list, a new command-line
+    helper: none is code a run's result comes from, so none changes a key (the notebook cache's digest sees them)."""
+    before, whole = _key(), hr.package_digest(package)
+    _add(package / "book" / "tables.py", "\nA_NEW_CONSTANT = 42\n")
     assert _key() == before
-    assert hr.code_digest(package, skip=()) != hr.code_digest(package)  # the whole-package digest sees it
+    _edit(package / "book" / "figures.py", 'BACKBONE_COLOURS = ("#1f77b4"', 'BACKBONE_COLOURS = ("#000000"')
+    assert _key() == before
+    _edit(package / "book" / "views.py", 'MASS_COLOURS = ("#1f77b4"', 'MASS_COLOURS = ("#123456"')
+    assert _key() == before
+    _edit(package / "experiments.py", "ABLATIONS: tuple[tuple[str, int, dict], ...] = (",
+          "ABLATIONS: tuple[tuple[str, int, dict], ...] = (\n    (\"a new variant\", 2, {\"seed\": 5}),")
+    assert _key() == before
+    _add(package / "cli" / "flags.py", "\n\ndef _new_helper():\n    return 42\n")
+    _add(package / "pipeline.py", "\n\ndef _new_helper():\n    return 42\n")
+    assert _key() == before
+    assert hr.package_digest(package) != whole  # the notebook cache's digest sees every change
+
+
+def test_a_change_to_the_model_body_changes_the_run_key(package):
+    before = _key()
+    _add(package / "model" / "encoder.py", "\n\ndef _new_helper():\n    return 42\n")
+    assert _key() != before
+
+
+def test_the_digest_follows_the_imports(package):
+    """A module the result code starts importing enters the digest; the book's modules never do."""
+    files = {p.relative_to(package).as_posix() for p in hr.result_code_files(package)}
+    assert {"losses.py", "train.py", "model/encoder.py", "runs.py", "metrics.py"} <= files
+    assert not [f for f in files if f.startswith(("book/", "cli/")) or f in ("experiments.py", "pipeline.py")]
+    before = _key()
+    _add(package / "book" / "source.py", "\n\ndef _new_helper():\n    return 42\n")
+    assert _key() == before
+    _add(package / "losses.py", "\n\ndef _uses_source():\n    from hada.book import source\n    return source\n")
+    assert _key() != before  # now part of the result code (tests/test_boundary.py forbids exactly this)
 
 
 def test_docstrings_go_everywhere_but_strings_in_code_stay():
@@ -105,13 +136,13 @@ def test_notebook_cache_follows_the_package_digest(package, tmp_path):
     any module of the package (presentation included) clears them."""
     jupyter_cache = pytest.importorskip("jupyter_cache")
     build = tmp_path / "_build"
-    refresh_notebook_cache(build, hr.code_digest(package, skip=()))
+    refresh_notebook_cache(build, hr.package_digest(package))
     assert jupyter_cache.get_cache(build / ".jupyter_cache").list_cache_records() == []  # creates its database
     assert (build / ".jupyter_cache").exists()
     figures = package / "book" / "figures.py"
     figures.write_text(figures.read_text() + "\n# a comment\n")
-    assert not refresh_notebook_cache(build, hr.code_digest(package, skip=()))
+    assert not refresh_notebook_cache(build, hr.package_digest(package))
     assert (build / ".jupyter_cache").exists()
     figures.write_text(figures.read_text() + "\n\ndef _new_helper():\n    return 42\n")
-    assert refresh_notebook_cache(build, hr.code_digest(package, skip=()))
+    assert refresh_notebook_cache(build, hr.package_digest(package))
     assert not (build / ".jupyter_cache").exists()

@@ -30,7 +30,7 @@ def tiny_run(request, tmp_path_factory, tiny_synthetic):
             data={"dataset": "synthetic", "data_root": str(tiny_synthetic), "backbones": BACKBONES},
             width=16, out_dim=16, heads=2, head_dim=16, epochs=1, batch_size=16, queue_size=16, itm=False,
             precision=request.param, device="cpu")
-        run = hr.run_experiment(config, "search")
+        run = hr.run_experiment(config)
         search = RunSearch.open(run.run_dir, "test", device="cpu")
         yield run, search
         hr.clear_cache()
@@ -100,6 +100,9 @@ def test_comparison_counts_and_figure(tiny_run):
     _, search = tiny_run
     seen = compare_text_to_image(search, {"vit": backbone_similarity(search.data, 0), "HADA": search.similarity()},
                                  n_random=2, n_wins=1, n_losses=1, top=3)
+    from hada.book.views import RetrievalView
+
+    seen = RetrievalView(seen)  # the book draws what hada.search computes
     counts = seen.counts()
     assert counts["queries"] == search.data.n_captions
     assert counts["wins"] + counts["losses"] + counts["ties"] == counts["queries"]
@@ -128,7 +131,7 @@ def test_cli_prints_the_table(tiny_run, monkeypatch, capsys):
     _hada_data(tiny_run, monkeypatch)
     run, search = tiny_run
     caption = search.captions[0]
-    assert main(["search", "--run", "search", "--device", "cpu", "--k", "3", caption]) == 0
+    assert main(["search", "--run", "hada-k2", "--device", "cpu", "--k", "3", caption]) == 0
     out = capsys.readouterr().out
     assert "top 3 images of the test split" in out and "score" in out and str(search.records[0].path.parent) in out
     assert main(["search", "--run", str(run.run_dir), "--image", str(search.records[1].path), "--k", "2"]) == 0
@@ -138,9 +141,9 @@ def test_cli_prints_the_table(tiny_run, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--run", "no-such-run", "a red star"], "no run 'no-such-run'"),
-    (["--run", "search", "   "], "empty query"),
-    (["--run", "search"], "give either a caption"),
-    (["--run", "search", "--image", "/no/such.png"], "no image file at /no/such.png"),
+    (["--run", "hada-k2", "   "], "empty query"),
+    (["--run", "hada-k2"], "give either a caption"),
+    (["--run", "hada-k2", "--image", "/no/such.png"], "no image file at /no/such.png"),
 ])
 def test_cli_refuses_bad_input_in_one_line(tiny_run, monkeypatch, capsys, args, message):
     _hada_data(tiny_run, monkeypatch)
@@ -153,6 +156,6 @@ def test_cli_refuses_a_file_that_is_not_an_image(tiny_run, monkeypatch, capsys, 
     _hada_data(tiny_run, monkeypatch)
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    assert main(["search", "--run", "search", "--image", str(bad)]) == 2
+    assert main(["search", "--run", "hada-k2", "--image", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and len(err.strip().splitlines()) == 1

@@ -64,6 +64,14 @@ def _doc(root: Path) -> dict:
     return json.loads((root / synth.JSON_NAME).read_text())
 
 
+def _scene_from_json(entry: dict) -> synth.Scene:
+    """The scene of one image entry of the json, rebuilt from what the json records (a test's reading of it: the
+    package itself never reads a scene back)."""
+    objects = tuple(synth.ObjectSpec(o["shape"], o["color"], o["size"], o["pattern"], tuple(o["cell"]),
+                                     tuple(o.get("offset", (0, 0)))) for o in entry["objects"])
+    return synth.Scene(entry["background"], objects)
+
+
 def _pixels(root: Path, entry: dict) -> np.ndarray:
     return np.asarray(Image.open(root / synth.IMAGE_DIR / entry["filename"]).convert("RGB")).astype(int)
 
@@ -117,7 +125,7 @@ def test_splits_are_disjoint_in_ids_files_scenes_and_groups(doc):
     by_split: dict[str, list[dict]] = {}
     for e in doc["images"]:
         by_split.setdefault(e["split"], []).append(e)
-    keys = [synth.scene_from_json(e).key() for e in doc["images"]]
+    keys = [_scene_from_json(e).key() for e in doc["images"]]
     assert len(set(keys)) == len(keys), "a scene occurs twice"
     group_split = {}
     for e in doc["images"]:
@@ -247,7 +255,7 @@ def _hull_area(points: np.ndarray) -> float:
 
 def test_images_are_the_recorded_scenes(tiny_synthetic, doc):
     for e in doc["images"][::13]:
-        assert np.array_equal(np.asarray(synth.render(synth.scene_from_json(e))), _pixels(tiny_synthetic, e))
+        assert np.array_equal(np.asarray(synth.render(_scene_from_json(e))), _pixels(tiny_synthetic, e))
 
 
 # --- near-duplicates ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Token layouts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from hada.backbones.spec import CONFIG_FILE, ResolvedSpec, file_sha256, register_model_configs, resolve_spec
+from hada.backbones.spec import (CONFIG_FILE, ResolvedSpec, file_sha256, random_init_expected, register_model_configs,
+                                 resolve_spec)
 from hada.errors import HadaError
 
 
@@ -315,7 +317,8 @@ def load_backbone(spec: str, device: str = "cpu") -> Backbone:
     resolved = resolve_spec(spec)
     try:
         # random weights ("MODEL:random", for tests and sizes) are seeded so that every load is the same model
-        with torch.random.fork_rng(devices=[]):
+        quiet = random_init_expected() if resolved.kind == "random" else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), quiet:
             torch.manual_seed(0)
             model = open_clip.create_model(
                 resolved.model_name,

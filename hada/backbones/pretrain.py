@@ -33,6 +33,7 @@ from hada.backbones.spec import (
     SNAPSHOT_DIR,
     WEIGHTS_FILE,
     load_recipes,
+    random_init_expected,
     register_model_configs,
 )
 from hada.errors import HadaError
@@ -260,7 +261,8 @@ def train_backbone(name: str, recipe: Recipe, records, *, max_steps: int | None 
     torch.set_num_threads(recipe.threads)
     try:
         torch.manual_seed(recipe.seed)
-        model = open_clip.create_model(recipe.model, pretrained=None)
+        with random_init_expected():  # pretraining starts from a random init
+            model = open_clip.create_model(recipe.model, pretrained=None)
         preprocess_cfg = dict(model.visual.preprocess_cfg)
         data = _PretrainData.load(records, recipe, preprocess_cfg)
         steps_per_epoch = data.n_images // recipe.batch_size

@@ -14,8 +14,10 @@ file a one-line :class:`HadaError` that says which file and where to put it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,27 @@ def load_recipes() -> dict:
 
 
 EMBEDDED_BACKBONES: tuple[str, ...] = tuple(load_recipes())
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model ... Model initialized randomly." record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def random_init_expected():
+    """Around an ``open_clip.create_model`` call whose random init is what hada asks for (an embedded backbone
+    pretrained from scratch, a ``MODEL:random`` spec): open_clip then warns on the root logger that no pretrained
+    weights were loaded, which is true and expected here, and only adds noise to every build log. The filter
+    holds for this call only: a load that was meant to read weights still warns."""
+    notice, root = _RandomInitNotice(), logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 _registered = False

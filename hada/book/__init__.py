@@ -106,7 +106,7 @@ def train_hada(setting: Setting, k: int = 2, **overrides):
     """Train (or load the cached) default HADA run for K backbones; returns a ``RunResult``."""
     from hada.runs import run_experiment
 
-    return run_experiment(base_config(setting, k, **overrides), f"hada-k{k}")
+    return run_experiment(base_config(setting, k, **overrides))
 
 
 def run_summary(run):
@@ -144,8 +144,8 @@ def three_backbones_sentence(table, setting: Setting) -> str:
         return (f"This setting names {len(setting.backbones)} backbones, so the rows with three are left out: they "
                 "need a third backbone in `backbones`.")
     return (f"With three backbones (one seed): {table.hada['rsum']:.1f}, {table.gain_over_best_backbone:+.1f}% over "
-            f"{table.best_backbone['name']}, {table.gain_over('average('):+.1f}% over averaging and "
-            f"{table.gain_over('concat('):+.1f}% over concatenation.")
+            f"{table.best_backbone['name']}, {table.gain_over('average'):+.1f}% over averaging and "
+            f"{table.gain_over('concat'):+.1f}% over concatenation.")
 
 
 def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
@@ -157,10 +157,8 @@ def gains(table, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
     by_name = {s.name: s for s in table.systems}
     hada = by_name[table.hada["name"]]
     references = [("best", f"the best backbone ({table.best_backbone['name']})", table.best_backbone["name"]),
-                  ("average", "similarity averaging", next(r["name"] for r in table.rows
-                                                            if r["name"].startswith("average("))),
-                  ("concat", "concatenation + linear", next(r["name"] for r in table.rows
-                                                             if r["name"].startswith("concat(")))]
+                  ("average", "similarity averaging", table.of_kind("average")[0]["name"]),
+                  ("concat", "concatenation + linear", table.of_kind("concat")[0]["name"])]
     rows = []
     for key, label, name in references:
         boot = paired_bootstrap(hada.ranks, by_name[name].ranks, table.caption_image_index, n_boot=n_boot,
@@ -211,8 +209,9 @@ def fusion_strength(setting: Setting):
     """HADA (K=2) on the setting's two backbones and on pairs where one or both are snapshots of their own
     pretraining (weaker versions), against each backbone alone; with the seed band of the default HADA run.
     Returns a :class:`hada.book.tables.StrengthTable` (``.figure()`` draws it)."""
-    from hada.book.tables import StrengthTable, seed_band
+    from hada.book.tables import StrengthTable
     from hada.experiments import hada_seed_rsums, strength_points
+    from hada.metrics import seed_band
 
     return StrengthTable.of(strength_points(setting), seed_band(hada_seed_rsums(setting, 2)))
 
@@ -241,13 +240,14 @@ def backbone_table(setting: Setting):
 
 def ablations(setting: Setting, variants=ABLATIONS):
     """Train (or load) every variant with the same budget; test Rsum and its change from the default."""
-    from hada.book.tables import AblationTable, metric_row
+    from hada.book.tables import AblationTable
+    from hada.metrics import metric_row
     from hada.experiments import hada_seed_rsums
     from hada.runs import run_experiment
 
     rows = []
     for label, name, config in ablation_runs(setting, variants):
-        run = run_experiment(config, name)
+        run = run_experiment(config)
         rows.append(metric_row(label, run.test_metrics, epochs=len(run.history)))
     for row in rows:
         row["delta"] = row["rsum"] - rows[0]["rsum"]
@@ -259,7 +259,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     """The graphs of image ``index`` of ``split`` and of its first caption, from the stored token counts."""
     import numpy as np
 
-    from hada.book.figures import GraphSample
+    from hada.book.views import GraphSample
     from hada.data.datasets import load_dataset
     from hada.features.store import open_features
     from hada.model.graph import EdgeWeights, to_networkx
@@ -279,12 +279,13 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
 def attention_examples(setting: Setting, k: int = 2, n_correct: int = 2, n_failures: int = 1):
     """Attention of the trained default model's CLS nodes for a few test images (hits and a failure)."""
     from hada.attention import attention_examples as examples
+    from hada.book.views import AttentionView
     from hada.data.datasets import load_dataset
 
     run = train_hada(setting, k)
     dataset = load_dataset(setting.dataset, setting.data_root, check_images=False)
-    return examples(run.load_model(), dataset, split="test", n_correct=n_correct, n_failures=n_failures,
-                    seed=setting.seed)
+    return AttentionView(examples(run.load_model(), dataset, split="test", n_correct=n_correct,
+                                  n_failures=n_failures, seed=setting.seed))
 
 
 # ----------------------------------------------------------------------------------------- retrieval, seen
@@ -293,8 +294,10 @@ def retrieval_seen(setting: Setting, k: int = 2, n_random: int = 3, n_wins: int 
     """Test captions and their top images under the best single backbone and under HADA, from the runs the results
     chapter trains: ``n_random`` captions drawn with the setting's seed, then ``n_wins`` that HADA ranks better and
     ``n_losses`` that it ranks worse (the right image in the top ``top`` of one of the two, so the figure shows it).
-    Returns a :class:`hada.search.TextToImageComparison` (figure, table, win/loss counts)."""
+    Returns a :class:`hada.book.views.RetrievalView` of a :class:`hada.search.TextToImageComparison` (figure, table,
+    win/loss counts)."""
     from hada.baselines import backbone_similarity
+    from hada.book.views import RetrievalView
     from hada.experiments import baseline_table
     from hada.search import compare_text_to_image
 
@@ -305,12 +308,21 @@ def retrieval_seen(setting: Setting, k: int = 2, n_random: int = 3, n_wins: int 
     best = max((r for r in rows if r["kind"] == "backbone"), key=lambda r: r["rsum"])
     similarities = {best["name"]: backbone_similarity(search.data, names.index(best["name"])),
                     f"HADA (K={k})": search.similarity()}
-    return compare_text_to_image(search, similarities, n_random, n_wins, n_losses, top, seed=setting.seed)
+    return RetrievalView(compare_text_to_image(search, similarities, n_random, n_wins, n_losses, top,
+                                               seed=setting.seed))
+
+
+def projected_store_size(dataset: str = "flickr30k", backbones=("ViT-B-16",), **kwargs):
+    """The disk size of a dataset's feature store (:func:`hada.features.store.projected_store_size`), as a table."""
+    from hada.book.views import store_size_table
+    from hada.features.store import projected_store_size as size
+
+    return store_size_table(size(dataset, backbones, **kwargs))
 
 
 def search(setting: Setting, query: str, k: int = 2, top: int = 5):
     """``hada search`` on the default HADA run for K backbones: the test split's ``top`` images for a caption."""
-    from hada.search import hits_table
+    from hada.book.views import hits_table
 
     hits = _run_search(setting, k).text_to_image(query, top)
     return hits_table(hits, caption=f"top {len(hits)} test images for “{query}”, HADA (K={k})")

@@ -7,7 +7,6 @@ one caption's graphs and draws them (figure and edge-count table).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -206,44 +205,6 @@ def graph_pair_figure(image_graph, text_graph, image_title: str, text_title: str
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=11, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * (len(labels) + 1) / 2 * 5.6 / figsize[1], 1, 1))
     return fig
-
-
-@dataclass
-class GraphSample:
-    """One image and one caption of a split as HADA graphs (networkx), with the backbones' token counts."""
-
-    backbones: tuple[str, ...]
-    image_counts: tuple[int, ...]
-    text_counts: tuple[int, ...]
-    caption: str
-    image_graph: object
-    text_graph: object
-
-    def figure(self) -> plt.Figure:
-        import textwrap
-
-        caption = textwrap.fill(f"caption: “{self.caption}”", 48)
-        return graph_pair_figure(self.image_graph, self.text_graph, "image: CLS + patch tokens", caption,
-                                 self.backbones)
-
-    def count_table(self):
-        """Nodes, edges and edges per type of both graphs."""
-        from collections import Counter
-
-        from hada.book.tables import Table
-        from hada.model.graph import EDGE_TYPE_LABELS, EDGE_TYPES
-
-        rows = []
-        for label, graph, counts in (("image", self.image_graph, self.image_counts),
-                                     ("caption", self.text_graph, self.text_counts)):
-            types = Counter(d["type"] for _, _, d in graph.edges(data=True))
-            row = {"name": label, "nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
-                   "tokens": " + ".join(str(c) for c in counts)}
-            row.update({t: types.get(t, 0) for t in EDGE_TYPES})
-            rows.append(row)
-        columns = (("name", "graph"), ("tokens", "tokens per backbone"), ("nodes", "nodes"), ("edges", "edges"))
-        columns += tuple((t, label.split(" (")[0]) for t, label in zip(EDGE_TYPES, EDGE_TYPE_LABELS))
-        return Table(rows, columns=columns)
 
 
 def show_samples(records, n: int = 8, captions_per_image: int = 1, cols: int = 4) -> plt.Figure:

@@ -12,26 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-METRIC_COLUMNS = (
-    ("text_retrieval_recall@1", "I→T R@1"),
-    ("text_retrieval_recall@5", "I→T R@5"),
-    ("text_retrieval_recall@10", "I→T R@10"),
-    ("image_retrieval_recall@1", "T→I R@1"),
-    ("image_retrieval_recall@5", "T→I R@5"),
-    ("image_retrieval_recall@10", "T→I R@10"),
-    ("rsum", "Rsum"),
-)
+from hada.metrics import ROW_METRICS, beyond, metric_row, rank_correlation, relative_gain, seed_band, seed_std  # noqa: F401
+
+#: The labels of the result rows' numbers (:data:`hada.metrics.ROW_METRICS`), in that order.
+METRIC_COLUMNS = tuple(zip(ROW_METRICS, ("I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10",
+                                         "Rsum")))
 
 
 def list_phrase(items: Sequence[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``: items as one clause of prose."""
     items = list(items)
     return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def relative_gain(value: float, reference: float) -> float:
-    """Percent change of ``value`` over ``reference`` (the paper's "+3.6% Rsum")."""
-    return 100.0 * (value - reference) / reference
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -174,7 +165,7 @@ RESULT_COLUMNS = (("name", "method"),) + METRIC_COLUMNS + (("rsum_std", "± std"
 
 @dataclass(repr=False)
 class ResultsTable(Table):
-    """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` in {backbone, fusion, hada};
+    """Backbones, fusion baselines and HADA on one split. Rows carry ``kind`` (:data:`hada.metrics.ROW_KINDS`);
     a trained row's metrics are the mean over its seeds, ``rsum_std`` their standard deviation. ``systems`` and
     ``caption_image_index`` (from ``hada.experiments.result_systems``) keep the per-query ranks the gains'
     bootstrap reads."""
@@ -201,9 +192,9 @@ class ResultsTable(Table):
     def gain_over_best_backbone(self) -> float:
         return relative_gain(self.hada["rsum"], self.best_backbone["rsum"])
 
-    def gain_over(self, name_contains: str) -> float:
-        reference = next(r for r in self.rows if name_contains in r["name"] and r.get("kind") == "fusion")
-        return relative_gain(self.hada["rsum"], reference["rsum"])
+    def gain_over(self, kind: str) -> float:
+        """HADA's relative Rsum gain over the row of ``kind`` (``average``, ``concat``, ...)."""
+        return relative_gain(self.hada["rsum"], self.of_kind(kind)[0]["rsum"])
 
 
 def system_row(system) -> dict:
@@ -213,13 +204,6 @@ def system_row(system) -> dict:
     return metric_row(system.name, system.mean(), kind=system.kind,
                       rsum_std="" if std != std else f"{std:.1f}",
                       seeds=", ".join(str(s) for s in system.seeds))
-
-
-def metric_row(name: str, metrics: Mapping[str, float], **extra) -> dict:
-    """A table row from a metrics dict (CLIP_benchmark names), keeping only the table's metrics."""
-    row = {"name": name, **extra}
-    row.update({key: float(metrics[key]) for key, _ in METRIC_COLUMNS})
-    return row
 
 
 def metrics_table(rows: Sequence[tuple[str, Mapping[str, float]]], caption: str = "") -> Table:
@@ -298,14 +282,6 @@ class GainTable(Table):
 
 
 # ------------------------------------------------------------------------------------ fusion and strength
-def seed_band(values: Sequence[float]) -> float:
-    """Twice the sample standard deviation (n - 1) of one configuration's Rsum over seeds (nan with one seed): a
-    difference inside it is not told apart from seed noise."""
-    import statistics
-
-    return 2.0 * statistics.stdev(values) if len(values) > 1 else float("nan")
-
-
 @dataclass(repr=False)
 class RecipeTable(Table):
     """One row per recipe trained on the same data (``hada.experiments.RecipeResult``), the book's first."""
@@ -381,13 +357,7 @@ class StrengthTable(Table):
     def rank_correlation(self) -> float:
         """Spearman's rank correlation between the strength ratio and the fusion gain over the pairs (nan with
         fewer than three): whether pairs closer in strength gain more."""
-        import numpy as np
-
-        if len(self.points) < 3:
-            return float("nan")
-        ranks = [np.argsort(np.argsort(values)) for values in ([p.ratio for p in self.points],
-                                                               [p.gain for p in self.points])]
-        return float(np.corrcoef(*ranks)[0, 1])
+        return rank_correlation([p.ratio for p in self.points], [p.gain for p in self.points])
 
     def figure(self):
         """The plot of :func:`hada.book.figures.plot_fusion_strength`; None without pairs (real backbones)."""
@@ -415,9 +385,7 @@ class AblationTable(Table):
     @property
     def seed_std(self) -> float:
         """Sample standard deviation (n - 1) of the default's Rsum over its seeds."""
-        import statistics
-
-        return statistics.stdev(self.seed_rsums) if len(self.seed_rsums) > 1 else float("nan")
+        return seed_std(self.seed_rsums)
 
     @property
     def spread(self) -> float:
@@ -426,7 +394,7 @@ class AblationTable(Table):
 
     def beyond_spread(self) -> list[dict]:
         """The variants whose Rsum differs from the default's by more than :attr:`spread`."""
-        return [r for r in self.variants if abs(r["delta"]) > self.spread]
+        return [r for r in self.variants if beyond(r["delta"], self.spread)]
 
     def beyond_text(self) -> str:
         """The variants beyond the seed spread as ``name (+delta)``, for the page; "none" when there are none."""
@@ -437,7 +405,7 @@ class AblationTable(Table):
         if self.seed_rsums and "beyond" not in dict(self.columns):
             self.columns = tuple(self.columns) + (("beyond", f"beyond ±{self.spread:.1f}"),)
             for row in self.variants:
-                row["beyond"] = "yes" if abs(row["delta"]) > self.spread else "no"
+                row["beyond"] = "yes" if beyond(row["delta"], self.spread) else "no"
         return self
 
     @property

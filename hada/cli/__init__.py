@@ -31,8 +31,13 @@ Run `hada <command> --help` for the options of each step."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hada.paths import data_dir
+
     parser = argparse.ArgumentParser(
-        prog="hada", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="hada", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Everything is made and cached under the data folder, here {data_dir()} ($HADA_DATA overrides it;\n"
+               "a checkout uses its data/, an installed hada the working directory's data/ if it exists, else a\n"
+               "per-user folder).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:

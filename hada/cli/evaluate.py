@@ -86,11 +86,11 @@ def _baseline_rows(args: argparse.Namespace) -> list[tuple[str, dict, tuple[str,
     rows = []
     for row in baseline_table(args.dataset, names, split=args.split, data_root=args.data_root,
                               concat=args.concat, config=train_cfg):
-        if row["name"] in names:
+        if row["kind"] == "backbone":
             identity = backbone_identity(row["name"])
-        elif row["name"].startswith("concat("):
-            concat_cfg, run_name = concat_run(args.dataset, names, args.data_root, train_cfg)
-            identity = run_identity(run_folder(concat_cfg, run_name), concat_cfg)
+        elif row["kind"] == "concat":
+            concat_cfg, _ = concat_run(args.dataset, names, args.data_root, train_cfg)
+            identity = run_identity(run_folder(concat_cfg), concat_cfg)
         else:
             identity = fusion_identity(row["name"], names)
         rows.append((row["name"], {key: row[key] for key, _ in METRIC_COLUMNS}, identity))

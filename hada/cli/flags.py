@@ -26,8 +26,10 @@ def add_data_root_flag(parser, help: str) -> None:
 
 
 def backbone_list(text: str) -> list[str]:
-    """``A,B,...`` as a list of backbone specs (spaces around commas ignored)."""
-    names = [b.strip() for b in text.split(",") if b.strip()]
+    """``A,B,...`` as a list of backbone specs (:func:`hada.config.backbone_list`), at least one."""
+    from hada.config import backbone_list as parse
+
+    names = parse(text)
     if not names:
         raise argparse.ArgumentTypeError("give at least one backbone, comma-separated")
     return names

@@ -13,14 +13,15 @@ is the dataset and missing), the embedded backbones, every backbone's token feat
 and every training run of the results and ablation chapters (concat + linear and HADA for K=2 and K=3, and
 each ablation). The chapters would make the same themselves, one step after another on one core; this runs
 the steps as a dependency graph (features wait for their backbone, a run for its features) on --jobs
-processes, sharing the cores (each training run is single-threaded). Each step is the pipeline's own cached call, so the build then finds everything
+processes, sharing the cores (each training run is single-threaded; by default one per core, fewer where the
+free memory holds fewer). Each step is the pipeline's own cached call, so the build then finds everything
 done, with the numbers it would have computed, and a rerun skips what is finished (an interrupted run
 resumes from its last epoch). The options are the chapters' parameters: give the same values as to
 papermill (-p ...) to prepare a rerun with other parameters."""
 
 
 def register(subparsers) -> None:
-    from hada.pipeline import default_jobs
+    from hada.pipeline import WORKER_MEMORY, default_jobs
 
     defaults = {k: v.default for k, v in inspect.signature(_resolve()).parameters.items()}
     p = subparsers.add_parser("prepare", help="make the book's backbones, features and runs ahead, in parallel",
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--params", metavar="FILE",
                    help="a papermill parameters file (YAML, e.g. book/params/flickr30k.yaml): the chapters' "
                         "parameters for a rerun with `papermill -f FILE`; options typed here override it")
-    add_jobs_flag(p, "steps at once, one process each, sharing the cores (default: the CPU cores, %(default)s)",
-                  default=default_jobs())
+    add_jobs_flag(p, "steps at once, one process each, sharing the cores (default: one per CPU core, at most as "
+                     f"many as the available memory holds at {WORKER_MEMORY / 10**9:.0f} GB each: "
+                     f"{default_jobs()} here)")
     p.add_argument("--no-runs", action="store_true",
                    help="only the data, backbones and features (what `make data` makes), no training runs")
     add_device_flag(p)  # the chapters' `device`

@@ -43,7 +43,8 @@ def _search(args: argparse.Namespace) -> int:
     from hada.cli.evaluate import resolve_run
     from hada.devices import resolve_device
     from hada.errors import HadaError
-    from hada.search import RunSearch, hits_table, read_image
+    from hada.book.views import hits_table
+    from hada.search import RunSearch, read_image
 
     if (args.query is None) == (args.image is None):
         raise HadaError("give either a caption to search images for, or --image PATH to search captions")

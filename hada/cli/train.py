@@ -16,8 +16,9 @@ plus image-text matching on hard negatives. AdamW, cosine annealing with warm re
 iteration), early
 stopping on the validation Rsum; the best epoch is evaluated on the test split.
 
-Output: data/runs/<name>-<key>/ (or $HADA_DATA/runs/...), where <key> hashes every option below and the
-feature stores' manifests, so any change trains a new run. The folder holds config.json, stats.json
+Output: data/runs/<name>-<key>/ (or $HADA_DATA/runs/...), both from the configuration alone: <name> is
+<arch>-k<number of backbones>, <key> hashes every option below, the feature stores' contents and, on a CPU,
+the thread count (--jobs), so any change trains a new run and the book's run of the same settings is found. The folder holds config.json, stats.json
 (train feature statistics), history.json (per-epoch loss, val metrics, tau, w, lr, time), checkpoint.pt
 (written atomically every epoch: model, optimiser, scheduler, queue, random states), best.pt and, when
 finished, metrics.json. The key also hashes the code that computes the result (not its comments). A finished
@@ -104,8 +105,6 @@ def config_from_args(args: argparse.Namespace):
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train HADA on stored features (cached, resumable)",
                                    description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default=None,
-                        help="run name, the folder prefix under data/runs/ (default: the --arch value)")
     parser.add_argument("--restart", action="store_true",
                         help="delete an unfinished or finished run of this configuration and train it anew")
     add_jobs_flag(parser, "torch CPU threads for training (default: $HADA_THREADS, else 1: a second thread made "
@@ -134,12 +133,12 @@ def _train(args: argparse.Namespace) -> int:
         print("hada: the lavis recipe is HADA-LAVIS's second stage: train --recipe lavis-stage1 first and pass its "
               "run folder as --init-from (without it, this run starts from a fresh init)", file=sys.stderr)
     join_process_group(config, device)  # under torchrun: before the run's key, which counts the ranks
-    name = args.name or config.model.arch
-    trained = (run_folder(config, name) / "metrics.json").exists() and not args.restart
+    folder = run_folder(config, threads=args.jobs)  # named by hada.runs from the configuration alone
+    trained = (folder / "metrics.json").exists() and not args.restart
     try:
-        run = run_experiment(asked, name, threads=args.jobs, restart=args.restart)
+        run = run_experiment(asked, threads=args.jobs, restart=args.restart)
     except KeyboardInterrupt:
-        print(f"hada: interrupted; the last finished epoch is saved in {run_folder(config, name)}; rerun the "
+        print(f"hada: interrupted; the last finished epoch is saved in {folder}; rerun the "
               "same command to continue", file=sys.stderr)
         return 130
     if not distributed.is_main():
@@ -150,5 +149,5 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run: {run.run_dir}")
     print(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; tau {metrics['tau']:.4f}, "
           f"w {metrics['mix_weight']:.3f}")
-    print(metrics_table([(f"{name} (val)", metrics["val"]), (f"{name} (test)", metrics["test"])]))
+    print(metrics_table([(f"{run.name} (val)", metrics["val"]), (f"{run.name} (test)", metrics["test"])]))
     return 0

@@ -603,13 +603,6 @@ def build_json(items: list[Item], size: str, seed: int, image_size: int) -> byte
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def scene_from_json(entry: dict) -> Scene:
-    """Rebuild the scene of one image entry of the json (for tests and the book)."""
-    objects = tuple(ObjectSpec(o["shape"], o["color"], o["size"], o["pattern"], tuple(o["cell"]),
-                               tuple(o.get("offset", (0, 0)))) for o in entry["objects"])
-    return Scene(entry["background"], objects)
-
-
 def _default_root(root) -> Path:
     if root is not None:
         return Path(root)

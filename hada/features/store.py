@@ -767,15 +767,25 @@ def store_shapes(spec: str) -> dict:
             "embed_dim": cfg["embed_dim"]}
 
 
+@dataclass(frozen=True)
+class StoreSize:
+    """The projected size of a feature store: one row per backbone (``name``, ``image_tokens``, ``text_tokens``,
+    ``image_gb``, ``caption_gb``, ``total_gb``; GB = 1e9 bytes), a ``total`` row with several backbones. Plain
+    data: ``hada.book.store_size_table`` shows it."""
+
+    dataset: str
+    n_images: int
+    n_captions: int
+    rows: list
+
+
 def projected_store_size(dataset: str = "flickr30k", backbones=("ViT-B-16",), n_images: int | None = None,
-                         captions_per_image: int = 5, text_length: int | None = None):
+                         captions_per_image: int = 5, text_length: int | None = None) -> StoreSize:
     """Disk size of the feature store for a dataset (all Karpathy splits) and backbones, in this layout.
 
     Text is padded to the split's longest caption; on Flickr30k/COCO that reaches the context length, which
-    is the default ``text_length``. Returns a :class:`hada.book.tables.Table` (GB = 1e9 bytes).
+    is the default ``text_length``.
     """
-    from hada.book.tables import Table
-
     n_img = n_images or FULL_SPLIT_IMAGES.get(dataset)
     if n_img is None:
         raise HadaError(f"give n_images for dataset '{dataset}'")
@@ -792,9 +802,7 @@ def projected_store_size(dataset: str = "flickr30k", backbones=("ViT-B-16",), n_
                      "total_gb": (n_img * per_img + n_cap * per_cap) / 1e9})
     if len(rows) > 1:
         rows.append({"name": "total", **{k: sum(r[k] for r in rows) for k in ("image_gb", "caption_gb", "total_gb")}})
-    cols = (("name", "backbone"), ("image_tokens", "image tokens"), ("text_tokens", "text tokens (padded)"),
-            ("image_gb", "images GB"), ("caption_gb", "captions GB"), ("total_gb", "total GB"))
-    return Table(rows, columns=cols, caption=f"{dataset}: {n_img:,} images, {n_cap:,} captions, fp16 tokens")
+    return StoreSize(dataset, n_img, n_cap, rows)
 
 
 # ------------------------------------------------------------------------------------ augmented views

@@ -351,4 +351,5 @@ class HadaPair(nn.Module):
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """The module's parameters (by default only those it trains: a momentum encoder's frozen copy is not)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
