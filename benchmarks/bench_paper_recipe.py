@@ -37,41 +37,24 @@ import torch
 
 import hada.model.fast.dense as dense
 from hada.config import recipe
-from hada.model.encoder import ModalityBatch
 from hada.train import build_objective
 
+from bench_train_step import Shape, random_batch
 from tables import markdown_table
 
-#: name: (image tokens per backbone, image token dims, (min, max) caption tokens, text token dims, embed dims)
+#: The two settings as bench_train_step's Shape (image tokens, caption token ranges, token dims, embed dims); the
+#: model is the paper recipe's, whatever width the Shape names.
 SHAPES = {
-    "book": ((65, 10), (128, 384), ((6, 51), (6, 24)), (128, 96), (128, 128)),
-    "paper": ((577, 577), (768, 768), ((20, 40), (20, 40)), (768, 768), (256, 768)),
+    "book": Shape("book", (65, 10), ((6, 51), (6, 24)), (128, 384), (128, 96), (128, 128), 512),
+    "paper": Shape("paper", (577, 577), ((20, 40), (20, 40)), (768, 768), (768, 768), (256, 768), 512),
 }
 PATHS = {"tiled (before)": False, "fused (after)": True}
 
 
-def random_batch(shape, batch: int, modality: str, gen: torch.Generator) -> ModalityBatch:
-    image_tokens, image_dims, text_tokens, text_dims, embed_dims = shape
-    tokens, lengths, embeds = [], [], []
-    dims = image_dims if modality == "image" else text_dims
-    for k, (d, e) in enumerate(zip(dims, embed_dims)):
-        if modality == "image":
-            length = torch.full((batch,), image_tokens[k])
-        else:
-            lo, hi = text_tokens[k]
-            length = torch.randint(lo, hi + 1, (batch,), generator=gen)
-        n = int(length.max())
-        valid = torch.arange(n)[None, :, None] < length[:, None, None]
-        tokens.append(torch.randn(batch, n, d, generator=gen) * valid)
-        lengths.append(length)
-        embeds.append(torch.randn(batch, e, generator=gen))
-    return ModalityBatch(tokens, lengths, embeds)
-
-
 def objective_and_optimiser(shape):
     cfg = recipe("paper")
-    dims = {"image_token_dims": shape[1], "text_token_dims": shape[3], "image_embed_dims": shape[4],
-            "text_embed_dims": shape[4]}
+    dims = {"image_token_dims": shape.image_dims, "text_token_dims": shape.text_dims,
+            "image_embed_dims": shape.embed_dims, "text_embed_dims": shape.embed_dims}
     torch.manual_seed(0)
     objective = build_objective(cfg, dims).train()
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -154,7 +137,8 @@ def main(argv=None) -> int:
     print(f"\nload average after {load[0]:.2f}. pairs/s: batch / median wall time of a step; pairs/s (cpu): batch / "
           "median process CPU time of a step, what one thread does with a core to itself (an idle-machine estimate)")
     print("\nshapes: " + "; ".join(
-        f"{n} = image tokens {s[0]} x {s[1]}-d, caption tokens {s[2]} x {s[3]}-d, embeds {s[4]}"
+        f"{n} = image tokens {s.image_tokens} x {s.image_dims}-d, caption tokens {s.text_tokens} x {s.text_dims}-d, "
+        f"embeds {s.embed_dims}"
         for n, s in SHAPES.items() if n in args.shapes))
     return 0
 
