@@ -60,8 +60,11 @@ lab: install
 	  $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.default_url=/lab/tree/book \
 	  --KernelManager.transport_encryption=auto $(LAB_ARGS)
 
+# Two passes: the tests that need no built book on two processes (they are small and mostly single-threaded),
+# then the book's build and the tests that read it, alone (its `hada prepare` already uses every core).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not book" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m book
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
