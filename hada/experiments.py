@@ -58,10 +58,14 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
 
 def concat_run(dataset: str, backbones, data_root=None, config: TrainConfig | None = None) -> tuple[TrainConfig, str]:
     """The configuration and run name of the concatenation + linear baseline ``baseline_table`` trains
-    (``config``'s training settings on the given data and backbones, arch "concat")."""
+    (``config``'s training settings on the given data and backbones, arch "concat"), resolved, on the exact device
+    ``config`` names (``cuda:1``, where resolving alone keeps the type)."""
+    from hada.devices import resolve_device
+
     base = config or recipe(DEFAULT_RECIPE)
     cfg = base.override({"data": {"dataset": dataset, "data_root": None if data_root is None else str(data_root),
                                   "backbones": backbones}, "model": {"arch": "concat"}}).resolved()
+    cfg = replace(cfg, device=str(resolve_device(base.device)))
     return cfg, "concat-" + "+".join(_short(n) for n in cfg.data.backbones)
 
 

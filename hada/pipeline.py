@@ -301,7 +301,10 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
     from hada.backbones.spec import resolve_spec, split_snapshot
     from hada.experiments import AUGMENT_VIEWS, book_runs, book_second_stages
 
-    configs = [(name, config.resolved()) for name, config in book_runs(setting)]
+    # What a step reads (its backbones) comes from the resolved config; what it is handed keeps the chapter's device
+    # as given, since resolving keeps only its type ("cuda", not "cuda:1") and the run resolves it again itself.
+    given = book_runs(setting)
+    configs = [(name, config.resolved()) for name, config in given]
     seconds = [(stages, stages.second[1].resolved()) for stages in book_second_stages(setting)]
     specs = list(dict.fromkeys([*setting.backbones, *(b for _, c in configs for b in c.data.backbones)]))
     augmented = augment_policies(configs + [(stages.name, c) for stages, c in seconds])
@@ -318,15 +321,23 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
         steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec,
                                                           setting.device, *views), after, cost=1.0))
     if runs:
-        for name, config in configs:
-            steps.append(Step(f"train {name}", _train, (config.to_dict(), name),
+        for (name, config), (_, as_given) in zip(configs, given):
+            steps.append(Step(f"train {name}", _train, (_on(config, as_given).to_dict(), name),
                               tuple(f"features {b}" for b in config.data.backbones), cost=run_cost(config)))
         for stages, config in seconds:  # after its first stage, whose folder it starts from
             (first_name, first), name = stages.first, stages.name
             steps.append(Step(f"train {name}", _train_second_stage,
-                              (first.resolved().to_dict(), first_name, config.to_dict(), name),
+                              (_on(first.resolved(), first).to_dict(), first_name,
+                               _on(config, stages.second[1]).to_dict(), name),
                               (f"train {first_name}",), cost=run_cost(config)))
     return steps
+
+
+def _on(resolved, as_given):
+    """``resolved`` with the device ``as_given`` names (``cuda:1`` stays ``cuda:1``: the run resolves it again)."""
+    from dataclasses import replace
+
+    return replace(resolved, device=as_given.device)
 
 
 def store_bytes_needed(setting) -> int:

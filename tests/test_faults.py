@@ -726,6 +726,29 @@ def test_scale_device_cuda_1_reaches_the_training_loop(monkeypatch, tmp_path):
     assert set(seen["shared"]) == {torch.device("cuda", 1)}
 
 
+def test_scale_book_device_cuda_1_reaches_every_training_step(monkeypatch):
+    """A chapter's ``device: cuda:1`` (papermill ``-p device cuda:1``, ``hada prepare --device cuda:1``): each
+    training step ``hada prepare`` hands a worker named "cuda" (the resolved config keeps only the type), so the
+    book's runs trained on cuda:0. CUDA is mocked (two devices); the steps are built, none is run."""
+    import dataclasses
+
+    import torch
+
+    from hada.experiments import resolve
+    from hada.pipeline import book_steps
+
+    setting = resolve()  # the embedded default, on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    steps = [s for s in book_steps(dataclasses.replace(setting, device="cuda:1")) if s.name.startswith("train ")]
+    assert steps
+    for step in steps:  # _train(config, name) or _train_second_stage(first, first_name, second, name)
+        devices = {a["device"] for a in step.args if isinstance(a, dict)}
+        assert devices == {"cuda:1"}, (step.name, devices)
+    assert "auto" not in {s.args[0]["model"]["precision"] for s in steps}  # resolved, as a worker trains it
+
+
 def _scale_toy_open(config, split):
     """The same toy stores in every process (deterministic by split)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
