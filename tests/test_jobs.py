@@ -16,10 +16,16 @@ GB = 10**9
     (4, 25 * GB, 2),
     (16, 200 * GB, 8),   # never more than 8
     (4, 3 * GB, 1),      # always at least one
-    (2, None, 2),        # memory unknown (not Linux): the cores
 ])
 def test_default_jobs_from_cores_and_memory(cores, memory, jobs):
     assert default_jobs(cores=cores, memory=memory) == jobs
+
+
+def test_default_jobs_without_a_memory_reading_is_the_cores(monkeypatch):
+    """Where no memory can be read (not Linux), the cores decide. (``memory=None`` means "read this machine", so
+    the case is mocked: passed as None, it depended on the memory free while the test ran.)"""
+    monkeypatch.setattr(pipeline, "available_memory", lambda: None)
+    assert default_jobs(cores=2) == 2
 
 
 def test_default_jobs_reads_this_machine(monkeypatch):
