@@ -164,3 +164,30 @@ def test_real_data_path_without_data_stops_with_one_clear_message(tmp_path):
     executed = [c for c in json.loads(out.read_text())["cells"]
                 if c["cell_type"] == "code" and c.get("execution_count")]
     assert len(executed) <= 3, "the chapter should stop at its first cell after the parameters"
+
+
+def test_make_books_build_reads_the_chapters_on_several_processes(monkeypatch):
+    """`make book` runs jupyter-book with Sphinx's `parallel` (which its command never sets), and the two bundled
+    extensions that do not declare parallel reading safe are declared so (else Sphinx reads on one process)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import jupyter_book.cli.main
+    import jupyter_book.sphinx
+
+    spec = importlib.util.spec_from_file_location("hada_parallel", ROOT / "book" / "_ext" / "hada_parallel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    seen = {}
+    monkeypatch.setattr(jupyter_book.sphinx, "build_sphinx", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(jupyter_book.cli.main, "main", lambda: jupyter_book.sphinx.build_sphinx("src", "out", jobs=None))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    module.main(["--jobs", "3", "build", "book/"])
+    assert seen["jobs"] == 3 and sys.argv == ["jupyter-book", "build", "book/"]
+
+    undeclared = {name: SimpleNamespace(parallel_read_safe=None) for name in module.SAFE_UNDECLARED}
+    other = SimpleNamespace(parallel_read_safe=None)
+    module.declare_parallel_safe(SimpleNamespace(extensions={**undeclared, "someone_else": other}))
+    assert all(ext.parallel_read_safe for ext in undeclared.values())
+    assert other.parallel_read_safe is None  # only the two named
