@@ -1,15 +1,18 @@
-"""The experiments as data: a chapter's resolved parameters (:class:`Setting`), the configuration of every run the
-book trains (results for K = 2 and 3, the ablations), and the baseline rows of the results table. Both the chapters
-and ``hada prepare`` read their runs from here, so they cannot disagree. A run's identity, folder and train-or-load
-live in :mod:`hada.runs`.
+"""The experiments as data: a chapter's resolved parameters (:class:`Setting`), every run the book trains resolved
+once per setting (:func:`plan`: results for K = 2 and 3 with their seeds, the HADA-LAVIS graph, the recipes, the
+strength pairs, the ablations), and the rows of the results. The chapters and ``hada prepare`` read their runs from
+the one plan, so they cannot disagree; below it, :mod:`hada.runs` receives resolved configurations and names,
+keys, trains or loads each run.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
@@ -27,13 +30,21 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     ``config`` sets the concatenation run's training (epochs, seed, loss); its data and arch fields
     are overridden. Untrained rows are cached as json next to the runs, keyed like runs.
     """
+    plain_cfg, _ = concat_run(dataset, backbones, data_root, config)  # embeddings only
+    return baseline_rows(plain_cfg, split, concat, progress)
+
+
+def baseline_rows(plain_cfg: TrainConfig, split: str = "test", concat: bool = True,
+                  progress: bool | None = None) -> list[dict]:
+    """:func:`baseline_table`'s rows for a resolved concat + linear configuration ``plain_cfg`` (a chapter's from
+    its :func:`plan`): its backbones alone, their average and (``concat``) the trained run, on ``split``."""
     from hada.baselines import untrained_baselines
     from hada.metrics import retrieval_metrics
     from hada.metrics import metric_row, row_label
 
-    plain_cfg, run_name = concat_run(dataset, backbones, data_root, config)  # embeddings only
     names = plain_cfg.data.backbones
     fp = features_fingerprint(plain_cfg)
+    dataset = plain_cfg.data.dataset
     key = content_key({"dataset": dataset, "backbones": names, "split": split, "features": fp})  # store contents
     cache = runs_dir() / "baselines" / f"{dataset}-{split}-{key}.json"
     if cache.exists():
@@ -166,9 +177,10 @@ BOOK_RECIPE = "miniature"
 
 
 def base_config(setting: Setting, k: int = 2, recipe_name: str = BOOK_RECIPE, backbones=None, **overrides):
-    """The book's default HADA configuration for the first ``k`` backbones (or ``backbones``), chapter parameters
+    """The book's HADA configuration for the first ``k`` backbones (or ``backbones``), unresolved: chapter parameters
     (data, budget, seed, device) applied to the recipe ``recipe_name``; ``overrides`` by a setting's own name
-    (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``)."""
+    (``gnn="gcn"``) or dotted path (``**{"model.layers": 2}``). Only :func:`plan` (and :func:`hada_run` beyond
+    the plan) call it: a consumer reads the plan's resolved runs."""
     chapter = {"data": {"dataset": setting.dataset, "data_root": data_root_arg(setting),
                         "backbones": list(backbones or setting.backbones_for(k))},
                "optim": {"epochs": setting.epochs, "pairs_per_epoch": setting.pairs_per_epoch},
@@ -183,7 +195,7 @@ def data_root_arg(setting: Setting):
 
 
 #: How many seeds the results chapter trains each fusion row with, per K: the chapter's seed and the next ones.
-#: K=3 keeps one seed to save build time (the chapter says so).
+#: K=3 keeps one seed to save build time (the chapter says so). Its keys are the K the results are trained for.
 RESULT_SEEDS: dict[int, int] = {2: 3, 3: 1}
 
 
@@ -195,18 +207,6 @@ def result_seeds(setting: Setting, k: int = 2) -> tuple[int, ...]:
 def _seeded(name: str, setting: Setting, seed: int) -> str:
     """The chapter seed's run keeps its plain name (the ablations' default is that run); others add the seed."""
     return name if seed == setting.seed else f"{name}-seed{seed}"
-
-
-def result_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
-    """``(run name, TrainConfig)`` of the runs ``results`` trains: concat + linear, and HADA, for each seed of
-    :func:`result_seeds`."""
-    runs = []
-    for seed in result_seeds(setting, k):
-        config = base_config(replace(setting, seed=seed), k)
-        concat_config, concat_name = concat_run(setting.dataset, list(setting.backbones_for(k)),
-                                                data_root_arg(setting), config)
-        runs += [(_seeded(concat_name, setting, seed), concat_config), (_seeded(f"hada-k{k}", setting, seed), config)]
-    return runs
 
 
 #: HADA-LAVIS's departures from the published graph and loss (a backbone as ONE node, ITC 0.5 / 0.5), taken from
@@ -228,32 +228,44 @@ def lavis_graph_overrides(stage: str = "lavis") -> dict:
     return {path: get_path(values, path) for path in (*LAVIS_GRAPH_SETTINGS, *LAVIS_STAGE_SETTINGS[stage])}
 
 
+class Run(NamedTuple):
+    """One training run a chapter reads: its name in the book and its configuration, resolved by :func:`plan` on the
+    setting's exact device (``cuda:1`` stays ``cuda:1``, where :meth:`TrainConfig.resolved` alone keeps the type).
+    It unpacks as ``name, config``."""
+
+    name: str
+    config: TrainConfig
+
+
 @dataclass(frozen=True)
 class TwoStages:
-    """A run trained as two separate runs, as HADA-LAVIS is: ``first`` (name, TrainConfig) to early stopping, then
-    ``second`` warm-started from the first's best weights. The second's ``optim.init_from`` is the first's run
-    folder name, filled in once the first exists (its key needs the feature stores), so the second's own key
-    follows every change of the first."""
+    """A run trained as two separate runs, as HADA-LAVIS is: ``first`` to early stopping, then ``second``
+    warm-started from the first's best weights. The second's ``optim.init_from`` is the first's run folder name,
+    filled in once the first exists (its key needs the feature stores), so the second's own key follows every
+    change of the first."""
 
-    first: tuple[str, TrainConfig]
-    second: tuple[str, TrainConfig]
+    first: Run
+    second: Run
+
+    def __post_init__(self) -> None:  # a plain (name, config) pair is a Run
+        for stage in ("first", "second"):
+            object.__setattr__(self, stage, Run(*getattr(self, stage)))
 
     @property
     def name(self) -> str:
-        return self.second[0]
+        return self.second.name
 
     @property
     def seed(self) -> int:
-        return self.second[1].seed
+        return self.second.config.seed
 
     def second_config(self, first_run) -> TrainConfig:
         """The second stage's configuration, warm-started from the finished first stage ``first_run``."""
-        return self.second[1].override(**{"optim.init_from": first_run.run_dir.name})
+        return self.second.config.override(**{"optim.init_from": first_run.run_dir.name})
 
     def run(self, progress: bool | None = None):
         """Train (or load) both stages; the second stage's RunResult."""
-        name, config = self.first
-        first = run_experiment(config, progress=progress)
+        first = run_experiment(self.first.config, progress=progress)
         return run_experiment(self.second_config(first), progress=progress)
 
 
@@ -264,21 +276,6 @@ def lavis_stage_epochs(epochs: int) -> tuple[int, int]:
     return first, max(1, epochs - first)
 
 
-def lavis_graph_runs(setting: Setting) -> list[TwoStages]:
-    """The K=2 HADA-LAVIS-graph row, one :class:`TwoStages` per seed of :func:`result_seeds`: the book's recipe with
-    the second backbone entering the graph as one node (:func:`lavis_graph_overrides`), trained in HADA-LAVIS's
-    two stages within the book's budget (:func:`lavis_stage_epochs`): stage 1 without the mix, stage 2 warm-started
-    from it with the learned mix."""
-    epochs = lavis_stage_epochs(setting.epochs)
-    runs = []
-    for seed in result_seeds(setting, 2):
-        configs = [base_config(replace(setting, seed=seed, epochs=e), 2, **lavis_graph_overrides(stage))
-                   for e, stage in zip(epochs, ("lavis-stage1", "lavis"))]
-        runs.append(TwoStages((_seeded("hada-k2-lavis-graph-stage1", setting, seed), configs[0]),
-                              (_seeded("hada-k2-lavis-graph", setting, seed), configs[1])))
-    return runs
-
-
 #: Recipes the results chapter trains beside the book's own on the same data, budget and seed (one seed each).
 OTHER_RECIPES: tuple[str, ...] = ("paper",)
 
@@ -286,22 +283,12 @@ OTHER_RECIPES: tuple[str, ...] = ("paper",)
 AUGMENT_VIEWS = 3
 
 
-def recipe_runs(setting: Setting, k: int = 2) -> list[tuple[str, str, object]]:
-    """``(recipe, run name, TrainConfig)``: the book's recipe (its ``hada-k{k}`` run) and each of
-    :data:`OTHER_RECIPES`, all with the chapter's data, budget and seed."""
-    runs = [(BOOK_RECIPE, f"hada-k{k}", base_config(setting, k))]
-    return runs + [(name, f"{name}-k{k}", base_config(setting, k, recipe_name=name)) for name in OTHER_RECIPES]
+class RecipeRun(NamedTuple):
+    """A recipe trained on the chapter's data, budget and seed; unpacks as ``recipe, name, config``."""
 
-
-def hada_seed_rsums(setting: Setting, k: int = 2) -> list[float]:
-    """Test Rsum of each run of :func:`hada_seed_runs` (trained or loaded): the seed noise other rows are read
-    against."""
-    return [run_experiment(config).test_metrics["rsum"] for _, config in hada_seed_runs(setting, k)]
-
-
-def hada_seed_runs(setting: Setting, k: int = 2) -> list[tuple[str, object]]:
-    """The HADA runs among :func:`result_runs`, one per seed (the first is the ablations' default)."""
-    return [(name, config) for name, config in result_runs(setting, k) if config.model.arch == "hada"]
+    recipe: str
+    name: str
+    config: TrainConfig
 
 
 #: One change each against the default K=2 model, same budget and seed: the ablation chapter's rows.
@@ -318,18 +305,14 @@ ABLATIONS: tuple[tuple[str, int, dict], ...] = (
 )
 
 
-def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[tuple[str, str, object]]:
-    """``(label, run name, TrainConfig)`` of every variant this setting has the backbones for."""
-    runs = []
-    for label, k, overrides in variants:
-        if k > len(setting.backbones):
-            continue
-        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
-        runs.append((label, name, base_config(setting, k, **overrides)))
-    return runs
+class Ablation(NamedTuple):
+    """One row of the ablations; unpacks as ``label, name, config``."""
+
+    label: str
+    name: str
+    config: TrainConfig
 
 
-# ------------------------------------------------------------------------------ when does fusion help?
 def strength_pairs(setting: Setting) -> list[tuple[str, str]]:
     """The backbone pairs of "When does fusion help?": the setting's two main backbones with one of them (or
     both) replaced by a snapshot of its pretraining (``tiny-vit@1``, see ``hada/backbones/embedded.json``): the
@@ -343,37 +326,201 @@ def strength_pairs(setting: Setting) -> list[tuple[str, str]]:
     return [(f"{a}@1", b), (a, f"{b}@1"), (a, f"{b}@2"), (f"{a}@1", f"{b}@1")]
 
 
-def strength_runs(setting: Setting) -> list[tuple[str, object]]:
-    """``(run name, TrainConfig)``: the book's HADA on each backbone of :func:`strength_pairs` alone (K=1: the
-    graph of one backbone's tokens, the reference a second backbone has to beat) and on each pair (K=2)."""
+# ------------------------------------------------------------------------ the book's runs, resolved once
+@dataclass(frozen=True)
+class BookPlan:
+    """Every run the chapters read for one :class:`Setting`, each configuration resolved once by :func:`plan` and
+    grouped by what reads it. Consumers (the results, recipes, strength and ablation rows, ``hada prepare``'s steps)
+    take their configurations from here and never build their own, so they cannot disagree."""
+
+    setting: Setting
+    concat: dict[int, tuple[Run, ...]]  # the concat + linear row per K, one run per seed of result_seeds
+    hada: dict[int, tuple[Run, ...]]  # HADA per K, one run per seed; the first (the chapter's seed) is the default
+    lavis_graph: tuple[TwoStages, ...]  # the K=2 HADA-LAVIS-graph row, per seed
+    recipes: dict[int, tuple[RecipeRun, ...]]  # K=2: the book's recipe (its HADA run), then each OTHER_RECIPES
+    strength: tuple[Run, ...]  # "When does fusion help?": each backbone alone (K=1), then each pair (K=2)
+    ablations: tuple[Ablation, ...]  # each of ABLATIONS the setting has the backbones for
+    baselines: Run  # concat + linear on all the setting's backbones: the data each backbone alone is scored on
+
+    def for_k(self, runs: dict, k: int):
+        """``runs[k]``, or one line saying which K the book trains."""
+        if k not in runs:
+            self.setting.backbones_for(k)  # too few backbones: the setting's own line
+            raise HadaError(f"the book's runs are for K = {', '.join(map(str, runs))}, not K={k}")
+        return runs[k]
+
+    def results(self, k: int = 2) -> list[Run]:
+        """The results' trained runs for K backbones: concat + linear, then HADA, for each seed."""
+        return [run for pair in zip(self.for_k(self.concat, k), self.for_k(self.hada, k)) for run in pair]
+
+    def training(self) -> list[Run]:
+        """Every run ``hada prepare`` trains ahead of a build, each once (the ablations' default is the results'
+        HADA run), besides the second stages of :attr:`lavis_graph` (each after its first)."""
+        runs = [run for k in self.hada for run in self.results(k)]
+        runs += [Run(name, config) for k in self.recipes for _, name, config in self.recipes[k][1:]]
+        runs += [stages.first for stages in self.lavis_graph] + list(self.strength)
+        runs += [Run(name, config) for _, name, config in self.ablations]
+        unique: dict = {}
+        for run in runs:
+            unique.setdefault((run.name, json.dumps(run.config.to_dict(), sort_keys=True)), run)
+        return list(unique.values())
+
+
+def plan(setting: Setting) -> BookPlan:
+    """Every run the chapters read for ``setting``, resolved once per setting on this machine (memoised by the
+    setting and what resolving reads from the machine: the exact device, bfloat16 units, the default data folder)."""
+    from hada.config import has_bf16
+
+    device = _device(setting)
+    return _plan(setting, device, has_bf16(device.split(":")[0]), data_root_arg(setting))
+
+
+def _device(setting: Setting) -> str:
+    """The setting's exact device (``auto`` made ``cpu`` or ``cuda:N``), as every run of the plan keeps it."""
+    from hada.devices import resolve_device
+
+    return str(resolve_device(setting.device))
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(setting: Setting, device: str, bf16: bool, root) -> BookPlan:
+    """:func:`plan` for a setting on the exact ``device`` (``bf16`` and ``root`` only key the memo)."""
+    ks = [k for k in RESULT_SEEDS if k <= len(setting.backbones)]
+    results = {k: [_result_pair(setting, k, seed, device) for seed in result_seeds(setting, k)] for k in ks}
+    concat = {k: tuple(c for c, _ in pairs) for k, pairs in results.items()}
+    hada = {k: tuple(h for _, h in pairs) for k, pairs in results.items()}
+    recipes = {2: _recipes(setting, 2, hada[2][0], device)}  # the chapter compares the recipes at K=2
+    everything, name = concat_run(setting.dataset, list(setting.backbones), data_root_arg(setting),
+                                  base_config(setting, len(setting.backbones)))
+    return BookPlan(setting, concat, hada, _lavis_graph(setting, device), recipes, _strength(setting, device),
+                    _ablations(setting, device, hada), Run(name, everything))
+
+
+def _resolved(config: TrainConfig, device: str) -> TrainConfig:
+    """``config`` resolved (:meth:`TrainConfig.resolved`), on the exact ``device``."""
+    return replace(config.resolved(), device=device)
+
+
+def _result_pair(setting: Setting, k: int, seed: int, device: str) -> tuple[Run, Run]:
+    """The results' concat + linear and HADA runs for K backbones and one seed."""
+    config = base_config(replace(setting, seed=seed), k)
+    concat, name = concat_run(setting.dataset, list(setting.backbones_for(k)), data_root_arg(setting), config)
+    return (Run(_seeded(name, setting, seed), concat),
+            Run(_seeded(f"hada-k{k}", setting, seed), _resolved(config, device)))
+
+
+def _recipes(setting: Setting, k: int, book_run: Run, device: str) -> tuple[RecipeRun, ...]:
+    """The book's recipe (its HADA run ``book_run``, trained once) and each of :data:`OTHER_RECIPES`, K backbones."""
+    others = [RecipeRun(name, f"{name}-k{k}", _resolved(base_config(setting, k, recipe_name=name), device))
+              for name in OTHER_RECIPES]
+    return (RecipeRun(BOOK_RECIPE, *book_run), *others)
+
+
+def _lavis_graph(setting: Setting, device: str) -> tuple[TwoStages, ...]:
+    """The K=2 HADA-LAVIS-graph row, one :class:`TwoStages` per seed of :func:`result_seeds`: the book's recipe with
+    the second backbone entering the graph as one node (:func:`lavis_graph_overrides`), trained in HADA-LAVIS's
+    two stages within the book's budget (:func:`lavis_stage_epochs`): stage 1 without the mix, stage 2 warm-started
+    from it with the learned mix."""
+    epochs = lavis_stage_epochs(setting.epochs)
+    runs = []
+    for seed in result_seeds(setting, 2):
+        first, second = [_resolved(base_config(replace(setting, seed=seed, epochs=e), 2,
+                                               **lavis_graph_overrides(stage)), device)
+                         for e, stage in zip(epochs, ("lavis-stage1", "lavis"))]
+        runs.append(TwoStages(Run(_seeded("hada-k2-lavis-graph-stage1", setting, seed), first),
+                              Run(_seeded("hada-k2-lavis-graph", setting, seed), second)))
+    return tuple(runs)
+
+
+def _strength(setting: Setting, device: str) -> tuple[Run, ...]:
+    """The book's HADA on each backbone of :func:`strength_pairs` alone (K=1: the graph of one backbone's tokens,
+    the reference a second backbone has to beat) and on each pair (K=2)."""
     pairs = strength_pairs(setting)
     if not pairs:
-        return []
+        return ()
     singles = dict.fromkeys(b for pair in [tuple(setting.backbones_for(2)), *pairs] for b in pair)
-    runs = [(f"hada-k1-{_short(b)}", base_config(setting, 1, backbones=(b,))) for b in singles]
-    return runs + [("hada-k2-" + "+".join(_short(n) for n in pair), base_config(setting, 2, backbones=pair))
-                   for pair in pairs]
+    runs = [Run(f"hada-k1-{_short(b)}", _resolved(base_config(setting, 1, backbones=(b,)), device)) for b in singles]
+    return tuple(runs + [Run("hada-k2-" + "+".join(_short(n) for n in pair),
+                             _resolved(base_config(setting, 2, backbones=pair), device)) for pair in pairs])
 
 
-def book_runs(setting: Setting) -> list[tuple[str, object]]:
-    """Every training run the chapters read (results for K=2 and K=3 with the other recipes, the first stage of the
-    HADA-LAVIS graph and the strength pairs, the ablations), each once: what ``hada prepare`` trains ahead of a
-    build, besides the second stages of :func:`book_second_stages` (each after its first)."""
-    runs = [run for k in (2, 3) if k <= len(setting.backbones) for run in result_runs(setting, k)]
-    runs += [(name, config) for _, name, config in recipe_runs(setting)[1:]]
-    runs += [stages.first for stages in lavis_graph_runs(setting)] + strength_runs(setting)
-    runs += [(name, config) for _, name, config in ablation_runs(setting)]
-    unique: dict = {}
-    for name, config in runs:
-        unique.setdefault((name, json.dumps(config.resolved().to_dict(), sort_keys=True)), (name, config))
-    return list(unique.values())
+def _ablations(setting: Setting, device: str, hada: dict[int, tuple[Run, ...]]) -> tuple[Ablation, ...]:
+    """Each of :data:`ABLATIONS` this setting has the backbones for; a row without overrides is the results' HADA
+    run at the chapter's seed (``hada``), trained once."""
+    runs = []
+    for label, k, overrides in ABLATIONS:
+        if k > len(setting.backbones):
+            continue
+        if not overrides and k in hada:
+            runs.append(Ablation(label, *hada[k][0]))
+            continue
+        name = f"hada-k{k}" if not overrides else "ablation-" + "-".join(f"{a}{b}" for a, b in overrides.items())
+        runs.append(Ablation(label, name, _resolved(base_config(setting, k, **overrides), device)))
+    return tuple(runs)
 
+
+def hada_run(setting: Setting, k: int = 2, **overrides) -> Run:
+    """The book's HADA run for K backbones at the chapter's seed (the plan's); with ``overrides``, or a K the book
+    does not train, one run beyond the plan, resolved the plan's way (a test's smaller model, a reader's try)."""
+    book = plan(setting)
+    if not overrides and k in book.hada:
+        return book.hada[k][0]
+    return Run(f"hada-k{k}", _resolved(base_config(setting, k, **overrides), _device(setting)))
+
+
+# ------------------------------------------------------------------------------- what each chapter reads
+def result_runs(setting: Setting, k: int = 2) -> list[Run]:
+    """The runs ``results`` trains: concat + linear, and HADA, for each seed of :func:`result_seeds`."""
+    return plan(setting).results(k)
+
+
+def hada_seed_runs(setting: Setting, k: int = 2) -> list[Run]:
+    """The HADA runs among :func:`result_runs`, one per seed (the first is the ablations' default)."""
+    book = plan(setting)
+    return list(book.for_k(book.hada, k))
+
+
+def hada_seed_rsums(setting: Setting, k: int = 2) -> list[float]:
+    """Test Rsum of each run of :func:`hada_seed_runs` (trained or loaded): the seed noise other rows are read
+    against."""
+    return [run_experiment(config).test_metrics["rsum"] for _, config in hada_seed_runs(setting, k)]
+
+
+def lavis_graph_runs(setting: Setting) -> list[TwoStages]:
+    """The K=2 HADA-LAVIS-graph row's runs, two stages per seed (:func:`_lavis_graph`)."""
+    return list(plan(setting).lavis_graph)
+
+
+def recipe_runs(setting: Setting, k: int = 2) -> list[RecipeRun]:
+    """The book's recipe (its ``hada-k{k}`` run) and each of :data:`OTHER_RECIPES`, all with the chapter's data,
+    budget and seed."""
+    book = plan(setting)
+    return list(book.for_k(book.recipes, k))
+
+
+def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[Ablation]:
+    """The plan's ablations among ``variants`` (rows of :data:`ABLATIONS`), in their order."""
+    unknown = [label for label, *rest in variants if (label, *rest) not in ABLATIONS]
+    if unknown:
+        raise HadaError(f"not among the book's ablations (hada.experiments.ABLATIONS): {', '.join(unknown)}")
+    book = {a.label: a for a in plan(setting).ablations}
+    return [book[label] for label, _, _ in variants if label in book]
+
+
+def strength_runs(setting: Setting) -> list[Run]:
+    """The runs of "When does fusion help?" (:func:`_strength`); empty without pretraining snapshots."""
+    return list(plan(setting).strength)
+
+
+def book_runs(setting: Setting) -> list[Run]:
+    """Every training run the chapters read, each once (:meth:`BookPlan.training`)."""
+    return plan(setting).training()
 
 
 def book_second_stages(setting: Setting) -> list[TwoStages]:
     """The runs the chapters read that warm-start from another (the HADA-LAVIS graph's second stages): ``hada
     prepare`` trains each after its first stage, which :func:`book_runs` lists."""
-    return lavis_graph_runs(setting)
+    return list(plan(setting).lavis_graph)
 
 
 # --------------------------------------------------------------------- every result row, with its seeds
@@ -412,11 +559,12 @@ def _cached_ranks(path: Path, compute) -> tuple:
         return f["i2t"], f["t2i"]
 
 
-def run_test_ranks(run) -> tuple:
-    """Per-query test ranks of a finished run (``hada.runs.RunResult``), computed once from its best model."""
+def run_test_ranks(run, device: str | None = None) -> tuple:
+    """Per-query test ranks of a finished run (``hada.runs.RunResult``, its config as training wrote it: resolved),
+    computed once from its best model on ``device`` (the plan's exact device; by default the config's)."""
     from hada.metrics import retrieval_ranks
 
-    config = run.config.resolved()
+    config = run.config if device is None else replace(run.config, device=device)
     split = config.data.test_split
 
     def compute():
@@ -457,37 +605,36 @@ def _tensor(array):
 def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -> tuple[list[SystemResult], object]:
     """Every row of the results for K backbones on the test split (each backbone, their average, concat +
     linear, HADA; the trained rows once per seed of :func:`result_seeds`), and the split's caption -> image
-    index. Trains (or loads) the runs of :func:`result_runs`."""
+    index. Trains (or loads) the runs of the setting's :func:`plan`."""
     import numpy as np
 
-    runs = result_runs(setting, k)
-    concat_config = runs[0][1].resolved()
-    split = concat_config.data.test_split
-    systems = _untrained_systems(concat_config, split)
     from hada.metrics import row_label
 
-    for kind in ("concat", "hada"):  # each row's kind is its architecture
-        systems.append(trained_system(row_label(kind, concat_config.data.backbones), kind,
-                                      [(n, c) for n, c in runs if c.model.arch == kind], progress))
+    book = plan(setting)
+    rows = {"concat": book.for_k(book.concat, k), "hada": book.for_k(book.hada, k)}  # each row's kind: its arch
+    concat_config = rows["concat"][0].config
+    split = concat_config.data.test_split
+    systems = _untrained_systems(concat_config, split)
+    for kind, runs in rows.items():
+        systems.append(trained_system(row_label(kind, concat_config.data.backbones), kind, runs, progress))
     if k == 2:
         one_node = concat_config.data.backbones[1]
         systems.append(trained_system(f"HADA-LAVIS graph (K=2, {one_node} as one node)", "variant",
-                                      lavis_graph_runs(setting), progress))
+                                      book.lavis_graph, progress))
     return systems, np.asarray(shared_data(concat_config, split).caption_image_index)
 
 
 def trained_system(label: str, kind: str, runs: list, progress: bool | None = None) -> SystemResult:
-    """A results row from ``(run name, TrainConfig)`` runs or :class:`TwoStages`, one per seed (each trained or
+    """A results row from a plan's :class:`Run` or :class:`TwoStages` runs, one per seed (each trained or
     loaded; of two stages, the second is the row's)."""
     row = SystemResult(label, kind, [], [])
     for item in runs:
         if isinstance(item, TwoStages):
-            run, seed = item.run(progress), item.seed
+            run, seed, device = item.run(progress), item.seed, item.second.config.device
         else:
-            name, config = item
-            run, seed = run_experiment(config, progress=progress), config.seed
+            run, seed, device = run_experiment(item.config, progress=progress), item.config.seed, item.config.device
         row.metrics.append(run.test_metrics)
-        row.ranks.append(run_test_ranks(run))
+        row.ranks.append(run_test_ranks(run, device))
         row.seeds += (seed,)
     return row
 
@@ -553,10 +700,11 @@ class StrengthPoint:
 def strength_points(setting: Setting, progress: bool | None = None) -> list[StrengthPoint]:
     """The setting's own two backbones and the pairs of :func:`strength_pairs`, each backbone trained alone and
     the pair fused (:func:`strength_runs`); empty without pretraining snapshots."""
-    runs = dict(strength_runs(setting))
+    book = plan(setting)
+    runs = dict(book.strength)
     if not runs:
         return []
-    runs["hada-k2"] = base_config(setting, 2)  # the results' own run on the setting's two backbones
+    runs["hada-k2"] = book.for_k(book.hada, 2)[0].config  # the results' own run on the setting's two backbones
     names = {tuple(c.data.backbones): name for name, c in runs.items()}
     done = {}
 
@@ -569,9 +717,9 @@ def strength_points(setting: Setting, progress: bool | None = None) -> list[Stre
     points = []
     for pair in [tuple(setting.backbones_for(2)), *strength_pairs(setting)]:
         singles = [result((b,)) for b in pair]
-        config = runs[names[pair]].resolved()
+        config = runs[names[pair]]
         alone = _untrained_systems(config, config.data.test_split)[:2]
-        hits = [run_test_ranks(run)[1] < 5 for run in singles]
+        hits = [run_test_ranks(run, config.device)[1] < 5 for run in singles]
         points.append(StrengthPoint(pair, tuple(run.test_metrics["rsum"] for run in singles),
                                     tuple(s.metrics[0]["rsum"] for s in alone), result(pair).test_metrics["rsum"],
                                     100.0 * float((hits[0] != hits[1]).mean())))

@@ -264,10 +264,10 @@ def _train(config: dict, name: str) -> None:
 def _train_second_stage(first: dict, first_name: str, second: dict, second_name: str) -> None:
     """The second of two stages (:class:`hada.experiments.TwoStages`): loads the finished first, trains the second
     from it."""
-    from hada.experiments import TwoStages
+    from hada.experiments import Run, TwoStages
     from hada.train import TrainConfig
 
-    stages = TwoStages((first_name, TrainConfig.from_dict(first)), (second_name, TrainConfig.from_dict(second)))
+    stages = TwoStages(Run(first_name, TrainConfig.from_dict(first)), Run(second_name, TrainConfig.from_dict(second)))
     stages.run(progress=False if _IN_WORKER else None)
 
 
@@ -296,18 +296,15 @@ def augment_policies(configs) -> dict[str, str]:
 def book_steps(setting, runs: bool = True) -> list[Step]:
     """The steps behind a ``hada.experiments.Setting``: pretrain its embedded backbones, extract the features of
     every backbone a run reads (pretraining snapshots such as ``tiny-vit@1`` included, with augmented views
-    where a run uses them), and (``runs``) train every run the chapters read (``hada.experiments.book_runs``)."""
+    where a run uses them), and (``runs``) train every run the chapters read (``hada.experiments.plan``)."""
     from hada.backbones import EMBEDDED_BACKBONES
     from hada.backbones.spec import resolve_spec, split_snapshot
-    from hada.experiments import AUGMENT_VIEWS, book_runs, book_second_stages
+    from hada.experiments import AUGMENT_VIEWS, plan
 
-    # What a step reads (its backbones) comes from the resolved config; what it is handed keeps the chapter's device
-    # as given, since resolving keeps only its type ("cuda", not "cuda:1") and the run resolves it again itself.
-    given = book_runs(setting)
-    configs = [(name, config.resolved()) for name, config in given]
-    seconds = [(stages, stages.second[1].resolved()) for stages in book_second_stages(setting)]
+    book = plan(setting)  # resolved once, on the chapter's exact device; each step is handed its run's config as is
+    configs, seconds = book.training(), book.lavis_graph
     specs = list(dict.fromkeys([*setting.backbones, *(b for _, c in configs for b in c.data.backbones)]))
-    augmented = augment_policies(configs + [(stages.name, c) for stages, c in seconds])
+    augmented = augment_policies(configs + [stages.second for stages in seconds])
     steps = []
     for name in dict.fromkeys(split_snapshot(spec)[0] for spec in specs):
         if name in EMBEDDED_BACKBONES:
@@ -321,33 +318,25 @@ def book_steps(setting, runs: bool = True) -> list[Step]:
         steps.append(Step(f"features {spec}", _features, (setting.dataset, str(setting.data_root), spec,
                                                           setting.device, *views), after, cost=1.0))
     if runs:
-        for (name, config), (_, as_given) in zip(configs, given):
-            steps.append(Step(f"train {name}", _train, (_on(config, as_given).to_dict(), name),
+        for name, config in configs:
+            steps.append(Step(f"train {name}", _train, (config.to_dict(), name),
                               tuple(f"features {b}" for b in config.data.backbones), cost=run_cost(config)))
-        for stages, config in seconds:  # after its first stage, whose folder it starts from
-            (first_name, first), name = stages.first, stages.name
+        for stages in seconds:  # after its first stage, whose folder it starts from
+            (first_name, first), (name, config) = stages.first, stages.second
             steps.append(Step(f"train {name}", _train_second_stage,
-                              (_on(first.resolved(), first).to_dict(), first_name,
-                               _on(config, stages.second[1]).to_dict(), name),
+                              (first.to_dict(), first_name, config.to_dict(), name),
                               (f"train {first_name}",), cost=run_cost(config)))
     return steps
-
-
-def _on(resolved, as_given):
-    """``resolved`` with the device ``as_given`` names (``cuda:1`` stays ``cuda:1``: the run resolves it again)."""
-    from dataclasses import replace
-
-    return replace(resolved, device=as_given.device)
 
 
 def store_bytes_needed(setting) -> int:
     """Upper bound of the bytes of every feature store the book reads for ``setting``: each backbone's train, val
     and test split (text padded to the context length) and the augmented views of the runs that use them."""
     from hada.backbones.spec import split_snapshot
-    from hada.experiments import AUGMENT_VIEWS, book_runs
+    from hada.experiments import AUGMENT_VIEWS, plan
     from hada.features.store import store_shapes
 
-    configs = [config.resolved() for _, config in book_runs(setting)]
+    configs = [config for _, config in plan(setting).training()]
     specs = list(dict.fromkeys([*setting.backbones, *(b for c in configs for b in c.data.backbones)]))
     augmented = {b for c in configs if c.data.augment_p > 0 for b in c.data.backbones}
     total = 0

@@ -111,7 +111,7 @@ def test_results_train_three_seeds_for_k2_and_one_for_k3_and_prepare_makes_them(
     names = [name for name, _ in hx.book_runs(setting)]
     assert {name for name, _ in k2} <= set(names) and len(names) == len(set(names))
     # the seeds differ only in the seed: the default K=2 run is the ablations' default, trained once
-    base = hx.base_config(setting, 2).to_dict()
+    base = hx.plan(setting).hada[2][0].config.to_dict()
     assert all({**c.to_dict(), "seed": 5} == base for name, c in k2 if name.startswith("hada"))
 
 

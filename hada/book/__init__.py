@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 
-from hada.experiments import ABLATIONS, Setting, ablation_runs, base_config, data_root_arg, resolve
+from hada.experiments import ABLATIONS, Setting, ablation_runs, hada_run, plan, resolve
 
 # Libraries import tqdm.auto, which warns in a kernel without ipywidgets; our own bars are plain text.
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -103,10 +103,11 @@ def edge_weight_table(setting: Setting | None = None):
 
 
 def train_hada(setting: Setting, k: int = 2, **overrides):
-    """Train (or load the cached) default HADA run for K backbones; returns a ``RunResult``."""
+    """Train (or load the cached) default HADA run for K backbones (``overrides``: one beyond the book's plan);
+    returns a ``RunResult``."""
     from hada.runs import run_experiment
 
-    return run_experiment(base_config(setting, k, **overrides))
+    return run_experiment(hada_run(setting, k, **overrides).config)
 
 
 def run_summary(run):
@@ -226,11 +227,10 @@ def claim_table(table, setting: Setting):
 
 def backbone_table(setting: Setting):
     """Each backbone alone (its own embeddings' cosine) on the test split."""
-    from hada.experiments import baseline_table
+    from hada.experiments import baseline_rows
     from hada.book.tables import ResultsTable
 
-    rows = baseline_table(setting.dataset, list(setting.backbones), "test", data_root=data_root_arg(setting),
-                          concat=False, config=base_config(setting, len(setting.backbones)))
+    rows = baseline_rows(plan(setting).baselines.config, "test", concat=False)
     return ResultsTable([r for r in rows if r["kind"] == "backbone"],
                         caption=f"Each backbone alone, test split of {setting.dataset}")
 
@@ -298,13 +298,13 @@ def retrieval_seen(setting: Setting, k: int = 2, n_random: int = 3, n_wins: int 
     win/loss counts)."""
     from hada.baselines import backbone_similarity
     from hada.book.views import RetrievalView
-    from hada.experiments import baseline_table
+    from hada.experiments import baseline_rows
     from hada.search import compare_text_to_image
 
     search = _run_search(setting, k)
     names = search.specs  # the run's backbones, resolved as the baseline rows name them
-    rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=data_root_arg(setting),
-                          concat=False, config=base_config(setting, k))
+    book = plan(setting)
+    rows = baseline_rows(book.for_k(book.concat, k)[0].config, "test", concat=False)
     best = max((r for r in rows if r["kind"] == "backbone"), key=lambda r: r["rsum"])
     similarities = {best["name"]: backbone_similarity(search.data, names.index(best["name"])),
                     f"HADA (K={k})": search.similarity()}
