@@ -45,7 +45,8 @@ def baseline_rows(plain_cfg: TrainConfig, split: str = "test", concat: bool = Tr
     names = plain_cfg.data.backbones
     fp = features_fingerprint(plain_cfg)
     dataset = plain_cfg.data.dataset
-    key = content_key({"dataset": dataset, "backbones": names, "split": split, "features": fp})  # store contents
+    key = content_key({"dataset": dataset, "backbones": names, "split": split, "features": fp,  # store contents
+                       **_scored_captions(plain_cfg, split)})
     cache = runs_dir() / "baselines" / f"{dataset}-{split}-{key}.json"
     if cache.exists():
         rows = json.loads(cache.read_text())
@@ -581,7 +582,8 @@ def _untrained_systems(config, split: str) -> list[SystemResult]:
 
     names = config.data.backbones
     key = content_key({"dataset": config.data.dataset, "backbones": names, "split": split,
-                       "features": features_fingerprint(config)})  # the stores' contents, not their folder
+                       "features": features_fingerprint(config),  # the stores' contents, not their folder
+                       **_scored_captions(config, split)})
     sources = [(row_label("backbone", names, k), "backbone", lambda data, k=k: backbone_similarity(data, k))
                for k in range(len(names))]
     sources.append((row_label("average", names), "average", averaging_similarity))
@@ -594,6 +596,15 @@ def _untrained_systems(config, split: str) -> list[SystemResult]:
         ranks = _cached_ranks(runs_dir() / "ranks" / f"untrained-{key}-{i}-{split}.npz", compute)
         out.append(SystemResult(name, kind, [metrics_from_ranks(*map(_tensor, ranks))], [ranks]))
     return out
+
+
+def _scored_captions(config, split: str) -> dict:
+    """What an untrained row's cache key adds for a run keeping the first N captions of each test image (nothing
+    when every caption is scored, so the keys of those rows stay what they were)."""
+    from hada.train import split_options
+
+    n = split_options(config, split)["captions_per_image"]
+    return {} if n is None else {"captions_per_image": n}
 
 
 def _tensor(array):

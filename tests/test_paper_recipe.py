@@ -528,3 +528,23 @@ def test_departure_table_has_a_reason_for_every_setting_where_the_recipes_differ
     monkeypatch.setattr(departures, "DEPARTURES", trimmed)
     with pytest.raises(HadaError, match="optim.lr"):
         departures.departure_table(train_captions=15_000)
+
+
+def test_baselines_score_the_first_test_captions_too(toy_world):
+    """The untrained rows (each backbone alone, their average) of a run keeping the first N captions of each test
+    image are scored on those captions: their caches were keyed without the option, so a second setting read the
+    first one's rows (scored on every caption)."""
+    from hada.baselines import untrained_baselines
+    from hada.experiments import _untrained_systems, baseline_rows
+    from hada.runs import shared_data
+
+    every, first = (tiny_paper(test_captions_per_image=n).resolved() for n in (None, 1))
+    for config in (every, first):  # every caption first, so the cache holds its rows when the other asks
+        rows = baseline_rows(config, "test", concat=False)
+        data = shared_data(config, "test")
+        assert data.n_captions == (12 if config is first else data.n_captions)
+        expected = [m["rsum"] for _, _, m in untrained_baselines(data, config.data.backbones)]
+        assert [r["rsum"] for r in rows] == pytest.approx(expected)
+        systems = _untrained_systems(config, "test")
+        assert [s.metrics[0]["rsum"] for s in systems] == pytest.approx(expected)
+    assert shared_data(every, "test").n_captions > 12
