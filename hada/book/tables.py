@@ -245,13 +245,15 @@ VERDICT_PHRASES = {"holds": "holds (its interval lies above zero)",
 
 
 def gain_row(key: str, name: str, reference_rsum: float, hada_rsum: float, boot) -> dict:
-    """One comparison from a ``hada.metrics.PairedBootstrap``: numbers for glue, formatted cells for the page."""
+    """One comparison from a ``hada.metrics.PairedBootstrap``: numbers for glue, formatted cells for the page. An
+    interval's two ends are joined by a no-break space, so a narrow column breaks a cell only between the estimate
+    and its interval (``book/_static/hada.css``)."""
     (low, high), (rel_low, rel_high) = boot.difference_interval, boot.relative_interval
     return {"key": key, "name": name, "reference": reference_rsum, "hada": hada_rsum,
             "difference": boot.difference, "low": low, "high": high,
             "relative": boot.relative, "relative_low": rel_low, "relative_high": rel_high,
-            "difference_text": f"{boot.difference:+.1f} [{low:+.1f}, {high:+.1f}]",
-            "relative_text": f"{boot.relative:+.1f}% [{rel_low:+.1f}, {rel_high:+.1f}]",
+            "difference_text": f"{boot.difference:+.1f} [{low:+.1f},\u00a0{high:+.1f}]",
+            "relative_text": f"{boot.relative:+.1f}% [{rel_low:+.1f},\u00a0{rel_high:+.1f}]",
             "verdict": boot.verdict, "phrase": VERDICT_PHRASES[boot.verdict]}
 
 
