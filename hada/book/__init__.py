@@ -260,6 +260,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     import numpy as np
 
     from hada.book.views import GraphSample
+    from hada.labels import backbone_labels
     from hada.data.datasets import load_dataset
     from hada.features.store import open_features
     from hada.model.graph import EdgeWeights, to_networkx
@@ -271,7 +272,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     text_counts = tuple(int(s.text_lengths[caption_row]) for s in stores)
     record = load_dataset(setting.dataset, setting.data_root, check_images=False).split(split)[index]
     weights = EdgeWeights()
-    return GraphSample(names, image_counts, text_counts, record.captions[0],
+    return GraphSample(tuple(backbone_labels(names)), image_counts, text_counts, record.captions[0],
                        to_networkx(image_counts, weights), to_networkx(text_counts, weights))
 
 
@@ -302,11 +303,11 @@ def retrieval_seen(setting: Setting, k: int = 2, n_random: int = 3, n_wins: int 
     from hada.search import compare_text_to_image
 
     search = _run_search(setting, k)
-    names = search.specs  # the run's backbones, resolved as the baseline rows name them
     rows = baseline_table(setting.dataset, list(setting.backbones_for(k)), "test", data_root=data_root_arg(setting),
                           concat=False, config=base_config(setting, k))
-    best = max((r for r in rows if r["kind"] == "backbone"), key=lambda r: r["rsum"])
-    similarities = {best["name"]: backbone_similarity(search.data, names.index(best["name"])),
+    singles = [r for r in rows if r["kind"] == "backbone"]  # in the order of the run's backbones
+    best = max(singles, key=lambda r: r["rsum"])
+    similarities = {best["name"]: backbone_similarity(search.data, singles.index(best)),
                     f"HADA (K={k})": search.similarity()}
     return RetrievalView(compare_text_to_image(search, similarities, n_random, n_wins, n_losses, top,
                                                seed=setting.seed))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from hada.labels import backbone_labels
 from hada.metrics import ROW_METRICS, beyond, metric_row, rank_correlation, relative_gain, seed_band, seed_std  # noqa: F401
 
 #: The labels of the result rows' numbers (:data:`hada.metrics.ROW_METRICS`), in that order.
@@ -322,7 +323,7 @@ class StrengthTable(Table):
 
     @classmethod
     def of(cls, points, noise: float) -> "StrengthTable":
-        rows = [{"name": " + ".join(p.pair), "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
+        rows = [{"name": " + ".join(backbone_labels(p.pair)), "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
                  "a": p.singles[0], "b": p.singles[1], "ratio": f"{p.ratio:.2f}", "disagreement": p.disagreement,
                  "hada": p.hada, "gain": f"{p.gain:+.1f}",
                  "beyond": "yes" if p.gain > noise else ("below" if p.gain < -noise else "no"),
@@ -367,7 +368,7 @@ class StrengthTable(Table):
 
         if not self.rows:
             return None
-        return plot_fusion_strength([{"label": " + ".join(p.pair), "ratio": p.ratio, "gain": p.gain,
+        return plot_fusion_strength([{"label": " + ".join(backbone_labels(p.pair)), "ratio": p.ratio, "gain": p.gain,
                                       "disagreement": p.disagreement} for p in self.points], self.noise)
 
 
