@@ -44,9 +44,11 @@ data: install
 # jupyter-book reruns a chapter only when its code cells change; `hada prepare` also clears its notebook cache
 # (_build/.jupyter_cache) when the code of hada/ changed since the chapters ran (comments and docstrings aside),
 # so the build re-executes them on the new numbers.
+# -W: a warning fails the build (a broken reference, a missing figure, an unknown cell output), and --keep-going
+# lists all of them before it fails instead of stopping at the first.
 book: install
 	$(BIN)/hada prepare
-	$(BIN)/jupyter-book build book/
+	$(BIN)/jupyter-book build -W --keep-going book/
 
 # JupyterLab on book/ (the repository as its root): a chapter's MyST source opens as a notebook through jupytext's
 # contents manager (jupytext enables it as a server extension in .venv/etc/jupyter) and runs cell by cell on
