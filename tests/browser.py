@@ -3,7 +3,7 @@ websocket library): one browser for many pages, each laid out at a chosen window
 script in the page (:data:`LAYOUT_JS`) or photographed. Used by ``tests/test_layout.py``; also a small command
 for the book's screenshots::
 
-    python tests/browser.py _build/html /work/screens intro 05_results results_all 09_retrieval_seen
+    python tests/browser.py _build/html screens intro 05_results fusion=05_results:#when-does-fusion-help
 
 Every host but the loopback goes to a closed proxy port, as in ``tests/test_render.py``: a page that needs the
 network shows it.
@@ -193,23 +193,14 @@ class Chromium:
     def layout_problems(self) -> dict:
         return json.loads(self.evaluate(LAYOUT_JS))
 
-    def screenshot(self, path: Path, selector: str | None = None, full_page: bool = False) -> None:
-        """A PNG of the window (or of the whole page, or of the element ``selector`` finds, with a margin)."""
-        params = {"format": "png"}
+    def screenshot(self, path: Path, selector: str | None = None) -> None:
+        """A PNG of the window as a reader sees it: at the page's top, or scrolled so that the element
+        ``selector`` finds starts just below the theme's header bar."""
         if selector is not None:
-            box = self.evaluate(
-                "(() => { const e = document.querySelector(%s); e.scrollIntoView({block: 'start'});"
-                " const r = e.getBoundingClientRect(); return [r.left + scrollX, r.top + scrollY, r.width,"
-                " r.height]; })()" % json.dumps(selector))
-            pad = 16
-            params["clip"] = {"x": max(box[0] - pad, 0), "y": max(box[1] - pad, 0), "width": box[2] + 2 * pad,
-                              "height": box[3] + 2 * pad, "scale": 1}
-            params["captureBeyondViewport"] = True
-        elif full_page:
-            size = self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
-            params["clip"] = {"x": 0, "y": 0, "width": size[0], "height": min(size[1], 16000), "scale": 1}
-            params["captureBeyondViewport"] = True
-        data = self.call("Page.captureScreenshot", session=True, **params)["data"]
+            where = "document.querySelector(%s).getBoundingClientRect().top + scrollY - 72" % json.dumps(selector)
+            self.evaluate(f"window.scrollTo(0, {where})")
+            self.evaluate(SETTLE_JS)
+        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
         Path(path).write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
@@ -251,21 +242,18 @@ def serve(folder: Path):
 
 
 def main(argv: list[str]) -> None:
-    """``SITE OUT PAGE...``: each page's top at both widths as ``OUT/<page>-<width>.png``; ``PAGE#id`` also
-    photographs the element with that id (``05_results#fusion-strength``) as ``OUT/<page>-<id>-<width>.png``."""
-    site, out, pages = Path(argv[0]), Path(argv[1]), argv[2:]
+    """``SITE OUT SHOT...``, a shot being ``PAGE`` (its top) or ``NAME=PAGE:SELECTOR`` (scrolled to an element):
+    each at both widths, as ``OUT/<PAGE or NAME>-<width>.png``."""
+    site, out, shots = Path(argv[0]), Path(argv[1]), argv[2:]
     out.mkdir(parents=True, exist_ok=True)
     with serve(site) as base, Chromium() as browser:
-        for page in pages:
-            name, _, anchor = page.partition("#")
+        for shot in shots:
+            name, _, where = shot.rpartition("=")
+            page, _, selector = where.partition(":")
             for width in (DESKTOP, PHONE):
-                browser.open(f"{base}/{name}.html", width)
-                if anchor:
-                    target = out / f"{name}-{anchor}-{width}.png"
-                    browser.screenshot(target, selector=f"#{anchor}")
-                else:
-                    target = out / f"{name}-{width}.png"
-                    browser.screenshot(target)
+                browser.open(f"{base}/{page}.html", width)
+                target = out / f"{name or page}-{width}.png"
+                browser.screenshot(target, selector or None)
                 print(target)
 
 
