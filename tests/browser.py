@@ -199,7 +199,8 @@ class Chromium:
         if selector is not None:
             where = "document.querySelector(%s).getBoundingClientRect().top + scrollY - 72" % json.dumps(selector)
             self.evaluate(f"window.scrollTo(0, {where})")
-            self.evaluate(SETTLE_JS)
+            # the theme folds its page contents away over a full-width cell in a 0.4 s transition
+            self.evaluate("new Promise((done) => setTimeout(done, 600))")
         data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
         Path(path).write_bytes(base64.b64decode(data))
 
