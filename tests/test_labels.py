@@ -55,3 +55,20 @@ def test_names_without_paths_are_kept():
     assert backbone_label("ViT-B-16:openai") == "ViT-B-16"
     assert backbone_label("local-dir:/models/my_clip/") == "my_clip"
     assert backbone_label("RN50:C:\\weights\\rn50.pt") == "RN50"
+
+
+def test_every_run_s_results_name_models_not_paths(tmp_path):
+    """The page "Every run's results" shows each run's CLIP_benchmark record, whose model names the specs."""
+    import json
+
+    from hada.book.results_all import GatheredResults, results_table
+    from hada.evaluate import clip_benchmark_record
+
+    specs = ["ViT-B-16:/weights/vit_b_16_openai.bin", "convnext_base:/weights/convnext_base_laion.bin"]
+    run_dir = tmp_path / "hada-k2-0123456789ab"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"data": {"backbones": specs}}))
+    metrics = {f"{way}_retrieval_recall@{k}": 50.0 for k in (1, 5, 10) for way in ("image", "text")}
+    record = clip_benchmark_record(metrics, "flickr30k", f"hada({' + '.join(specs)})", str(run_dir))
+    table = results_table(GatheredResults([(run_dir, record)], []))
+    assert [row["name"] for row in table.rows] == ["hada(ViT-B-16 + convnext_base)"]
