@@ -323,7 +323,8 @@ class StrengthTable(Table):
 
     @classmethod
     def of(cls, points, noise: float) -> "StrengthTable":
-        rows = [{"name": " + ".join(backbone_labels(p.pair)), "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
+        rows = [{"name": " + ".join(backbone_labels(p.pair)),
+                 "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
                  "a": p.singles[0], "b": p.singles[1], "ratio": f"{p.ratio:.2f}", "disagreement": p.disagreement,
                  "hada": p.hada, "gain": f"{p.gain:+.1f}",
                  "beyond": "yes" if p.gain > noise else ("below" if p.gain < -noise else "no"),
