@@ -44,11 +44,13 @@ data: install
 # jupyter-book reruns a chapter only when its code cells change; `hada prepare` also clears its notebook cache
 # (_build/.jupyter_cache) when the code of hada/ changed since the chapters ran (comments and docstrings aside),
 # so the build re-executes them on the new numbers.
-# The build is `jupyter-book build book/` with the chapters executed on as many processes as `hada prepare` uses
-# (book/_ext/hada_parallel.py: Sphinx's parallel reading, which jupyter-book's command does not offer).
+# The build is `jupyter-book build -W --keep-going book/` with the chapters executed on as many processes as
+# `hada prepare` uses (book/_ext/hada_parallel.py: Sphinx's parallel reading, which jupyter-book's command does not
+# offer). -W: a warning fails the build (a broken reference, a missing figure, an unknown cell output), and
+# --keep-going lists all of them before it fails instead of stopping at the first.
 book: install
 	$(BIN)/hada prepare
-	$(BIN)/python book/_ext/hada_parallel.py build book/
+	$(BIN)/python book/_ext/hada_parallel.py build -W --keep-going book/
 
 # JupyterLab on book/ (the repository as its root): a chapter's MyST source opens as a notebook through jupytext's
 # contents manager (jupytext enables it as a server extension in .venv/etc/jupyter) and runs cell by cell on

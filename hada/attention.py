@@ -266,14 +266,10 @@ class AttentionExamples:
 
 # ----------------------------------------------------------------------------------------- building
 def _short_names(specs: Sequence[str]) -> list[str]:
-    """Readable backbone labels: the model part of ``MODEL:TAG``, a folder's name; full specs if that clashes."""
-    short = []
-    for s in specs:
-        if s.startswith("local-dir:"):
-            short.append(Path(s[len("local-dir:"):]).name or s)
-        else:
-            short.append(s.split(":", 1)[0])
-    return short if len(set(short)) == len(short) else list(specs)
+    """Readable backbone labels (:func:`hada.labels.backbone_labels`): a model's name, never a weights path."""
+    from hada.labels import backbone_labels
+
+    return backbone_labels(specs)
 
 
 def _caption_offsets(records, data) -> np.ndarray:

@@ -28,7 +28,8 @@ def baseline_table(dataset: str, backbones, split: str = "test", data_root=None,
     (``concat``) the trained concatenation + linear baseline, all scored on ``split``.
 
     ``config`` sets the concatenation run's training (epochs, seed, loss); its data and arch fields
-    are overridden. Untrained rows are cached as json next to the runs, keyed like runs.
+    are overridden. Untrained rows are cached as json next to the runs, keyed like runs. Rows name a backbone
+    by its label (:func:`hada.labels.backbone_labels`: its model, never a weights file's path), in the specs' order.
     """
     plain_cfg, _ = concat_run(dataset, backbones, data_root, config)  # embeddings only
     return baseline_rows(plain_cfg, split, concat, progress)
@@ -40,9 +41,11 @@ def baseline_rows(plain_cfg: TrainConfig, split: str = "test", concat: bool = Tr
     its :func:`plan`): its backbones alone, their average and (``concat``) the trained run, on ``split``."""
     from hada.baselines import untrained_baselines
     from hada.metrics import retrieval_metrics
+    from hada.labels import backbone_labels
     from hada.metrics import metric_row, row_label
 
     names = plain_cfg.data.backbones
+    labels = backbone_labels(names)
     fp = features_fingerprint(plain_cfg)
     dataset = plain_cfg.data.dataset
     key = content_key({"dataset": dataset, "backbones": names, "split": split, "features": fp,  # store contents
@@ -53,10 +56,14 @@ def baseline_rows(plain_cfg: TrainConfig, split: str = "test", concat: bool = Tr
     else:
         data = shared_data(plain_cfg, split)
         rows = []
-        for kind, label, m in untrained_baselines(data, names):
+        for kind, label, m in untrained_baselines(data, labels):
             rows.append(metric_row(label, m, kind=kind))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, rows)
+    # labelled again on every read: a cache written before labels were models' names holds the specs
+    backbone_rows = iter(range(len(labels)))
+    rows = [{**r, "name": row_label(r["kind"], labels, next(backbone_rows) if r["kind"] == "backbone" else None)}
+            for r in rows]
     if concat and len(names) > 1:
         run = run_experiment(plain_cfg, progress=progress)
         if split == plain_cfg.data.test_split:
@@ -64,7 +71,7 @@ def baseline_rows(plain_cfg: TrainConfig, split: str = "test", concat: bool = Tr
         else:
             m = retrieval_metrics(run.load_model(plain_cfg.device).similarity(shared_data(plain_cfg, split)),
                                   shared_data(plain_cfg, split).caption_image_index)
-        rows = rows + [metric_row(row_label("concat", names), m, kind="concat")]
+        rows = rows + [metric_row(row_label("concat", labels), m, kind="concat")]
     return rows
 
 
@@ -578,15 +585,17 @@ def run_test_ranks(run, device: str | None = None) -> tuple:
 def _untrained_systems(config, split: str) -> list[SystemResult]:
     """Each backbone alone and their similarity average on ``split`` (no training, no seed)."""
     from hada.baselines import averaging_similarity, backbone_similarity
+    from hada.labels import backbone_labels
     from hada.metrics import metrics_from_ranks, retrieval_ranks, row_label
 
     names = config.data.backbones
+    labels = backbone_labels(names)
     key = content_key({"dataset": config.data.dataset, "backbones": names, "split": split,
                        "features": features_fingerprint(config),  # the stores' contents, not their folder
                        **_scored_captions(config, split)})
-    sources = [(row_label("backbone", names, k), "backbone", lambda data, k=k: backbone_similarity(data, k))
+    sources = [(row_label("backbone", labels, k), "backbone", lambda data, k=k: backbone_similarity(data, k))
                for k in range(len(names))]
-    sources.append((row_label("average", names), "average", averaging_similarity))
+    sources.append((row_label("average", labels), "average", averaging_similarity))
     out = []
     for i, (name, kind, similarity) in enumerate(sources):
         def compute(similarity=similarity):
@@ -619,6 +628,7 @@ def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -
     index. Trains (or loads) the runs of the setting's :func:`plan`."""
     import numpy as np
 
+    from hada.labels import backbone_labels
     from hada.metrics import row_label
 
     book = plan(setting)
@@ -626,10 +636,11 @@ def result_systems(setting: Setting, k: int = 2, progress: bool | None = None) -
     concat_config = rows["concat"][0].config
     split = concat_config.data.test_split
     systems = _untrained_systems(concat_config, split)
+    labels = backbone_labels(concat_config.data.backbones)
     for kind, runs in rows.items():
-        systems.append(trained_system(row_label(kind, concat_config.data.backbones), kind, runs, progress))
+        systems.append(trained_system(row_label(kind, labels), kind, runs, progress))
     if k == 2:
-        one_node = concat_config.data.backbones[1]
+        one_node = labels[1]
         systems.append(trained_system(f"HADA-LAVIS graph (K=2, {one_node} as one node)", "variant",
                                       book.lavis_graph, progress))
     return systems, np.asarray(shared_data(concat_config, split).caption_image_index)

@@ -398,7 +398,9 @@ ROW_KINDS = ("backbone", "average", "concat", "hada", "variant")
 
 def row_label(kind: str, backbones: Sequence[str], k: int | None = None) -> str:
     """The one place a result row's label is built: ``backbones[k]`` for a backbone, ``average(A + B)``,
-    ``concat(A + B) + linear``, ``HADA (K=2)`` (a variant names itself)."""
+    ``concat(A + B) + linear``, ``HADA (K=2)`` (a variant names itself). ``backbones`` are the backbones' labels
+    (:func:`hada.labels.backbone_labels` of the specs: a model's name, never a weights file's path); the callers
+    label them, outside the code a run's key covers."""
     if kind == "backbone":
         return backbones[k]
     joined = " + ".join(backbones)

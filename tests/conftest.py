@@ -63,15 +63,15 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def built_html() -> Path:
     """Builds the whole book exactly as `make book` does: `hada prepare` (data, backbones, features and
-    every run, in parallel), then `jupyter-book build` with the chapters on several processes (cached execution,
-    raise_on_error). The build must train nothing itself: if it did, `hada prepare` and the chapters disagree
-    about what the book reads.
+    every run, in parallel), then `jupyter-book build -W --keep-going` with the chapters on several processes
+    (cached execution, raise_on_error, and a warning fails the build). The build must train nothing itself: if it
+    did, `hada prepare` and the chapters disagree about what the book reads.
     Here, not in tests/test_book.py, so that every test module that reads the site shares one build."""
     res = _run([str(BIN / "hada"), "prepare"], cwd=ROOT, env={**os.environ, "HADA_NO_PROGRESS": "1"})
     assert res.returncode == 0, f"hada prepare failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
     prepared = _run_dirs()
-    res = _run([str(BIN / "python"), str(ROOT / "book" / "_ext" / "hada_parallel.py"), "build", str(ROOT / "book")],
-               cwd=ROOT)
+    res = _run([str(BIN / "python"), str(ROOT / "book" / "_ext" / "hada_parallel.py"), "build", "-W", "--keep-going",
+                str(ROOT / "book")], cwd=ROOT)
     assert res.returncode == 0, f"book build failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
     trained_by_build = _run_dirs() - prepared - CACHES_NOT_RUNS
     assert not trained_by_build, f"the chapters trained runs `hada prepare` did not: {sorted(trained_by_build)}"

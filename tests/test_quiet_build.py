@@ -54,3 +54,26 @@ def test_a_random_init_asked_for_is_not_reported_as_missing_weights(caplog):
     with caplog.at_level(logging.WARNING):
         open_clip.create_model("tiny-vit", pretrained=None)                 # anyone else's call still warns
     assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+
+
+def test_the_book_builds_with_warnings_as_errors():
+    """`make book` and the tests' build (tests/conftest.py) fail on a warning, and list every one first."""
+    makefile = (ROOT / "Makefile").read_text()
+    book = re.search(r"^book:.*?(?=^\S)", makefile, re.M | re.S).group(0)
+    assert re.search(r"book/_ext/hada_parallel.py build -W --keep-going book/", book), book  # jupyter-book's CLI
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert '"build", "-W", "--keep-going"' in conftest
+
+
+def test_a_chapter_importing_torch_geometric_prints_no_deprecation_warning():
+    """torch_geometric scripts classes with torch.jit.script on import, which torch deprecates (upstream):
+    hada.book, which every chapter imports first, filters that one warning."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import hada.book\nimport torch_geometric.nn\n"
+    res = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "torch.jit.script" not in res.stderr, res.stderr[-2000:]

@@ -11,6 +11,11 @@ from hada.experiments import ABLATIONS, Setting, ablation_runs, hada_run, plan, 
 
 # Libraries import tqdm.auto, which warns in a kernel without ipywidgets; our own bars are plain text.
 warnings.filterwarnings("ignore", message="IProgress not found")
+# torch_geometric 2.8 scripts two of its classes with torch.jit.script when torch_geometric.nn is imported, and torch
+# 2.10+ deprecates torch.jit.script with a FutureWarning that points into torch itself: upstream and harmless (hada
+# scripts nothing), it was printed into the notebook of every chapter that builds a model (the book hides a cell's
+# stderr; a chapter run in `make lab` or by papermill showed it).
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
 def _figures_as_svg() -> None:
@@ -260,6 +265,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     import numpy as np
 
     from hada.book.views import GraphSample
+    from hada.labels import backbone_labels
     from hada.data.datasets import load_dataset
     from hada.features.store import open_features
     from hada.model.graph import EdgeWeights, to_networkx
@@ -271,7 +277,7 @@ def graph_sample(setting: Setting, k: int = 2, split: str = "test", index: int =
     text_counts = tuple(int(s.text_lengths[caption_row]) for s in stores)
     record = load_dataset(setting.dataset, setting.data_root, check_images=False).split(split)[index]
     weights = EdgeWeights()
-    return GraphSample(names, image_counts, text_counts, record.captions[0],
+    return GraphSample(tuple(backbone_labels(names)), image_counts, text_counts, record.captions[0],
                        to_networkx(image_counts, weights), to_networkx(text_counts, weights))
 
 
@@ -302,11 +308,11 @@ def retrieval_seen(setting: Setting, k: int = 2, n_random: int = 3, n_wins: int 
     from hada.search import compare_text_to_image
 
     search = _run_search(setting, k)
-    names = search.specs  # the run's backbones, resolved as the baseline rows name them
     book = plan(setting)
     rows = baseline_rows(book.for_k(book.concat, k)[0].config, "test", concat=False)
-    best = max((r for r in rows if r["kind"] == "backbone"), key=lambda r: r["rsum"])
-    similarities = {best["name"]: backbone_similarity(search.data, names.index(best["name"])),
+    singles = [r for r in rows if r["kind"] == "backbone"]  # in the order of the run's backbones
+    best = max(singles, key=lambda r: r["rsum"])
+    similarities = {best["name"]: backbone_similarity(search.data, singles.index(best)),
                     f"HADA (K={k})": search.similarity()}
     return RetrievalView(compare_text_to_image(search, similarities, n_random, n_wins, n_losses, top,
                                                seed=setting.seed))

@@ -56,12 +56,28 @@ def gather(runs_root: Path | None = None) -> GatheredResults:
     return GatheredResults(records, other)
 
 
+def model_label(run_dir: Path, record: dict) -> str:
+    """The record's model (``hada(a + b)``, from the run's backbone specs) with each spec given as its label
+    (:func:`hada.labels.backbone_labels`): a run on ``ViT-B-16:/weights/vit_b_16.bin`` is ``hada(ViT-B-16 + ...)``,
+    never the weights' path. The record itself keeps the specs, as CLIP_benchmark's file names them."""
+    from hada.labels import backbone_labels
+
+    try:
+        specs = json.loads((Path(run_dir) / "config.json").read_text())["data"]["backbones"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return record["model"]
+    name = record["model"]
+    for spec, label in sorted(zip(specs, backbone_labels(specs)), key=lambda pair: -len(pair[0])):
+        name = name.replace(spec, label)
+    return name
+
+
 def results_table(gathered: GatheredResults) -> Table:
     """One row per run: its model, folder and dataset, the six recalls and Rsum in percent; best Rsum first
     within each dataset."""
     from hada.evaluate import percent_metrics
 
-    rows = [{"name": record["model"], "run": run_dir.name, "dataset": record["dataset"],
+    rows = [{"name": model_label(run_dir, record), "run": run_dir.name, "dataset": record["dataset"],
              **percent_metrics(record)} for run_dir, record in gathered.records]
     rows.sort(key=lambda row: (row["dataset"], -row["rsum"], row["run"]))
     return Table(rows, columns=COLUMNS, caption="Test results of every finished run, from its CLIP_benchmark file")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from hada.labels import backbone_labels
 from hada.metrics import ROW_METRICS, beyond, metric_row, rank_correlation, relative_gain, seed_band, seed_std  # noqa: F401
 
 #: The labels of the result rows' numbers (:data:`hada.metrics.ROW_METRICS`), in that order.
@@ -245,13 +246,15 @@ VERDICT_PHRASES = {"holds": "holds (its interval lies above zero)",
 
 
 def gain_row(key: str, name: str, reference_rsum: float, hada_rsum: float, boot) -> dict:
-    """One comparison from a ``hada.metrics.PairedBootstrap``: numbers for glue, formatted cells for the page."""
+    """One comparison from a ``hada.metrics.PairedBootstrap``: numbers for glue, formatted cells for the page. An
+    interval's two ends are joined by a no-break space, so a narrow column breaks a cell only between the estimate
+    and its interval (``book/_static/hada.css``)."""
     (low, high), (rel_low, rel_high) = boot.difference_interval, boot.relative_interval
     return {"key": key, "name": name, "reference": reference_rsum, "hada": hada_rsum,
             "difference": boot.difference, "low": low, "high": high,
             "relative": boot.relative, "relative_low": rel_low, "relative_high": rel_high,
-            "difference_text": f"{boot.difference:+.1f} [{low:+.1f}, {high:+.1f}]",
-            "relative_text": f"{boot.relative:+.1f}% [{rel_low:+.1f}, {rel_high:+.1f}]",
+            "difference_text": f"{boot.difference:+.1f} [{low:+.1f},\u00a0{high:+.1f}]",
+            "relative_text": f"{boot.relative:+.1f}% [{rel_low:+.1f},\u00a0{rel_high:+.1f}]",
             "verdict": boot.verdict, "phrase": VERDICT_PHRASES[boot.verdict]}
 
 
@@ -320,7 +323,8 @@ class StrengthTable(Table):
 
     @classmethod
     def of(cls, points, noise: float) -> "StrengthTable":
-        rows = [{"name": " + ".join(p.pair), "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
+        rows = [{"name": " + ".join(backbone_labels(p.pair)),
+                 "zero_shot": f"{p.zero_shot[0]:.1f} / {p.zero_shot[1]:.1f}",
                  "a": p.singles[0], "b": p.singles[1], "ratio": f"{p.ratio:.2f}", "disagreement": p.disagreement,
                  "hada": p.hada, "gain": f"{p.gain:+.1f}",
                  "beyond": "yes" if p.gain > noise else ("below" if p.gain < -noise else "no"),
@@ -365,7 +369,7 @@ class StrengthTable(Table):
 
         if not self.rows:
             return None
-        return plot_fusion_strength([{"label": " + ".join(p.pair), "ratio": p.ratio, "gain": p.gain,
+        return plot_fusion_strength([{"label": " + ".join(backbone_labels(p.pair)), "ratio": p.ratio, "gain": p.gain,
                                       "disagreement": p.disagreement} for p in self.points], self.noise)
 
 
