@@ -191,3 +191,24 @@ def test_make_books_build_reads_the_chapters_on_several_processes(monkeypatch):
     module.declare_parallel_safe(SimpleNamespace(extensions={**undeclared, "someone_else": other}))
     assert all(ext.parallel_read_safe for ext in undeclared.values())
     assert other.parallel_read_safe is None  # only the two named
+
+
+def test_the_notebook_cache_exists_before_chapters_are_read_in_parallel(tmp_path):
+    """On a cold build each reading process created jupyter-cache's tables at once, and one failed ("table settings
+    already exists"): the database is made in the main process before reading starts."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from jupyter_cache import get_cache
+
+    spec = importlib.util.spec_from_file_location("hada_parallel", ROOT / "book" / "_ext" / "hada_parallel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cache = tmp_path / ".jupyter_cache"
+    env = SimpleNamespace(mystnb_config=SimpleNamespace(execution_mode="cache", execution_cache_path=str(cache)))
+    module.create_notebook_cache(None, env, [])
+    assert (cache / "global.db").is_file()
+    assert get_cache(str(cache)).list_cache_records() == []  # a working, empty cache
+    off = SimpleNamespace(mystnb_config=SimpleNamespace(execution_mode="off", execution_cache_path=str(tmp_path / "x")))
+    module.create_notebook_cache(None, off, [])
+    assert not (tmp_path / "x").exists()

@@ -6,8 +6,10 @@ a script, this module is `jupyter-book` with Sphinx's `parallel` set (`make book
 
     python book/_ext/hada_parallel.py --jobs 2 build book/ [jupyter-book build options]
 
-As an extension (in `_config.yml`) it declares two extensions jupyter-book loads parallel-safe for reading, where
-they do not declare it themselves and Sphinx would otherwise fall back to one process:
+As an extension (in `_config.yml`) it creates jupyter-cache's database in the main process before reading starts
+(otherwise, on a cold build, each reading process creates its tables at once and one fails: "table settings
+already exists"), and declares two extensions jupyter-book loads parallel-safe for reading, where they do not
+declare it themselves and Sphinx would otherwise fall back to one process:
 - ``sphinx_multitoc_numbering`` replaces the section numbering, which runs once in the main process after every
   document is read and merged;
 - ``sphinx_jupyterbook_latex`` adds transforms for the LaTeX builder; in an HTML build they change nothing and keep
@@ -32,8 +34,20 @@ def declare_parallel_safe(app: Sphinx) -> None:
             extension.parallel_read_safe = True
 
 
+def create_notebook_cache(app: Sphinx, env, docnames) -> None:
+    """Open the notebook cache myst-nb executes into once here, creating its database, before any reading process
+    would."""
+    config = getattr(env, "mystnb_config", None)
+    if config is None or config.execution_mode != "cache" or not config.execution_cache_path:
+        return
+    from jupyter_cache import get_cache
+
+    get_cache(config.execution_cache_path).list_cache_records()
+
+
 def setup(app: Sphinx) -> dict:
     app.connect("builder-inited", declare_parallel_safe)  # every extension is loaded by then
+    app.connect("env-before-read-docs", create_notebook_cache)  # in the main process, before reading forks
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
