@@ -212,11 +212,10 @@ def _parallel(run: _Run, jobs: int) -> None:
 def _worker_init(threads: int) -> None:
     """Workers share the cores (feature extraction at 2 threads beside a training worker ran at half speed;
     pretraining and training set their own single thread), leave Ctrl-C to the parent, which stops them (one
-    message instead of a traceback per worker), end when the parent ends however it ends, hold no process-shared
-    lock a stop would leak, and do not repeat a library's deprecation notice."""
+    message instead of a traceback per worker), end when the parent ends however it ends, and hold no process-shared
+    lock a stop would leak."""
     import signal
     import threading
-    import warnings
 
     import torch
     from tqdm import tqdm
@@ -229,7 +228,6 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock: a stopped worker would leak it
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
 
 
 # ------------------------------------------------------------------------------------- the book's steps

@@ -7,6 +7,8 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,14 +67,16 @@ def test_the_book_builds_with_warnings_as_errors():
     assert '"build", "-W", "--keep-going"' in conftest
 
 
-def test_a_chapter_importing_torch_geometric_prints_no_deprecation_warning():
-    """torch_geometric scripts classes with torch.jit.script on import, which torch deprecates (upstream):
-    hada.book, which every chapter imports first, filters that one warning."""
+@pytest.mark.parametrize("first", ["import hada.book", "from hada.cli import main"])
+def test_importing_torch_geometric_after_hada_prints_no_deprecation_warning(first):
+    """torch_geometric scripts classes with torch.jit.script on import, which torch deprecates (upstream): the
+    ``hada`` package, which every chapter, command and worker imports first, filters that one warning (`hada train`
+    printed it)."""
     import os
     import subprocess
     import sys
 
-    code = "import hada.book\nimport torch_geometric.nn\n"
+    code = f"{first}\nimport torch_geometric.nn\n"
     res = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:]

@@ -11,11 +11,6 @@ from hada.experiments import ABLATIONS, Setting, ablation_runs, hada_run, plan, 
 
 # Libraries import tqdm.auto, which warns in a kernel without ipywidgets; our own bars are plain text.
 warnings.filterwarnings("ignore", message="IProgress not found")
-# torch_geometric 2.8 scripts two of its classes with torch.jit.script when torch_geometric.nn is imported, and torch
-# 2.10+ deprecates torch.jit.script with a FutureWarning that points into torch itself: upstream and harmless (hada
-# scripts nothing), it was printed into the notebook of every chapter that builds a model (the book hides a cell's
-# stderr; a chapter run in `make lab` or by papermill showed it).
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 
 def _figures_as_svg() -> None:
