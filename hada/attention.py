@@ -265,13 +265,6 @@ class AttentionExamples:
 
 
 # ----------------------------------------------------------------------------------------- building
-def _short_names(specs: Sequence[str]) -> list[str]:
-    """Readable backbone labels (:func:`hada.labels.backbone_labels`): a model's name, never a weights path."""
-    from hada.labels import backbone_labels
-
-    return backbone_labels(specs)
-
-
 def _caption_offsets(records, data) -> np.ndarray:
     """Row of each image's first caption in the store; checks the store's caption order is the dataset's."""
     counts = np.array([len(r.captions) for r in records], dtype=np.int64)
@@ -347,5 +340,7 @@ def attention_examples(trained, dataset, split: str = "test", n_correct: int = 2
             tokens.append(_labels_for(label_fns[k] if k < len(label_fns) else None, captions[cap], n, specs[k]))
         text = TextAttention(captions[cap], cap, heads[0], nodes[0], tokens)
 
-    return AttentionExamples(items, text, _short_names(specs), split,
+    from hada.labels import backbone_labels
+
+    return AttentionExamples(items, text, backbone_labels(specs), split,
                              layer % model.layers, model.layers, model.gnn, notes)

@@ -219,7 +219,7 @@ def _seeded(name: str, setting: Setting, seed: int) -> str:
 
 #: HADA-LAVIS's departures from the published graph and loss (a backbone as ONE node, ITC 0.5 / 0.5), taken from
 #: the ``lavis`` recipe; the results chapter trains them on top of the book's recipe, in HADA-LAVIS's two stages
-#: (:func:`lavis_graph_runs`).
+#: (:attr:`BookPlan.lavis_graph`).
 LAVIS_GRAPH_SETTINGS = ("model.single_node", "loss.i2t_weight", "loss.t2i_weight")
 #: What sets HADA-LAVIS's stages apart, from the ``lavis-stage1`` recipe (stage 1: no mix, w = 0) and the ``lavis``
 #: recipe (stage 2: the learned mix from w_init, warm-started from stage 1 with fresh tau, momentum encoders,
@@ -477,33 +477,11 @@ def hada_run(setting: Setting, k: int = 2, **overrides) -> Run:
 
 
 # ------------------------------------------------------------------------------- what each chapter reads
-def result_runs(setting: Setting, k: int = 2) -> list[Run]:
-    """The runs ``results`` trains: concat + linear, and HADA, for each seed of :func:`result_seeds`."""
-    return plan(setting).results(k)
-
-
-def hada_seed_runs(setting: Setting, k: int = 2) -> list[Run]:
-    """The HADA runs among :func:`result_runs`, one per seed (the first is the ablations' default)."""
-    book = plan(setting)
-    return list(book.for_k(book.hada, k))
-
-
 def hada_seed_rsums(setting: Setting, k: int = 2) -> list[float]:
-    """Test Rsum of each run of :func:`hada_seed_runs` (trained or loaded): the seed noise other rows are read
-    against."""
-    return [run_experiment(config).test_metrics["rsum"] for _, config in hada_seed_runs(setting, k)]
-
-
-def lavis_graph_runs(setting: Setting) -> list[TwoStages]:
-    """The K=2 HADA-LAVIS-graph row's runs, two stages per seed (:func:`_lavis_graph`)."""
-    return list(plan(setting).lavis_graph)
-
-
-def recipe_runs(setting: Setting, k: int = 2) -> list[RecipeRun]:
-    """The book's recipe (its ``hada-k{k}`` run) and each of :data:`OTHER_RECIPES`, all with the chapter's data,
-    budget and seed."""
+    """Test Rsum of the plan's HADA run for K backbones at each seed (trained or loaded): the seed noise other rows
+    are read against."""
     book = plan(setting)
-    return list(book.for_k(book.recipes, k))
+    return [run_experiment(config).test_metrics["rsum"] for _, config in book.for_k(book.hada, k)]
 
 
 def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[Ablation]:
@@ -513,22 +491,6 @@ def ablation_runs(setting: Setting, variants=ABLATIONS) -> list[Ablation]:
         raise HadaError(f"not among the book's ablations (hada.experiments.ABLATIONS): {', '.join(unknown)}")
     book = {a.label: a for a in plan(setting).ablations}
     return [book[label] for label, _, _ in variants if label in book]
-
-
-def strength_runs(setting: Setting) -> list[Run]:
-    """The runs of "When does fusion help?" (:func:`_strength`); empty without pretraining snapshots."""
-    return list(plan(setting).strength)
-
-
-def book_runs(setting: Setting) -> list[Run]:
-    """Every training run the chapters read, each once (:meth:`BookPlan.training`)."""
-    return plan(setting).training()
-
-
-def book_second_stages(setting: Setting) -> list[TwoStages]:
-    """The runs the chapters read that warm-start from another (the HADA-LAVIS graph's second stages): ``hada
-    prepare`` trains each after its first stage, which :func:`book_runs` lists."""
-    return list(plan(setting).lavis_graph)
 
 
 # --------------------------------------------------------------------- every result row, with its seeds
@@ -674,9 +636,11 @@ class RecipeResult:
 
 
 def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -> list[RecipeResult]:
-    """The runs of :func:`recipe_runs`, trained (or loaded)."""
+    """The plan's recipe rows for K backbones (the book's recipe, then each of :data:`OTHER_RECIPES`), trained (or
+    loaded)."""
+    book = plan(setting)
     out = []
-    for name, run_name, config in recipe_runs(setting, k):
+    for name, run_name, config in book.for_k(book.recipes, k):
         run = run_experiment(config, progress=progress)
         seconds = sum(e["train_time_s"] for e in run.history)
         pairs = sum(e.get("pairs", 0) for e in run.history)
@@ -721,7 +685,7 @@ class StrengthPoint:
 
 def strength_points(setting: Setting, progress: bool | None = None) -> list[StrengthPoint]:
     """The setting's own two backbones and the pairs of :func:`strength_pairs`, each backbone trained alone and
-    the pair fused (:func:`strength_runs`); empty without pretraining snapshots."""
+    the pair fused (:attr:`BookPlan.strength`); empty without pretraining snapshots."""
     book = plan(setting)
     runs = dict(book.strength)
     if not runs:

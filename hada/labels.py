@@ -47,7 +47,3 @@ def backbone_labels(specs: Sequence[str]) -> list[str]:
         out.append(label if counts[label] == 1 else f"{label} #{seen[label]}")
     return out
 
-
-def backbone_label(spec: str) -> str:
-    """One backbone's label, on its own (:func:`backbone_labels` of one spec)."""
-    return backbone_labels([spec])[0]

@@ -88,7 +88,7 @@ def test_a_setting_is_resolved_once_and_its_runs_flow_down_unchanged(setting, re
     hb.ablations(setting)
     hb.train_hada(setting, 2)
     hb.backbone_table(setting)
-    hx.book_runs(setting), hx.book_second_stages(setting), hx.hada_seed_rsums(setting, 2)
+    hx.hada_seed_rsums(setting, 2)
     book_steps(setting), store_bytes_needed(setting)
     assert resolutions == {"recipe": 0, "resolved": 0}
 
@@ -112,7 +112,7 @@ def test_runs_beyond_the_plan_are_resolved_the_plans_way(setting):
     with pytest.raises(HadaError, match="not among the book's ablations"):
         hx.ablation_runs(setting, [("mine", 2, {"gnn": "gcn"})])
     with pytest.raises(HadaError, match="K=4 needs 4 backbones"):
-        hx.result_runs(setting, 4)
+        hx.plan(setting).results(4)
 
 
 def test_book_steps_train_exactly_the_plans_runs(setting):

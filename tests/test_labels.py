@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hada.attention import _short_names
-from hada.labels import backbone_label, backbone_labels
+from hada.labels import backbone_labels
 from hada.metrics import ROW_KINDS, row_label
 
 PARAMS = Path(__file__).resolve().parents[1] / "book" / "params"
@@ -28,7 +27,7 @@ def test_a_real_preset_s_rows_name_models_not_paths(preset):
     assert any("/" in s for s in specs), f"{preset} gives no weights path: the test would prove nothing"
     labels = backbone_labels(specs)
     assert labels == [s.split(":", 1)[0] for s in specs]
-    for label in _labels_of_every_row(specs) + _short_names(specs):
+    for label in _labels_of_every_row(specs):
         assert "/" not in label and "weights" not in label, label
 
 
@@ -52,9 +51,9 @@ def test_names_without_paths_are_kept():
     assert backbone_labels(["tiny-vit", "tiny-vit@1", "tiny-rn"]) == ["tiny-vit", "tiny-vit@1", "tiny-rn"]
     assert backbone_labels(["ViT-B-16:openai", "ViT-B-16:laion2b_s34b_b88k"]) == \
         ["ViT-B-16 (openai)", "ViT-B-16 (laion2b_s34b_b88k)"]
-    assert backbone_label("ViT-B-16:openai") == "ViT-B-16"
-    assert backbone_label("local-dir:/models/my_clip/") == "my_clip"
-    assert backbone_label("RN50:C:\\weights\\rn50.pt") == "RN50"
+    assert backbone_labels(["ViT-B-16:openai"])[0] == "ViT-B-16"
+    assert backbone_labels(["local-dir:/models/my_clip/"])[0] == "my_clip"
+    assert backbone_labels(["RN50:C:\\weights\\rn50.pt"])[0] == "RN50"
 
 
 def test_every_run_s_results_name_models_not_paths(tmp_path):

@@ -54,10 +54,10 @@ def test_print_config_of_both_recipes():
 
 
 def test_book_runs_of_the_published_recipe_keep_the_books_budget(tmp_path):
-    from hada.experiments import Setting, recipe_runs
+    from hada.experiments import Setting, plan
 
     setting = Setting("synthetic", tmp_path, ("a", "b"), epochs=10, pairs_per_epoch=3000, seed=0)
-    runs = {name: config for _, name, config in recipe_runs(setting)}
+    runs = {name: config for _, name, config in plan(setting).recipes[2]}
     assert recipe("paper").optim.epochs == 100
     assert (runs["paper-k2"].optim.epochs, runs["paper-k2"].optim.pairs_per_epoch) == (10, 3000)
     assert runs["paper-k2"].model.attention_dropout == 0.7  # the rest is the published recipe

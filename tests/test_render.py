@@ -6,15 +6,11 @@ The unmarked tests check the two local extensions (book/_ext) on their own, in a
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
-import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -27,6 +23,7 @@ sys.path.insert(0, str(BOOK / "_ext"))
 
 import hada_mathjax  # noqa: E402  (book/_ext is a jupyter-book local extension folder, not a package)
 import hada_notebooks  # noqa: E402
+from browser import serve  # noqa: E402  (tests/browser.py: the site over HTTP on the loopback)
 
 CHROMIUM = shutil.which("chromium")
 MATH = 'class="math notranslate'  # how Sphinx marks TeX for MathJax (inline and display)
@@ -56,25 +53,6 @@ class _RenderedText(HTMLParser):
     def handle_data(self, data):
         if self.depth == 0:
             self.text.append(data)
-
-
-@contextlib.contextmanager
-def _serve(folder: Path):
-    """The site over HTTP on the loopback, as GitHub Pages serves it (file:// URLs would block MathJax's fonts)."""
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 def _dump_dom(url: str) -> str:
@@ -147,7 +125,7 @@ def test_every_page_with_math_renders_it_in_a_browser(built_html):
         pytest.skip("Debian's chromium is not installed (.ci/run installs it when running as root: "
                     "apt-get install chromium)")
     failures = []
-    with _serve(built_html) as base:
+    with serve(built_html) as base:  # http, not file:// (which blocks MathJax fonts)
         for name in _math_pages(built_html):
             scan = _RenderedText()
             scan.feed(_dump_dom(f"{base}/{name}"))

@@ -101,17 +101,18 @@ def test_results_train_three_seeds_for_k2_and_one_for_k3_and_prepare_makes_them(
 
     setting = hx.resolve(data_root=tiny_synthetic, backbones="tiny-vit:random,tiny-rn:random,tiny-vit-gray:random",
                          seed=5)
-    k2 = hx.result_runs(setting, 2)
+    book = hx.plan(setting)
+    k2 = book.results(2)
     assert [(name, c.seed, c.model.arch) for name, c in k2] == [
         ("concat-tiny-vit_random+tiny-rn_random", 5, "concat"), ("hada-k2", 5, "hada"),
         ("concat-tiny-vit_random+tiny-rn_random-seed6", 6, "concat"), ("hada-k2-seed6", 6, "hada"),
         ("concat-tiny-vit_random+tiny-rn_random-seed7", 7, "concat"), ("hada-k2-seed7", 7, "hada")]
-    assert [c.seed for _, c in hx.result_runs(setting, 3)] == [5, 5]
-    assert [name for name, _ in hx.hada_seed_runs(setting, 2)] == ["hada-k2", "hada-k2-seed6", "hada-k2-seed7"]
-    names = [name for name, _ in hx.book_runs(setting)]
+    assert [c.seed for _, c in book.results(3)] == [5, 5]
+    assert [name for name, _ in book.hada[2]] == ["hada-k2", "hada-k2-seed6", "hada-k2-seed7"]
+    names = [name for name, _ in book.training()]
     assert {name for name, _ in k2} <= set(names) and len(names) == len(set(names))
     # the seeds differ only in the seed: the default K=2 run is the ablations' default, trained once
-    base = hx.plan(setting).hada[2][0].config.to_dict()
+    base = book.hada[2][0].config.to_dict()
     assert all({**c.to_dict(), "seed": 5} == base for name, c in k2 if name.startswith("hada"))
 
 
