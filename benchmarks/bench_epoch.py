@@ -208,8 +208,11 @@ def main(argv=None) -> int:
     for r in rows:
         groups.setdefault(r.threads, []).append(r)
     load_before = os.getloadavg()
-    print(f"{os.cpu_count()} CPUs; load average before {load_before[0]:.2f} {load_before[1]:.2f} "
-          f"{load_before[2]:.2f}; {rounds} round(s) x {steps} steps per row", flush=True)
+    from hada.config import cpu_has_bf16
+
+    native = "natively (AMX or AVX512-BF16)" if cpu_has_bf16() else "by emulation"
+    print(f"{os.cpu_count()} CPUs, multiplying bfloat16 {native}; load average before {load_before[0]:.2f} "
+          f"{load_before[1]:.2f} {load_before[2]:.2f}; {rounds} round(s) x {steps} steps per row", flush=True)
     times: dict[Row, list[float]] = {r: [] for r in rows}
     cpus: dict[Row, list[float]] = {r: [] for r in rows}
     evals: dict[Row, list[float]] = {r: [] for r in rows}

@@ -17,7 +17,7 @@ features:
 Shapes: ``embedded`` is what the book trains (the tiny-vit + tiny-rn feature stores' token counts and widths,
 caption lengths as stored, the book's model: width 128, 4 heads x 32 channels); ``paper`` is the paper's
 (577 image tokens of 768-d per backbone, 20-40 text tokens, width 512, 4 heads x 512 channels). Precision
-``auto`` (default) is what hada.train picks: bfloat16 autocast where the device multiplies bfloat16 natively.
+``auto`` (default) is what hada.train picks: bfloat16 autocast on a CUDA GPU, float32 on the CPU.
 
 Before timing, the paths' embeddings are checked to agree (in float32). Steps of the paths are interleaved
 and the median step time is reported, so that other users of a shared machine slow every path alike. Prints
@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hada.config import ModelConfig, cpu_has_bf16, recipe
+from hada.config import ModelConfig, has_bf16, recipe
 from hada.model.graph import build_edges
 from hada.model.encoder import FeatureDims, HadaEncoder, HadaPair, ModalityBatch
 
@@ -200,11 +200,10 @@ def check_paths_agree(pair: HadaPair, images: ModalityBatch, texts: ModalityBatc
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """"auto": bf16 where the device multiplies bfloat16 matrices natively (a GPU, or a CPU with AMX or
-    AVX512-BF16: what hada.train picks), else fp32."""
+    """"auto": what hada.train picks (:func:`hada.config.has_bf16`): bf16 on a CUDA GPU, fp32 on the CPU."""
     if precision != "auto":
         return precision
-    return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
+    return "bf16" if has_bf16(device) else "fp32"
 
 
 def run_setting(shape: Shape, batch: int, device: str, paths: list[Path], steps: int, warmup: int,

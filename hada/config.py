@@ -21,9 +21,10 @@ GNN_TYPES = ("gatv2", "gcn", "transformer")
 ARCHS = ("hada", "concat")
 BACKENDS = ("auto", "dense", "pyg")
 #: "fp32": everything in float32 (the paper). "bf16": the encoders' linear maps, attention scores and pooling
-#: under bfloat16 autocast (several times faster on CPUs with AMX / AVX512-BF16; softmax, readout, L2 norm and
-#: the loss stay float32). "auto": bf16 on a CUDA device that supports it and where the CPU multiplies bfloat16
-#: natively, else fp32.
+#: under bfloat16 autocast (softmax, readout, L2 norm and the loss stay float32). "auto": bf16 on a CUDA device
+#: that supports it, fp32 on the CPU: there autocast's casts cost more than bfloat16 products save at these widths,
+#: even where the CPU multiplies bfloat16 natively (benchmarks/bench_epoch.py: a step of the book's model took
+#: 43 ms in bf16 and 32 ms in fp32 on a Xeon with AMX).
 PRECISIONS = ("auto", "fp32", "bf16")
 INITS = ("default", "kaiming")
 SELF_LOOPS = ("fixed", "mean")
@@ -117,7 +118,7 @@ class ModelConfig:
     backend: str = _opt("auto", "dense (CLS-only, fast; needs the published graph), pyg (torch-geometric on "
                                 "the full graph) or auto", choices=BACKENDS)
     precision: str = _opt("fp32", "fp32, bf16 (the encoders' matrix products under bfloat16 autocast; the loss "
-                                  "stays fp32) or auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16",
+                                  "stays fp32) or auto: bf16 on a CUDA GPU that supports it, fp32 on the CPU",
                           choices=PRECISIONS)
 
     def __post_init__(self) -> None:
@@ -385,7 +386,7 @@ class TrainConfig:
 #: Named configurations as overrides of the defaults. "miniature" is what the book trains on the embedded data:
 #: GATv2 at width 128 with 4 heads of 32 channels (the paper concatenates 4 heads of the full width), which
 #: makes an epoch several times faster on a CPU at about the same validation Rsum (benchmarks/bench_epoch.py),
-#: a budget of 10 epochs of 3,000 pairs, and bfloat16 only where the CPU multiplies it natively.
+#: a budget of 10 epochs of 3,000 pairs, and bfloat16 on a GPU that supports it (float32 on the CPU).
 RECIPES: dict[str, dict] = {
     "default": {},
     "miniature": {"model": {"width": 128, "out_dim": 128, "heads": 4, "head_dim": 32, "precision": "auto"},
@@ -478,18 +479,18 @@ def _parse_problem(exc: Exception) -> str:
 
 
 def has_bf16(device_type: str) -> bool:
-    """Whether "auto" precision means bfloat16 on this device type: on CUDA when the GPU supports it, on the
-    CPU when it multiplies bfloat16 natively (:func:`cpu_has_bf16`)."""
+    """Whether "auto" precision means bfloat16 on this device type: on CUDA when the GPU supports it, never on
+    the CPU (:data:`PRECISIONS` says why), whatever :func:`cpu_has_bf16` answers."""
     if device_type == "cuda":
         import torch
 
         return bool(torch.cuda.is_bf16_supported())
-    return cpu_has_bf16()
+    return False
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX512-BF16): there bf16 autocast makes
-    the encoders' matrix products several times faster; elsewhere it is emulated and slower."""
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX512-BF16); elsewhere bfloat16
+    products are emulated. The benchmarks print it beside their bf16 rows."""
     import torch
 
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]

@@ -17,6 +17,7 @@ from typing import NamedTuple
 from hada.paths import runs_dir
 from hada.runs import content_key, features_fingerprint, run_experiment, shared_data
 from hada.config import DEFAULT_RECIPE, TrainConfig, backbone_list, recipe
+from hada.data.datasets import EXPECTED_IMAGES
 from hada.errors import HadaError
 from hada.io import write_bytes, write_json
 
@@ -417,9 +418,33 @@ def _result_pair(setting: Setting, k: int, seed: int, device: str) -> tuple[Run,
             Run(_seeded(f"hada-k{k}", setting, seed), _resolved(config, device)))
 
 
+#: Flickr30k's training captions (Karpathy's split): the data the published queue was sized for.
+FLICKR30K_TRAIN_CAPTIONS = 5 * EXPECTED_IMAGES["flickr30k"]["train"]
+
+
+def queue_at_scale(queue_size: int, train_captions: int) -> int:
+    """A recipe's queue at the share of ``train_captions`` that it has of Flickr30k's 145,000, never larger: the
+    published 64,000 on Flickr30k or COCO, 6,621 on the embedded 15,000. A queue larger than the data holds the same
+    keys many times over (or, started random, random vectors for a whole short run), and scoring each step against it
+    dominates a step on a CPU."""
+    if queue_size <= 0:
+        return queue_size
+    return min(queue_size, max(1, round(queue_size * train_captions / FLICKR30K_TRAIN_CAPTIONS)))
+
+
+def recipe_at_scale(setting: Setting, config: TrainConfig) -> TrainConfig:
+    """A recipe's configuration on the setting's data: its queue at :func:`queue_at_scale` of the train split."""
+    captions = setting.counts.get("train", {}).get("captions", 0) if setting.counts else 0
+    if not captions:
+        return config
+    return config.override(**{"loss.queue_size": queue_at_scale(config.loss.queue_size, captions)})
+
+
 def _recipes(setting: Setting, k: int, book_run: Run, device: str) -> tuple[RecipeRun, ...]:
-    """The book's recipe (its HADA run ``book_run``, trained once) and each of :data:`OTHER_RECIPES`, K backbones."""
-    others = [RecipeRun(name, f"{name}-k{k}", _resolved(base_config(setting, k, recipe_name=name), device))
+    """The book's recipe (its HADA run ``book_run``, trained once) and each of :data:`OTHER_RECIPES`, K backbones,
+    each on the setting's budget and with its queue at the data's scale (:func:`recipe_at_scale`)."""
+    others = [RecipeRun(name, f"{name}-k{k}",
+                        _resolved(recipe_at_scale(setting, base_config(setting, k, recipe_name=name)), device))
               for name in OTHER_RECIPES]
     return (RecipeRun(BOOK_RECIPE, *book_run), *others)
 
@@ -633,6 +658,7 @@ class RecipeResult:
     epochs: int
     pairs_per_second: float  # training pairs per second of training time (evaluation excluded), on this machine
     parameters: int  # trained parameters of the encoders and heads (momentum copies and queue excluded)
+    queue: int  # slots of the run's queue of negatives (0: in-batch only), at the data's scale (queue_at_scale)
 
 
 def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -> list[RecipeResult]:
@@ -646,7 +672,8 @@ def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -
         pairs = sum(e.get("pairs", 0) for e in run.history)
         model = run.load_model("cpu")
         out.append(RecipeResult(name, run.run_dir.name, run.test_metrics, len(run.history),
-                                pairs / seconds if seconds else float("nan"), trained_parameters(model)))
+                                pairs / seconds if seconds else float("nan"), trained_parameters(model),
+                                config.loss.queue_size))
     return out
 
 

@@ -40,8 +40,7 @@ from hada.errors import HadaError
 
 KS = (1, 5, 10)
 #: Torch CPU threads of every scoring step (embedding a split, similarity products). Fixed, because the rounding of
-#: CPU matrix products follows the thread count (under bfloat16 autocast on CPUs that multiply it natively, by
-#: enough to move a rank): a run scored by ``hada train``, ``hada evaluate``, ``hada search`` or the book then gets
+#: CPU matrix products follows the thread count (under bfloat16 autocast, by enough to move a rank): a run scored by ``hada train``, ``hada evaluate``, ``hada search`` or the book then gets
 #: the same numbers whatever the caller's thread count.
 SCORING_THREADS = 1
 METRIC_KEYS = tuple(f"text_retrieval_recall@{k}" for k in KS) + tuple(f"image_retrieval_recall@{k}" for k in KS)

@@ -63,6 +63,27 @@ def test_book_runs_of_the_published_recipe_keep_the_books_budget(tmp_path):
     assert runs["paper-k2"].model.attention_dropout == 0.7  # the rest is the published recipe
 
 
+def test_book_runs_of_the_published_recipe_keep_its_queue_at_the_datas_scale(tmp_path):
+    """The published 64,000 keys are 44% of Flickr30k's 145,000 training captions; the book's run keeps that share
+    of its own train split (6,621 of 15,000), never more than 64,000, and the recipe itself prints 64,000."""
+    from hada.experiments import FLICKR30K_TRAIN_CAPTIONS, Setting, plan, queue_at_scale
+
+    assert FLICKR30K_TRAIN_CAPTIONS == 145_000
+    assert queue_at_scale(64000, FLICKR30K_TRAIN_CAPTIONS) == 64000
+    assert queue_at_scale(64000, 5 * 113_287) == 64000  # COCO's larger train split: the published size
+    assert queue_at_scale(64000, 15_000) == 6621 and queue_at_scale(1024, 10) == 1
+    assert queue_at_scale(0, 15_000) == 0  # in-batch negatives stay in-batch
+    counts = {"train": {"images": 3000, "captions": 15000}}
+    setting = Setting("synthetic", tmp_path, ("a", "b"), epochs=10, pairs_per_epoch=3000, seed=0, counts=counts)
+    runs = {name: config for _, name, config in plan(setting).recipes[2]}
+    assert recipe("paper").loss.queue_size == 64000
+    assert runs["paper-k2"].loss.queue_size == 6621
+    assert runs["hada-k2"].loss.queue_size == recipe("miniature").loss.queue_size  # the book's own is untouched
+    flickr = Setting("flickr30k", tmp_path, ("a", "b"), epochs=10, pairs_per_epoch=None, seed=0,
+                     counts={"train": {"images": 29000, "captions": 145000}})
+    assert {n: c for _, n, c in plan(flickr).recipes[2]}["paper-k2"].loss.queue_size == 64000
+
+
 def test_paper_recipe_counts_at_the_papers_widths():
     cfg = recipe("paper")
     pair = HadaPair(cfg.model, FeatureDims.paper())

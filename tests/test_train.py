@@ -152,14 +152,20 @@ def test_pairs_per_epoch_draws_a_fresh_subset_each_epoch(tmp_path):
         tiny_config(pairs_per_epoch=0)
 
 
-def test_auto_precision_resolves_by_cpu(monkeypatch):
-    monkeypatch.setattr(hc, "cpu_has_bf16", lambda: False)
+def test_auto_precision_is_fp32_on_the_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
+    """"auto" is fp32 on every CPU, also one that multiplies bfloat16 natively (autocast made the book's step
+    slower there), and bf16 on a CUDA GPU that supports it; the run key names what ran."""
+    import hada.devices
+
+    monkeypatch.setattr(hc, "cpu_has_bf16", lambda: True)
     assert tiny_config().model.precision == "auto" and tiny_config().resolved().model.precision == "fp32"
     fp32_key = tiny_config().resolved().identity()
-    monkeypatch.setattr(hc, "cpu_has_bf16", lambda: True)
-    assert tiny_config().resolved().model.precision == "bf16"
-    bf16_key = tiny_config().resolved().identity()
-    assert bf16_key == tiny_config(precision="bf16").resolved().identity() != fp32_key  # the key names what ran
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = tiny_config(device="cuda").resolved()
+    assert (gpu.device, gpu.model.precision) == ("cuda", "bf16")
+    assert gpu.identity() == tiny_config(device="cuda", precision="bf16").resolved().identity() != fp32_key
     monkeypatch.undo()  # the real probe (not the stand-ins above) answers yes or no on this CPU
     assert hc.cpu_has_bf16() in (True, False)
 

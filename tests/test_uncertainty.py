@@ -147,19 +147,19 @@ def two_torch_threads():
 def test_results_carry_seeds_ranks_that_reproduce_each_run_and_gain_intervals(toy_world, two_torch_threads, tmp_path,
                                                                               monkeypatch, native_bf16):
     """The bootstrap's ranks (scored by the chapter's process, on its thread count) equal each run's own test
-    scores (scored by training, on one thread) exactly, also where "auto" precision means bfloat16."""
+    scores (scored by training, on one thread) exactly, also where "auto" precision means bfloat16 (a GPU's)."""
     import hada.book as hb
     import hada.config
-    import hada.model.encoder
-    from hada.experiments import Setting
+    from hada.experiments import Setting, plan
     from hada.metrics import metrics_from_ranks
 
-    for module in (hada.config, hada.model.encoder):  # as on a CPU with AMX / AVX512-BF16, whatever this one has
-        monkeypatch.setattr(module, "cpu_has_bf16", lambda: native_bf16)
+    # "auto" resolved as on a device that trains in bfloat16, on this CPU (autocast runs on any)
+    monkeypatch.setattr(hada.config, "has_bf16", lambda device_type: native_bf16)
 
     setting = Setting("synthetic", tmp_path / "unused", ("toy0", "toy1"), epochs=1, pairs_per_epoch=None, seed=0,
                       device="cpu")
     table = hb.results(setting, k=2)
+    assert plan(setting).hada[2][0].config.model.precision == ("bf16" if native_bf16 else "fp32")
     hada = next(s for s in table.systems if s.kind == "hada")
     assert hada.seeds == (0, 1, 2) and len(hada.ranks) == 3
     assert len({m["rsum"] for m in hada.metrics}) > 1  # the seeds are different runs

@@ -16,8 +16,8 @@ DEPARTURES: dict[tuple[str, ...], tuple[str, str]] = {
                   "width {p_width}); {m_heads} heads of {m_head_dim} channels at width {m_width} make a step many times "
                   "cheaper on a CPU."),
     ("model.precision",): (
-        "budget", "bfloat16 matrix products where the CPU multiplies them natively (much faster encoders); the "
-                  "loss, softmax and readout stay float32."),
+        "budget", "auto: the encoders' matrix products in bfloat16 on a GPU that supports it (the loss, softmax "
+                  "and readout stay float32), float32 on the CPU, where bfloat16 autocast makes a step slower."),
     ("optim.epochs",): (
         "budget", "The published recipe trains for up to {p_epochs} epochs, to early stopping; every run of the book "
                   "(the published recipe's own run in the results chapter included) stops at {m_epochs}, which a "

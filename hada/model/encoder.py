@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hada.errors import HadaError
-from hada.config import GNN_TYPES, ModelConfig, cpu_has_bf16
+from hada.config import GNN_TYPES, ModelConfig
 from hada.model import fast
 from hada.model.graph import GraphBatch, batch_graphs, padded_nodes
 
@@ -131,8 +131,8 @@ class HadaEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig, dims: FeatureDims, modality: str = "image"):
         super().__init__()
-        if config.precision == "auto":
-            config = replace(config, precision="bf16" if cpu_has_bf16() else "fp32")
+        if config.precision == "auto":  # an unresolved config (TrainConfig.resolved picks bf16 on a CUDA GPU)
+            config = replace(config, precision="fp32")
         self.config = config
         self.modality = modality
         token_dims, embed_dims = dims.of(modality)
