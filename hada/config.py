@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hada.errors import HadaError
+from hada.features.augment import RUN_POLICY_CHOICES
 
 GNN_TYPES = ("gatv2", "gcn", "transformer")
 ARCHS = ("hada", "concat")
@@ -36,7 +37,7 @@ ITM_NEGATIVES = ("mixed", "hada")
 ITM_KEYS = ("online", "momentum")
 WARM_STARTS = ("all", "online")
 AUGMENT_BACKBONES = ("all", "main")
-AUGMENT_POLICIES = ("randaugment", "albef")  # hada.features.augment.POLICIES
+AUGMENT_POLICIES = RUN_POLICY_CHOICES  # an image policy, or a run's (one per backbone)
 QUEUE_INITS = ("empty", "random")
 SCHEDULE_STEPS = ("epoch", "iteration")
 
@@ -291,9 +292,10 @@ class DataConfig:
                                   choices=AUGMENT_BACKBONES)
     augment_policy: str = _opt("randaugment", "how the stored augmented views were made (hada features extract "
                                               "--augment N --augment-policy P): randaugment (torchvision's default "
-                                              "RandAugment) or albef (a random resized crop of half to all of the "
+                                              "RandAugment), albef (a random resized crop of half to all of the "
                                               "image, a horizontal flip, 2 of ALBEF's operations at magnitude 7: "
-                                              "the published)",
+                                              "the published), blip (the same at magnitude 5: BLIP's) or lavis "
+                                              "(blip for the main backbone, albef for the others: HADA-LAVIS's)",
                                choices=AUGMENT_POLICIES)
     test_captions_per_image: int | None = _opt(None, "score the test split on the first N captions of each image "
                                                      "(HADA-LAVIS keeps 5 on MSCOCO; default 'none': every caption, "
@@ -417,13 +419,15 @@ def _merged(base: dict, over: dict) -> dict:
 
 #: The follow-up (HADA-LAVIS, BLIP + CLIP ViT-L/14-336): the paper's recipe with the second backbone as ONE node
 #: (its pooled embedding), tokens and embeddings entering raw (no L2 norm, no standardisation), every training
-#: sample augmented in every backbone, ITC 0.5 / 0.5, lr 1e-4, dropout 0.4, batch 40, min lr 1e-5, MSCOCO's test
+#: sample augmented in every backbone (BLIP's training transform for the main backbone, ALBEF's for CLIP, as
+#: HADA-LAVIS makes CLIP's training views), ITC 0.5 / 0.5, lr 1e-4, dropout 0.4, batch 40, min lr 1e-5, MSCOCO's test
 #: split on the first 5 captions of each image. It trains as two separate runs, each to early stopping:
 #: ``lavis-stage1`` without the mix (the HADA similarity alone, w = 0), then ``lavis`` (stage 2) warm-started from
 #: stage 1 through ``--init-from``, with a fresh optimiser, schedule, queue, tau and momentum encoders, learning w
 #: from 0.5 (``warm_start="online"``, as the published recipe's).
 _LAVIS = _merged(RECIPES["paper"], {
-    "data": {"token_stats": "raw", "augment_p": 1.0, "augment_backbones": "all", "test_captions_per_image": 5},
+    "data": {"token_stats": "raw", "augment_p": 1.0, "augment_backbones": "all", "augment_policy": "lavis",
+             "test_captions_per_image": 5},
     "model": {"single_node": [1], "dropout": 0.4, "attention_dropout": 0.4, "post_dropout": 0.4,
               "embed_norm": "raw"},
     "loss": {"i2t_weight": 0.5, "t2i_weight": 0.5, "itm_dropout": 0.4},

@@ -282,12 +282,15 @@ def run_cost(config) -> float:
 def augment_policies(configs) -> dict[str, str]:
     """``{backbone: augmentation policy}`` of every backbone whose augmented views a run of ``configs`` (``(name,
     TrainConfig)`` pairs) reads; one store holds one policy's views, so two policies for a backbone is an error."""
+    from hada.features.augment import backbone_policy
+
     out: dict[str, str] = {}
     for name, config in configs:
         for b in config.data.augmented_backbones:
-            if out.setdefault(b, config.data.augment_policy) != config.data.augment_policy:
+            policy = backbone_policy(config.data.augment_policy, config.data.backbones.index(b))
+            if out.setdefault(b, policy) != policy:
                 raise HadaError(f"runs need {b}'s augmented views made with two policies ({out[b]} and "
-                                f"{config.data.augment_policy}, run {name}); a store holds one")
+                                f"{policy}, run {name}); a store holds one")
     return out
 
 

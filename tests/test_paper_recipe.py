@@ -398,6 +398,33 @@ def test_albef_augmentation_policy():
     assert aug.input_size({"size": (336, 336)}) == 336 and recipe("paper").data.augment_policy == "albef"
 
 
+def test_lavis_augments_blip_with_blips_transform_and_clip_with_albefs():
+    """HADA-LAVIS makes BLIP's training views with LAVIS's blip_image_train (ALBEF's transform at magnitude 5) and
+    CLIP's with ALBEF's at magnitude 7: the lavis recipe's policy gives each backbone its own, hada prepare and
+    ``hada features extract`` make each store with it, and a run refuses a store made with the other."""
+    from hada.features import augment as aug
+    from hada.errors import HadaError
+    from hada.pipeline import augment_policies
+
+    assert aug.policy_transform("blip", 32).magnitude == 5 and aug.policy_transform("albef", 32).magnitude == 7
+    grey = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (20, 20), (100, 100, 100))
+    assert aug.apply_op(grey, "brightness", 5).getpixel((5, 5)) == (100, 100, 100)  # factor 0.1 + 1.8 * 0.5 = 1
+    for stage in ("lavis", "lavis-stage1"):
+        config = recipe(stage, backbones=["blip", "clip"])
+        assert config.data.augment_policy == "lavis" and config.data.augmented_backbones == ["blip", "clip"]
+        assert augment_policies([(stage, config)]) == {"blip": "blip", "clip": "albef"}
+    assert augment_policies([("paper", recipe("paper", backbones=["a", "b"]))]) == {"a": "albef"}
+    splits = toy_splits(n_images=12, seed=0)
+    for s, made in zip(splits, ("blip", "albef")):
+        s.augmented = (np.stack([s.image_tokens] * 2), np.stack([s.image_embeds] * 2))
+        s.augment_policy, s.manifest = made, {"backbone": f"made-{made}"}
+    FeatureData(splits, compute_stats(splits), augment_p=1.0, augment_policy="lavis")
+    splits[0].augment_policy = "albef"  # BLIP's views made with CLIP's transform: refused, naming the backbone
+    with pytest.raises(HadaError, match="made-blip's augmented views were made with the albef policy, the run "
+                                        "wants blip"):
+        FeatureData(splits, compute_stats(splits), augment_p=1.0, augment_policy="lavis")
+
+
 def test_raw_inputs_enter_unnormalised():
     splits = toy_splits(n_images=8, seed=0)
     stats = compute_stats(splits, raw=True)

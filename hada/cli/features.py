@@ -53,12 +53,13 @@ def register(subparsers) -> None:
     ex.add_argument("--text-batch", type=at_least_one, default=None,
                     help="captions per forward pass of a new store (default: 512)")
     ex.add_argument("--augment", type=int, default=0, metavar="N",
-                    help="also store N RandAugment views of every train image beside the plain view (the published "
+                    help="also store N augmented views (made with --augment-policy) of every train image beside the plain view (the published "
                          "recipe trains 75%% of its samples on one: --augment-p); default 0")
     ex.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default="randaugment",
-                    help="how the augmented views are made: randaugment (torchvision's default RandAugment) or "
+                    help="how the augmented views are made: randaugment (torchvision's default RandAugment), "
                          "albef (the published: random resized crop, flip, 2 of ALBEF's operations at magnitude "
-                         "7); default randaugment")
+                         "7), blip (the same at magnitude 5: BLIP's training transform) or lavis (blip for the "
+                         "first of --backbones, albef for the others: HADA-LAVIS's); default randaugment")
     add_device_flag(ex)
     add_jobs_flag(ex, "image decoding worker processes, 0 = in this process (default: 0 on the CPU, up to 8 "
                       "per process on CUDA)", minimum=0)

@@ -6,7 +6,10 @@
   operations drawn with replacement from ALBEF's ten (identity, autocontrast, equalize, brightness, sharpness,
   shear x/y, translate x/y, rotate), each applied with probability 0.5 at magnitude 7 of 10: brightness and
   sharpness by a factor 0.1 + 1.8 * 0.7 = 1.36, a shear of +-0.21, a translation of +-7 pixels, a rotation of +-21
-  degrees, grey (128) where the image moves away.
+  degrees, grey (128) where the image moves away. HADA-LAVIS makes CLIP's training views with this transform too.
+* ``"blip"``: BLIP's training transform (LAVIS's ``blip_image_train``): the same at magnitude 5 of 10.
+* ``"lavis"``: a run's policy, not an image's (:data:`RUN_POLICIES`): HADA-LAVIS's, ``blip`` for the main backbone
+  (BLIP) and ``albef`` for the others (CLIP). Each backbone's store holds its own policy's views.
 
 Every random draw comes from torch's global generator, so a caller that seeds it (the store seeds it per view and
 image) makes a view reproducible whatever process decodes it.
@@ -16,8 +19,20 @@ from __future__ import annotations
 
 import math
 
-#: The policies a stored set of views can have been made with (``DataConfig.augment_policy``).
-POLICIES = ("randaugment", "albef")
+#: The policies a stored set of views can have been made with.
+POLICIES = ("randaugment", "albef", "blip")
+#: A run's policy that gives its backbones different ones: ``(main backbone's, the others')``.
+RUN_POLICIES = {"lavis": ("blip", "albef")}
+#: Every value of ``DataConfig.augment_policy``.
+RUN_POLICY_CHOICES = POLICIES + tuple(RUN_POLICIES)
+
+
+def backbone_policy(policy: str, index: int) -> str:
+    """The policy of backbone ``index`` (0: the main one) in a run whose policy is ``policy``."""
+    if policy in RUN_POLICIES:
+        main, others = RUN_POLICIES[policy]
+        return main if index == 0 else others
+    return policy
 
 #: ALBEF's operations for retrieval, its magnitude scale and the grey that fills uncovered pixels.
 ALBEF_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
@@ -98,6 +113,8 @@ def policy_transform(policy: str, size: int):
     """The PIL -> PIL augmentation of ``policy`` for a model with ``size``-pixel inputs."""
     if policy == "albef":
         return AlbefAugment(size)
+    if policy == "blip":
+        return AlbefAugment(size, magnitude=5)
     if policy == "randaugment":
         from torchvision.transforms import RandAugment
 

@@ -446,14 +446,17 @@ class _Views:
 def _augmented_views(splits: Sequence, with_tokens: bool, device: torch.device, rows: dict,
                      policy: str | None = None) -> list:
     """Each backbone's :class:`_Views` (None for a backbone without stored views: its plain view is used); views
-    made with another policy than ``policy`` (when given) are one clear error."""
+    made with another policy than the run's ``policy`` gives the backbone (when given) are one clear error."""
+    from hada.features.augment import backbone_policy
+
     views = []
-    for fs in splits:
+    for index, fs in enumerate(splits):
         stored = getattr(fs, "augmented", None)
         made = getattr(fs, "augment_policy", None)
-        if stored is not None and policy is not None and made is not None and made != policy:
+        wanted = None if policy is None else backbone_policy(policy, index)
+        if stored is not None and wanted is not None and made is not None and made != wanted:
             name = (getattr(fs, "manifest", None) or {}).get("backbone", "a backbone")
-            raise HadaError(f"{name}'s augmented views were made with the {made} policy, the run wants {policy}: "
+            raise HadaError(f"{name}'s augmented views were made with the {made} policy, the run wants {wanted}: "
                             f"run `hada features extract --augment N --augment-policy {policy}`")
         views.append(None if stored is None else _Views(*stored, with_tokens, device, rows))
     counts = {v.count for v in views if v is not None}

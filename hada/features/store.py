@@ -49,6 +49,7 @@ import numpy as np
 from hada import distributed
 from hada.errors import HadaError
 from hada.features import progress as rowlog
+from hada.features.augment import backbone_policy
 from hada.io import disk_full, ensure_space, folder_lock, main_lock, progress_enabled, write_json
 from hada.paths import features_dir
 
@@ -675,7 +676,7 @@ def ensure_features(
     ``data_root`` its folder (default: the dataset's folder under ``data/``). ``device``: see
     :func:`hada.devices.resolve_device`. Under torchrun every process calls this and shares the work.
     ``augment``: also store that many augmented views of every train image, made with ``augment_policy``
-    (:func:`extract_augmented`).
+    (:func:`extract_augmented`; a run's policy such as ``lavis`` gives the first backbone and the others their own).
     """
     from hada.backbones import load_backbone
     from hada.data.datasets import load_dataset
@@ -686,7 +687,7 @@ def ensure_features(
     splits = list(splits)
     out: dict[str, dict[str, FeatureSplit]] = {}
     with distributed.session(dev):
-        for spec in backbones:
+        for index, spec in enumerate(backbones):
             backbone = load_backbone(spec, device=str(dev))
             out[spec] = {}
             for split in splits:
@@ -700,7 +701,7 @@ def ensure_features(
                     with lock:
                         out[spec][split] = extract_augmented(backbone, ds, split, augment, spec, root,
                                                              jobs=jobs or 0, progress=progress,
-                                                             policy=augment_policy)
+                                                             policy=backbone_policy(augment_policy, index))
     return out
 
 
