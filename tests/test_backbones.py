@@ -288,3 +288,31 @@ def test_pretraining_keeps_snapshots_that_resolve_as_weaker_backbones_and_change
     assert sorted(rec["snapshots"]) == [1, 2]
     for (key, x), y in zip(with_snaps.state_dict().items(), without.state_dict().values()):
         assert torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "tiny-vit-gray"])
+def test_pretraining_text_tower_cut_after_the_last_eot_equals_open_clips(name):
+    """Pretraining runs the text tower only up to the batch's last end-of-text token (captions of a few tokens in
+    a context of 24 to 64): its embeddings and every gradient equal open_clip's full-context encode_text."""
+    import open_clip
+
+    from hada.backbones.pretrain import encode_text_trimmed
+    from hada.backbones.spec import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None)
+    text = open_clip.get_tokenizer(name)(["blue rhombus", "an illustration of a red star", "a graphic"])
+    assert int(text.argmax(dim=-1).max()) + 1 < text.shape[1]  # the cut is real
+    weights = torch.randn(3, model.text_projection.shape[-1])
+    grads = []
+    for encode in (model.encode_text, lambda t, normalize: encode_text_trimmed(model, t, normalize)):
+        model.zero_grad(set_to_none=True)
+        out = encode(text, normalize=True)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (cut, cut_grads) = grads
+    torch.testing.assert_close(cut, full, atol=1e-6, rtol=0)
+    assert set(cut_grads) == set(full_grads) and "positional_embedding" in cut_grads
+    for n in full_grads:
+        torch.testing.assert_close(cut_grads[n], full_grads[n], atol=1e-5, rtol=1e-4, msg=n)

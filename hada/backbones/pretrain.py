@@ -80,7 +80,8 @@ def fingerprint(name: str, recipe: Recipe, dataset_sha256: str, max_steps: int |
     """What decides the weights: if this is unchanged, a rerun would reproduce the same backbone. A GPU draws and
     rounds differently, so its device type counts (the CPU's fingerprint is what it always was)."""
     values = {"name": name, "model_cfg": model_config(recipe.model), "recipe": asdict(recipe),
-              "dataset": dataset_sha256, "max_steps": max_steps}
+              "dataset": dataset_sha256, "max_steps": max_steps,
+              "text_cut": True}  # encode_text_trimmed rounds differently from the full context it replaced
     if device_type != "cpu":
         values["device"] = device_type
     blob = json.dumps(values, sort_keys=True)
@@ -181,6 +182,29 @@ class _PretrainData:
         return x, self.ids[cap]
 
 
+def encode_text_trimmed(model, text, normalize: bool = True):
+    """open_clip's ``CLIP.encode_text`` on ``text`` cut after the batch's last end-of-text token. The text tower is
+    causal and pools at that token, so the padding behind it reaches nothing a caption's embedding depends on: the
+    same embeddings and gradients (to float rounding). The pretraining captions are a few tokens in a context of
+    24 to 64, so the cut skips most of the text tower's work. A model that pools otherwise runs open_clip's own."""
+    import torch
+    import torch.nn.functional as F
+    from open_clip.transformer import text_global_pool
+
+    if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
+        return model.encode_text(text, normalize=normalize)
+    length = int(text.argmax(dim=-1).max()) + 1
+    text = text[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, text, "argmax")
+    projection = model.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, torch.nn.Module) else x @ projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
 def _optimizer(model, recipe: Recipe):
     """AdamW with weight decay on matrices only (not on embeddings, norms, biases or the logit scale)."""
     import torch
@@ -220,7 +244,7 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, recipe)
             img_f = model.encode_image(x, normalize=True)
-            txt_f = model.encode_text(text, normalize=True)
+            txt_f = encode_text_trimmed(model, text)
             loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
