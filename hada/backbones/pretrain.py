@@ -75,13 +75,18 @@ def model_config(model: str) -> dict:
     return json.loads(path.read_text())
 
 
+#: How pretraining computes, where that rounds differently from open_clip's plain forward: the text tower cut at
+#: the batch's last end-of-text token (:func:`encode_text_trimmed`), images and convolutions in channels-last layout.
+PRETRAIN_COMPUTE = ("text cut after the last end-of-text token", "channels-last images")
+
+
 def fingerprint(name: str, recipe: Recipe, dataset_sha256: str, max_steps: int | None = None,
                 device_type: str = "cpu") -> str:
     """What decides the weights: if this is unchanged, a rerun would reproduce the same backbone. A GPU draws and
     rounds differently, so its device type counts (the CPU's fingerprint is what it always was)."""
     values = {"name": name, "model_cfg": model_config(recipe.model), "recipe": asdict(recipe),
               "dataset": dataset_sha256, "max_steps": max_steps,
-              "text_cut": True}  # encode_text_trimmed rounds differently from the full context it replaced
+              "compute": PRETRAIN_COMPUTE}
     if device_type != "cpu":
         values["device"] = device_type
     blob = json.dumps(values, sort_keys=True)
@@ -225,6 +230,7 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
     import torch
     from open_clip.loss import ClipLoss
 
+    model.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster on NHWC (tiny-rn: 0.28 -> 0.20 s)
     opt = _optimizer(model, recipe)
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -239,6 +245,7 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
             if step >= total:
                 break
             x, text = data.batch(perm[b * recipe.batch_size:(b + 1) * recipe.batch_size], recipe, gen, rng)
+            x = x.contiguous(memory_format=torch.channels_last)
             if device is not None:
                 x, text = x.to(device, non_blocking=True), text.to(device, non_blocking=True)
             for g in opt.param_groups:
