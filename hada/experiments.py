@@ -8,7 +8,6 @@ keys, trains or loads each run.
 from __future__ import annotations
 
 import functools
-import io
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from hada.runs import content_key, features_fingerprint, run_experiment, shared_
 from hada.config import DEFAULT_RECIPE, TrainConfig, backbone_list, recipe
 from hada.data.datasets import EXPECTED_IMAGES
 from hada.errors import HadaError
-from hada.io import write_bytes, write_json
+from hada.io import write_json
 
 
 # -------------------------------------------------------------------------------------- baselines
@@ -543,24 +542,25 @@ class SystemResult:
 
 def _cached_ranks(path: Path, compute) -> tuple:
     """Test ranks kept as ``.npz`` under ``runs_dir()/ranks``; ``path``'s name carries the key of their inputs."""
-    import numpy as np
+    from hada.metrics import load_ranks, save_ranks
 
     if not path.exists():
-        i2t, t2i = compute()
-        buffer = io.BytesIO()
-        np.savez(buffer, i2t=i2t.numpy(), t2i=t2i.numpy())
-        write_bytes(path, buffer.getbuffer())  # a unique temporary name: two chapters may compute the same ranks
-    with np.load(path) as f:
-        return f["i2t"], f["t2i"]
+        save_ranks(path, compute())
+    return load_ranks(path)
 
 
 def run_test_ranks(run, device: str | None = None) -> tuple:
-    """Per-query test ranks of a finished run (``hada.runs.RunResult``, its config as training wrote it: resolved),
-    computed once from its best model on ``device`` (the plan's exact device; by default the config's)."""
-    from hada.metrics import retrieval_ranks
+    """Per-query test ranks of a finished run (``hada.runs.RunResult``, its config as training wrote it: resolved):
+    the ones training scored its test metrics with, else computed once from its best model on ``device`` (the plan's
+    exact device; by default the config's)."""
+    from hada.metrics import load_ranks, retrieval_ranks
+    from hada.train import TEST_RANKS_FILE
 
     config = run.config if device is None else replace(run.config, device=device)
     split = config.data.test_split
+    saved = run.run_dir / TEST_RANKS_FILE
+    if saved.exists() and str(device or run.config.device).split(":")[0] == run.config.device.split(":")[0]:
+        return load_ranks(saved)
 
     def compute():
         data = shared_data(config, split)

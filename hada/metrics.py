@@ -30,6 +30,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -218,6 +219,29 @@ def metrics_from_ranks(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] =
         out[f"image_retrieval_recall@{k}"] = 100.0 * float((t2i_ranks < k).double().mean())
     out["rsum"] = sum(out[f"text_retrieval_recall@{k}"] + out[f"image_retrieval_recall@{k}"] for k in ks)
     return out
+
+
+def save_ranks(path, ranks: tuple) -> None:
+    """Per-query ranks ``(image->text, text->image)`` as one ``.npz`` (``i2t``, ``t2i``), written atomically (two
+    processes may write the same ranks)."""
+    import io
+
+    import numpy as np
+
+    from hada.io import write_bytes
+
+    arrays = [r.cpu().numpy() if hasattr(r, "cpu") else np.asarray(r) for r in ranks]
+    buffer = io.BytesIO()
+    np.savez(buffer, i2t=arrays[0], t2i=arrays[1])
+    write_bytes(Path(path), buffer.getbuffer())
+
+
+def load_ranks(path) -> tuple:
+    """The ``(image->text, text->image)`` ranks :func:`save_ranks` wrote, as numpy arrays."""
+    import numpy as np
+
+    with np.load(path) as f:
+        return f["i2t"], f["t2i"]
 
 
 def retrieval_metrics(

@@ -189,9 +189,15 @@ class TrainedModel:
         return EmbeddingSimilarity([(w_hada, img, txt), (w_main, main_img, main_txt)])
 
     def evaluate(self, data) -> dict:
-        from hada.metrics import retrieval_metrics
+        from hada.metrics import metrics_from_ranks
 
-        return retrieval_metrics(self.similarity(data), data.caption_image_index)
+        return metrics_from_ranks(*self.ranks(data))
+
+    def ranks(self, data) -> tuple:
+        """Per-query ranks on a split (image->text, text->image): what the recalls and the bootstrap are made of."""
+        from hada.metrics import retrieval_ranks
+
+        return retrieval_ranks(self.similarity(data), data.caption_image_index)
 
     def load_data(self, split: str):
         """FeatureData of one split, normalised with this run's train statistics."""
@@ -202,6 +208,8 @@ class TrainedModel:
 
 
 CHECKPOINT_KEYS = ("config", "dims", "stats", "model")
+#: The best model's per-query test ranks, beside metrics.json: what its test recalls were computed from.
+TEST_RANKS_FILE = "test_ranks.npz"
 
 
 def load_checkpoint(path: Path, device, hint: str, keys: tuple[str, ...] = ()) -> dict:
@@ -654,7 +662,11 @@ def _finish(run: _Run) -> TrainResult:
         return TrainResult(run.run_dir, state["history"], metrics["val"], metrics["test"], state["best_epoch"])
     best = load_trained(run.run_dir, "best", device=run.device)
     val_metrics = best.evaluate(run.data[config.data.val_split])
-    test_metrics = best.evaluate(run.data[config.data.test_split])
+    from hada.metrics import metrics_from_ranks, save_ranks
+
+    test_ranks = best.ranks(run.data[config.data.test_split])
+    test_metrics = metrics_from_ranks(*test_ranks)
+    save_ranks(run.run_dir / TEST_RANKS_FILE, test_ranks)  # the book's bootstrap reads them, never recomputes
     metrics = {"run": run.run_dir.name, "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "stopped_early": state["stopped"], "val": val_metrics,
                "test": test_metrics, "tau": float(best.objective.tau().detach()), "mix_weight": best.w}

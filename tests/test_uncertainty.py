@@ -179,6 +179,16 @@ def test_results_carry_seeds_ranks_that_reproduce_each_run_and_gain_intervals(to
     ablations = hb.ablations(setting, variants=hb.ABLATIONS[:2])
     assert ablations.seed_rsums == [m["rsum"] for m in hada.metrics]
     assert ablations.default["rsum"] == ablations.seed_rsums[0]  # the default is the chapter seed's run
+    # training keeps the test ranks it scored with; without them the book computes the same from the best model
+    from hada.experiments import run_test_ranks
+    from hada.metrics import load_ranks
+    from hada.runs import run_experiment
+    from hada.train import TEST_RANKS_FILE
+
+    run = run_experiment(plan(setting).hada[2][0].config)
+    saved = load_ranks(run.run_dir / TEST_RANKS_FILE)
+    (run.run_dir / TEST_RANKS_FILE).unlink()
+    assert all(np.array_equal(a, b) for a, b in zip(run_test_ranks(run), saved))
 
 
 def test_ablation_table_marks_variants_beyond_the_seed_spread():
