@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hada-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install data book lab test bench gpu-kit clean-book
+.PHONY: help install data book lab test test-presets bench gpu-kit clean-book
 
 help:
 	@echo "make book   build the executed book in _build/html (hada prepare first: data, backbones, runs)"
 	@echo "make lab    open JupyterLab on book/: each chapter opens as a notebook, to run cell by cell"
 	@echo "make test   run the whole test suite (installs first if needed)"
+	@echo "make test-presets  rerun every page with each preset of book/params/ through papermill (about 7 min)"
 	@echo "make data   prepare the embedded default only: synthetic data, backbones, features under data/"
 	@echo "make bench  print the benchmark tables"
 	@echo "make gpu-kit  wheels for a CUDA machine with torch and torch-geometric, in .gpu-kit (README)"
@@ -72,8 +73,13 @@ lab: install
 # Two passes: the tests that need no built book on two processes (they are small and mostly single-threaded),
 # then the book's build and the tests that read it, alone (its `hada prepare` already uses every core).
 test: install
-	$(BIN)/python -m pytest -m "not book" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m "not book and not presets" -n 2 --dist loadfile
 	$(BIN)/python -m pytest -m book
+
+# Every page rerun through papermill with each preset of book/params/, pointed at a miniature of its dataset
+# (tests/test_presets.py: about 7 minutes on 2 cores; every pull request runs it).
+test-presets: install
+	$(BIN)/python -m pytest -m presets
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done

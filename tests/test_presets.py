@@ -3,7 +3,8 @@
 open_clip architectures at a seeded random init in local weights files, one epoch. Then, as the README tells a user
 to, ``hada prepare --params`` makes what the pages read and every page with code runs through papermill with the same
 file. A page that needs more than a preset gives must say so and show what it can, so a preset and the pages cannot
-drift apart. The book pass runs it, two pages at a time.
+drift apart. About 7 minutes on 2 cores (two pages at a time), so it has its own command, `make test-presets`, which
+every pull request runs (.github/workflows/pr.yml); `make test` leaves it out.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.book
+pytestmark = pytest.mark.presets
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"

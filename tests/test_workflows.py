@@ -57,6 +57,7 @@ def test_pull_requests_run_make_test_and_the_papermill_matrix():
     assert "pull_request" in doc["on"]
     runs = {name: "\n".join(s.get("run", "") for s in job.get("steps", [])) for name, job in doc["jobs"].items()}
     assert any(re.search(r"^make test$", run, re.M) for run in runs.values())
+    assert any(re.search(r"^make test-presets$", run, re.M) for run in runs.values())  # every page x every preset
     papermill = doc["jobs"]["papermill"]
     assert "preset" in papermill["strategy"]["matrix"]
     script = runs["papermill"]
