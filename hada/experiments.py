@@ -349,6 +349,7 @@ class BookPlan:
     strength: tuple[Run, ...]  # "When does fusion help?": each backbone alone (K=1), then each pair (K=2)
     ablations: tuple[Ablation, ...]  # each of ABLATIONS the setting has the backbones for
     baselines: Run  # concat + linear on all the setting's backbones: the data each backbone alone is scored on
+    published_queues: dict = field(default_factory=dict)  # each recipe's own queue size, before queue_at_scale
 
     def for_k(self, runs: dict, k: int):
         """``runs[k]``, or one line saying which K the book trains."""
@@ -397,11 +398,11 @@ def _plan(setting: Setting, device: str, bf16: bool, root) -> BookPlan:
     results = {k: [_result_pair(setting, k, seed, device) for seed in result_seeds(setting, k)] for k in ks}
     concat = {k: tuple(c for c, _ in pairs) for k, pairs in results.items()}
     hada = {k: tuple(h for _, h in pairs) for k, pairs in results.items()}
-    recipes = {2: _recipes(setting, 2, hada[2][0], device)}  # the chapter compares the recipes at K=2
+    recipes, published_queues = _recipes(setting, 2, hada[2][0], device)  # the chapter compares them at K=2
     everything, name = concat_run(setting.dataset, list(setting.backbones), data_root_arg(setting),
                                   base_config(setting, len(setting.backbones)))
-    return BookPlan(setting, concat, hada, _lavis_graph(setting, device), recipes, _strength(setting, device),
-                    _ablations(setting, device, hada), Run(name, everything))
+    return BookPlan(setting, concat, hada, _lavis_graph(setting, device), {2: recipes}, _strength(setting, device),
+                    _ablations(setting, device, hada), Run(name, everything), published_queues)
 
 
 def _resolved(config: TrainConfig, device: str) -> TrainConfig:
@@ -431,21 +432,29 @@ def queue_at_scale(queue_size: int, train_captions: int) -> int:
     return min(queue_size, max(1, round(queue_size * train_captions / FLICKR30K_TRAIN_CAPTIONS)))
 
 
+def _train_captions(setting: Setting) -> int:
+    """The setting's training captions (0 where its counts are unknown)."""
+    return (setting.counts or {}).get("train", {}).get("captions", 0)
+
+
 def recipe_at_scale(setting: Setting, config: TrainConfig) -> TrainConfig:
     """A recipe's configuration on the setting's data: its queue at :func:`queue_at_scale` of the train split."""
-    captions = setting.counts.get("train", {}).get("captions", 0) if setting.counts else 0
+    captions = _train_captions(setting)
     if not captions:
         return config
     return config.override(**{"loss.queue_size": queue_at_scale(config.loss.queue_size, captions)})
 
 
-def _recipes(setting: Setting, k: int, book_run: Run, device: str) -> tuple[RecipeRun, ...]:
+def _recipes(setting: Setting, k: int, book_run: Run, device: str) -> tuple[tuple[RecipeRun, ...], dict[str, int]]:
     """The book's recipe (its HADA run ``book_run``, trained once) and each of :data:`OTHER_RECIPES`, K backbones,
-    each on the setting's budget and with its queue at the data's scale (:func:`recipe_at_scale`)."""
-    others = [RecipeRun(name, f"{name}-k{k}",
-                        _resolved(recipe_at_scale(setting, base_config(setting, k, recipe_name=name)), device))
-              for name in OTHER_RECIPES]
-    return (RecipeRun(BOOK_RECIPE, *book_run), *others)
+    each on the setting's budget and with its queue at the data's scale (:func:`recipe_at_scale`); and each
+    recipe's own queue size, before that scaling."""
+    runs, published = [RecipeRun(BOOK_RECIPE, *book_run)], {BOOK_RECIPE: book_run.config.loss.queue_size}
+    for name in OTHER_RECIPES:
+        config = base_config(setting, k, recipe_name=name)
+        published[name] = config.loss.queue_size
+        runs.append(RecipeRun(name, f"{name}-k{k}", _resolved(recipe_at_scale(setting, config), device)))
+    return tuple(runs), published
 
 
 def _lavis_graph(setting: Setting, device: str) -> tuple[TwoStages, ...]:
@@ -559,7 +568,7 @@ def run_test_ranks(run, device: str | None = None) -> tuple:
     config = run.config if device is None else replace(run.config, device=device)
     split = config.data.test_split
     saved = run.run_dir / TEST_RANKS_FILE
-    if saved.exists() and str(device or run.config.device).split(":")[0] == run.config.device.split(":")[0]:
+    if saved.exists() and config.device.split(":")[0] == run.config.device.split(":")[0]:  # training's device type
         return load_ranks(saved)
 
     def compute():
@@ -659,6 +668,13 @@ class RecipeResult:
     pairs_per_second: float  # training pairs per second of training time (evaluation excluded), on this machine
     parameters: int  # trained parameters of the encoders and heads (momentum copies and queue excluded)
     queue: int  # slots of the run's queue of negatives (0: in-batch only), at the data's scale (queue_at_scale)
+    published_queue: int  # the recipe's own queue, which queue_at_scale scales to the data
+    train_captions: int  # the setting's training captions, which size ``queue``
+
+    @property
+    def flickr_train_captions(self) -> int:
+        """Flickr30k's training captions, which the published queue was sized for."""
+        return FLICKR30K_TRAIN_CAPTIONS
 
 
 def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -> list[RecipeResult]:
@@ -673,7 +689,7 @@ def recipe_results(setting: Setting, k: int = 2, progress: bool | None = None) -
         model = run.load_model("cpu")
         out.append(RecipeResult(name, run.run_dir.name, run.test_metrics, len(run.history),
                                 pairs / seconds if seconds else float("nan"), trained_parameters(model),
-                                config.loss.queue_size))
+                                config.loss.queue_size, book.published_queues[name], _train_captions(setting)))
     return out
 
 

@@ -41,8 +41,9 @@ from hada.errors import HadaError
 
 KS = (1, 5, 10)
 #: Torch CPU threads of every scoring step (embedding a split, similarity products). Fixed, because the rounding of
-#: CPU matrix products follows the thread count (under bfloat16 autocast, by enough to move a rank): a run scored by ``hada train``, ``hada evaluate``, ``hada search`` or the book then gets
-#: the same numbers whatever the caller's thread count.
+#: CPU matrix products follows the thread count (under bfloat16 autocast, by enough to move a rank): a run scored
+#: by ``hada train``, ``hada evaluate``, ``hada search`` or the book then gets the same numbers whatever the
+#: caller's thread count.
 SCORING_THREADS = 1
 METRIC_KEYS = tuple(f"text_retrieval_recall@{k}" for k in KS) + tuple(f"image_retrieval_recall@{k}" for k in KS)
 
@@ -226,8 +227,6 @@ def save_ranks(path, ranks: tuple) -> None:
     processes may write the same ranks)."""
     import io
 
-    import numpy as np
-
     from hada.io import write_bytes
 
     arrays = [r.cpu().numpy() if hasattr(r, "cpu") else np.asarray(r) for r in ranks]
@@ -238,8 +237,6 @@ def save_ranks(path, ranks: tuple) -> None:
 
 def load_ranks(path) -> tuple:
     """The ``(image->text, text->image)`` ranks :func:`save_ranks` wrote, as numpy arrays."""
-    import numpy as np
-
     with np.load(path) as f:
         return f["i2t"], f["t2i"]
 

@@ -655,6 +655,8 @@ def _ordered(entry: dict) -> dict:
 
 def _finish(run: _Run) -> TrainResult:
     """The best epoch scored on val and test, written to metrics.json (by rank 0; the others read it)."""
+    from hada.metrics import metrics_from_ranks, save_ranks
+
     config, state = run.config, run.state
     if not distributed.is_main():
         distributed.barrier()
@@ -662,8 +664,6 @@ def _finish(run: _Run) -> TrainResult:
         return TrainResult(run.run_dir, state["history"], metrics["val"], metrics["test"], state["best_epoch"])
     best = load_trained(run.run_dir, "best", device=run.device)
     val_metrics = best.evaluate(run.data[config.data.val_split])
-    from hada.metrics import metrics_from_ranks, save_ranks
-
     test_ranks = best.ranks(run.data[config.data.test_split])
     test_metrics = metrics_from_ranks(*test_ranks)
     save_ranks(run.run_dir / TEST_RANKS_FILE, test_ranks)  # the book's bootstrap reads them, never recomputes

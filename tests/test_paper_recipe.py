@@ -77,7 +77,7 @@ def test_book_runs_of_the_published_recipe_keep_its_queue_at_the_datas_scale(tmp
     setting = Setting("synthetic", tmp_path, ("a", "b"), epochs=10, pairs_per_epoch=3000, seed=0, counts=counts)
     runs = {name: config for _, name, config in plan(setting).recipes[2]}
     assert recipe("paper").loss.queue_size == 64000
-    assert runs["paper-k2"].loss.queue_size == 6621
+    assert runs["paper-k2"].loss.queue_size == 6621 and plan(setting).published_queues["paper"] == 64000
     assert runs["hada-k2"].loss.queue_size == recipe("miniature").loss.queue_size  # the book's own is untouched
     flickr = Setting("flickr30k", tmp_path, ("a", "b"), epochs=10, pairs_per_epoch=None, seed=0,
                      counts={"train": {"images": 29000, "captions": 145000}})

@@ -64,7 +64,7 @@ def test_strength_prose_and_recipe_ratios_come_from_the_rows():
     metrics = {key: 1.0 for key in ("text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10",
                                     "image_retrieval_recall@1", "image_retrieval_recall@5",
                                     "image_retrieval_recall@10", "rsum")}
-    recipes = RecipeTable.of([RecipeResult("miniature", "a", metrics, 10, 1500.0, 400, 1024),
-                              RecipeResult("paper", "b", metrics, 7, 50.0, 8000, 6621)])
+    recipes = RecipeTable.of([RecipeResult("miniature", "a", metrics, 10, 1500.0, 400, 1024, 1024, 15000),
+                              RecipeResult("paper", "b", metrics, 7, 50.0, 8000, 6621, 64000, 15000)])
     assert recipes.slowdown("paper") == 30.0 and recipes.size_ratio("paper") == 20.0
     assert "1,500" in str(recipes) and "8,000" in str(recipes)

@@ -230,7 +230,8 @@ def _train_steps(model, data: _PretrainData, recipe: Recipe, total: int, steps_p
     import torch
     from open_clip.loss import ClipLoss
 
-    model.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster on NHWC (tiny-rn: 0.28 -> 0.20 s)
+    # oneDNN's convolutions run faster on NHWC: a tiny-rn step 0.252 -> 0.234 s with the pretraining captions
+    model.to(memory_format=torch.channels_last)
     opt = _optimizer(model, recipe)
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(recipe.seed)

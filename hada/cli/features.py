@@ -53,8 +53,8 @@ def register(subparsers) -> None:
     ex.add_argument("--text-batch", type=at_least_one, default=None,
                     help="captions per forward pass of a new store (default: 512)")
     ex.add_argument("--augment", type=int, default=0, metavar="N",
-                    help="also store N augmented views (made with --augment-policy) of every train image beside the plain view (the published "
-                         "recipe trains 75%% of its samples on one: --augment-p); default 0")
+                    help="also store N augmented views (made with --augment-policy) of every train image beside the "
+                         "plain view (the published recipe trains 75%% of its samples on one: --augment-p); default 0")
     ex.add_argument("--augment-policy", choices=AUGMENT_POLICIES, default="randaugment",
                     help="how the augmented views are made: randaugment (torchvision's default RandAugment), "
                          "albef (the published: random resized crop, flip, 2 of ALBEF's operations at magnitude "
